@@ -1,0 +1,1 @@
+"""abuse stage of Postbode."""

@@ -1,0 +1,1 @@
+"""bounces stage of Postbode."""

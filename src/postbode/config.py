@@ -1,0 +1,177 @@
+"""The one settings schema: every setting with its type, default and one sentence."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+
+class _TomlSource(PydanticBaseSettingsSource):
+    """Reads the optional TOML file named by POSTBODE_CONFIG (lower priority than env)."""
+
+    def __init__(self, settings_cls: type[BaseSettings]) -> None:
+        super().__init__(settings_cls)
+        path = os.environ.get("POSTBODE_CONFIG")
+        self._data: dict[str, Any] = {}
+        if path:
+            with open(path, "rb") as f:
+                self._data = {k.lower(): v for k, v in tomllib.load(f).items()}
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return {k: v for k, v in self._data.items() if k in self.settings_cls.model_fields}
+
+
+class Settings(BaseSettings):
+    """Postbode's settings: environment variables POSTBODE_<NAME> override the TOML file."""
+
+    model_config = SettingsConfigDict(env_prefix="POSTBODE_", extra="ignore")
+
+    # -- store ------------------------------------------------------------------------------
+    data_dir: Path = Field(
+        Path("./data"),
+        description="Directory for the embedded SQLite store, TLS certificate and other state.",
+    )
+    database_url: str | None = Field(
+        None,
+        description="Database URL overriding the embedded SQLite file; "
+        "`postgresql://…` selects PostgreSQL.",
+    )
+    secret_key: SecretStr = Field(
+        SecretStr(""),
+        description="Key for signing sessions, tracking links and tokens; "
+        "generated into the data directory when empty.",
+    )
+
+    # -- listeners --------------------------------------------------------------------------
+    http_host: str = Field("127.0.0.1", description="Address the HTTP API and web UI listen on.")
+    http_port: int = Field(8025, description="Port the HTTP API and web UI listen on.")
+    smtp_host: str = Field("127.0.0.1", description="Address the SMTP listener binds to.")
+    smtp_port: int = Field(2525, description="Port of the SMTP listener (submission and bounces).")
+    smtp_hostname: str = Field(
+        "postbode.localhost",
+        description="Host name used in the SMTP banner, EHLO and Received headers.",
+    )
+    smtp_max_message_size: int = Field(
+        25 * 1024 * 1024, description="Largest message accepted, in bytes (SMTP SIZE)."
+    )
+    smtp_max_recipients: int = Field(50, description="Most recipients accepted per message.")
+    smtp_tls_cert: Path | None = Field(
+        None,
+        description="PEM certificate for STARTTLS; a self-signed one is generated when unset.",
+    )
+    smtp_tls_key: Path | None = Field(None, description="PEM private key for smtp_tls_cert.")
+    smtp_auth_require_tls: bool = Field(
+        True, description="Refuse AUTH before STARTTLS, except from loopback clients."
+    )
+    smtp_auth_max_failures: int = Field(
+        5, description="Failed AUTH attempts per client IP per 10 minutes before 421 throttling."
+    )
+
+    # -- delivery ---------------------------------------------------------------------------
+    dns_nameservers: str = Field(
+        "",
+        description="Comma-separated DNS servers (host or host:port) for MX lookups; "
+        "empty uses the system resolver.",
+    )
+    transport_map: str = Field(
+        "",
+        description="Routes for domains instead of MX: `example.test=127.0.0.1:2600,"
+        "*.corp.test=127.0.0.1:2601`.",
+    )
+    return_path_domain: str = Field(
+        "return.postbode.localhost",
+        description="Domain of the VERP return path used as envelope sender for bounces.",
+    )
+    tracking_url: str = Field(
+        "http://127.0.0.1:8025",
+        description="Public base URL of the open/click tracking endpoints.",
+    )
+    delivery_concurrency: int = Field(
+        100, description="Deliveries a worker process sends at once."
+    )
+    delivery_batch_size: int = Field(200, description="Deliveries claimed per queue claim.")
+    delivery_lease_seconds: int = Field(
+        300, description="How long a claimed delivery stays leased to one worker."
+    )
+    retry_cap_seconds: int = Field(7200, description="Longest wait between delivery attempts.")
+    max_message_age_seconds: int = Field(
+        3 * 24 * 3600,
+        description="Age after which an undelivered message fails as expired (per-app override).",
+    )
+    smtp_connect_timeout: float = Field(30.0, description="Seconds to wait for TCP connect.")
+    smtp_command_timeout: float = Field(
+        60.0, description="Seconds to wait for a reply to one SMTP command (RFC 5321 §4.5.3.2)."
+    )
+    smtp_data_timeout: float = Field(
+        300.0, description="Seconds to wait for the reply after the end of DATA."
+    )
+    tls_policy: str = Field(
+        "",
+        description="Per-destination TLS: `secure.test=verify,*.bank.test=require` "
+        "(`opportunistic` is the default).",
+    )
+
+    # -- processes --------------------------------------------------------------------------
+    workers: int = Field(
+        1, description="Worker processes `postbode serve` starts beside the HTTP and SMTP roles."
+    )
+    log_level: str = Field("info", description="Log level: debug, info, warning or error.")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _TomlSource(settings_cls))
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        """The database URL in SQLAlchemy's spelling (psycopg 3 driver for PostgreSQL)."""
+        url = self.database_url or f"sqlite:///{self.data_dir / 'postbode.db'}"
+        for prefix in ("postgresql://", "postgres://"):
+            if url.startswith(prefix):
+                return "postgresql+psycopg://" + url[len(prefix) :]
+        return url
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()
+
+
+def describe() -> list[tuple[str, str, str, str]]:
+    """(env variable, type, default, description) for every setting, in schema order."""
+    rows = []
+    for name, field in Settings.model_fields.items():
+        annotation = getattr(field.annotation, "__name__", None) or str(field.annotation)
+        default = field.default
+        if isinstance(default, SecretStr):
+            default = ""
+        rows.append(
+            (
+                f"POSTBODE_{name.upper()}",
+                annotation.replace("typing.", ""),
+                "" if default is None else str(default),
+                field.description or "",
+            )
+        )
+    return rows

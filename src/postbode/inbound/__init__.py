@@ -1,0 +1,1 @@
+"""inbound stage of Postbode."""

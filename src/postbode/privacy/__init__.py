@@ -1,0 +1,1 @@
+"""privacy stage of Postbode."""
