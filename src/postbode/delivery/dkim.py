@@ -1,0 +1,114 @@
+"""DKIM signing of outgoing messages (RFC 6376) and DKIM key pair generation."""
+
+from __future__ import annotations
+
+import base64
+
+import dkim
+import idna
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+__all__ = [
+    "SIGNED_HEADERS",
+    "DkimError",
+    "generate_keypair",
+    "sign",
+    "split_txt",
+]
+
+SIGNED_HEADERS: tuple[str, ...] = (
+    "From",
+    "To",
+    "Cc",
+    "Subject",
+    "Date",
+    "Message-ID",
+    "Reply-To",
+    "MIME-Version",
+    "Content-Type",
+    "Content-Transfer-Encoding",
+    "List-Unsubscribe",
+    "List-Unsubscribe-Post",
+)
+"""Header fields signed when present (RFC 6376 §5.4.1 recommends these)."""
+
+# RFC 6376 §5.4.2: naming a field once more than it occurs ("oversigning") makes the
+# verifier hash an empty instance, so a From added later breaks the signature.
+_OVERSIGNED = frozenset({"from"})
+
+
+class DkimError(ValueError):
+    """The message or key cannot be signed (no From header, unreadable key, ...)."""
+
+
+def sign(message: bytes, domain: str, selector: str, private_key_pem: bytes) -> bytes:
+    """The message with a DKIM-Signature header field prepended.
+
+    rsa-sha256, relaxed/relaxed canonicalization (RFC 6376 §3.4), signing every
+    SIGNED_HEADERS field present as often as it occurs, and From once more.
+    """
+    if not domain or not selector:
+        raise DkimError("DKIM domain and selector must not be empty")
+    linesep = b"\r\n" if b"\r\n" in message else b"\n"
+    try:
+        signer = dkim.DKIM(message, linesep=linesep)
+        # dkimpy's parsed header list: [(name, value), ...] in message order.
+        present = [name.decode("ascii", "replace").lower() for name, _ in signer.headers]
+        wanted = {h.lower() for h in SIGNED_HEADERS}
+        include = [name for name in present if name in wanted]
+        if "from" not in include:
+            raise DkimError("message has no From header field (RFC 6376 §5.4 requires it)")
+        include += [name for name in sorted(_OVERSIGNED) if name in include]
+        signature = signer.sign(
+            selector.encode("ascii"),
+            _a_label(domain).encode("ascii"),
+            private_key_pem,
+            signature_algorithm=b"rsa-sha256",
+            canonicalize=(b"relaxed", b"relaxed"),
+            include_headers=[name.encode("ascii") for name in include],
+        )
+    except dkim.DKIMException as exc:
+        raise DkimError(f"DKIM signing failed: {exc}") from exc
+    except (UnicodeError, idna.IDNAError) as exc:
+        raise DkimError(f"DKIM domain or selector is not ASCII: {exc}") from exc
+    if not isinstance(signature, bytes):  # dkimpy is untyped
+        raise DkimError("DKIM signer returned no signature")
+    return signature + message
+
+
+def _a_label(domain: str) -> str:
+    """The domain in ASCII (RFC 6376 §3.5: d= holds A-labels for internationalised names)."""
+    if domain.isascii():
+        return domain
+    return idna.encode(domain, uts46=True).decode("ascii")
+
+
+def generate_keypair(bits: int = 2048) -> tuple[bytes, str]:
+    """A new RSA key: (private key PEM, the DNS TXT value "v=DKIM1; k=rsa; p=...").
+
+    The TXT record lives at `<selector>._domainkey.<domain>` (RFC 6376 §3.6.2.1); split
+    it with split_txt() for DNS servers that need 255-byte strings.
+    """
+    if bits < 1024:
+        # RFC 8301 §3.2: signers MUST use at least 1024 bits (verifiers reject less).
+        raise ValueError("DKIM RSA keys must be at least 1024 bits")
+    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    private_pem = key.private_bytes(
+        encoding=serialization.Encoding.PEM,
+        format=serialization.PrivateFormat.TraditionalOpenSSL,
+        encryption_algorithm=serialization.NoEncryption(),
+    )
+    # RFC 6376 §3.6.1: p= is the base64 of the DER SubjectPublicKeyInfo.
+    public_der = key.public_key().public_bytes(
+        encoding=serialization.Encoding.DER,
+        format=serialization.PublicFormat.SubjectPublicKeyInfo,
+    )
+    public_b64 = base64.b64encode(public_der).decode("ascii")
+    return private_pem, f"v=DKIM1; k=rsa; p={public_b64}"
+
+
+def split_txt(value: str, size: int = 255) -> list[str]:
+    """A TXT value cut into character-strings of at most `size` bytes (RFC 1035 §3.3.14)."""
+    raw = value.encode("ascii")
+    return [raw[i : i + size].decode("ascii") for i in range(0, len(raw), size)] or [""]

@@ -1,0 +1,157 @@
+"""Tests for DKIM signing: sign, then verify with dkimpy against the generated key."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import dkim as dkimpy
+import pytest
+
+from postbode.delivery.dkim import DkimError, generate_keypair, sign, split_txt
+
+MESSAGE = (
+    b"From: Shop <orders@shop.test>\r\n"
+    b"To: Alice <alice@dest.test>\r\n"
+    b"Subject: Your order 1234\r\n"
+    b"Date: Tue, 01 Apr 2025 10:00:00 +0000\r\n"
+    b"Message-ID: <1234@shop.test>\r\n"
+    b"MIME-Version: 1.0\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Transfer-Encoding: 7bit\r\n"
+    b"List-Unsubscribe: <https://shop.test/u/1>\r\n"
+    b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"
+    b"X-Mailer: not signed\r\n"
+    b"\r\n"
+    b"Thank you for your order.\r\n"
+)
+
+
+@functools.cache
+def _keypair() -> tuple[bytes, str]:
+    # 1024 bits keeps the suite fast; the default (2048) is tested once below.
+    return generate_keypair(1024)
+
+
+def _dnsfunc(txt: str) -> Callable[..., bytes]:
+    def dnsfunc(name: bytes, timeout: float = 5) -> bytes:
+        assert name == b"s1._domainkey.shop.test."
+        return txt.encode("ascii")
+
+    return dnsfunc
+
+
+def _signature_tags(signed: bytes) -> dict[str, str]:
+    header, _, _ = signed.partition(b"\r\nFrom:")
+    value = header.decode().split(":", 1)[1]
+    tags = {}
+    for part in "".join(value.split()).split(";"):
+        if part:
+            key, _, tag_value = part.partition("=")
+            tags[key] = tag_value
+    return tags
+
+
+def test_sign_then_verify() -> None:
+    private_pem, txt = _keypair()
+    signed = sign(MESSAGE, "shop.test", "s1", private_pem)
+    assert signed.startswith(b"DKIM-Signature: ")
+    assert signed.endswith(MESSAGE)
+    assert dkimpy.verify(signed, dnsfunc=_dnsfunc(txt))
+
+
+def test_signature_parameters_and_oversigned_from() -> None:
+    private_pem, _ = _keypair()
+    tags = _signature_tags(sign(MESSAGE, "shop.test", "s1", private_pem))
+    assert tags["a"] == "rsa-sha256"
+    assert tags["c"] == "relaxed/relaxed"
+    assert tags["d"] == "shop.test"
+    assert tags["s"] == "s1"
+    assert tags["h"].split(":") == [
+        "from",
+        "to",
+        "subject",
+        "date",
+        "message-id",
+        "mime-version",
+        "content-type",
+        "content-transfer-encoding",
+        "list-unsubscribe",
+        "list-unsubscribe-post",
+        "from",
+    ]
+
+
+def test_tampered_body_fails() -> None:
+    private_pem, txt = _keypair()
+    signed = sign(MESSAGE, "shop.test", "s1", private_pem)
+    tampered = signed.replace(b"Thank you", b"Pay us")
+    assert not dkimpy.verify(tampered, dnsfunc=_dnsfunc(txt))
+
+
+def test_tampered_subject_fails() -> None:
+    private_pem, txt = _keypair()
+    signed = sign(MESSAGE, "shop.test", "s1", private_pem)
+    tampered = signed.replace(b"Your order 1234", b"Your order 9999")
+    assert not dkimpy.verify(tampered, dnsfunc=_dnsfunc(txt))
+
+
+def test_added_from_header_fails() -> None:
+    private_pem, txt = _keypair()
+    signed = sign(MESSAGE, "shop.test", "s1", private_pem)
+    header_end = signed.index(b"\r\n\r\n")
+    tampered = signed[:header_end] + b"\r\nFrom: evil@attacker.test" + signed[header_end:]
+    assert not dkimpy.verify(tampered, dnsfunc=_dnsfunc(txt))
+
+
+def test_relaxed_canonicalization_survives_whitespace_changes() -> None:
+    private_pem, txt = _keypair()
+    signed = sign(MESSAGE, "shop.test", "s1", private_pem)
+    rewrapped = signed.replace(b"Subject: Your order", b"Subject:   Your   order")
+    assert dkimpy.verify(rewrapped, dnsfunc=_dnsfunc(txt))
+
+
+def test_wrong_key_fails() -> None:
+    private_pem, _ = _keypair()
+    _, other_txt = generate_keypair(1024)
+    signed = sign(MESSAGE, "shop.test", "s1", private_pem)
+    assert not dkimpy.verify(signed, dnsfunc=_dnsfunc(other_txt))
+
+
+def test_default_keypair_is_2048_bit_and_verifies() -> None:
+    private_pem, txt = generate_keypair()
+    assert private_pem.startswith(b"-----BEGIN RSA PRIVATE KEY-----")
+    assert txt.startswith("v=DKIM1; k=rsa; p=")
+    assert len(txt) > 255  # a 2048-bit key needs splitting into DNS strings
+    signed = sign(MESSAGE, "shop.test", "s1", private_pem)
+    assert dkimpy.verify(signed, dnsfunc=_dnsfunc(txt))
+
+
+def test_internationalised_signing_domain_is_a_label() -> None:
+    private_pem, _ = _keypair()
+    tags = _signature_tags(sign(MESSAGE, "shöp.test", "s1", private_pem))
+    assert tags["d"] == "xn--shp-tna.test"
+
+
+def test_split_txt() -> None:
+    _, txt = generate_keypair()
+    parts = split_txt(txt)
+    assert "".join(parts) == txt
+    assert all(len(p) <= 255 for p in parts)
+    assert len(parts) == 2
+
+
+def test_message_without_from_is_refused() -> None:
+    private_pem, _ = _keypair()
+    with pytest.raises(DkimError):
+        sign(b"To: a@dest.test\r\nSubject: x\r\n\r\nbody\r\n", "shop.test", "s1", private_pem)
+
+
+def test_bad_key_is_refused() -> None:
+    with pytest.raises(DkimError):
+        sign(MESSAGE, "shop.test", "s1", b"not a key")
+
+
+def test_small_keys_are_refused() -> None:
+    with pytest.raises(ValueError):
+        generate_keypair(512)
