@@ -1,0 +1,786 @@
+"""Bounce parsing: DSNs (RFC 3464), ARF (RFC 5965), auto-replies (RFC 3834) and vendor formats."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import codecs
+import json
+import quopri
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from postbode.bounces.classify import (
+    Classification,
+    Rules,
+    classify,
+    find_status,
+    normalize_text,
+)
+
+# Hostile-input bounds: what a bounce needs to say sits at the top (RFC 3464 §2: the
+# human-readable part and the delivery-status part precede the returned message), so a
+# 20 MB bounce is parsed from its first MAX_INPUT bytes only.
+MAX_INPUT = 1_000_000
+MAX_DEPTH = 8
+MAX_PARTS = 64
+MAX_PART_TEXT = 200_000
+MAX_REPORT_TEXT = 24_000
+MAX_RECORDS = 100
+MAX_DIAGNOSTIC = 1_000
+
+KINDS = ("bounce", "complaint", "auto_reply", "delivered", "not_bounce")
+
+
+@dataclass(frozen=True, slots=True)
+class BounceRecord:
+    """One failed (or, in a success DSN, delivered) recipient."""
+
+    recipient: str | None
+    status: str | None
+    reply_code: int | None
+    diagnostic: str
+    category: str
+    hard: bool
+    remote_mta: str | None = None
+    action: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BounceReport:
+    """What a raw message turned out to be, and what it says about which recipients."""
+
+    kind: str
+    records: tuple[BounceRecord, ...] = ()
+    original_message_id: str | None = None
+    feedback_type: str | None = None
+    reporting_mta: str | None = None
+
+    @property
+    def is_bounce(self) -> bool:
+        return self.kind == "bounce"
+
+    @property
+    def primary(self) -> BounceRecord | None:
+        return self.records[0] if self.records else None
+
+
+NOT_BOUNCE = BounceReport(kind="not_bounce")
+
+
+# ------------------------------------------------------------------------------ MIME model
+@dataclass(slots=True)
+class _Part:
+    ctype: str
+    headers: dict[str, str]
+    text: str
+    depth: int
+
+
+@dataclass(slots=True)
+class _Message:
+    headers: dict[str, str]
+    parts: list[_Part] = field(default_factory=list)
+
+
+_NEWLINES_RE = re.compile(r"\r\n?")
+_PARAM_RE = re.compile(r';\s*([\w.*-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;\s]*)')
+_ENCODED_WORD_RE = re.compile(r"=\?([\w.:-]+)(?:\*[\w-]+)?\?([bBqQ])\?([^?]*)\?=")
+
+
+def _split_head(text: str) -> tuple[dict[str, str], str]:
+    """Split a header block from its body; RFC 5322 §2.2.3 unfolding; first value wins."""
+    if text.startswith("\n"):
+        return {}, text[1:]
+    end = text.find("\n\n")
+    block, body = (text, "") if end < 0 else (text[:end], text[end + 2 :])
+    headers: dict[str, str] = {}
+    last: str | None = None
+    for line in block.split("\n"):
+        if line[:1] in (" ", "\t"):
+            if last is not None:
+                headers[last] += " " + line.strip()
+            continue
+        name, sep, value = line.partition(":")
+        name = name.strip().lower()
+        if not sep or not name or " " in name or len(name) > 76:
+            last = None
+            continue
+        if name in headers:
+            last = None
+            continue
+        headers[name] = value.strip()
+        last = name
+    return headers, body
+
+
+def _content_type(value: str | None) -> tuple[str, dict[str, str]]:
+    if not value:
+        return "text/plain", {}
+    ctype = value.split(";", 1)[0].strip().lower() or "text/plain"
+    params = {m.group(1).lower(): m.group(2).strip('"') for m in _PARAM_RE.finditer(value)}
+    return ctype, params
+
+
+def _to_bytes(text: str) -> bytes:
+    return text.encode("latin-1", "replace")
+
+
+def _decode_charset(data: bytes, charset: str | None) -> str:
+    if charset:
+        try:
+            codecs.lookup(charset)
+        except LookupError:
+            charset = None
+    if charset:
+        return data.decode(charset, "replace")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
+
+
+def _decode_body(text: str, cte: str, charset: str | None) -> str:
+    cte = cte.strip().lower()
+    if cte == "base64":
+        try:
+            data = base64.b64decode(_to_bytes(text), validate=False)
+        except (binascii.Error, ValueError):
+            data = _to_bytes(text)
+    elif cte == "quoted-printable":
+        data = quopri.decodestring(_to_bytes(text))
+    elif text.isascii():
+        return text
+    else:
+        data = _to_bytes(text)
+    return _decode_charset(data, charset)
+
+
+def decode_header(value: str) -> str:
+    """RFC 2047 encoded-words to text; tolerant of junk."""
+    if "=?" not in value:
+        return value
+
+    def one(m: re.Match[str]) -> str:
+        charset, enc, payload = m.group(1), m.group(2).lower(), m.group(3)
+        try:
+            if enc == "b":
+                data = base64.b64decode(payload + "=" * (-len(payload) % 4))
+            else:
+                data = quopri.decodestring(payload.replace("_", " ").encode("latin-1"), header=True)
+            return _decode_charset(data, charset)
+        except (binascii.Error, ValueError, UnicodeError):
+            return m.group(0)
+
+    return _ENCODED_WORD_RE.sub(one, value)
+
+
+def _walk(headers: dict[str, str], body: str, depth: int, out: list[_Part]) -> None:
+    ctype, params = _content_type(headers.get("content-type"))
+    if ctype.startswith("multipart/") and depth < MAX_DEPTH and params.get("boundary"):
+        delim = "\n--" + params["boundary"]
+        chunks = ("\n" + body).split(delim)
+        for chunk in chunks[1:]:
+            if len(out) >= MAX_PARTS or chunk.startswith("--"):
+                break
+            nl = chunk.find("\n")
+            if nl < 0:
+                continue
+            sub_headers, sub_body = _split_head(chunk[nl + 1 :])
+            _walk(sub_headers, sub_body, depth + 1, out)
+        return
+    if len(out) >= MAX_PARTS:
+        return
+    cte = headers.get("content-transfer-encoding", "")
+    text = _decode_body(body[:MAX_PART_TEXT], cte, params.get("charset"))
+    out.append(_Part(ctype, headers, text, depth))
+
+
+def _load(raw: bytes) -> _Message:
+    # latin-1 maps bytes 1:1, so 8-bit bodies survive until their charset is known.
+    text = _NEWLINES_RE.sub("\n", raw[:MAX_INPUT].decode("latin-1"))
+    headers, body = _split_head(text)
+    msg = _Message(headers)
+    _walk(headers, body, 0, msg.parts)
+    return msg
+
+
+# ------------------------------------------------------------------------------ helpers
+_ADDR_RE = re.compile(r"[\w.!#$%&'*+/=?^`{|}~-]+@[\w-]+(?:\.[\w-]+)+", re.ASCII)
+_MSGID_RE = re.compile(r"(?im)^message-id:[ \t]*\n?[ \t]*(<[^>\s]+>)")
+_REPLY_CODE_RE = re.compile(r"(?<![\w.:/-])([245][0-5]\d)(?=[ \-:]|$)", re.MULTILINE)
+_LOCAL_DAEMON_RE = re.compile(
+    r"^(?:mailer-daemon|mail-daemon|postmaster|maildaemon|mail\.delivery\.system|"
+    r"mdaemon|mmsc|sysadmin|no-reply|noreply|bounce|bounces|mail-?delivery|"
+    r"double-bounce|nobody|root|system|administrator)\b",
+    re.IGNORECASE,
+)
+_DAEMON_NAME_RE = re.compile(
+    r"mailer[- ]daemon|mail delivery|delivery (?:status|subsystem|system)|postmaster|"
+    r"mail administrator|ndr administrator|system administrator|interscan|notification",
+    re.IGNORECASE,
+)
+_BOUNCE_SUBJECT_RE = re.compile(
+    r"undeliver|undelivered|delivery (?:status notification|failure|failed|report|problem|has failed|"
+    r"notification)|"
+    r"returned (?:mail|to sender)|return(?:ed)? mail|mail delivery failed|failure notice|"
+    r"delivery status|non[- ]?delivery|could not be delivered|not (?:be )?delivered|"
+    r"mail (?:system )?error|warning: (?:could not send|message .* delayed)|delayed mail|"
+    r"delivery delayed|mail failure|failed mail|message delivery has failed|"
+    r"permanent (?:delivery )?failure|error sending|there was an error|"
+    r"loop alert|loop detected|postmaster notify|delivery notification|^mail$|"
+    r"^fail(?:ed|ure)\b|\bbounced?\b",
+    re.IGNORECASE,
+)
+_AUTOREPLY_SUBJECT_RE = re.compile(
+    r"^(?:auto(?:matic)?[ -]?(?:reply|response|antwort|answer)|auto:|autoreply|"
+    r"out of (?:the )?office|abwesenheit|absence|away\b|on vacation|vacation|"
+    r"r[ée]ponse automatique|respuesta autom[aá]tica|risposta automatica|i am (?:out|away))|"
+    r"\b(?:out of (?:the )?office|auto[- ]?reply|automatic reply|autoresponse|vacation reply)\b",
+    re.IGNORECASE,
+)
+_AUTOREPLY_BODY_RE = re.compile(
+    r"\b(?:out of (?:the )?office|i am (?:currently )?(?:away|out|on (?:vacation|leave|holiday))|"
+    r"(?:on|during) (?:my )?(?:vacation|holiday|leave)|limited access to (?:e-?mail|my e-?mail)|"
+    r"will (?:be )?(?:back|return|respond)|upon my return|returning to the office|"
+    r"will be traveling|auto(?:matic)?[- ]?reply)\b",
+    re.IGNORECASE,
+)
+# Where the returned copy of the original message starts in a plain-text bounce.
+_ORIGINAL_MARK_RE = re.compile(
+    r"(?im)^[ \t\-=*>#|_]*(?:"
+    r"-+ ?original message|original message follows|original message:|original mail as follows|"
+    r"original (?:message|mail) (?:headers? )?(?:is |are )?(?:following|below|attached)|"
+    r"the original message (?:headers? )?(?:was|is|are)? ?(?:included|attached|as follows)|"
+    r"(?:-+ )?below this line is a copy|(?:-+ )?this is a copy of (?:the|your) message|"
+    r"(?:-+ )?enclosed is a copy|message headers follow|the header of the original message|"
+    r"included is a copy of the message|(?:-+ )?unsent message follows|"
+    r"-+ ?returned message|-+ ?original mail info|below is a copy of the original message|"
+    r"-+ ?original message follows|\*\*\* ?original message|original message header|"
+    r"your message reads|the text of your message|headers of the original message|"
+    r"-+ ?message text|-+ ?the header of the original"
+    r")"
+)
+_HEADER_START_RE = re.compile(
+    r"(?m)^(?:Received: (?:from|by)|Return-Path:|DKIM-Signature:|ARC-Seal:|X-Received:|"
+    r"Delivered-To:|Authentication-Results:)"
+)
+
+
+def _addr_list(value: str) -> list[str]:
+    return [a.lower() for a in _ADDR_RE.findall(value)]
+
+
+def _clean_addr(value: str) -> str | None:
+    m = _ADDR_RE.search(value)
+    return m.group(0).lower().rstrip(".") if m else None
+
+
+def _first_reply_code(text: str) -> int | None:
+    m = _REPLY_CODE_RE.search(text)
+    return int(m.group(1)) if m else None
+
+
+def _message_id_from(text: str) -> str | None:
+    m = _MSGID_RE.search(text)
+    return m.group(1) if m else None
+
+
+def _make_record(
+    recipient: str | None,
+    status: str | None,
+    reply_code: int | None,
+    diagnostic: str,
+    rules: Rules | None,
+    *,
+    extra_text: str = "",
+    action: str | None = None,
+    remote_mta: str | None = None,
+) -> BounceRecord:
+    diag = normalize_text(diagnostic)[:MAX_DIAGNOSTIC]
+    if reply_code is None:
+        reply_code = _first_reply_code(diagnostic)
+    if status is None:
+        status = find_status(diagnostic) or find_status(extra_text)
+    cls: Classification = classify(status, reply_code, diag, rules, normalized=True)
+    if cls.category == "unknown" and extra_text:
+        cls = classify(status, reply_code, normalize_text(extra_text), rules, normalized=True)
+    if action == "delayed" and cls.category not in ("mailbox_full", "rate_limited"):
+        # RFC 3464 §2.3.3: "delayed" means the MTA is still retrying; for the sender the
+        # message has not arrived in time, which is what "expired" tracks.
+        cls = Classification("expired", False, "action-delayed")
+    category = cls.category
+    if status is None and reply_code is not None and category != "unknown":
+        status = f"{str(reply_code)[0]}.0.0"
+    return BounceRecord(
+        recipient=recipient,
+        status=status,
+        reply_code=reply_code,
+        diagnostic=diag,
+        category=category,
+        hard=cls.hard,
+        remote_mta=remote_mta,
+        action=action,
+    )
+
+
+# ------------------------------------------------------------------------------ RFC 3464 DSN
+_DSN_FIELD_RE = re.compile(r"(?im)^(final-recipient|original-recipient|action|status)[ \t]*:")
+
+
+def _dsn_groups(text: str) -> tuple[dict[str, str], list[dict[str, str]]]:
+    """Per-message fields and per-recipient field groups (RFC 3464 §2.2, §2.3)."""
+    blocks = re.split(r"\n[ \t]*\n", text.strip("\n"))
+    groups: list[dict[str, str]] = []
+    per_message: dict[str, str] = {}
+    for block in blocks:
+        fields, _ = _split_head(block.strip("\n") + "\n\n")
+        if not fields:
+            continue
+        if "final-recipient" in fields or "original-recipient" in fields or (
+            groups and "status" in fields and "action" in fields
+        ):
+            groups.append(fields)
+        elif "reporting-mta" in fields or "received-from-mta" in fields or not groups:
+            per_message.update(fields)
+        # Some MTAs put no blank line between recipients: split on Final-Recipient too.
+        if len(groups) >= MAX_RECORDS:
+            break
+    # A block can hold several recipients when generators omit the separating blank line.
+    split: list[dict[str, str]] = []
+    for g in groups:
+        split.append(g)
+    return per_message, split
+
+
+def _dsn_text_blocks(text: str) -> str | None:
+    """DSN fields embedded in a text part (vendors that inline the machine part)."""
+    m = re.search(r"(?im)^(?:reporting-mta|final-recipient|original-recipient)[ \t]*:", text)
+    if m is None:
+        return None
+    return text[m.start() : m.start() + 20_000]
+
+
+def _addr_field(value: str | None) -> str | None:
+    if not value:
+        return None
+    # RFC 3464 §2.3.2: address-type ";" generic-address
+    _, _, addr = value.rpartition(";")
+    return _clean_addr(addr or value)
+
+
+# ------------------------------------------------------------------------------ text bounces
+_RCPT_HINT_RE = re.compile(
+    r"(?:\bto|recipient|rcpt to|userid|deliver(?:ing)?(?: your mail| the mail| message)? to|"
+    r"delivered to|unknown user|invalid user|message-id in|address|user)\s*:?\s*[\"<(\[]?\s*$",
+    re.IGNORECASE,
+)
+_NON_RCPT_LINE_RE = re.compile(
+    r"^\s*(?:from|reply-to|return-path|sender|cc|bcc|to|delivered-to|received|message-id|"
+    r"x-[\w-]+|dkim-signature|by|for|\(envelope-from|envelope-from|mail from|>>> mail from|"
+    r"<<< \d{3}[ -]<?[^>\s]*>?\.\.\. no access)\b",
+    re.IGNORECASE,
+)
+_NEG_CONTEXT_RE = re.compile(
+    r"(?:contact|mail from:?|envelope-from|from:|sender|return-path|reply-to|original message was "
+    r"received|postmaster at|please (?:send|contact)|visit|helpdesk)\s*<?$",
+    re.IGNORECASE,
+)
+_DECOR = " \t>*-•·:\"'<[(#"
+
+
+def _recipient_lines(report: str, exclude: set[str]) -> list[tuple[str, int]]:
+    """Candidate failed recipients in a plain-text report, with their offsets."""
+    found: list[tuple[str, int]] = []
+    seen: set[str] = set()
+    pos = 0
+    for line in report.split("\n"):
+        start = pos
+        pos += len(line) + 1
+        if "@" not in line or _NON_RCPT_LINE_RE.match(line):
+            continue
+        for m in _ADDR_RE.finditer(line):
+            addr = m.group(0).lower().rstrip(".")
+            if addr in exclude or addr in seen:
+                continue
+            before = line[: m.start()]
+            lead = before.strip(_DECOR)
+            # "Recipient: <a>", "* a", ">>> a", "<a>:", "a: 550 …", "a [User unknown]",
+            # "a on <date>", "554 <a>... reason" (sendmail transcript lines).
+            at_start = lead == "" or re.fullmatch(r"(?:recipient|rcpt|\d{3}(?:[ -]\d\.\d\.\d)?)", lead,
+                                                  re.IGNORECASE) is not None
+            hinted = _RCPT_HINT_RE.search(before) is not None
+            if not (at_start or hinted) or _NEG_CONTEXT_RE.search(before):
+                continue
+            seen.add(addr)
+            found.append((addr, start + m.start()))
+            if len(found) >= MAX_RECORDS:
+                return found
+    return found
+
+
+def _report_text(msg: _Message) -> tuple[str, str]:
+    """The human-readable report and the rest (the returned original, if any)."""
+    texts: list[str] = []
+    rest: list[str] = []
+    seen_original = False
+    for part in msg.parts:
+        if part.ctype in ("message/rfc822", "text/rfc822-headers", "message/rfc822-headers",
+                          "message/global", "message/global-headers"):
+            seen_original = True
+            rest.append(part.text)
+            continue
+        if not part.ctype.startswith("text/") or part.ctype == "text/html" and texts:
+            continue
+        text = part.text
+        if part.ctype == "text/html":
+            text = _html_to_text(text)
+        if seen_original:
+            rest.append(text)
+            continue
+        texts.append(text)
+        if sum(len(t) for t in texts) > MAX_REPORT_TEXT:
+            break
+    joined = "\n".join(texts)[: MAX_REPORT_TEXT * 2]
+    cut = len(joined)
+    m = _ORIGINAL_MARK_RE.search(joined)
+    if m is not None:
+        cut = m.start()
+    h = _HEADER_START_RE.search(joined, 0, cut)
+    if h is not None:
+        cut = h.start()
+    rest.insert(0, joined[cut:])
+    return joined[:cut][:MAX_REPORT_TEXT], "\n".join(rest)
+
+
+_TAG_RE = re.compile(r"<[^>]*>")
+
+
+def _html_to_text(html: str) -> str:
+    text = _TAG_RE.sub(" ", re.sub(r"(?is)<(?:style|script|head)\b.*?</(?:style|script|head)>",
+                                  " ", html[:MAX_REPORT_TEXT * 2]))
+    return text.replace("&nbsp;", " ").replace("&lt;", "<").replace("&gt;", ">").replace(
+        "&amp;", "&")
+
+
+def _looks_like_bounce(msg: _Message, subject: str) -> bool:
+    h = msg.headers
+    if "x-failed-recipients" in h:
+        return True
+    sender = h.get("from", "") + " " + h.get("sender", "")
+    addrs = _addr_list(sender)
+    daemon = bool(_DAEMON_NAME_RE.search(sender)) or any(
+        _LOCAL_DAEMON_RE.match(a.split("@")[0]) for a in addrs
+    ) or not addrs or "<>" in sender
+    return daemon and bool(_BOUNCE_SUBJECT_RE.search(subject)) or (
+        bool(_BOUNCE_SUBJECT_RE.search(subject))
+        and bool(re.search(r"(?i)mailer-daemon|postmaster|mail delivery", sender))
+    )
+
+
+_STRONG_BODY_RE = re.compile(
+    r"(?i)(?:could not be delivered|couldn.t be delivered|wasn.t (?:able to deliver|delivered)|"
+    r"(?:unable|not able|failed) to deliver|delivery (?:to the following recipients? )?(?:has )?failed|"
+    r"permanent(?:ly)? (?:error|fatal|failure|failed)|undeliverable|did not reach|"
+    r"not (?:be )?delivered|error delivering|rejected (?:by|your)|delivery (?:problem|failure)|"
+    r"following address(?:es)? (?:had|failed)|the following (?:recipients?|addresses)|"
+    r"has not yet been delivered|address not found|duplicated message-id|delivery status notification)"
+)
+
+
+# ------------------------------------------------------------------------------ main parse
+def _subject(msg: _Message) -> str:
+    return decode_header(msg.headers.get("subject", ""))
+
+
+def _original_message_id(msg: _Message, rest: str) -> str | None:
+    for part in msg.parts:
+        if part.ctype in ("message/rfc822", "text/rfc822-headers", "message/rfc822-headers",
+                          "message/global", "message/global-headers"):
+            mid = _message_id_from(part.text[:50_000])
+            if mid:
+                return mid
+    return _message_id_from(rest[:100_000]) if rest else None
+
+
+def _parse_arf(msg: _Message, rules: Rules | None) -> BounceReport:
+    # RFC 5965 §3: the second part is message/feedback-report, the third the original.
+    fields: dict[str, str] = {}
+    for part in msg.parts:
+        if part.ctype == "message/feedback-report":
+            fields, _ = _split_head(part.text.strip("\n") + "\n\n")
+            break
+    recipient = _addr_field(fields.get("original-rcpt-to"))
+    original = ""
+    for part in msg.parts:
+        if part.ctype in ("message/rfc822", "text/rfc822-headers", "message/rfc822-headers"):
+            original = part.text
+            break
+    if recipient is None and original:
+        oh, _ = _split_head(original)
+        recipient = _clean_addr(oh.get("to", ""))
+    if recipient is None:
+        recipient = _clean_addr(fields.get("removal-recipient", ""))
+    ftype = (fields.get("feedback-type") or "abuse").strip().lower()
+    rec = BounceRecord(recipient, None, None, "", "complaint", False)
+    return BounceReport(
+        kind="complaint",
+        records=(rec,),
+        original_message_id=_message_id_from(original) if original else None,
+        feedback_type=ftype,
+        reporting_mta=fields.get("reporting-mta"),
+    )
+
+
+def _parse_ses_json(body: str, rules: Rules | None) -> BounceReport | None:
+    """Amazon SES notifications (often wrapped in an SNS envelope) sent as mail."""
+    start = body.find("{")
+    end = body.rfind("}")
+    if start < 0 or end <= start:
+        return None
+    try:
+        data: Any = json.loads(body[start : end + 1])
+        if isinstance(data, dict) and isinstance(data.get("Message"), str):
+            data = json.loads(data["Message"])
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    ntype = str(data.get("notificationType") or data.get("eventType") or "").lower()
+    mail = data.get("mail") if isinstance(data.get("mail"), dict) else {}
+    headers = mail.get("commonHeaders") if isinstance(mail.get("commonHeaders"), dict) else {}
+    mid = headers.get("messageId") if isinstance(headers, dict) else None
+    message_id = str(mid) if mid else None
+    if ntype == "complaint":
+        c = data.get("complaint") or {}
+        rcpts = [_clean_addr(str(r.get("emailAddress", ""))) for r in c.get("complainedRecipients", [])
+                 if isinstance(r, dict)]
+        ftype = str(c.get("complaintFeedbackType") or "abuse")
+        recs = tuple(BounceRecord(r, None, None, "", "complaint", False) for r in rcpts if r)
+        return BounceReport("complaint", recs, message_id, ftype)
+    if ntype == "delivery":
+        d = data.get("delivery") or {}
+        recs = tuple(BounceRecord(_clean_addr(str(r)), "2.0.0", 250, "", "delivered", False)
+                     for r in d.get("recipients", []))
+        return BounceReport("delivered", recs, message_id)
+    if ntype != "bounce":
+        return None
+    b = data.get("bounce") or {}
+    transient = str(b.get("bounceType", "")).lower() == "transient"
+    out: list[BounceRecord] = []
+    for r in b.get("bouncedRecipients", [])[:MAX_RECORDS]:
+        if not isinstance(r, dict):
+            continue
+        diag = str(r.get("diagnosticCode") or "")
+        status = find_status(str(r.get("status") or "")) or find_status(diag)
+        sub = str(b.get("bounceSubType") or "")
+        out.append(_make_record(_clean_addr(str(r.get("emailAddress", ""))), status, None,
+                                diag, rules, extra_text=sub,
+                                action="delayed" if transient and not diag else "failed"))
+    if not out:
+        return None
+    return BounceReport("bounce", tuple(out), message_id, reporting_mta=b.get("reportingMTA"))
+
+
+def _dsn_records(
+    msg: _Message, report: str, rules: Rules | None
+) -> tuple[list[BounceRecord], list[BounceRecord], str | None] | None:
+    text = None
+    for part in msg.parts:
+        if part.ctype in ("message/delivery-status", "message/global-delivery-status"):
+            text = part.text
+            break
+    if text is None or not _DSN_FIELD_RE.search(text):
+        for part in msg.parts:
+            if part.ctype.startswith("text/") and part.ctype != "text/html":
+                text = _dsn_text_blocks(part.text)
+                if text and _DSN_FIELD_RE.search(text):
+                    break
+                text = None
+    if text is None:
+        return None
+    per_message, groups = _dsn_groups(text)
+    failed: list[BounceRecord] = []
+    ok: list[BounceRecord] = []
+    for g in groups:
+        recipient = _addr_field(g.get("final-recipient")) or _addr_field(
+            g.get("original-recipient")) or _addr_field(g.get("x-actual-recipient"))
+        action = (g.get("action") or "").strip().lower().split(" ")[0] or None
+        status_field = g.get("status") or ""
+        diag_field = g.get("diagnostic-code") or ""
+        # RFC 3464 §2.3.6: "diagnostic-type; diagnostic" — drop the type.
+        diag_type, sep, diag_text = diag_field.partition(";")
+        if not sep or " " in diag_type.strip():
+            diag_text = diag_field
+        diag_text = diag_text.strip()
+        status = find_status(status_field)
+        diag_status = find_status(diag_text)
+        # The remote server's own code is more precise than a generic field (x.0.0) or
+        # than what the reporting MTA mapped it to.
+        if diag_status and (status is None or diag_status[0] == status[0]
+                            or status.endswith(".0.0")):
+            status = diag_status
+        block = _recipient_block(report, recipient) if recipient else ""
+        if not diag_text and block:
+            text_status = find_status(block)
+            if text_status and (status is None or status.endswith(".0.0")):
+                status = text_status
+        comment = status_field.partition("(")[2]
+        diagnostic = diag_text or block
+        if action in ("delivered", "relayed", "expanded") or (status or "").startswith("2"):
+            ok.append(BounceRecord(recipient, status, _first_reply_code(diag_text), diag_text,
+                                   "delivered", False, action=action))
+            continue
+        if action is None and status is None and not diag_text and not recipient:
+            continue
+        remote = _addr_field(g.get("remote-mta")) or (g.get("remote-mta") or "").partition(";")[2]
+        out = _make_record(
+            recipient, status, None, (comment + " " + diagnostic).strip(), rules,
+            extra_text=block or report, action=action, remote_mta=remote.strip() or None,
+        )
+        failed.append(out)
+        if len(failed) >= MAX_RECORDS:
+            break
+    reporting = per_message.get("reporting-mta", "").partition(";")[2].strip() or None
+    return failed, ok, reporting
+
+
+def _recipient_block(report: str, recipient: str) -> str:
+    """The part of a text report about one recipient: from its mention to the next address line."""
+    if not report:
+        return ""
+    low = report.lower()
+    i = low.find(recipient)
+    if i < 0:
+        return ""
+    line_start = low.rfind("\n", 0, i) + 1
+    nxt = [m.start() for m in re.finditer(r"\n\s*<?[\w.+-]+@[\w.-]+>?:?\s*\n", low[i:])]
+    end = i + nxt[0] if nxt else len(report)
+    return report[line_start:end][:4000]
+
+
+def _text_records(msg: _Message, report: str, rest: str, rules: Rules | None,
+                  subject: str) -> list[BounceRecord]:
+    h = msg.headers
+    exclude = set(_addr_list(h.get("to", "")) + _addr_list(h.get("from", "")))
+    exclude.update(_addr_list(h.get("return-path", "")))
+    candidates = _recipient_lines(report, exclude)
+    failed = _addr_list(h.get("x-failed-recipients", ""))[:MAX_RECORDS]
+    targets: list[tuple[str, int]]
+    if failed:
+        pos = {a: p for a, p in candidates}
+        targets = [(a, pos.get(a, -1)) for a in dict.fromkeys(failed)]
+    elif candidates:
+        targets = candidates
+    else:
+        # Last resort: the returned original's recipient (RFC 5322 To of the copy).
+        oh, _ = _split_head(rest.lstrip("\n")[:50_000]) if rest else ({}, "")
+        to = _addr_list(oh.get("to", ""))
+        targets = [(to[0], -1)] if len(set(to)) == 1 and to[0] not in exclude else []
+    records: list[BounceRecord] = []
+    offsets = sorted(p for _, p in targets if p >= 0)
+    context = subject + "\n" + report
+    for addr, p in targets:
+        if p >= 0:
+            line_start = report.rfind("\n", 0, p) + 1
+            later = [o for o in offsets if o > p]
+            end = later[0] if later else len(report)
+            end_line = report.rfind("\n", 0, end) + 1 if later else end
+            block = report[line_start:max(end_line, p + 1)]
+        else:
+            block = report
+        delayed = bool(re.search(r"(?i)has not yet been delivered|delayed|will (?:continue|keep) "
+                                 r"trying|will retry|still trying", report[:2000] + subject))
+        records.append(_make_record(addr, None, None, block, rules, extra_text=context,
+                                    action="delayed" if delayed else "failed"))
+    return records
+
+
+def _is_auto_reply(msg: _Message, subject: str, report: str) -> bool:
+    h = msg.headers
+    # RFC 3834 §5: Auto-Submitted: auto-replied marks replies made by automatons.
+    auto = h.get("auto-submitted", "").lower()
+    if "x-autoreply" in h or "x-autorespond" in h or "x-autoresponder" in h:
+        return True
+    if h.get("precedence", "").lower() == "auto_reply" or "auto_reply" in h.get(
+            "x-precedence", "").lower():
+        return True
+    if _AUTOREPLY_SUBJECT_RE.search(subject):
+        return True
+    return auto.startswith("auto-replied") and bool(_AUTOREPLY_BODY_RE.search(report[:4000]))
+
+
+def parse_message(raw: bytes, rules: Rules | None = None) -> BounceReport:
+    """Parse a raw message; may raise on pathological input (use parse())."""
+    msg = _load(raw)
+    subject = _subject(msg)
+    top_type, top_params = _content_type(msg.headers.get("content-type"))
+    report, rest = _report_text(msg)
+    # RFC 5965 §2: multipart/report; report-type=feedback-report.
+    if top_params.get("report-type", "").lower() == "feedback-report" or any(
+        p.ctype == "message/feedback-report" for p in msg.parts
+    ):
+        return _parse_arf(msg, rules)
+    if '"notificationType"' in report or '\\"notificationType\\"' in report:
+        ses = _parse_ses_json(report, rules)
+        if ses is not None:
+            return ses
+    message_id = _original_message_id(msg, rest)
+    dsn = _dsn_records(msg, report, rules)
+    if dsn is not None:
+        failed, ok, reporting = dsn
+        if failed:
+            return BounceReport("bounce", tuple(failed), message_id, reporting_mta=reporting)
+        if ok:
+            return BounceReport("delivered", tuple(ok), message_id, reporting_mta=reporting)
+    bounce_like = _looks_like_bounce(msg, subject) or (
+        top_params.get("report-type", "").lower() == "delivery-status"
+    )
+    if not bounce_like and not _is_auto_reply(msg, subject, report):
+        sender = msg.headers.get("from", "")
+        bounce_like = bool(_STRONG_BODY_RE.search(report[:6000])) and (
+            bool(_DAEMON_NAME_RE.search(sender))
+            or any(_LOCAL_DAEMON_RE.match(a.split("@")[0]) for a in _addr_list(sender))
+            or not _addr_list(sender)
+        )
+    if bounce_like:
+        records = _text_records(msg, report, rest, rules, subject)
+        if records:
+            return BounceReport("bounce", tuple(records), message_id)
+        if dsn is not None or "x-failed-recipients" in msg.headers or _STRONG_BODY_RE.search(
+                report[:6000]):
+            rec = _make_record(None, None, None, report, rules, extra_text=subject)
+            return BounceReport("bounce", (rec,), message_id)
+    if _is_auto_reply(msg, subject, report):
+        return BounceReport("auto_reply", (), message_id)
+    return BounceReport("not_bounce", (), None)
+
+
+def parse(raw: bytes, rules: Rules | None = None) -> BounceReport:
+    """Parse a raw message into a BounceReport; never raises (errors give "not_bounce")."""
+    try:
+        return parse_message(raw, rules)
+    except Exception:  # noqa: BLE001 - hostile input must never break the intake
+        return NOT_BOUNCE
+
+
+def parse_for_scoring(raw: bytes) -> dict[str, Any]:
+    """The dict shape the bounce corpus scorer (shared/bounce-corpus/score.py) expects."""
+    report = parse(raw)
+    primary = report.primary
+    records = [
+        {"recipient": r.recipient, "status": r.status, "reason": r.category, "hard": r.hard}
+        for r in report.records
+    ]
+    return {
+        "is_bounce": report.is_bounce,
+        "kind": report.kind,
+        "recipient": primary.recipient if primary else None,
+        "status": primary.status if primary else None,
+        "reason": primary.category if primary and report.is_bounce else None,
+        "hard": primary.hard if primary and report.is_bounce else None,
+        "recipients": records if report.is_bounce else [],
+        "original_message_id": report.original_message_id,
+        "feedback_type": report.feedback_type,
+    }
