@@ -66,7 +66,7 @@ class Rule:
             return False
         if self.reply_class:
             klass = status[0] if status else (str(reply_code)[0] if reply_code else None)
-            if klass not in self.reply_class:
+            if klass is not None and klass not in self.reply_class:
                 return False
         return self.text is None or self.text.search(text) is not None
 

@@ -86,6 +86,7 @@ class _Message:
 
 _NEWLINES_RE = re.compile(r"\r\n?")
 _PARAM_RE = re.compile(r';\s*([\w.*-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;\s]*)')
+_GUESS_BOUNDARY_RE = re.compile(r"(?m)^--([^\s-][^\s]{5,69})[ \t]*$")
 _ENCODED_WORD_RE = re.compile(r"=\?([\w.:-]+)(?:\*[\w-]+)?\?([bBqQ])\?([^?]*)\?=")
 
 
@@ -178,9 +179,17 @@ def decode_header(value: str) -> str:
 
 def _walk(headers: dict[str, str], body: str, depth: int, out: list[_Part]) -> None:
     ctype, params = _content_type(headers.get("content-type"))
-    if ctype.startswith("multipart/") and depth < MAX_DEPTH and params.get("boundary"):
-        delim = "\n--" + params["boundary"]
-        chunks = ("\n" + body).split(delim)
+    if ctype.startswith("multipart/") and depth < MAX_DEPTH:
+        boundary = params.get("boundary", "")
+        chunks = ("\n" + body).split("\n--" + boundary) if boundary else []
+        if len(chunks) < 2:
+            # RFC 2046 §5.1.1 says the boundary must match; broken generators (and
+            # anonymisers) change one side, so fall back to the first delimiter-like line.
+            m = _GUESS_BOUNDARY_RE.search(body[:MAX_PART_TEXT])
+            chunks = ("\n" + body).split("\n--" + m.group(1)) if m else []
+        if len(chunks) < 2:
+            # No parts at all: read the body as the text it probably is.
+            ctype, headers = "text/plain", {}
         for chunk in chunks[1:]:
             if len(out) >= MAX_PARTS or chunk.startswith("--"):
                 break
@@ -189,7 +198,8 @@ def _walk(headers: dict[str, str], body: str, depth: int, out: list[_Part]) -> N
                 continue
             sub_headers, sub_body = _split_head(chunk[nl + 1 :])
             _walk(sub_headers, sub_body, depth + 1, out)
-        return
+        if len(chunks) >= 2:
+            return
     if len(out) >= MAX_PARTS:
         return
     cte = headers.get("content-transfer-encoding", "")
@@ -306,13 +316,17 @@ def _make_record(
     cls: Classification = classify(status, reply_code, diag, rules, normalized=True)
     if cls.category == "unknown" and extra_text:
         cls = classify(status, reply_code, normalize_text(extra_text), rules, normalized=True)
-    if action == "delayed" and cls.category not in ("mailbox_full", "rate_limited"):
-        # RFC 3464 §2.3.3: "delayed" means the MTA is still retrying; for the sender the
-        # message has not arrived in time, which is what "expired" tracks.
+    if action == "delayed" and cls.category in ("unknown", "system_error"):
+        # RFC 3464 §2.3.3: "delayed" means the MTA is still retrying; without a more
+        # specific reason, for the sender the message has not arrived in time.
         cls = Classification("expired", False, "action-delayed")
     category = cls.category
-    if status is None and reply_code is not None and category != "unknown":
-        status = f"{str(reply_code)[0]}.0.0"
+    if status is None:
+        # No RFC 3463 code anywhere: keep at least the class (the reply code's, or
+        # 4 for a delay report, else 5: the report says delivery failed).
+        klass = str(reply_code)[0] if reply_code and str(reply_code)[0] in "45" else (
+            "4" if action == "delayed" else "5")
+        status = f"{klass}.0.0"
     return BounceRecord(
         recipient=recipient,
         status=status,
@@ -431,7 +445,7 @@ def _report_text(msg: _Message) -> tuple[str, str]:
             seen_original = True
             rest.append(part.text)
             continue
-        if not part.ctype.startswith("text/") or part.ctype == "text/html" and texts:
+        if not part.ctype.startswith("text/") or (part.ctype == "text/html" and texts):
             continue
         text = part.text
         if part.ctype == "text/html":
@@ -473,7 +487,7 @@ def _looks_like_bounce(msg: _Message, subject: str) -> bool:
     daemon = bool(_DAEMON_NAME_RE.search(sender)) or any(
         _LOCAL_DAEMON_RE.match(a.split("@")[0]) for a in addrs
     ) or not addrs or "<>" in sender
-    return daemon and bool(_BOUNCE_SUBJECT_RE.search(subject)) or (
+    return (daemon and bool(_BOUNCE_SUBJECT_RE.search(subject))) or (
         bool(_BOUNCE_SUBJECT_RE.search(subject))
         and bool(re.search(r"(?i)mailer-daemon|postmaster|mail delivery", sender))
     )
@@ -539,10 +553,12 @@ def _parse_ses_json(body: str, rules: Rules | None) -> BounceReport | None:
     end = body.rfind("}")
     if start < 0 or end <= start:
         return None
+    # Mail transport may have wrapped long JSON lines: undo "\n " folds first.
+    blob = re.sub(r"\n[ \t]", "", body[start : end + 1])
     try:
-        data: Any = json.loads(body[start : end + 1])
+        data: Any = json.loads(blob, strict=False)
         if isinstance(data, dict) and isinstance(data.get("Message"), str):
-            data = json.loads(data["Message"])
+            data = json.loads(data["Message"], strict=False)
     except ValueError:
         return None
     if not isinstance(data, dict):
@@ -684,15 +700,23 @@ def _text_records(msg: _Message, report: str, rest: str, rules: Rules | None,
     for addr, p in targets:
         if p >= 0:
             line_start = report.rfind("\n", 0, p) + 1
+            earlier = [o for o in offsets if o < p]
             later = [o for o in offsets if o > p]
             end = later[0] if later else len(report)
             end_line = report.rfind("\n", 0, end) + 1 if later else end
-            block = report[line_start:max(end_line, p + 1)]
+            # Sendmail transcripts give the remote reply before the recipient line:
+            # "While talking to host: >>> RCPT To:<a> <<< 550 …" then "554 <a>... …".
+            floor = report.find("\n", earlier[-1]) + 1 if earlier else 0
+            talk = report.rfind("While talking to", floor, line_start)
+            block = report[talk if talk >= 0 else line_start : max(end_line, p + 1)]
         else:
             block = report
         delayed = bool(re.search(r"(?i)has not yet been delivered|delayed|will (?:continue|keep) "
                                  r"trying|will retry|still trying", report[:2000] + subject))
-        records.append(_make_record(addr, None, None, block, rules, extra_text=context,
+        # With several recipients the shared text may be about another one: only a lone
+        # recipient falls back on the whole report.
+        extra = context if len(targets) == 1 or p < 0 else subject
+        records.append(_make_record(addr, None, None, block, rules, extra_text=extra,
                                     action="delayed" if delayed else "failed"))
     return records
 
@@ -761,7 +785,7 @@ def parse(raw: bytes, rules: Rules | None = None) -> BounceReport:
     """Parse a raw message into a BounceReport; never raises (errors give "not_bounce")."""
     try:
         return parse_message(raw, rules)
-    except Exception:  # noqa: BLE001 - hostile input must never break the intake
+    except Exception:
         return NOT_BOUNCE
 
 
