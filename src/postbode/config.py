@@ -6,7 +6,7 @@ import os
 import tomllib
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, SecretStr
 from pydantic.fields import FieldInfo
@@ -15,6 +15,9 @@ from pydantic_settings import (
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
+
+if TYPE_CHECKING:
+    from postbode.store.engine import Store
 
 
 class _TomlSource(PydanticBaseSettingsSource):
@@ -100,9 +103,7 @@ class Settings(BaseSettings):
         "http://127.0.0.1:8025",
         description="Public base URL of the open/click tracking endpoints.",
     )
-    delivery_concurrency: int = Field(
-        100, description="Deliveries a worker process sends at once."
-    )
+    delivery_concurrency: int = Field(100, description="Deliveries a worker process sends at once.")
     delivery_batch_size: int = Field(200, description="Deliveries claimed per queue claim.")
     delivery_lease_seconds: int = Field(
         300, description="How long a claimed delivery stays leased to one worker."
@@ -175,3 +176,16 @@ def describe() -> list[tuple[str, str, str, str]]:
             )
         )
     return rows
+
+
+def secret_key(settings: Settings, store: Store) -> bytes:
+    """The installation's signing key: the setting, or one generated once and kept in the store
+    (so every process on every machine signs and checks with the same key)."""
+    import secrets
+
+    from postbode.store.engine import system_value
+
+    configured = settings.secret_key.get_secret_value()
+    if configured:
+        return configured.encode()
+    return system_value(store, "secret_key", lambda: secrets.token_urlsafe(48)).encode()

@@ -1,0 +1,5 @@
+"""`python -m postbode`: the same as the `postbode` command."""
+
+from postbode.cli import main
+
+main()

@@ -1,0 +1,78 @@
+"""The roles a Postbode process runs (web, smtp, worker), side by side on one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any
+
+import uvicorn
+
+from postbode.config import Settings
+from postbode.store.engine import Store
+
+log = logging.getLogger("postbode")
+
+# A role runs until `stop` is set, then finishes what it has in hand and returns.
+Role = Callable[[Settings, Store, asyncio.Event], Coroutine[Any, Any, None]]
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the process's roles stop together."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def web_role(settings: Settings, store: Store, stop: asyncio.Event) -> None:
+    from postbode.web.app import create_app
+
+    config = uvicorn.Config(
+        create_app(settings, store),
+        host=settings.http_host,
+        port=settings.http_port,
+        log_level=settings.log_level,
+        access_log=False,
+        lifespan="on",
+    )
+    server = _Server(config)
+    serving = asyncio.create_task(server.serve())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    server.should_exit = True
+    await serving
+    stopping.cancel()
+    if not server.started:
+        raise RuntimeError(
+            f"HTTP server could not listen on {settings.http_host}:{settings.http_port}"
+        )
+
+
+def available_roles() -> dict[str, Role]:
+    """Every role this build of Postbode knows, by name."""
+    return {"web": web_role}
+
+
+async def run_roles(settings: Settings, store: Store, names: list[str]) -> None:
+    """Run the named roles until SIGTERM / SIGINT, then stop them together."""
+    roles = available_roles()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    tasks = [asyncio.create_task(roles[name](settings, store, stop), name=name) for name in names]
+    log.info("postbode running: %s", ", ".join(names))
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                stop.set()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise task.exception()  # type: ignore[misc]
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)

@@ -1,0 +1,117 @@
+"""Leased queues: claim due rows, renew and release leases, sweep the ones a dead worker left."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import ColumnElement, Row, Table, and_, select, true, update
+
+from postbode.store.engine import Store
+from postbode.store.schema import deliveries, inbound_messages, utcnow, webhook_requests
+
+
+@dataclass(frozen=True)
+class Queue:
+    """A table used as a queue: which statuses are due, and what a claimed row is called."""
+
+    table: Table
+    due: tuple[str, ...]
+    claimed: str
+    # where a swept row goes back to (its lease expired: the worker died mid-flight)
+    swept: str
+
+
+DELIVERIES = Queue(deliveries, due=("queued", "deferred"), claimed="sending", swept="deferred")
+WEBHOOK_REQUESTS = Queue(webhook_requests, due=("pending",), claimed="sending", swept="pending")
+INBOUND = Queue(inbound_messages, due=("pending",), claimed="sending", swept="pending")
+
+
+def claim(
+    store: Store,
+    queue: Queue,
+    owner: str,
+    limit: int,
+    lease: timedelta,
+    *,
+    now: datetime | None = None,
+    where: ColumnElement[bool] | None = None,
+) -> Sequence[Row[Any]]:
+    """Lease up to `limit` due rows to `owner`, oldest due first, and return them.
+
+    PostgreSQL: concurrent claimers skip each other's locked rows (FOR UPDATE SKIP LOCKED).
+    SQLite: the write transaction is BEGIN IMMEDIATE, so claimers are serialised.
+    """
+    now = now or utcnow()
+    t = queue.table
+    due = select(t.c.id).where(
+        t.c.status.in_(queue.due),
+        t.c.next_attempt_at <= now,
+        where if where is not None else true(),
+    )
+    due = due.order_by(t.c.next_attempt_at).limit(limit)
+    if not store.is_sqlite:
+        due = due.with_for_update(skip_locked=True)
+    stmt = (
+        update(t)
+        .where(t.c.id.in_(due.scalar_subquery()))
+        .values(status=queue.claimed, lease_owner=owner, lease_until=now + lease)
+        .returning(*t.c)
+    )
+    with store.write() as conn:
+        return conn.execute(stmt).all()
+
+
+def renew(store: Store, queue: Queue, owner: str, ids: Sequence[Any], lease: timedelta) -> int:
+    """Extend the lease on rows `owner` still holds; returns how many it still holds."""
+    if not ids:
+        return 0
+    t = queue.table
+    with store.write() as conn:
+        result = conn.execute(
+            update(t)
+            .where(_held_by(queue, owner), t.c.id.in_(ids))
+            .values(lease_until=utcnow() + lease)
+        )
+        return result.rowcount
+
+
+def release(store: Store, queue: Queue, owner: str, row_id: Any, **values: Any) -> bool:
+    """End `owner`'s lease on one row, writing its outcome (status and other columns).
+
+    False when the lease was lost (expired and claimed by another worker): the caller must not
+    record anything else about the row then."""
+    with store.write() as conn:
+        return release_in(conn, queue, owner, row_id, **values)
+
+
+def release_in(conn: Any, queue: Queue, owner: str, row_id: Any, **values: Any) -> bool:
+    """`release` inside the caller's transaction, so the outcome and its events commit together."""
+    t = queue.table
+    values.setdefault("status", queue.swept)
+    result = conn.execute(
+        update(t)
+        .where(_held_by(queue, owner), t.c.id == row_id)
+        .values(lease_owner=None, lease_until=None, **values)
+    )
+    return bool(result.rowcount == 1)
+
+
+def sweep(store: Store, queue: Queue, *, now: datetime | None = None) -> int:
+    """Return rows whose lease expired to the queue; returns how many."""
+    now = now or utcnow()
+    t = queue.table
+    with store.write() as conn:
+        result = conn.execute(
+            update(t)
+            .where(t.c.status == queue.claimed, t.c.lease_until < now)
+            .values(status=queue.swept, lease_owner=None, lease_until=None, next_attempt_at=now)
+        )
+        return result.rowcount
+
+
+def _held_by(queue: Queue, owner: str) -> ColumnElement[bool]:
+    t = queue.table
+    return and_(t.c.status == queue.claimed, t.c.lease_owner == owner)

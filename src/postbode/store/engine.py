@@ -1,0 +1,122 @@
+"""The store's engine: SQLite (embedded, WAL) or PostgreSQL, and its transaction helpers."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, event, insert, select, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
+
+from postbode.config import Settings
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+class Store:
+    """One database: `write()` for transactions that change it, `read()` for queries."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect.name  # "sqlite" | "postgresql"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.dialect == "sqlite"
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        """One write transaction; on SQLite it takes the write lock up front (BEGIN IMMEDIATE),
+        so it waits on busy_timeout instead of failing when it would upgrade a read lock."""
+        connection = self.engine.connect().execution_options(postbode_immediate=True)
+        with connection as conn, conn.begin():
+            yield conn
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        """A read-only transaction (a consistent snapshot on both dialects)."""
+        with self.engine.connect() as conn, conn.begin():
+            yield conn
+
+    def ping(self) -> bool:
+        """True when the database answers."""
+        with self.engine.connect() as conn:
+            return conn.execute(text("SELECT 1")).scalar() == 1
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _sqlite_engine(url: str) -> Engine:
+    path = make_url(url).database
+    if path and path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(
+        url,
+        connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
+        pool_size=8,
+        max_overflow=16,
+    )
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
+        # Let us emit BEGIN ourselves: pysqlite's implicit transactions would defer the lock.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        # FULL: a commit that acknowledged mail (250 / 202) is on disk, not just in the WAL.
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        immediate = conn.get_execution_options().get("postbode_immediate", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return engine
+
+
+def create_store(settings: Settings, *, pool: bool = True) -> Store:
+    """The store the settings name, migrated to the newest schema on first use."""
+    from postbode.store.migrate import ensure_migrated
+
+    url = settings.sqlalchemy_url
+    if url.startswith("sqlite"):
+        engine = _sqlite_engine(url)
+    else:
+        kwargs: dict[str, Any] = {"pool_pre_ping": True}
+        if pool:
+            kwargs.update(pool_size=10, max_overflow=20)
+        else:
+            kwargs["poolclass"] = NullPool
+        engine = create_engine(url, **kwargs)
+    store = Store(engine)
+    ensure_migrated(store)
+    return store
+
+
+def system_value(store: Store, name: str, make: Callable[[], str]) -> str:
+    """A value every process of this installation shares (e.g. a generated secret key):
+    read from the store, or made by `make()` and stored by whichever process comes first."""
+    from postbode.store.schema import system_values
+
+    with store.read() as conn:
+        value = conn.execute(
+            select(system_values.c.value).where(system_values.c.name == name)
+        ).scalar()
+    if value is not None:
+        return str(value)
+    with store.write() as conn:
+        value = conn.execute(
+            select(system_values.c.value).where(system_values.c.name == name)
+        ).scalar()
+        if value is None:
+            value = make()
+            conn.execute(insert(system_values).values(name=name, value=value))
+    return str(value)

@@ -1,0 +1,431 @@
+"""Every table of Postbode's store, in SQLAlchemy Core, for SQLite and PostgreSQL alike."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Dialect,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    Uuid,
+)
+
+# Stable constraint names, so Alembic migrations name the same things on both dialects.
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A UTC instant: stored naive (SQLite has no zones), always returned timezone-aware."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTCDateTime column")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+def utcnow() -> datetime:
+    """The current instant, timezone-aware."""
+    return datetime.now(UTC)
+
+
+def new_id() -> uuid.UUID:
+    """A UUIDv7 (RFC 9562 §5.7): time-ordered, so keyset pagination by id follows time."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms & 0xFFFF_FFFF_FFFF) << 80 | rand & ((1 << 80) - 1)
+    value = value & ~(0xF << 76) | 0x7 << 76  # version 7
+    value = value & ~(0x3 << 62) | 0x2 << 62  # RFC 9562 variant
+    return uuid.UUID(int=value)
+
+
+def _id() -> Column[Any]:
+    return Column("id", Uuid, primary_key=True, default=new_id)
+
+
+def _created() -> Column[Any]:
+    return Column("created_at", UTCDateTime, nullable=False, default=utcnow)
+
+
+def _lease_columns() -> list[Column[Any]]:
+    """The columns that make a table a leased queue (see store/claim.py)."""
+    return [
+        Column("status", String(16), nullable=False),
+        Column("attempts", Integer, nullable=False, default=0),
+        Column("next_attempt_at", UTCDateTime, nullable=False, default=utcnow),
+        Column("lease_owner", String(64)),
+        Column("lease_until", UTCDateTime),
+    ]
+
+
+# -- tenancy ------------------------------------------------------------------------------
+
+organizations = Table(
+    "organizations",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(200), nullable=False, unique=True),
+    _created(),
+)
+
+users = Table(
+    "users",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("email", String(320), nullable=False, unique=True),
+    Column("password_hash", String(200), nullable=False),
+    Column("is_admin", Boolean, nullable=False, default=False),
+    Column("last_login_at", UTCDateTime),
+    _created(),
+)
+
+memberships = Table(
+    "memberships",
+    metadata,
+    Column("user_id", ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    Column("organization_id", ForeignKey("organizations.id", ondelete="CASCADE"), nullable=False),
+    Column("role", String(16), nullable=False),  # owner | admin | viewer
+    _created(),
+    PrimaryKeyConstraint("user_id", "organization_id"),
+)
+
+apps = Table(
+    "apps",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("organization_id", ForeignKey("organizations.id", ondelete="CASCADE"), nullable=False),
+    Column("name", String(100), nullable=False),
+    Column("status", String(16), nullable=False, default="active"),  # active | suspended
+    Column("track_opens", Boolean, nullable=False, default=False),
+    Column("track_clicks", Boolean, nullable=False, default=False),
+    Column("max_message_age_seconds", Integer),  # NULL: the global setting
+    Column("raw_retention_days", Integer, nullable=False, default=30),
+    Column("metadata_retention_days", Integer, nullable=False, default=90),
+    _created(),
+    UniqueConstraint("name"),
+)
+
+credentials = Table(
+    "credentials",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("app_id", ForeignKey("apps.id", ondelete="CASCADE"), nullable=False),
+    Column("kind", String(8), nullable=False),  # api | smtp
+    Column("name", String(100), nullable=False, default=""),
+    # API keys: the public prefix finds the row; the secret is kept only as a hash.
+    # SMTP: the username finds the row; the password is kept as an argon2 hash.
+    Column("lookup", String(64), nullable=False, unique=True),
+    Column("secret_hash", String(200), nullable=False),
+    Column("last_used_at", UTCDateTime),
+    Column("revoked_at", UTCDateTime),
+    _created(),
+)
+
+domains = Table(
+    "domains",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("app_id", ForeignKey("apps.id", ondelete="CASCADE"), nullable=False),
+    Column("name", String(253), nullable=False, unique=True),
+    Column("dkim_selector", String(63), nullable=False),
+    Column("dkim_private_key", Text, nullable=False),
+    Column("dkim_public_key", Text, nullable=False),  # the TXT value: v=DKIM1; k=rsa; p=…
+    Column("verified_at", UTCDateTime),
+    Column("dns_status", JSON, nullable=False, default=dict),  # record -> pass|missing|wrong
+    Column("dns_checked_at", UTCDateTime),
+    _created(),
+)
+
+# -- messages and their deliveries ----------------------------------------------------------
+
+messages = Table(
+    "messages",
+    metadata,
+    _id(),
+    Column("app_id", ForeignKey("apps.id", ondelete="CASCADE"), nullable=False),
+    Column("source", String(8), nullable=False),  # smtp | api
+    Column("stream", String(16), nullable=False, default="transactional"),
+    Column("tag", String(100)),
+    Column("metadata", JSON, nullable=False, default=dict),
+    Column("message_id_header", String(998), nullable=False),
+    Column("mail_from", String(320), nullable=False),
+    Column("from_header", String(998), nullable=False, default=""),
+    Column("subject", String(998), nullable=False, default=""),
+    Column("size", Integer, nullable=False),
+    Column("domain_verified", Boolean, nullable=False, default=False),
+    Column("track_opens", Boolean, nullable=False, default=False),
+    Column("track_clicks", Boolean, nullable=False, default=False),
+    Column("received_at", UTCDateTime, nullable=False, default=utcnow),
+    Column("raw_purged_at", UTCDateTime),
+    Index(None, "app_id", "received_at"),
+    Index(None, "app_id", "tag", "received_at"),
+    Index(None, "message_id_header"),
+)
+
+raw_messages = Table(
+    "raw_messages",
+    metadata,
+    Column("message_id", ForeignKey("messages.id", ondelete="CASCADE"), primary_key=True),
+    Column("compression", String(8), nullable=False, default="zlib"),
+    Column("data", LargeBinary, nullable=False),
+)
+
+deliveries = Table(
+    "deliveries",
+    metadata,
+    _id(),
+    Column("message_id", ForeignKey("messages.id", ondelete="CASCADE"), nullable=False),
+    Column("app_id", ForeignKey("apps.id", ondelete="CASCADE"), nullable=False),
+    Column("recipient", String(320), nullable=False),
+    Column("recipient_domain", String(253), nullable=False),
+    *_lease_columns(),
+    Column("first_queued_at", UTCDateTime, nullable=False, default=utcnow),
+    Column("last_attempt_at", UTCDateTime),
+    Column("verp_token", String(40), nullable=False, unique=True),
+    Column("mx", String(253)),
+    Column("last_reply", Text),
+    Column("bounce_category", String(32)),
+    Column("bounce_status", String(16)),
+    Column("hard", Boolean),
+    Column("error", Text),  # a bug's traceback, parked for the UI (the "shunt")
+    Column("updated_at", UTCDateTime, nullable=False, default=utcnow, onupdate=utcnow),
+    # The claim: due rows by status and time.
+    Index(None, "status", "next_attempt_at"),
+    Index(None, "message_id"),
+    Index(None, "app_id", "recipient"),
+    Index(None, "app_id", "status", "recipient_domain"),
+    Index(None, "lease_until"),
+)
+
+attempts = Table(
+    "attempts",
+    metadata,
+    _id(),
+    Column("delivery_id", ForeignKey("deliveries.id", ondelete="CASCADE"), nullable=False),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("duration_ms", Integer, nullable=False, default=0),
+    Column("outcome", String(16), nullable=False),  # Delivered | SoftFail | HardFail | Held
+    Column("mx_host", String(253)),
+    Column("ip", String(45)),
+    Column("port", Integer),
+    Column("tls_version", String(16)),
+    Column("tls_cipher", String(100)),
+    Column("reply_code", Integer),
+    Column("enhanced_status", String(16)),
+    Column("reply_text", Text),
+    Column("transcript", Text, nullable=False, default=""),
+    Index(None, "delivery_id", "started_at"),
+)
+
+events = Table(
+    "events",
+    metadata,
+    _id(),
+    Column("app_id", ForeignKey("apps.id", ondelete="CASCADE"), nullable=False),
+    Column("message_id", Uuid),
+    Column("delivery_id", Uuid),
+    Column("recipient", String(320)),
+    Column("type", String(32), nullable=False),
+    Column("data", JSON, nullable=False, default=dict),
+    _created(),
+    Index(None, "app_id", "created_at"),
+    Index(None, "app_id", "type", "created_at"),
+    Index(None, "message_id"),
+    Index(None, "delivery_id"),
+)
+
+suppressions = Table(
+    "suppressions",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("app_id", ForeignKey("apps.id", ondelete="CASCADE"), nullable=False),
+    Column("stream", String(16), nullable=False, default="all"),  # all | transactional | broadcast
+    Column("email", String(320), nullable=False),
+    Column("reason", String(32), nullable=False),  # category, manual, complaint, unsubscribed …
+    Column("source", String(16), nullable=False),  # bounce | complaint | manual | unsubscribe …
+    Column("message_id", Uuid),
+    Column("detail", Text),
+    Column("expires_at", UTCDateTime),  # NULL: for good
+    _created(),
+    UniqueConstraint("app_id", "email", "stream"),
+)
+
+# -- webhooks and inbound ---------------------------------------------------------------------
+
+webhooks = Table(
+    "webhooks",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("app_id", ForeignKey("apps.id", ondelete="CASCADE"), nullable=False),
+    Column("url", String(2000), nullable=False),
+    Column("event_types", JSON, nullable=False, default=list),  # empty: every type
+    Column("format", String(16), nullable=False, default="native"),
+    Column("enabled", Boolean, nullable=False, default=True),
+    Column("secret", String(100), nullable=False),
+    Column("previous_secret", String(100)),
+    Column("previous_secret_until", UTCDateTime),
+    Column("disabled_reason", Text),
+    Column("failing_since", UTCDateTime),
+    _created(),
+)
+
+webhook_requests = Table(
+    "webhook_requests",
+    metadata,
+    _id(),
+    Column("webhook_id", ForeignKey("webhooks.id", ondelete="CASCADE"), nullable=False),
+    Column("event_id", Uuid, nullable=False),
+    *_lease_columns(),
+    Column("last_status_code", Integer),
+    Column("last_error", Text),
+    Column("delivered_at", UTCDateTime),
+    _created(),
+    Index(None, "status", "next_attempt_at"),
+    Index(None, "webhook_id", "created_at"),
+)
+
+webhook_attempts = Table(
+    "webhook_attempts",
+    metadata,
+    _id(),
+    Column("request_id", ForeignKey("webhook_requests.id", ondelete="CASCADE"), nullable=False),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("duration_ms", Integer, nullable=False),
+    Column("status_code", Integer),
+    Column("error", Text),
+    Column("response_body", Text),  # the first 1 KB
+    Index(None, "request_id"),
+)
+
+routes = Table(
+    "routes",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("app_id", ForeignKey("apps.id", ondelete="CASCADE"), nullable=False),
+    Column("pattern", String(320), nullable=False),  # local@domain or *@domain
+    Column("mode", String(16), nullable=False, default="endpoint"),  # endpoint | hold | reject
+    Column("endpoint_url", String(2000)),
+    Column("enabled", Boolean, nullable=False, default=True),
+    _created(),
+    UniqueConstraint("pattern"),
+)
+
+inbound_messages = Table(
+    "inbound_messages",
+    metadata,
+    _id(),
+    Column("app_id", ForeignKey("apps.id", ondelete="CASCADE"), nullable=False),
+    Column("route_id", ForeignKey("routes.id", ondelete="SET NULL")),
+    Column("mail_from", String(320), nullable=False),
+    Column("rcpt_to", String(320), nullable=False),
+    Column("subject", String(998), nullable=False, default=""),
+    Column("message_id_header", String(998)),
+    Column("raw", LargeBinary, nullable=False),  # zlib-compressed
+    *_lease_columns(),
+    Column("last_error", Text),
+    Column("received_at", UTCDateTime, nullable=False, default=utcnow),
+    Index(None, "status", "next_attempt_at"),
+    Index(None, "app_id", "received_at"),
+)
+
+# -- statistics, singletons, audit ----------------------------------------------------------
+
+stat_counters = Table(
+    "stat_counters",
+    metadata,
+    Column("app_id", ForeignKey("apps.id", ondelete="CASCADE"), nullable=False),
+    Column("stream", String(16), nullable=False),
+    Column("tag", String(100), nullable=False, default=""),
+    Column("bucket", UTCDateTime, nullable=False),  # the minute
+    Column("event_type", String(32), nullable=False),
+    Column("count", BigInteger, nullable=False, default=0),
+    Column("bot_count", BigInteger, nullable=False, default=0),
+    PrimaryKeyConstraint("app_id", "stream", "tag", "bucket", "event_type"),
+    Index(None, "app_id", "bucket"),
+)
+
+worker_roles = Table(
+    "worker_roles",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("owner", String(64)),
+    Column("lease_until", UTCDateTime),
+    Column("last_run_at", UTCDateTime),
+)
+
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    Column("app_id", ForeignKey("apps.id", ondelete="CASCADE"), nullable=False),
+    Column("key", String(255), nullable=False),
+    Column("body_hash", String(64), nullable=False),
+    Column("response", JSON, nullable=False),
+    _created(),
+    PrimaryKeyConstraint("app_id", "key"),
+)
+
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("organization_id", ForeignKey("organizations.id", ondelete="CASCADE")),
+    Column("user_id", ForeignKey("users.id", ondelete="SET NULL")),
+    Column("actor", String(320), nullable=False),  # a user's e-mail, `cli`, an API key name
+    Column("action", String(64), nullable=False),
+    Column("target", String(200), nullable=False, default=""),
+    Column("data", JSON, nullable=False, default=dict),
+    Column("ip", String(45)),
+    _created(),
+    Index(None, "organization_id", "created_at"),
+)
+
+system_values = Table(
+    "system_values",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+login_attempts = Table(
+    "login_attempts",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("key", String(400), nullable=False),  # client IP or e-mail
+    Column("at", Float, nullable=False),  # epoch seconds
+    Index(None, "key", "at"),
+)

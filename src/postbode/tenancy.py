@@ -1,0 +1,423 @@
+"""Organizations, apps, their credentials and sending domains, and the users who manage them."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+import string
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from sqlalchemy import Connection, func, insert, select, update
+
+from postbode.store.engine import Store
+from postbode.store.schema import (
+    apps,
+    credentials,
+    domains,
+    memberships,
+    organizations,
+    users,
+    utcnow,
+)
+
+DEFAULT_ORGANIZATION = "default"
+ROLES = ("owner", "admin", "viewer")
+RETURN_PATH_LABEL = "pb-bounces"  # pb-bounces.<domain> CNAMEs to Postbode's return-path domain
+API_KEY_PREFIX = "pb_"
+
+_hasher = PasswordHasher()
+
+
+class TenancyError(ValueError):
+    """A request about apps, users or domains that cannot be carried out (named reason)."""
+
+
+# -- organizations and apps -------------------------------------------------------------------
+
+
+def ensure_organization(conn: Connection, name: str = DEFAULT_ORGANIZATION) -> int:
+    """The id of the organization called `name`, created if missing."""
+    org_id = conn.execute(select(organizations.c.id).where(organizations.c.name == name)).scalar()
+    if org_id is None:
+        org_id = conn.execute(
+            insert(organizations).values(name=name).returning(organizations.c.id)
+        ).scalar_one()
+    return int(org_id)
+
+
+@dataclass(frozen=True)
+class NewApp:
+    """An app just created, with the secrets that are shown this once."""
+
+    app_id: int
+    name: str
+    api_key: str
+    smtp_username: str
+    smtp_password: str
+
+    def as_contract(self) -> dict[str, str]:
+        return {
+            "app": self.name,
+            "api_key": self.api_key,
+            "smtp_username": self.smtp_username,
+            "smtp_password": self.smtp_password,
+        }
+
+
+def _check_name(name: str) -> str:
+    allowed = set(string.ascii_lowercase + string.digits + "-_")
+    if not name or len(name) > 100 or not set(name) <= allowed:
+        raise TenancyError(
+            f"invalid app name {name!r}: use 1-100 lower-case letters, digits, '-' or '_'"
+        )
+    return name
+
+
+def create_app(store: Store, name: str, organization: str = DEFAULT_ORGANIZATION) -> NewApp:
+    """Create an app with one API key and one SMTP credential."""
+    _check_name(name)
+    with store.write() as conn:
+        if conn.execute(select(apps.c.id).where(apps.c.name == name)).first():
+            raise TenancyError(f"an app named {name!r} already exists")
+        org_id = ensure_organization(conn, organization)
+        app_id = conn.execute(
+            insert(apps).values(organization_id=org_id, name=name).returning(apps.c.id)
+        ).scalar_one()
+        api_key = _create_api_key(conn, app_id, "default")
+        username, password = _create_smtp_credential(conn, app_id, name, "default")
+    return NewApp(app_id, name, api_key, username, password)
+
+
+def app_by_name(conn: Connection, name: str) -> dict[str, Any]:
+    row = conn.execute(select(apps).where(apps.c.name == name)).mappings().first()
+    if row is None:
+        raise TenancyError(f"no app named {name!r}")
+    return dict(row)
+
+
+def list_apps(store: Store) -> list[dict[str, Any]]:
+    """Every app with its organization and counts of credentials and domains."""
+    with store.read() as conn:
+        n_domains = select(func.count()).where(domains.c.app_id == apps.c.id).scalar_subquery()
+        n_creds = (
+            select(func.count())
+            .where(credentials.c.app_id == apps.c.id, credentials.c.revoked_at.is_(None))
+            .scalar_subquery()
+        )
+        rows = conn.execute(
+            select(
+                apps.c.id,
+                apps.c.name,
+                organizations.c.name.label("organization"),
+                apps.c.status,
+                n_domains.label("domains"),
+                n_creds.label("credentials"),
+                apps.c.created_at,
+            )
+            .join(organizations, organizations.c.id == apps.c.organization_id)
+            .order_by(apps.c.name)
+        ).mappings()
+        return [dict(r) for r in rows]
+
+
+# -- credentials ------------------------------------------------------------------------------
+
+
+def _sha256(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+def _create_api_key(conn: Connection, app_id: int, name: str) -> str:
+    # API keys carry 192 random bits, so a fast hash is enough (unlike passwords).
+    lookup = secrets.token_hex(6)
+    secret = secrets.token_urlsafe(24)
+    conn.execute(
+        insert(credentials).values(
+            app_id=app_id, kind="api", name=name, lookup=lookup, secret_hash=_sha256(secret)
+        )
+    )
+    return f"{API_KEY_PREFIX}{lookup}_{secret}"
+
+
+def _create_smtp_credential(
+    conn: Connection, app_id: int, app_name: str, name: str
+) -> tuple[str, str]:
+    username = f"{app_name}-{secrets.token_hex(3)}"
+    password = secrets.token_urlsafe(18)
+    conn.execute(
+        insert(credentials).values(
+            app_id=app_id,
+            kind="smtp",
+            name=name,
+            lookup=username,
+            secret_hash=_hasher.hash(password),
+        )
+    )
+    return username, password
+
+
+def create_credential(store: Store, app_name: str, kind: str, name: str = "") -> dict[str, Any]:
+    """A new API key or SMTP login for the app; its secret is in the result, and nowhere else."""
+    with store.write() as conn:
+        app = app_by_name(conn, app_name)
+        if kind == "api":
+            key = _create_api_key(conn, app["id"], name)
+            lookup = key[len(API_KEY_PREFIX) :].split("_", 1)[0]
+            secret = {"api_key": key}
+        elif kind == "smtp":
+            lookup, password = _create_smtp_credential(conn, app["id"], app["name"], name)
+            secret = {"smtp_username": lookup, "smtp_password": password}
+        else:
+            raise TenancyError(f"unknown credential kind {kind!r}: use 'api' or 'smtp'")
+        cred_id = conn.execute(
+            select(credentials.c.id).where(credentials.c.lookup == lookup)
+        ).scalar_one()
+    return {"id": cred_id, "app": app_name, "kind": kind, "name": name, **secret}
+
+
+def revoke_credential(store: Store, credential_id: int, app_id: int | None = None) -> None:
+    """Revoke a credential (of `app_id`, when given); it stops working at once."""
+    stmt = update(credentials).where(
+        credentials.c.id == credential_id, credentials.c.revoked_at.is_(None)
+    )
+    if app_id is not None:
+        stmt = stmt.where(credentials.c.app_id == app_id)
+    with store.write() as conn:
+        if conn.execute(stmt.values(revoked_at=utcnow())).rowcount != 1:
+            raise TenancyError(f"no active credential with id {credential_id}")
+
+
+def list_credentials(store: Store, app_name: str) -> list[dict[str, Any]]:
+    with store.read() as conn:
+        app = app_by_name(conn, app_name)
+        rows = conn.execute(
+            select(
+                credentials.c.id,
+                credentials.c.kind,
+                credentials.c.name,
+                credentials.c.lookup,
+                credentials.c.created_at,
+                credentials.c.last_used_at,
+                credentials.c.revoked_at,
+            )
+            .where(credentials.c.app_id == app["id"])
+            .order_by(credentials.c.id)
+        ).mappings()
+        return [dict(r) for r in rows]
+
+
+def authenticate_api_key(store: Store, key: str) -> int | None:
+    """The app id an API key belongs to, or None for a wrong, malformed or revoked key."""
+    if not key.startswith(API_KEY_PREFIX) or "_" not in key[len(API_KEY_PREFIX) :]:
+        return None
+    lookup, secret = key[len(API_KEY_PREFIX) :].split("_", 1)
+    with store.read() as conn:
+        row = conn.execute(
+            select(credentials.c.app_id, credentials.c.secret_hash).where(
+                credentials.c.lookup == lookup,
+                credentials.c.kind == "api",
+                credentials.c.revoked_at.is_(None),
+            )
+        ).first()
+    if row is None or not hmac.compare_digest(row.secret_hash, _sha256(secret)):
+        return None
+    return int(row.app_id)
+
+
+class _VerifiedCache:
+    """Remembers recent successful argon2 checks, so a client that sends one message per
+    connection does not cost an argon2 hash each time (revocation is still read from the store)."""
+
+    def __init__(self, ttl: float = 300.0) -> None:
+        self._ttl = ttl
+        self._seen: dict[tuple[str, str], float] = {}
+        self._lock = threading.Lock()
+
+    def hit(self, stored_hash: str, password: str) -> bool:
+        key = (stored_hash, _sha256(password))
+        with self._lock:
+            until = self._seen.get(key)
+            return until is not None and until > time.monotonic()
+
+    def add(self, stored_hash: str, password: str) -> None:
+        with self._lock:
+            if len(self._seen) > 10_000:
+                self._seen.clear()
+            self._seen[(stored_hash, _sha256(password))] = time.monotonic() + self._ttl
+
+
+_smtp_verified = _VerifiedCache()
+
+
+def authenticate_smtp(store: Store, username: str, password: str) -> int | None:
+    """The app id an SMTP login belongs to, or None."""
+    with store.read() as conn:
+        row = conn.execute(
+            select(credentials.c.app_id, credentials.c.secret_hash).where(
+                credentials.c.lookup == username,
+                credentials.c.kind == "smtp",
+                credentials.c.revoked_at.is_(None),
+            )
+        ).first()
+    if row is None:
+        return None
+    if not _smtp_verified.hit(row.secret_hash, password):
+        try:
+            _hasher.verify(row.secret_hash, password)
+        except (VerificationError, InvalidHashError):
+            return None
+        _smtp_verified.add(row.secret_hash, password)
+    return int(row.app_id)
+
+
+# -- sending domains --------------------------------------------------------------------------
+
+
+def generate_dkim_key(bits: int = 2048) -> tuple[str, str]:
+    """A new RSA key: (private key PEM, the DKIM TXT value `v=DKIM1; k=rsa; p=…`)."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    private_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    public_der = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return private_pem, f"v=DKIM1; k=rsa; p={base64.b64encode(public_der).decode()}"
+
+
+def _check_domain(name: str) -> str:
+    name = name.strip().lower().rstrip(".")
+    try:
+        ascii_name = name.encode("idna").decode()
+    except UnicodeError as exc:
+        raise TenancyError(f"invalid domain {name!r}: {exc}") from None
+    labels = ascii_name.split(".")
+    if (
+        len(labels) < 2
+        or len(ascii_name) > 253
+        or any(
+            not label or len(label) > 63 or label.startswith("-") or label.endswith("-")
+            for label in labels
+        )
+    ):
+        raise TenancyError(f"invalid domain {name!r}")
+    return ascii_name
+
+
+def add_domain(store: Store, app_name: str, name: str) -> dict[str, Any]:
+    """Register a sending domain for an app, with a new 2048-bit DKIM key."""
+    name = _check_domain(name)
+    private_pem, public_txt = generate_dkim_key()
+    selector = f"pb{secrets.token_hex(3)}"
+    with store.write() as conn:
+        app = app_by_name(conn, app_name)
+        if conn.execute(select(domains.c.id).where(domains.c.name == name)).first():
+            raise TenancyError(f"domain {name!r} is already registered")
+        conn.execute(
+            insert(domains).values(
+                app_id=app["id"],
+                name=name,
+                dkim_selector=selector,
+                dkim_private_key=private_pem,
+                dkim_public_key=public_txt,
+            )
+        )
+        row = conn.execute(select(domains).where(domains.c.name == name)).mappings().one()
+    return dict(row)
+
+
+def dns_records(
+    domain: dict[str, Any], smtp_hostname: str, return_path_domain: str
+) -> list[dict[str, str]]:
+    """The DNS records an operator publishes for a sending domain."""
+    name = domain["name"]
+    return [
+        {
+            "purpose": "spf",
+            "type": "TXT",
+            "name": name,
+            "value": f"v=spf1 a:{smtp_hostname} ~all",
+        },
+        {
+            "purpose": "dkim",
+            "type": "TXT",
+            "name": f"{domain['dkim_selector']}._domainkey.{name}",
+            "value": domain["dkim_public_key"],
+        },
+        {
+            "purpose": "return_path",
+            "type": "CNAME",
+            "name": f"{RETURN_PATH_LABEL}.{name}",
+            "value": return_path_domain,
+        },
+        {
+            "purpose": "dmarc",
+            "type": "TXT",
+            "name": f"_dmarc.{name}",
+            "value": f"v=DMARC1; p=none; rua=mailto:dmarc-reports@{name}",
+        },
+    ]
+
+
+# -- users -------------------------------------------------------------------------------------
+
+
+def create_user(
+    store: Store,
+    email: str,
+    password: str,
+    *,
+    role: str = "viewer",
+    admin: bool = False,
+    organization: str = DEFAULT_ORGANIZATION,
+) -> int:
+    """A web user with a role in the organization (`admin=True`: an owner who runs Postbode)."""
+    email = email.strip().lower()
+    if "@" not in email or len(email) > 320:
+        raise TenancyError(f"invalid e-mail address {email!r}")
+    if len(password) < 8:
+        raise TenancyError("password too short: use at least 8 characters")
+    if role not in ROLES:
+        raise TenancyError(f"unknown role {role!r}: use one of {', '.join(ROLES)}")
+    with store.write() as conn:
+        if conn.execute(select(users.c.id).where(users.c.email == email)).first():
+            raise TenancyError(f"a user {email!r} already exists")
+        org_id = ensure_organization(conn, organization)
+        user_id = conn.execute(
+            insert(users)
+            .values(email=email, password_hash=_hasher.hash(password), is_admin=admin)
+            .returning(users.c.id)
+        ).scalar_one()
+        conn.execute(
+            insert(memberships).values(
+                user_id=user_id, organization_id=org_id, role="owner" if admin else role
+            )
+        )
+    return int(user_id)
+
+
+def verify_user(store: Store, email: str, password: str) -> int | None:
+    """The user id for a correct e-mail and password, or None."""
+    with store.read() as conn:
+        row = conn.execute(
+            select(users.c.id, users.c.password_hash).where(users.c.email == email.lower())
+        ).first()
+    if row is None:
+        _hasher.hash(password)  # the same cost either way: no user enumeration by timing
+        return None
+    try:
+        _hasher.verify(row.password_hash, password)
+    except (VerificationError, InvalidHashError):
+        return None
+    return int(row.id)

@@ -1,0 +1,109 @@
+"""A real `postbode` process for tests: started with its own environment, awaited until healthy."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+
+import httpx
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago (for child processes that cannot report theirs)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class PostbodeProcess:
+    """`postbode <command>` as a child process; `http_url` once it answers /healthz."""
+
+    def __init__(
+        self, data_dir: Path, env: Mapping[str, str] | None = None, command: str = "serve"
+    ) -> None:
+        self.data_dir = data_dir
+        self.http_port = free_port()
+        self.smtp_port = free_port()
+        self.command = command
+        self.env = {
+            **os.environ,
+            "POSTBODE_DATA_DIR": str(data_dir),
+            "POSTBODE_HTTP_PORT": str(self.http_port),
+            "POSTBODE_SMTP_PORT": str(self.smtp_port),
+            "POSTBODE_LOG_LEVEL": "warning",
+            **(env or {}),
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = data_dir / f"postbode-{command}.log"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self, timeout: float = 30.0) -> PostbodeProcess:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it open
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "postbode", self.command],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        if self.command in ("serve", "web"):
+            self.wait_healthy(timeout)
+        return self
+
+    def wait_healthy(self, timeout: float = 30.0) -> float:
+        """Seconds until /healthz answered 200; raises with the process's log if it never does."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"postbode exited {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.http_url}/healthz", timeout=1).status_code == 200:
+                    return time.monotonic() - started
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"postbode not healthy after {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        """SIGKILL: the crash tests' way to stop it."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM, and wait for a clean exit; returns the exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def __enter__(self) -> PostbodeProcess:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
