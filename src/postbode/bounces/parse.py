@@ -223,7 +223,7 @@ _REPLY_CODE_RE = re.compile(r"(?<![\w.:/-])([245][0-5]\d)(?=[ \-:]|$)", re.MULTI
 _LOCAL_DAEMON_RE = re.compile(
     r"^(?:mailer-daemon|mail-daemon|postmaster|maildaemon|mail\.delivery\.system|"
     r"mdaemon|mmsc|sysadmin|no-reply|noreply|bounce|bounces|mail-?delivery|"
-    r"double-bounce|nobody|root|system|administrator)\b",
+    r"double-bounce|nobody|root|system|administrator|owner-[\w.-]+|[\w.-]+-(?:admin|owner))\b",
     re.IGNORECASE,
 )
 _DAEMON_NAME_RE = re.compile(
@@ -287,6 +287,12 @@ def _clean_addr(value: str) -> str | None:
     return m.group(0).lower().rstrip(".") if m else None
 
 
+_AFTER_DATA_RE = re.compile(
+    r"(?i)(?:>>> ?DATA\s*\n\s*<<< ?5|after (?:end of )?data\b|smtp command\W+data\b|"
+    r"did not like our (?:final )?data|in reply to (?:end of )?data)"
+)
+
+
 def _first_reply_code(text: str) -> int | None:
     m = _REPLY_CODE_RE.search(text)
     return int(m.group(1)) if m else None
@@ -305,6 +311,7 @@ def _make_record(
     rules: Rules | None,
     *,
     extra_text: str = "",
+    context: str = "",
     action: str | None = None,
     remote_mta: str | None = None,
 ) -> BounceRecord:
@@ -320,6 +327,15 @@ def _make_record(
         # RFC 3464 §2.3.3: "delayed" means the MTA is still retrying; without a more
         # specific reason, for the sender the message has not arrived in time.
         cls = Classification("expired", False, "action-delayed")
+    if (
+        cls.category == "user_unknown"
+        and not (status or "").partition(".")[2].startswith("1.")
+        and _AFTER_DATA_RE.search(diagnostic + "\n" + context)
+    ):
+        # The server took RCPT TO and refused only after DATA, without an addressing
+        # status (RFC 3463 §3.2, X.1.*): the mailbox exists (RFC 5321 §3.3, recipients
+        # are verified at RCPT) and a content filter answered "user unknown".
+        cls = Classification("blocked", False, "user-unknown-after-data")
     category = cls.category
     if status is None:
         # No RFC 3463 code anywhere: keep at least the class (the reply code's, or
@@ -654,6 +670,7 @@ def _dsn_records(
         out = _make_record(
             recipient, status, None, (comment + " " + diagnostic).strip(), rules,
             extra_text=block or report, action=action, remote_mta=remote.strip() or None,
+            context=block or (report if len(groups) == 1 else ""),
         )
         failed.append(out)
         if len(failed) >= MAX_RECORDS:
@@ -716,7 +733,7 @@ def _text_records(msg: _Message, report: str, rest: str, rules: Rules | None,
         # With several recipients the shared text may be about another one: only a lone
         # recipient falls back on the whole report.
         extra = context if len(targets) == 1 or p < 0 else subject
-        records.append(_make_record(addr, None, None, block, rules, extra_text=extra,
+        records.append(_make_record(addr, None, None, block, rules, extra_text=extra, context=block,
                                     action="delayed" if delayed else "failed"))
     return records
 
