@@ -16,7 +16,6 @@ from postbode.bounces.classify import (
     Rules,
     classify,
     find_status,
-    normalize_text,
 )
 
 # Hostile-input bounds: what a bounce needs to say sits at the top (RFC 3464 §2: the
@@ -29,6 +28,7 @@ MAX_PART_TEXT = 200_000
 MAX_REPORT_TEXT = 24_000
 MAX_RECORDS = 100
 MAX_DIAGNOSTIC = 1_000
+MAX_CONTEXT = 3_000
 
 KINDS = ("bounce", "complaint", "auto_reply", "delivered", "not_bounce")
 
@@ -232,8 +232,8 @@ _DAEMON_NAME_RE = re.compile(
     re.IGNORECASE,
 )
 _BOUNCE_SUBJECT_RE = re.compile(
-    r"undeliver|undelivered|delivery (?:status notification|failure|failed|report|problem|has failed|"
-    r"notification)|"
+    r"undeliver|undelivered|"
+    r"delivery (?:status notification|failure|failed|report|problem|has failed|notification)|"
     r"returned (?:mail|to sender)|return(?:ed)? mail|mail delivery failed|failure notice|"
     r"delivery status|non[- ]?delivery|could not be delivered|not (?:be )?delivered|"
     r"mail (?:system )?error|warning: (?:could not send|message .* delayed)|delayed mail|"
@@ -287,6 +287,7 @@ def _clean_addr(value: str) -> str | None:
     return m.group(0).lower().rstrip(".") if m else None
 
 
+_SPACES_RE = re.compile(r"\s+")
 _AFTER_DATA_RE = re.compile(
     r"(?i)(?:>>> ?DATA\s*\n\s*<<< ?5|after (?:end of )?data\b|smtp command\W+data\b|"
     r"did not like our (?:final )?data|in reply to (?:end of )?data)"
@@ -315,14 +316,15 @@ def _make_record(
     action: str | None = None,
     remote_mta: str | None = None,
 ) -> BounceRecord:
-    diag = normalize_text(diagnostic)[:MAX_DIAGNOSTIC]
+    diagnostic = diagnostic[: MAX_DIAGNOSTIC * 4]
+    diag = _SPACES_RE.sub(" ", diagnostic).strip()[:MAX_DIAGNOSTIC]
     if reply_code is None:
         reply_code = _first_reply_code(diagnostic)
     if status is None:
-        status = find_status(diagnostic) or find_status(extra_text)
-    cls: Classification = classify(status, reply_code, diag, rules, normalized=True)
+        status = find_status(diagnostic) or find_status(extra_text[:MAX_CONTEXT])
+    cls: Classification = classify(status, reply_code, diag, rules)
     if cls.category == "unknown" and extra_text:
-        cls = classify(status, reply_code, normalize_text(extra_text), rules, normalized=True)
+        cls = classify(status, reply_code, extra_text[:MAX_CONTEXT], rules)
     if action == "delayed" and cls.category in ("unknown", "system_error"):
         # RFC 3464 §2.3.3: "delayed" means the MTA is still retrying; without a more
         # specific reason, for the sender the message has not arrived in time.
@@ -340,8 +342,11 @@ def _make_record(
     if status is None:
         # No RFC 3463 code anywhere: keep at least the class (the reply code's, or
         # 4 for a delay report, else 5: the report says delivery failed).
-        klass = str(reply_code)[0] if reply_code and str(reply_code)[0] in "45" else (
-            "4" if action == "delayed" else "5")
+        klass = (
+            str(reply_code)[0]
+            if reply_code and str(reply_code)[0] in "45"
+            else ("4" if action == "delayed" else "5")
+        )
         status = f"{klass}.0.0"
     return BounceRecord(
         recipient=recipient,
@@ -368,8 +373,10 @@ def _dsn_groups(text: str) -> tuple[dict[str, str], list[dict[str, str]]]:
         fields, _ = _split_head(block.strip("\n") + "\n\n")
         if not fields:
             continue
-        if "final-recipient" in fields or "original-recipient" in fields or (
-            groups and "status" in fields and "action" in fields
+        if (
+            "final-recipient" in fields
+            or "original-recipient" in fields
+            or (groups and "status" in fields and "action" in fields)
         ):
             groups.append(fields)
         elif "reporting-mta" in fields or "received-from-mta" in fields or not groups:
@@ -438,8 +445,11 @@ def _recipient_lines(report: str, exclude: set[str]) -> list[tuple[str, int]]:
             lead = before.strip(_DECOR)
             # "Recipient: <a>", "* a", ">>> a", "<a>:", "a: 550 …", "a [User unknown]",
             # "a on <date>", "554 <a>... reason" (sendmail transcript lines).
-            at_start = lead == "" or re.fullmatch(r"(?:recipient|rcpt|\d{3}(?:[ -]\d\.\d\.\d)?)", lead,
-                                                  re.IGNORECASE) is not None
+            at_start = (
+                lead == ""
+                or re.fullmatch(r"(?:recipient|rcpt|\d{3}(?:[ -]\d\.\d\.\d)?)", lead, re.IGNORECASE)
+                is not None
+            )
             hinted = _RCPT_HINT_RE.search(before) is not None
             if not (at_start or hinted) or _NEG_CONTEXT_RE.search(before):
                 continue
@@ -456,8 +466,13 @@ def _report_text(msg: _Message) -> tuple[str, str]:
     rest: list[str] = []
     seen_original = False
     for part in msg.parts:
-        if part.ctype in ("message/rfc822", "text/rfc822-headers", "message/rfc822-headers",
-                          "message/global", "message/global-headers"):
+        if part.ctype in (
+            "message/rfc822",
+            "text/rfc822-headers",
+            "message/rfc822-headers",
+            "message/global",
+            "message/global-headers",
+        ):
             seen_original = True
             rest.append(part.text)
             continue
@@ -488,10 +503,17 @@ _TAG_RE = re.compile(r"<[^>]*>")
 
 
 def _html_to_text(html: str) -> str:
-    text = _TAG_RE.sub(" ", re.sub(r"(?is)<(?:style|script|head)\b.*?</(?:style|script|head)>",
-                                  " ", html[:MAX_REPORT_TEXT * 2]))
-    return text.replace("&nbsp;", " ").replace("&lt;", "<").replace("&gt;", ">").replace(
-        "&amp;", "&")
+    text = _TAG_RE.sub(
+        " ",
+        re.sub(
+            r"(?is)<(?:style|script|head)\b.*?</(?:style|script|head)>",
+            " ",
+            html[: MAX_REPORT_TEXT * 2],
+        ),
+    )
+    return (
+        text.replace("&nbsp;", " ").replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+    )
 
 
 def _looks_like_bounce(msg: _Message, subject: str) -> bool:
@@ -500,9 +522,12 @@ def _looks_like_bounce(msg: _Message, subject: str) -> bool:
         return True
     sender = h.get("from", "") + " " + h.get("sender", "")
     addrs = _addr_list(sender)
-    daemon = bool(_DAEMON_NAME_RE.search(sender)) or any(
-        _LOCAL_DAEMON_RE.match(a.split("@")[0]) for a in addrs
-    ) or not addrs or "<>" in sender
+    daemon = (
+        bool(_DAEMON_NAME_RE.search(sender))
+        or any(_LOCAL_DAEMON_RE.match(a.split("@")[0]) for a in addrs)
+        or not addrs
+        or "<>" in sender
+    )
     return (daemon and bool(_BOUNCE_SUBJECT_RE.search(subject))) or (
         bool(_BOUNCE_SUBJECT_RE.search(subject))
         and bool(re.search(r"(?i)mailer-daemon|postmaster|mail delivery", sender))
@@ -511,11 +536,13 @@ def _looks_like_bounce(msg: _Message, subject: str) -> bool:
 
 _STRONG_BODY_RE = re.compile(
     r"(?i)(?:could not be delivered|couldn.t be delivered|wasn.t (?:able to deliver|delivered)|"
-    r"(?:unable|not able|failed) to deliver|delivery (?:to the following recipients? )?(?:has )?failed|"
+    r"(?:unable|not able|failed) to deliver|"
+    r"delivery (?:to the following recipients? )?(?:has )?failed|"
     r"permanent(?:ly)? (?:error|fatal|failure|failed)|undeliverable|did not reach|"
     r"not (?:be )?delivered|error delivering|rejected (?:by|your)|delivery (?:problem|failure)|"
     r"following address(?:es)? (?:had|failed)|the following (?:recipients?|addresses)|"
-    r"has not yet been delivered|address not found|duplicated message-id|delivery status notification)"
+    r"has not yet been delivered|address not found|duplicated message-id|"
+    r"delivery status notification)"
 )
 
 
@@ -526,8 +553,13 @@ def _subject(msg: _Message) -> str:
 
 def _original_message_id(msg: _Message, rest: str) -> str | None:
     for part in msg.parts:
-        if part.ctype in ("message/rfc822", "text/rfc822-headers", "message/rfc822-headers",
-                          "message/global", "message/global-headers"):
+        if part.ctype in (
+            "message/rfc822",
+            "text/rfc822-headers",
+            "message/rfc822-headers",
+            "message/global",
+            "message/global-headers",
+        ):
             mid = _message_id_from(part.text[:50_000])
             if mid:
                 return mid
@@ -580,21 +612,26 @@ def _parse_ses_json(body: str, rules: Rules | None) -> BounceReport | None:
     if not isinstance(data, dict):
         return None
     ntype = str(data.get("notificationType") or data.get("eventType") or "").lower()
-    mail = data.get("mail") if isinstance(data.get("mail"), dict) else {}
+    mail: dict[str, Any] = data["mail"] if isinstance(data.get("mail"), dict) else {}
     headers = mail.get("commonHeaders") if isinstance(mail.get("commonHeaders"), dict) else {}
     mid = headers.get("messageId") if isinstance(headers, dict) else None
     message_id = str(mid) if mid else None
     if ntype == "complaint":
         c = data.get("complaint") or {}
-        rcpts = [_clean_addr(str(r.get("emailAddress", ""))) for r in c.get("complainedRecipients", [])
-                 if isinstance(r, dict)]
+        rcpts = [
+            _clean_addr(str(r.get("emailAddress", "")))
+            for r in c.get("complainedRecipients", [])
+            if isinstance(r, dict)
+        ]
         ftype = str(c.get("complaintFeedbackType") or "abuse")
         recs = tuple(BounceRecord(r, None, None, "", "complaint", False) for r in rcpts if r)
         return BounceReport("complaint", recs, message_id, ftype)
     if ntype == "delivery":
         d = data.get("delivery") or {}
-        recs = tuple(BounceRecord(_clean_addr(str(r)), "2.0.0", 250, "", "delivered", False)
-                     for r in d.get("recipients", []))
+        recs = tuple(
+            BounceRecord(_clean_addr(str(r)), "2.0.0", 250, "", "delivered", False)
+            for r in d.get("recipients", [])
+        )
         return BounceReport("delivered", recs, message_id)
     if ntype != "bounce":
         return None
@@ -607,9 +644,17 @@ def _parse_ses_json(body: str, rules: Rules | None) -> BounceReport | None:
         diag = str(r.get("diagnosticCode") or "")
         status = find_status(str(r.get("status") or "")) or find_status(diag)
         sub = str(b.get("bounceSubType") or "")
-        out.append(_make_record(_clean_addr(str(r.get("emailAddress", ""))), status, None,
-                                diag, rules, extra_text=sub,
-                                action="delayed" if transient and not diag else "failed"))
+        out.append(
+            _make_record(
+                _clean_addr(str(r.get("emailAddress", ""))),
+                status,
+                None,
+                diag,
+                rules,
+                extra_text=sub,
+                action="delayed" if transient and not diag else "failed",
+            )
+        )
     if not out:
         return None
     return BounceReport("bounce", tuple(out), message_id, reporting_mta=b.get("reportingMTA"))
@@ -636,8 +681,11 @@ def _dsn_records(
     failed: list[BounceRecord] = []
     ok: list[BounceRecord] = []
     for g in groups:
-        recipient = _addr_field(g.get("final-recipient")) or _addr_field(
-            g.get("original-recipient")) or _addr_field(g.get("x-actual-recipient"))
+        recipient = (
+            _addr_field(g.get("final-recipient"))
+            or _addr_field(g.get("original-recipient"))
+            or _addr_field(g.get("x-actual-recipient"))
+        )
         action = (g.get("action") or "").strip().lower().split(" ")[0] or None
         status_field = g.get("status") or ""
         diag_field = g.get("diagnostic-code") or ""
@@ -650,8 +698,9 @@ def _dsn_records(
         diag_status = find_status(diag_text)
         # The remote server's own code is more precise than a generic field (x.0.0) or
         # than what the reporting MTA mapped it to.
-        if diag_status and (status is None or diag_status[0] == status[0]
-                            or status.endswith(".0.0")):
+        if diag_status and (
+            status is None or diag_status[0] == status[0] or status.endswith(".0.0")
+        ):
             status = diag_status
         block = _recipient_block(report, recipient) if recipient else ""
         if not diag_text and block:
@@ -661,15 +710,30 @@ def _dsn_records(
         comment = status_field.partition("(")[2]
         diagnostic = diag_text or block
         if action in ("delivered", "relayed", "expanded") or (status or "").startswith("2"):
-            ok.append(BounceRecord(recipient, status, _first_reply_code(diag_text), diag_text,
-                                   "delivered", False, action=action))
+            ok.append(
+                BounceRecord(
+                    recipient,
+                    status,
+                    _first_reply_code(diag_text),
+                    diag_text,
+                    "delivered",
+                    False,
+                    action=action,
+                )
+            )
             continue
         if action is None and status is None and not diag_text and not recipient:
             continue
         remote = _addr_field(g.get("remote-mta")) or (g.get("remote-mta") or "").partition(";")[2]
         out = _make_record(
-            recipient, status, None, (comment + " " + diagnostic).strip(), rules,
-            extra_text=block or report, action=action, remote_mta=remote.strip() or None,
+            recipient,
+            status,
+            None,
+            (comment + " " + diagnostic).strip(),
+            rules,
+            extra_text=block or report,
+            action=action,
+            remote_mta=remote.strip() or None,
             context=block or (report if len(groups) == 1 else ""),
         )
         failed.append(out)
@@ -693,8 +757,9 @@ def _recipient_block(report: str, recipient: str) -> str:
     return report[line_start:end][:4000]
 
 
-def _text_records(msg: _Message, report: str, rest: str, rules: Rules | None,
-                  subject: str) -> list[BounceRecord]:
+def _text_records(
+    msg: _Message, report: str, rest: str, rules: Rules | None, subject: str
+) -> list[BounceRecord]:
     h = msg.headers
     exclude = set(_addr_list(h.get("to", "")) + _addr_list(h.get("from", "")))
     exclude.update(_addr_list(h.get("return-path", "")))
@@ -728,13 +793,28 @@ def _text_records(msg: _Message, report: str, rest: str, rules: Rules | None,
             block = report[talk if talk >= 0 else line_start : max(end_line, p + 1)]
         else:
             block = report
-        delayed = bool(re.search(r"(?i)has not yet been delivered|delayed|will (?:continue|keep) "
-                                 r"trying|will retry|still trying", report[:2000] + subject))
+        delayed = bool(
+            re.search(
+                r"(?i)has not yet been delivered|delayed|will (?:continue|keep) "
+                r"trying|will retry|still trying",
+                report[:2000] + subject,
+            )
+        )
         # With several recipients the shared text may be about another one: only a lone
         # recipient falls back on the whole report.
         extra = context if len(targets) == 1 or p < 0 else subject
-        records.append(_make_record(addr, None, None, block, rules, extra_text=extra, context=block,
-                                    action="delayed" if delayed else "failed"))
+        records.append(
+            _make_record(
+                addr,
+                None,
+                None,
+                block,
+                rules,
+                extra_text=extra,
+                context=block,
+                action="delayed" if delayed else "failed",
+            )
+        )
     return records
 
 
@@ -744,8 +824,10 @@ def _is_auto_reply(msg: _Message, subject: str, report: str) -> bool:
     auto = h.get("auto-submitted", "").lower()
     if "x-autoreply" in h or "x-autorespond" in h or "x-autoresponder" in h:
         return True
-    if h.get("precedence", "").lower() == "auto_reply" or "auto_reply" in h.get(
-            "x-precedence", "").lower():
+    if (
+        h.get("precedence", "").lower() == "auto_reply"
+        or "auto_reply" in h.get("x-precedence", "").lower()
+    ):
         return True
     if _AUTOREPLY_SUBJECT_RE.search(subject):
         return True
@@ -756,7 +838,7 @@ def parse_message(raw: bytes, rules: Rules | None = None) -> BounceReport:
     """Parse a raw message; may raise on pathological input (use parse())."""
     msg = _load(raw)
     subject = _subject(msg)
-    top_type, top_params = _content_type(msg.headers.get("content-type"))
+    _, top_params = _content_type(msg.headers.get("content-type"))
     report, rest = _report_text(msg)
     # RFC 5965 §2: multipart/report; report-type=feedback-report.
     if top_params.get("report-type", "").lower() == "feedback-report" or any(
@@ -789,8 +871,11 @@ def parse_message(raw: bytes, rules: Rules | None = None) -> BounceReport:
         records = _text_records(msg, report, rest, rules, subject)
         if records:
             return BounceReport("bounce", tuple(records), message_id)
-        if dsn is not None or "x-failed-recipients" in msg.headers or _STRONG_BODY_RE.search(
-                report[:6000]):
+        if (
+            dsn is not None
+            or "x-failed-recipients" in msg.headers
+            or _STRONG_BODY_RE.search(report[:6000])
+        ):
             rec = _make_record(None, None, None, report, rules, extra_text=subject)
             return BounceReport("bounce", (rec,), message_id)
     if _is_auto_reply(msg, subject, report):
