@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from postbode import __version__
 from postbode.config import Settings
+from postbode.ingest.accept import Acceptor
 from postbode.metrics import update_queue_gauges
 from postbode.store.engine import Store
+from postbode.web.errors import install_error_handlers
 
 
-def create_app(settings: Settings, store: Store) -> FastAPI:
+def create_app(settings: Settings, store: Store, acceptor: Acceptor | None = None) -> FastAPI:
     """The ASGI app serving Postbode's HTTP side from `store`."""
     app = FastAPI(
         title="Postbode",
@@ -26,6 +26,7 @@ def create_app(settings: Settings, store: Store) -> FastAPI:
     )
     app.state.settings = settings
     app.state.store = store
+    app.state.acceptor = acceptor or Acceptor(store, settings.smtp_hostname)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> JSONResponse:
@@ -40,44 +41,5 @@ def create_app(settings: Settings, store: Store) -> FastAPI:
         await run_in_threadpool(update_queue_gauges, store)
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-    _install_error_handlers(app)
+    install_error_handlers(app)
     return app
-
-
-def error_body(code: str, message: str, field: str | None = None) -> dict[str, Any]:
-    """The one JSON error shape of the API: {"error": {"code", "message", "field"}}."""
-    return {"error": {"code": code, "message": message, "field": field}}
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    from fastapi.exceptions import RequestValidationError
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
-        message = str(first.get("msg", "invalid request"))
-        code = "invalid_json" if first.get("type") == "json_invalid" else "invalid"
-        return JSONResponse(error_body(code, message, ".".join(loc) or None), status_code=422)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        if isinstance(exc.detail, dict) and "error" in exc.detail:
-            body = exc.detail
-        else:
-            body = error_body(_code_for(exc.status_code), str(exc.detail))
-        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
-
-
-def _code_for(status: int) -> str:
-    return {
-        400: "bad_request",
-        401: "unauthorized",
-        403: "forbidden",
-        404: "not_found",
-        405: "method_not_allowed",
-        409: "conflict",
-        413: "too_large",
-        429: "rate_limited",
-    }.get(status, "error")

@@ -1,0 +1,590 @@
+"""The one front door for mail: validate, prepare and durably store a message with one delivery
+per recipient, group-committed, before anyone is told 250 or 202."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import hashlib
+import logging
+import secrets
+import time
+import uuid
+import zlib
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from email.parser import BytesHeaderParser
+from email.policy import SMTP as SMTP_POLICY
+from typing import Any
+
+from sqlalchemy import Connection, insert, or_, select
+
+from postbode.events.record import Event, record
+from postbode.events.types import EventType
+from postbode.metrics import (
+    ACCEPT_BATCH_SIZE,
+    ACCEPT_COMMIT_SECONDS,
+    ACCEPTED_MESSAGES,
+    ACCEPTED_RECIPIENTS,
+    REJECTS,
+)
+from postbode.store.engine import Store
+from postbode.store.schema import (
+    apps,
+    deliveries,
+    domains,
+    idempotency_keys,
+    messages,
+    new_id,
+    raw_messages,
+    suppressions,
+    utcnow,
+)
+
+log = logging.getLogger(__name__)
+
+STREAMS = ("transactional", "broadcast")
+MAX_BATCH = 200
+APP_CACHE_SECONDS = 5.0
+_IDEMPOTENCY_WINDOW = timedelta(hours=24)
+# Headers an SMTP client sets to give Postbode what the API takes as fields; removed before
+# the message is stored, so recipients never see them.
+CONTROL_PREFIX = "x-postbode-"
+
+
+class AcceptError(Exception):
+    """A message refused for good: SMTP answers 5xx, the API a 4xx naming the field."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str,
+        field: str | None = None,
+        smtp: str = "550 5.6.0",
+        status: int = 422,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason
+        self.field = field
+        self.smtp = smtp
+        self.status = status
+
+    def smtp_reply(self) -> str:
+        return f"{self.smtp} {self.message}"
+
+
+class TemporaryAcceptError(Exception):
+    """The store could not take the message now: SMTP answers 451, the API 503. Nothing of the
+    message was kept, so the client's retry is safe."""
+
+
+class IdempotencyConflict(AcceptError):
+    """The Idempotency-Key was used before with a different request body."""
+
+
+@dataclass
+class Submission:
+    """A message as a client handed it over."""
+
+    app_id: int
+    source: str  # smtp | api
+    mail_from: str
+    recipients: Sequence[str]
+    raw: bytes
+    stream: str = "transactional"
+    tag: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    track_opens: bool | None = None
+    track_clicks: bool | None = None
+    client_ip: str | None = None
+    client_name: str | None = None  # EHLO name
+    idempotency_key: str | None = None
+    request_hash: str | None = None  # of the API body, for Idempotency-Key checks
+
+
+@dataclass(frozen=True)
+class AcceptedRecipient:
+    email: str
+    delivery_id: uuid.UUID
+    status: str  # queued | suppressed
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """The answer to a client: its message id and one delivery per recipient."""
+
+    id: uuid.UUID
+    message_id_header: str
+    recipients: tuple[AcceptedRecipient, ...]
+    replayed: bool = False  # the answer to an earlier request with the same Idempotency-Key
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": str(self.id),
+            "message_id": self.message_id_header,
+            "recipients": [
+                {"email": r.email, "delivery_id": str(r.delivery_id), "status": r.status}
+                for r in self.recipients
+            ],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Accepted:
+        return cls(
+            uuid.UUID(data["id"]),
+            data["message_id"],
+            tuple(
+                AcceptedRecipient(r["email"], uuid.UUID(r["delivery_id"]), r["status"])
+                for r in data["recipients"]
+            ),
+            replayed=True,
+        )
+
+
+@dataclass
+class _AppInfo:
+    status: str
+    track_opens: bool
+    track_clicks: bool
+    domains: dict[str, bool]  # name -> verified
+    loaded_at: float
+
+
+@dataclass
+class _Prepared:
+    sub: Submission
+    id: uuid.UUID
+    raw: bytes
+    message_id_header: str
+    from_header: str
+    subject: str
+    domain_verified: bool
+    track_opens: bool
+    track_clicks: bool
+    recipients: list[str]
+    received_at: datetime
+
+
+_header_parser = BytesHeaderParser(policy=SMTP_POLICY)
+
+
+def normalise_address(address: str) -> str:
+    """An address as we store it: the domain lower-cased (and IDNA-decoded names kept as given)."""
+    address = address.strip().strip("<>")
+    local, sep, domain = address.rpartition("@")
+    if not sep or not local or not domain:
+        raise AcceptError(f"invalid address {address!r}", reason="bad_address", smtp="553 5.1.3")
+    return f"{local}@{domain.lower().rstrip('.')}"
+
+
+def _split_headers(raw: bytes) -> tuple[bytes, bytes]:
+    """(header block, rest) of a message; the blank line stays with the rest."""
+    for sep in (b"\r\n\r\n", b"\n\n"):
+        i = raw.find(sep)
+        if i != -1:
+            return raw[: i + len(sep) // 2], raw[i + len(sep) // 2 :]
+    return raw, b""
+
+
+def _to_crlf(data: bytes) -> bytes:
+    # RFC 5322 §2.1: lines end in CRLF; bare LF from API or lenient SMTP clients is mended once.
+    if b"\n" in data and b"\r\n" not in data:
+        return data.replace(b"\n", b"\r\n")
+    return data
+
+
+class Acceptor:
+    """Accepts submissions, batching concurrent ones into one transaction (group commit).
+
+    While one batch commits, the next gathers; each caller is answered when its own batch is
+    on disk. A failed batch is retried message by message, so one bad message cannot fail the
+    others, and whatever still fails gets a temporary error, never 250."""
+
+    def __init__(self, store: Store, hostname: str, *, max_batch: int = MAX_BATCH) -> None:
+        self.store = store
+        self.hostname = hostname
+        self.max_batch = max_batch
+        self._apps: dict[int, _AppInfo] = {}
+        self._pending: list[tuple[_Prepared, asyncio.Future[Accepted]]] = []
+        self._wakeup: asyncio.Event | None = None
+        self._flusher: asyncio.Task[None] | None = None
+        self._inflight: set[asyncio.Future[Accepted]] = set()
+        # One committing thread: SQLite has one writer anyway, and on PostgreSQL batches
+        # grow while a commit is in flight, which is the point.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="accept-commit")
+
+    # -- preparing ----------------------------------------------------------------------------
+
+    def app_info(self, app_id: int) -> _AppInfo:
+        """The app's status, tracking defaults and domains (cached for a few seconds)."""
+        info = self._apps.get(app_id)
+        if info is None or self._stale(info):
+            with self.store.read() as conn:
+                app = conn.execute(
+                    select(apps.c.status, apps.c.track_opens, apps.c.track_clicks).where(
+                        apps.c.id == app_id
+                    )
+                ).one()
+                names = conn.execute(
+                    select(domains.c.name, domains.c.verified_at).where(domains.c.app_id == app_id)
+                ).all()
+            info = _AppInfo(
+                app.status,
+                app.track_opens,
+                app.track_clicks,
+                {n.name: n.verified_at is not None for n in names},
+                time.monotonic(),
+            )
+            self._apps[app_id] = info
+        return info
+
+    @staticmethod
+    def _stale(info: _AppInfo | None) -> bool:
+        return info is None or time.monotonic() - info.loaded_at > APP_CACHE_SECONDS
+
+    def check_sender(self, app_id: int, address: str) -> bool:
+        """Whether the app may send from `address`; True means its domain is also verified.
+        Raises AcceptError for a domain that is not the app's."""
+        domain = address.rpartition("@")[2].lower().rstrip(".")
+        verified = self.app_info(app_id).domains.get(domain)
+        if verified is None:
+            raise AcceptError(
+                f"sender domain {domain!r} is not a domain of this app",
+                reason="foreign_domain",
+                field="from",
+                smtp="550 5.7.1",
+            )
+        return verified
+
+    def prepare(self, sub: Submission) -> _Prepared:
+        """Check a submission and build the message as it will be stored (pure but for the
+        cached app lookup). Raises AcceptError."""
+        info = self.app_info(sub.app_id)
+        if info.status != "active":
+            raise AcceptError(
+                "app is suspended", reason="app_suspended", smtp="550 5.7.1", status=403
+            )
+        if sub.stream not in STREAMS:
+            raise AcceptError(f"unknown stream {sub.stream!r}", reason="bad_stream", field="stream")
+        recipients = list(dict.fromkeys(normalise_address(r) for r in sub.recipients))
+        if not recipients:
+            raise AcceptError("no recipients", reason="no_recipients", field="to", smtp="554 5.5.1")
+        head, body = _split_headers(_to_crlf(sub.raw))
+        headers = _header_parser.parsebytes(head + b"\r\n")
+        from_header = str(headers.get("From", "") or "")
+        from_addresses = [a for _, a in email.utils.getaddresses([from_header]) if a]
+        if not from_addresses:
+            raise AcceptError(
+                "the message has no From address", reason="no_from", field="from", smtp="550 5.6.0"
+            )
+        verified = self.check_sender(sub.app_id, from_addresses[0])
+
+        # Control headers become fields; they are not kept in the message.
+        tag, stream, metadata = sub.tag, sub.stream, dict(sub.metadata)
+        track_opens, track_clicks = sub.track_opens, sub.track_clicks
+        kept: list[bytes] = []
+        for line in _unfolded(head):
+            name, _, value = line.partition(b":")
+            lname = name.strip().lower().decode("ascii", "replace")
+            if not lname.startswith(CONTROL_PREFIX):
+                kept.append(line)
+                continue
+            text = value.strip().decode("utf-8", "replace")
+            key = lname[len(CONTROL_PREFIX) :]
+            if key == "tag":
+                tag = text[:100]
+            elif key == "stream":
+                stream = text
+            elif key.startswith("metadata-"):
+                metadata[key[len("metadata-") :]] = text
+            elif key == "track-opens":
+                track_opens = text.lower() in ("1", "true", "yes")
+            elif key == "track-clicks":
+                track_clicks = text.lower() in ("1", "true", "yes")
+        if stream not in STREAMS:
+            raise AcceptError(f"unknown stream {stream!r}", reason="bad_stream", field="stream")
+        sub.stream, sub.tag, sub.metadata = stream, tag, metadata
+
+        now = utcnow()
+        message_uuid = new_id()
+        added: list[bytes] = []
+        received = (
+            f"Received: from {sub.client_name or 'api'} ({sub.client_ip or 'unknown'})\r\n"
+            f"\tby {self.hostname} (Postbode) with "
+            f"{'ESMTPSA' if sub.source == 'smtp' else 'HTTP'} id {message_uuid};\r\n"
+            f"\t{email.utils.format_datetime(now)}\r\n"
+        )
+        added.append(received.encode())
+        message_id_header = str(headers.get("Message-ID", "") or "").strip()
+        if not message_id_header:
+            message_id_header = f"<{message_uuid}@{self.hostname}>"
+            added.append(f"Message-ID: {message_id_header}\r\n".encode())
+        if headers.get("Date") is None:
+            added.append(f"Date: {email.utils.format_datetime(now)}\r\n".encode())
+        raw = b"".join(added) + b"".join(kept) + body
+        return _Prepared(
+            sub=sub,
+            id=message_uuid,
+            raw=raw,
+            message_id_header=message_id_header[:998],
+            from_header=from_header[:998],
+            subject=str(headers.get("Subject", "") or "")[:998],
+            domain_verified=verified,
+            track_opens=info.track_opens if track_opens is None else track_opens,
+            track_clicks=info.track_clicks if track_clicks is None else track_clicks,
+            recipients=recipients,
+            received_at=now,
+        )
+
+    # -- accepting ----------------------------------------------------------------------------
+
+    async def accept(self, sub: Submission) -> Accepted:
+        """Store the message durably and return its ids; raises AcceptError (refused) or
+        TemporaryAcceptError (try again)."""
+        loop = asyncio.get_running_loop()
+        if sub.idempotency_key:
+            earlier = await loop.run_in_executor(None, self._replay, sub)
+            if earlier is not None:
+                return earlier
+        if self._stale(self._apps.get(sub.app_id)):
+            await loop.run_in_executor(None, self.app_info, sub.app_id)
+        try:
+            prepared = self.prepare(sub)
+        except AcceptError as exc:
+            REJECTS.labels(sub.source, exc.reason).inc()
+            raise
+        future: asyncio.Future[Accepted] = loop.create_future()
+        self._inflight.add(future)
+        future.add_done_callback(self._inflight.discard)
+        self._pending.append((prepared, future))
+        if self._flusher is None or self._flusher.done():
+            self._wakeup = asyncio.Event()
+            self._flusher = asyncio.create_task(self._flush_forever(), name="accept-flusher")
+        assert self._wakeup is not None
+        self._wakeup.set()
+        return await future
+
+    def _replay(self, sub: Submission) -> Accepted | None:
+        with self.store.read() as conn:
+            return _earlier_answer(conn, sub)
+
+    async def _flush_forever(self) -> None:
+        assert self._wakeup is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._pending:
+                batch = self._pending[: self.max_batch]
+                del self._pending[: self.max_batch]
+                results = await loop.run_in_executor(self._executor, self._commit, batch)
+                for (prepared, future), result in zip(batch, results, strict=True):
+                    if future.done():  # the client went away; the message is stored anyway
+                        continue
+                    if isinstance(result, BaseException):
+                        future.set_exception(result)
+                    else:
+                        ACCEPTED_MESSAGES.labels(prepared.sub.source).inc()
+                        ACCEPTED_RECIPIENTS.labels(prepared.sub.source).inc(
+                            len(prepared.recipients)
+                        )
+                        future.set_result(result)
+
+    def _commit(
+        self, batch: list[tuple[_Prepared, asyncio.Future[Accepted]]]
+    ) -> list[Accepted | BaseException]:
+        started = time.perf_counter()
+        items = [p for p, _ in batch]
+        try:
+            with self.store.write() as conn:
+                answers: list[Accepted | BaseException] = list(_store_batch(conn, items))
+        except Exception:
+            if len(items) == 1:
+                log.exception("could not store message %s", items[0].id)
+                return [TemporaryAcceptError("the store is unavailable, try again later")]
+            # One bad message must not fail the others: store them one by one.
+            answers = []
+            for item in items:
+                try:
+                    with self.store.write() as conn:
+                        answers.extend(_store_batch(conn, [item]))
+                except Exception:
+                    log.exception("could not store message %s", item.id)
+                    answers.append(TemporaryAcceptError("the store is unavailable, try later"))
+        ACCEPT_BATCH_SIZE.observe(len(items))
+        ACCEPT_COMMIT_SECONDS.observe(time.perf_counter() - started)
+        return answers
+
+    async def close(self) -> None:
+        """Finish the batches in hand, then stop."""
+        await asyncio.gather(*self._inflight, return_exceptions=True)
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        self._executor.shutdown(wait=True)
+
+
+def _unfolded(head: bytes) -> list[bytes]:
+    """Header fields of a header block, each with its continuation lines (RFC 5322 §2.2.3)."""
+    fields: list[bytes] = []
+    for line in head.splitlines(keepends=True):
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] += line
+        elif line.strip():
+            fields.append(line)
+    return fields
+
+
+def _earlier_answer(conn: Connection, sub: Submission) -> Accepted | None:
+    row = conn.execute(
+        select(idempotency_keys.c.body_hash, idempotency_keys.c.response).where(
+            idempotency_keys.c.app_id == sub.app_id,
+            idempotency_keys.c.key == sub.idempotency_key,
+            idempotency_keys.c.created_at > utcnow() - _IDEMPOTENCY_WINDOW,
+        )
+    ).first()
+    if row is None:
+        return None
+    if row.body_hash != sub.request_hash:
+        raise IdempotencyConflict(
+            "this Idempotency-Key was used with a different request",
+            reason="idempotency_conflict",
+            field="Idempotency-Key",
+            status=409,
+        )
+    return Accepted.from_json(row.response)
+
+
+def _suppressed(conn: Connection, items: Sequence[_Prepared]) -> set[tuple[int, str, str]]:
+    """(app, address, stream) of every recipient in the batch that is on a suppression list."""
+    found: set[tuple[int, str, str]] = set()
+    by_app: dict[int, set[str]] = {}
+    for p in items:
+        by_app.setdefault(p.sub.app_id, set()).update(r.lower() for r in p.recipients)
+    now = utcnow()
+    for app_id, addresses in by_app.items():
+        rows = conn.execute(
+            select(suppressions.c.email, suppressions.c.stream).where(
+                suppressions.c.app_id == app_id,
+                suppressions.c.email.in_(addresses),
+                or_(suppressions.c.expires_at.is_(None), suppressions.c.expires_at > now),
+            )
+        )
+        found.update((app_id, r.email, r.stream) for r in rows)
+    return found
+
+
+def _store_batch(conn: Connection, items: Sequence[_Prepared]) -> list[Accepted]:
+    """Write the batch's messages, deliveries and events in `conn`'s transaction."""
+    suppressed = _suppressed(conn, items)
+    message_rows: list[dict[str, Any]] = []
+    raw_rows: list[dict[str, Any]] = []
+    delivery_rows: list[dict[str, Any]] = []
+    event_rows: list[Event] = []
+    answers: list[Accepted] = []
+    for p in items:
+        sub = p.sub
+        if sub.idempotency_key:
+            earlier = _earlier_answer(conn, sub)
+            if earlier is not None:
+                answers.append(earlier)
+                continue
+        message_rows.append(
+            {
+                "id": p.id,
+                "app_id": sub.app_id,
+                "source": sub.source,
+                "stream": sub.stream,
+                "tag": sub.tag,
+                "metadata": sub.metadata,
+                "message_id_header": p.message_id_header,
+                "mail_from": sub.mail_from,
+                "from_header": p.from_header,
+                "subject": p.subject,
+                "size": len(p.raw),
+                "domain_verified": p.domain_verified,
+                "track_opens": p.track_opens,
+                "track_clicks": p.track_clicks,
+                "received_at": p.received_at,
+            }
+        )
+        raw_rows.append({"message_id": p.id, "compression": "zlib", "data": zlib.compress(p.raw)})
+        common: dict[str, Any] = {
+            "app_id": sub.app_id,
+            "stream": sub.stream,
+            "tag": sub.tag,
+            "message_id": p.id,
+        }
+        event_rows.append(
+            Event(
+                type=EventType.MESSAGE_RECEIVED,
+                at=p.received_at,
+                data={"source": sub.source, "recipients": len(p.recipients)},
+                **common,
+            )
+        )
+        accepted: list[AcceptedRecipient] = []
+        for rcpt in p.recipients:
+            key = rcpt.lower()
+            is_suppressed = (sub.app_id, key, "all") in suppressed or (
+                sub.app_id,
+                key,
+                sub.stream,
+            ) in suppressed
+            status = "suppressed" if is_suppressed else "queued"
+            delivery_id = new_id()
+            delivery_rows.append(
+                {
+                    "id": delivery_id,
+                    "message_id": p.id,
+                    "app_id": sub.app_id,
+                    "recipient": rcpt,
+                    "recipient_domain": rcpt.rpartition("@")[2],
+                    "status": status,
+                    "attempts": 0,
+                    "next_attempt_at": p.received_at,
+                    "first_queued_at": p.received_at,
+                    "verp_token": secrets.token_hex(12),
+                    "updated_at": p.received_at,
+                }
+            )
+            event_rows.append(
+                Event(
+                    type=EventType.DELIVERY_SUPPRESSED
+                    if is_suppressed
+                    else EventType.DELIVERY_QUEUED,
+                    at=p.received_at,
+                    delivery_id=delivery_id,
+                    recipient=rcpt,
+                    **common,
+                )
+            )
+            accepted.append(AcceptedRecipient(rcpt, delivery_id, status))
+        answer = Accepted(p.id, p.message_id_header, tuple(accepted))
+        if sub.idempotency_key:
+            conn.execute(
+                insert(idempotency_keys).values(
+                    app_id=sub.app_id,
+                    key=sub.idempotency_key,
+                    body_hash=sub.request_hash or "",
+                    response=answer.as_json(),
+                )
+            )
+        answers.append(answer)
+    if message_rows:
+        conn.execute(insert(messages), message_rows)
+        conn.execute(insert(raw_messages), raw_rows)
+        conn.execute(insert(deliveries), delivery_rows)
+        record(conn, event_rows)
+    return answers
+
+
+def request_hash(body: bytes) -> str:
+    """The fingerprint of an API request body, for Idempotency-Key checks."""
+    return hashlib.sha256(body).hexdigest()
