@@ -661,14 +661,17 @@ def _parse_ses_json(body: str, rules: Rules | None) -> BounceReport | None:
 
 
 def _dsn_records(
-    msg: _Message, report: str, rules: Rules | None
+    msg: _Message, report: str, rules: Rules | None, *, inline: bool
 ) -> tuple[list[BounceRecord], list[BounceRecord], str | None] | None:
     text = None
     for part in msg.parts:
         if part.ctype in ("message/delivery-status", "message/global-delivery-status"):
             text = part.text
             break
-    if text is None or not _DSN_FIELD_RE.search(text):
+    if (text is None or not _DSN_FIELD_RE.search(text)) and inline:
+        # DSN fields pasted into a text part count only in mail that already looks like a
+        # bounce: a person quoting a DSN is not one.
+        text = None
         for part in msg.parts:
             if part.ctype.startswith("text/") and part.ctype != "text/html":
                 text = _dsn_text_blocks(part.text)
@@ -845,19 +848,31 @@ def parse_message(raw: bytes, rules: Rules | None = None) -> BounceReport:
         p.ctype == "message/feedback-report" for p in msg.parts
     ):
         return _parse_arf(msg, rules)
+    if msg.headers.get("x-apple-unsubscribe", "").strip().lower() == "true":
+        # Apple Mail's "unsubscribe" button sends a mail flagged X-Apple-Unsubscribe: the
+        # recipient asks to stop mail; treat it like an ARF opt-out (RFC 5965 §7.3).
+        who = _clean_addr(msg.headers.get("from", ""))
+        rec = BounceRecord(who, None, None, "", "complaint", False)
+        return BounceReport("complaint", (rec,), None, feedback_type="opt-out")
     if '"notificationType"' in report or '\\"notificationType\\"' in report:
         ses = _parse_ses_json(report, rules)
         if ses is not None:
             return ses
     message_id = _original_message_id(msg, rest)
-    dsn = _dsn_records(msg, report, rules)
+    looks_like_bounce = _looks_like_bounce(msg, subject)
+    dsn = _dsn_records(
+        msg,
+        report,
+        rules,
+        inline=looks_like_bounce or top_params.get("report-type", "").lower() == "delivery-status",
+    )
     if dsn is not None:
         failed, ok, reporting = dsn
         if failed:
             return BounceReport("bounce", tuple(failed), message_id, reporting_mta=reporting)
         if ok:
             return BounceReport("delivered", tuple(ok), message_id, reporting_mta=reporting)
-    bounce_like = _looks_like_bounce(msg, subject) or (
+    bounce_like = looks_like_bounce or (
         top_params.get("report-type", "").lower() == "delivery-status"
     )
     if not bounce_like and not _is_auto_reply(msg, subject, report):

@@ -294,3 +294,36 @@ def test_bounce_of_a_bounce_reports_the_inner_failure_once() -> None:
     assert report.kind == "bounce"
     # The outer report is about the bounce's own recipient, not about bob inside.
     assert [r.recipient for r in report.records] == ["postmaster@mx.dest.test"]
+
+
+def test_apple_mail_unsubscribe_is_an_opt_out_complaint() -> None:
+    raw = (
+        b"From: ivy@icloud.test\nTo: unsubscribe-123@shop.test\nSubject: unsubscribe\n"
+        b"Auto-Submitted: auto-replied\nX-Apple-Unsubscribe: true\n\n"
+        b"Apple Mail sent this email to unsubscribe from the message.\n"
+    )
+    report = parse(raw)
+    assert (report.kind, report.feedback_type) == ("complaint", "opt-out")
+    assert report.records[0].recipient == "ivy@icloud.test"
+
+
+def test_a_person_quoting_dsn_fields_is_not_a_bounce() -> None:
+    raw = (
+        b"From: Judy <judy@dest.test>\nTo: support@shop.test\nSubject: Question about this\n\n"
+        b"Hi, my colleague got this, what does it mean?\n\n"
+        b"Final-Recipient: rfc822; kim@dest.test\nAction: failed\nStatus: 5.1.1\n"
+    )
+    assert parse(raw).kind == "not_bounce"
+
+
+def test_non_english_diagnostics_are_classified() -> None:
+    raw = (
+        "From: MAILER-DAEMON@mx.example.test\nTo: s@shop.test\nSubject: Returned mail\n"
+        "Content-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: 8bit\n\n"
+        "<leo@dest.test>:\n550 Boîte aux lettres pleine\n"
+    ).encode()
+    report = parse(raw)
+    assert (report.records[0].recipient, report.records[0].category) == (
+        "leo@dest.test",
+        "mailbox_full",
+    )
