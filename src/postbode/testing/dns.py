@@ -215,8 +215,14 @@ class LoopbackDNS:
             raise OSError(errno.EADDRINUSE, "no port free for both UDP and TCP")
         for server in (udp, tcp):
             server.server.stopping = self._stopping
-            server.start_thread()
-            server.thread.name = f"loopback-dns-{port}"
+            # dnslib's start_thread() polls every 0.5 s, which stop() would wait out per server.
+            server.thread = threading.Thread(
+                target=server.server.serve_forever,
+                kwargs={"poll_interval": 0.02},
+                name=f"loopback-dns-{port}",
+                daemon=True,
+            )
+            server.thread.start()
         self._servers = [udp, tcp]
         self._port = port
         return self
