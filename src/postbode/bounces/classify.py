@@ -31,7 +31,9 @@ _STATUS_RE = re.compile(r"(?<![\w.])([245])\.(\d{1,3})\.(\d{1,3})(?!\.?\d)")
 # reason name in an anchor); keep scheme, host and path, which do carry meaning.
 _URL_TAIL_RE = re.compile(r"(https?://[^\s?#<>\"']*)[?#][^\s<>\"']*", re.IGNORECASE)
 # Addresses are replaced before matching: a local part names a person, never a reason.
-_ADDR_RE = re.compile(r"[\w.!#$%&'*+/=?^`{|}~-]+@[\w-]+(?:\.[\w-]+)+")
+_ADDR_RE = re.compile(
+    r"(?<![\w.!#$%&'*+/=?^`{|}~-])[\w.!#$%&'*+/=?^`{|}~-]{1,64}@[\w-]{1,63}(?:\.[\w-]{1,63}){1,8}"
+)
 _SPACE_RE = re.compile(r"\s+")
 
 

@@ -217,7 +217,12 @@ def _load(raw: bytes) -> _Message:
 
 
 # ------------------------------------------------------------------------------ helpers
-_ADDR_RE = re.compile(r"[\w.!#$%&'*+/=?^`{|}~-]+@[\w-]+(?:\.[\w-]+)+", re.ASCII)
+# RFC 5321 §4.5.3.1: local part ≤ 64 octets, labels ≤ 63; the bounds also keep the scan
+# linear on hostile input (an unbounded run before "@" backtracks quadratically).
+_ADDR_RE = re.compile(
+    r"(?<![\w.!#$%&'*+/=?^`{|}~-])[\w.!#$%&'*+/=?^`{|}~-]{1,64}@[\w-]{1,63}(?:\.[\w-]{1,63}){1,8}",
+    re.ASCII,
+)
 _MSGID_RE = re.compile(r"(?im)^message-id:[ \t]*\n?[ \t]*(<[^>\s]+>)")
 _REPLY_CODE_RE = re.compile(r"(?<![\w.:/-])([245][0-5]\d)(?=[ \-:]|$)", re.MULTILINE)
 _LOCAL_DAEMON_RE = re.compile(
@@ -381,14 +386,9 @@ def _dsn_groups(text: str) -> tuple[dict[str, str], list[dict[str, str]]]:
             groups.append(fields)
         elif "reporting-mta" in fields or "received-from-mta" in fields or not groups:
             per_message.update(fields)
-        # Some MTAs put no blank line between recipients: split on Final-Recipient too.
         if len(groups) >= MAX_RECORDS:
             break
-    # A block can hold several recipients when generators omit the separating blank line.
-    split: list[dict[str, str]] = []
-    for g in groups:
-        split.append(g)
-    return per_message, split
+    return per_message, groups
 
 
 def _dsn_text_blocks(text: str) -> str | None:
@@ -499,18 +499,27 @@ def _report_text(msg: _Message) -> tuple[str, str]:
     return joined[:cut][:MAX_REPORT_TEXT], "\n".join(rest)
 
 
-_TAG_RE = re.compile(r"<[^>]*>")
+_TAG_RE = re.compile(r"<[^<>]*>")
+_HIDDEN_HTML_RE = re.compile(r"(?i)<(style|script|head)\b")
 
 
 def _html_to_text(html: str) -> str:
-    text = _TAG_RE.sub(
-        " ",
-        re.sub(
-            r"(?is)<(?:style|script|head)\b.*?</(?:style|script|head)>",
-            " ",
-            html[: MAX_REPORT_TEXT * 2],
-        ),
-    )
+    html = html[: MAX_REPORT_TEXT * 2]
+    # Drop <style>/<script>/<head> blocks with find() rather than a lazy regex, which goes
+    # quadratic on unclosed tags.
+    kept: list[str] = []
+    pos = 0
+    low = html.lower()
+    while (m := _HIDDEN_HTML_RE.search(html, pos)) is not None:
+        kept.append(html[pos : m.start()])
+        end = low.find("</" + m.group(1).lower(), m.end())
+        if end < 0:
+            pos = len(html)
+            break
+        close = low.find(">", end)
+        pos = len(html) if close < 0 else close + 1
+    kept.append(html[pos:])
+    text = _TAG_RE.sub(" ", "".join(kept))
     return (
         text.replace("&nbsp;", " ").replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
     )
