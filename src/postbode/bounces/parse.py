@@ -846,7 +846,19 @@ def _is_auto_reply(msg: _Message, subject: str, report: str) -> bool:
     return auto.startswith("auto-replied") and bool(_AUTOREPLY_BODY_RE.search(report[:4000]))
 
 
-def parse_message(raw: bytes, rules: Rules | None = None) -> BounceReport:
+def _wrapped_report(msg: _Message, report: str, rules: Rules | None) -> BounceReport | None:
+    h = msg.headers
+    exclude = set(_addr_list(h.get("to", "")) + _addr_list(h.get("from", "")))
+    if _recipient_lines(report, exclude):
+        return None
+    for part in msg.parts:
+        if part.ctype in ("message/rfc822", "message/global"):
+            inner = parse_message(part.text.encode("utf-8", "replace"), rules, _nested=True)
+            return inner if inner.kind == "bounce" else None
+    return None
+
+
+def parse_message(raw: bytes, rules: Rules | None = None, *, _nested: bool = False) -> BounceReport:
     """Parse a raw message; may raise on pathological input (use parse())."""
     msg = _load(raw)
     subject = _subject(msg)
@@ -891,6 +903,12 @@ def parse_message(raw: bytes, rules: Rules | None = None) -> BounceReport:
             or any(_LOCAL_DAEMON_RE.match(a.split("@")[0]) for a in _addr_list(sender))
             or not _addr_list(sender)
         )
+    if bounce_like and dsn is None and not _nested and "x-failed-recipients" not in msg.headers:
+        # Some gateways wrap the real DSN in a message/rfc822 part of an otherwise empty
+        # notice: when the outer text names nobody, read the wrapped report (one level).
+        inner = _wrapped_report(msg, report, rules)
+        if inner is not None:
+            return inner
     if bounce_like:
         records = _text_records(msg, report, rest, rules, subject)
         if records:
