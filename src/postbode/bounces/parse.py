@@ -224,7 +224,7 @@ _ADDR_RE = re.compile(
     re.ASCII,
 )
 _MSGID_RE = re.compile(r"(?im)^message-id:[ \t]*\n?[ \t]*(<[^>\s]+>)")
-_REPLY_CODE_RE = re.compile(r"(?<![\w.:/-])([245][0-5]\d)(?=[ \-:]|$)", re.MULTILINE)
+_REPLY_CODE_RE = re.compile(r"(?<![\w./-])([245][0-5]\d)(?=[ \-:,]|$)", re.MULTILINE)
 _LOCAL_DAEMON_RE = re.compile(
     r"^(?:mailer-daemon|mail-daemon|postmaster|maildaemon|mail\.delivery\.system|"
     r"mdaemon|mmsc|sysadmin|no-reply|noreply|bounce|bounces|mail-?delivery|"
