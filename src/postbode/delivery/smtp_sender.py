@@ -262,7 +262,9 @@ class SmtpSession:
         self.target_host = target_host
         self.ip = ip
         self.port = port
-        self.helo_name = _a_label(helo_name) if not helo_name.isascii() else helo_name
+        if not helo_name or _FORBIDDEN.search(helo_name) or " " in helo_name:
+            raise ValueError(f"invalid HELO name {helo_name!r}")
+        self.helo_name = _a_label(helo_name)
         self.tls_mode: TlsMode = tls_mode
         self.timeouts = timeouts or SmtpTimeouts()
         self._tls_context = tls_context
@@ -270,6 +272,7 @@ class SmtpSession:
         self._protocol: SMTPProtocol | None = None
         self._transport: asyncio.Transport | None = None  # the TLS one once upgraded
         self._raw_transport: asyncio.Transport | None = None
+        self._aborted = False
         self._lost = asyncio.Event()
         self._t0 = 0.0
         self._started_at = datetime.now(UTC)
@@ -351,17 +354,22 @@ class SmtpSession:
 
     async def _abandon(self) -> None:
         """Drop the connection at once (after an error, where no QUIT makes sense)."""
-        for transport in (self._transport, self._raw_transport):
-            if transport is not None:
-                transport.abort()
-        had_transport = self._raw_transport is not None
-        self._protocol = None
-        self._transport = None
-        self._raw_transport = None
-        if had_transport:
+        self._abort()
+        if self._aborted:
+            self._aborted = False
             # Let the transports' connection_lost callbacks run: they close the socket.
             await asyncio.sleep(0)
             await asyncio.sleep(0)
+
+    def _abort(self) -> None:
+        """Abort the transports without awaiting (safe while being cancelled)."""
+        for transport in (self._transport, self._raw_transport):
+            if transport is not None:
+                transport.abort()
+                self._aborted = True
+        self._protocol = None
+        self._transport = None
+        self._raw_transport = None
 
     # -- transcript --------------------------------------------------------------------
 
@@ -559,6 +567,12 @@ class SmtpSession:
                 for rcpt in recipients:
                     outcomes.setdefault(rcpt, broken.outcome)
                 await self._abandon()
+            except asyncio.CancelledError:
+                # Cut off mid-conversation: the connection's state is unknown, so it is
+                # dropped rather than reused (no QUIT either).
+                self._failure = self._failure or _soft(None, "send cancelled")
+                self._abort()
+                raise
             finally:
                 self._transactions += 1
                 transcript = tuple(self._lines)

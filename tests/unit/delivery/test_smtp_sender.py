@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -842,6 +843,30 @@ def test_no_recipients_means_no_transaction() -> None:
 def test_unknown_tls_mode_is_a_programming_error() -> None:
     with pytest.raises(ValueError):
         SmtpSession("mx.dest.test", "127.0.0.1", 25, HELO, "sometimes")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("helo", ["", "two words", "evil\r\nRSET", "<x>"])
+def test_invalid_helo_name_is_a_programming_error(helo: str) -> None:
+    with pytest.raises(ValueError):
+        SmtpSession("mx.dest.test", "127.0.0.1", 25, helo)
+
+
+def test_internationalised_helo_name_is_idna_encoded() -> None:
+    session = SmtpSession("mx.dest.test", "127.0.0.1", 25, "mta.bücher.test")
+    assert session.helo_name == "mta.xn--bcher-kva.test"
+
+
+def test_cancelled_send_closes_the_connection_cleanly() -> None:
+    async def scenario(sink: SmtpSink) -> None:
+        async with SmtpSession("sink.test", sink.host, sink.port, HELO, "none", FAST) as session:
+            await asyncio.wait_for(session.send(SENDER, ["alice@dest.test"], MESSAGE), 0.2)
+
+    with SmtpSink(script=Script(Rule.data(STALL))) as sink:
+        # The caller's own deadline cancels the send; the session must not leak its socket
+        # (filterwarnings = error turns a ResourceWarning into a failure).
+        with pytest.raises(TimeoutError):
+            run(scenario(sink))
+        gc.collect()  # an unclosed socket would warn now, inside this test
 
 
 def test_timeouts_from_settings() -> None:
