@@ -7,17 +7,30 @@ import contextlib
 import logging
 import signal
 from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
 
 from postbode.config import Settings
+from postbode.ingest.accept import Acceptor
 from postbode.store.engine import Store
 
 log = logging.getLogger("postbode")
 
+
+@dataclass
+class Runtime:
+    """What the roles of one process share: settings, store, and one Acceptor, so mail from
+    SMTP and from the API is group-committed together."""
+
+    settings: Settings
+    store: Store
+    acceptor: Acceptor
+
+
 # A role runs until `stop` is set, then finishes what it has in hand and returns.
-Role = Callable[[Settings, Store, asyncio.Event], Coroutine[Any, Any, None]]
+Role = Callable[[Runtime, asyncio.Event], Coroutine[Any, Any, None]]
 
 
 class _Server(uvicorn.Server):
@@ -28,11 +41,12 @@ class _Server(uvicorn.Server):
         yield
 
 
-async def web_role(settings: Settings, store: Store, stop: asyncio.Event) -> None:
+async def web_role(rt: Runtime, stop: asyncio.Event) -> None:
     from postbode.web.app import create_app
 
+    settings = rt.settings
     config = uvicorn.Config(
-        create_app(settings, store),
+        create_app(settings, rt.store, rt.acceptor),
         host=settings.http_host,
         port=settings.http_port,
         log_level=settings.log_level,
@@ -52,19 +66,30 @@ async def web_role(settings: Settings, store: Store, stop: asyncio.Event) -> Non
         )
 
 
+async def smtp_role(rt: Runtime, stop: asyncio.Event) -> None:
+    from postbode.ingest.smtp_server import start_server
+
+    server = await start_server(rt.settings, rt.store, rt.acceptor)
+    log.info("SMTP listening on %s:%s", rt.settings.smtp_host, rt.settings.smtp_port)
+    await stop.wait()
+    server.close()
+    await server.wait_closed()
+
+
 def available_roles() -> dict[str, Role]:
     """Every role this build of Postbode knows, by name."""
-    return {"web": web_role}
+    return {"web": web_role, "smtp": smtp_role}
 
 
 async def run_roles(settings: Settings, store: Store, names: list[str]) -> None:
     """Run the named roles until SIGTERM / SIGINT, then stop them together."""
     roles = available_roles()
+    rt = Runtime(settings, store, Acceptor(store, settings.smtp_hostname))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    tasks = [asyncio.create_task(roles[name](settings, store, stop), name=name) for name in names]
+    tasks = [asyncio.create_task(roles[name](rt, stop), name=name) for name in names]
     log.info("postbode running: %s", ", ".join(names))
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
@@ -76,3 +101,4 @@ async def run_roles(settings: Settings, store: Store, names: list[str]) -> None:
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        await rt.acceptor.close()

@@ -1,0 +1,364 @@
+"""The SMTP listener: authenticated submission for apps, and unauthenticated mail only for
+Postbode's own addresses (return path, inbound routes). Never an open relay."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import ipaddress
+import logging
+import re
+import ssl
+import time
+from collections import defaultdict, deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
+
+from postbode import tenancy
+from postbode.config import Settings
+from postbode.ingest.accept import AcceptError, Acceptor, Submission, TemporaryAcceptError
+from postbode.metrics import REJECTS
+from postbode.store.engine import Store
+
+log = logging.getLogger(__name__)
+
+AUTH_FAILURE_WINDOW = 600.0
+
+
+class LocalMailbox(Protocol):
+    """Mail Postbode receives for itself, without authentication (bounces, inbound routes)."""
+
+    def owns(self, address: str) -> bool:
+        """Whether `address` is one of this mailbox's (a cheap check, no I/O)."""
+
+    async def check_recipient(self, address: str) -> str | None:
+        """None to accept the recipient, or the SMTP reply refusing it."""
+
+    async def receive(self, mail_from: str, rcpt_tos: Sequence[str], data: bytes) -> str:
+        """Take the message; returns the SMTP reply."""
+
+
+@dataclass
+class _Login:
+    """What a successful AUTH leaves on the session."""
+
+    app_id: int
+    username: str
+
+
+class AuthThrottle:
+    """Counts failed AUTH attempts per client IP; past the limit the client is turned away."""
+
+    def __init__(self, limit: int, window: float = AUTH_FAILURE_WINDOW) -> None:
+        self.limit = limit
+        self.window = window
+        self._failures: dict[str, deque[float]] = defaultdict(deque)
+
+    def _recent(self, ip: str) -> deque[float]:
+        failures = self._failures[ip]
+        cutoff = time.monotonic() - self.window
+        while failures and failures[0] < cutoff:
+            failures.popleft()
+        return failures
+
+    def blocked(self, ip: str) -> bool:
+        return len(self._recent(ip)) >= self.limit
+
+    def fail(self, ip: str) -> None:
+        self._recent(ip).append(time.monotonic())
+        if len(self._failures) > 100_000:  # a flood of addresses: forget the oldest state
+            self._failures.clear()
+
+
+# RFC 2034 / RFC 3463: when ENHANCEDSTATUSCODES is offered, replies carry a status code.
+# aiosmtpd's own replies mostly don't; these are the codes its replies map to.
+_ENHANCED_FOR = {
+    "250": "2.0.0",
+    "221": "2.0.0",
+    "421": "4.7.0",
+    "451": "4.3.0",
+    "452": "4.3.1",
+    "500": "5.5.2",
+    "501": "5.5.4",
+    "502": "5.5.1",
+    "503": "5.5.1",
+    "504": "5.5.4",
+    "530": "5.7.0",
+    "550": "5.0.0",
+    "552": "5.3.4",
+    "553": "5.1.3",
+    "554": "5.0.0",
+    "555": "5.5.4",
+}
+_HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(\s|$)")
+
+
+class PostbodeSMTP(SMTP):
+    """aiosmtpd's protocol with Postbode's policies: enhanced status codes on every reply,
+    PIPELINING advertised, AUTH without TLS only from loopback."""
+
+    def __init__(self, handler: SubmissionHandler, settings: Settings, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._postbode_settings = settings
+        self._in_ehlo = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        peer = transport.get_extra_info("peername")
+        if peer and _is_loopback(peer[0]):
+            # A client on this machine is as private as TLS would make it.
+            self._auth_require_tls = False
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        self._in_ehlo = True
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._in_ehlo = False
+
+    async def push(self, status: Any) -> None:
+        if isinstance(status, str) and not self._in_ehlo:
+            status = _with_enhanced_code(status)
+        await super().push(status)
+
+
+def _with_enhanced_code(status: str) -> str:
+    code = status[:3]
+    if status[3:4] == " " and code in _ENHANCED_FOR and not _HAS_ENHANCED.match(status):
+        return f"{code} {_ENHANCED_FOR[code]} {status[4:]}"
+    return status
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+class SubmissionHandler:
+    """aiosmtpd handler: AUTH against app credentials, then everything goes to the Acceptor."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        acceptor: Acceptor,
+        local: Sequence[LocalMailbox] = (),
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.acceptor = acceptor
+        self.local = list(local)
+        self.throttle = AuthThrottle(settings.smtp_auth_max_failures)
+
+    # -- EHLO ----------------------------------------------------------------------------------
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        last = responses.pop()  # "250 HELP"
+        responses += ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", last]
+        return responses
+
+    # -- AUTH ----------------------------------------------------------------------------------
+
+    async def handle_AUTH(
+        self, server: SMTP, session: Session, envelope: Envelope, args: list[str]
+    ) -> str | None:
+        """AUTH PLAIN and LOGIN (RFC 4954), checked off the event loop (argon2 is slow)."""
+        ip = _peer_ip(session)
+        if self.throttle.blocked(ip):
+            REJECTS.labels("smtp", "auth_throttled").inc()
+            await server.push("421 4.7.0 Too many failed authentication attempts, try later")
+            if server.transport is not None:
+                server.transport.close()
+            return None
+        mechanism = args[0].upper()
+        credentials = await _read_credentials(server, mechanism, args[1:])
+        if credentials is None:
+            return None  # a syntax reply was already sent
+        username, password = credentials
+        app_id = await asyncio.get_running_loop().run_in_executor(
+            None, tenancy.authenticate_smtp, self.store, username, password
+        )
+        if app_id is None:
+            self.throttle.fail(ip)
+            REJECTS.labels("smtp", "auth_failed").inc()
+            return "535 5.7.8 Authentication credentials invalid"
+        session.authenticated = True
+        session.auth_data = _Login(app_id, username)  # type: ignore[assignment]
+        return "235 2.7.0 Authentication successful"
+
+    # -- envelope ------------------------------------------------------------------------------
+
+    async def handle_MAIL(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 Sender ok"
+
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        if "@" not in address:
+            return "553 5.1.3 Recipient address must be user@domain"
+        if session.authenticated:
+            if any(m.owns(r) for m in self.local for r in envelope.rcpt_tos):
+                return "452 4.5.3 Send mail for Postbode's own addresses separately"
+            if len(envelope.rcpt_tos) >= self.settings.smtp_max_recipients:
+                REJECTS.labels("smtp", "too_many_recipients").inc()
+                return "452 4.5.3 Too many recipients"
+        else:
+            mailbox = next((m for m in self.local if m.owns(address)), None)
+            if mailbox is None:
+                REJECTS.labels("smtp", "relay_denied").inc()
+                if envelope.rcpt_tos:
+                    return "550 5.7.1 Relaying denied"
+                return "530 5.7.0 Authentication required"
+            if envelope.rcpt_tos and not mailbox.owns(envelope.rcpt_tos[0]):
+                return "452 4.5.3 Send mail for these addresses separately"
+            refusal = await mailbox.check_recipient(address)
+            if refusal:
+                return refusal
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 Recipient ok"
+
+    # -- DATA ----------------------------------------------------------------------------------
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        data = envelope.original_content or b""
+        if not session.authenticated:
+            mailbox = next(m for m in self.local if m.owns(envelope.rcpt_tos[0]))
+            return await mailbox.receive(envelope.mail_from or "", envelope.rcpt_tos, data)
+        login = session.auth_data
+        assert isinstance(login, _Login)
+        submission = Submission(
+            app_id=login.app_id,
+            source="smtp",
+            mail_from=envelope.mail_from or "",
+            recipients=list(envelope.rcpt_tos),
+            raw=data,
+            client_ip=_peer_ip(session),
+            client_name=session.host_name,
+        )
+        try:
+            accepted = await self.acceptor.accept(submission)
+        except AcceptError as exc:
+            return exc.smtp_reply()
+        except TemporaryAcceptError as exc:
+            return f"451 4.3.0 {exc}"
+        return f"250 2.0.0 Ok: queued as {accepted.id}"
+
+
+def _peer_ip(session: Session) -> str:
+    peer = session.peer
+    return str(peer[0]) if isinstance(peer, tuple) else str(peer)
+
+
+async def _read_credentials(
+    server: SMTP, mechanism: str, args: list[str]
+) -> tuple[str, str] | None:
+    """(username, password) from an AUTH exchange; None after answering a protocol error."""
+
+    def decode(value: str) -> bytes | None:
+        try:
+            return base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            return None
+
+    if mechanism == "PLAIN":
+        # RFC 4616 §2: [authzid] NUL authcid NUL passwd
+        if args:
+            blob = decode(args[0])
+        else:
+            challenge = await server.challenge_auth("")
+            blob = None if challenge is MISSING else challenge
+        parts = blob.split(b"\x00") if isinstance(blob, bytes) else []
+        if len(parts) != 3:
+            await server.push("501 5.5.2 Cannot decode AUTH PLAIN data")
+            return None
+        return parts[1].decode("utf-8", "replace"), parts[2].decode("utf-8", "replace")
+    if mechanism == "LOGIN":
+        if args:
+            login = decode(args[0])
+        else:
+            answer = await server.challenge_auth("User Name\x00")
+            login = None if answer is MISSING else answer
+        if not isinstance(login, bytes):
+            await server.push("501 5.5.2 Cannot decode AUTH LOGIN data")
+            return None
+        password = await server.challenge_auth("Password\x00")
+        if not isinstance(password, bytes):
+            await server.push("501 5.5.2 Cannot decode AUTH LOGIN data")
+            return None
+        return login.decode("utf-8", "replace"), password.decode("utf-8", "replace")
+    await server.push("504 5.5.4 Unrecognized authentication type")
+    return None
+
+
+def _refuse_builtin_auth(*_args: Any) -> AuthResult:
+    # handle_AUTH does the work; aiosmtpd only needs an authenticator to exist.
+    return AuthResult(success=False)
+
+
+async def start_server(
+    settings: Settings,
+    store: Store,
+    acceptor: Acceptor,
+    local: Sequence[LocalMailbox] = (),
+    *,
+    tls_context: ssl.SSLContext | None = None,
+    host: str | None = None,
+    port: int | None = None,
+) -> asyncio.Server:
+    """Listen for SMTP; returns the asyncio server (its sockets tell the bound port)."""
+    from postbode.ingest.tls import server_context
+
+    handler = SubmissionHandler(settings, store, acceptor, local)
+    context = tls_context or server_context(settings)
+
+    def protocol() -> PostbodeSMTP:
+        return PostbodeSMTP(
+            handler,
+            settings,
+            hostname=settings.smtp_hostname,
+            ident="Postbode",
+            data_size_limit=settings.smtp_max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            tls_context=context,
+            auth_require_tls=settings.smtp_auth_require_tls,
+            authenticator=_refuse_builtin_auth,
+            timeout=300,
+        )
+
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(
+        protocol,
+        host=host if host is not None else settings.smtp_host,
+        port=port if port is not None else settings.smtp_port,
+        reuse_address=True,
+    )

@@ -1,0 +1,87 @@
+"""Postbode's own servers run in-process for tests, on an event loop in a background thread."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+from postbode.config import Settings
+from postbode.ingest.accept import Acceptor
+from postbode.store.engine import Store
+
+T = TypeVar("T")
+
+
+class LoopThread:
+    """An asyncio loop in a daemon thread; `run(coro)` executes a coroutine there and waits."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        async def drain() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.loop.shutdown_default_executor()
+
+        self.run(drain())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+
+class SmtpListener:
+    """Postbode's SMTP listener on 127.0.0.1 and a free port, with its own Acceptor."""
+
+    def __init__(self, settings: Settings, store: Store, local: Sequence[Any] = ()) -> None:
+        self.settings = settings
+        self.store = store
+        self.local = local
+        self.host = "127.0.0.1"
+        self.port = 0
+        self._thread: LoopThread | None = None
+        self._server: asyncio.Server | None = None
+        self.acceptor: Acceptor | None = None
+
+    def __enter__(self) -> SmtpListener:
+        from postbode.ingest.smtp_server import start_server
+
+        self._thread = LoopThread()
+
+        async def start() -> asyncio.Server:
+            self.acceptor = Acceptor(self.store, self.settings.smtp_hostname)
+            return await start_server(
+                self.settings, self.store, self.acceptor, self.local, host=self.host, port=0
+            )
+
+        self._server = self._thread.run(start())
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._thread is not None and self._server is not None
+        server, acceptor = self._server, self.acceptor
+
+        async def stop() -> None:
+            server.close()
+            await server.wait_closed()
+            if acceptor is not None:
+                await acceptor.close()
+
+        self._thread.run(stop())
+        self._thread.close()
