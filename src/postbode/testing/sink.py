@@ -497,6 +497,9 @@ class SmtpSink:
         data_size_limit: int | None = 32 * 1024 * 1024,
         session_timeout: float = 300.0,
     ) -> None:
+        """`port=0` binds a free port (read it from `.port`); `tls` offers STARTTLS with a
+        self-signed certificate naming `hostname`, `tls_names`, "localhost" and the bound
+        address; `require_tls` refuses mail before STARTTLS (530, RFC 3207 §4)."""
         self._host = host
         self._requested_port = port
         self._random_host = False

@@ -357,3 +357,15 @@ def test_normalise_reply(given: str, wire: str) -> None:
 def test_rules_refuse_malformed_replies(bad: str) -> None:
     with pytest.raises(ValueError, match="not an SMTP reply"):
         Rule.rcpt(None, bad)
+
+
+def test_helo_and_smtputf8(sink: SmtpSink) -> None:
+    with client(sink) as c:
+        c.helo("old.test")
+        c.sendmail("a@shop.test", ["b@dest.test"], MESSAGE)
+    with client(sink) as c:
+        c.sendmail("a@shop.test", ["jörg@dest.test"], MESSAGE, mail_options=["SMTPUTF8"])
+    first, second = sink.wait_for_sync(2)
+    assert first.ehlo == "old.test"
+    assert second.rcpt_tos == ("jörg@dest.test",)
+    assert "SMTPUTF8" in second.mail_options
