@@ -35,7 +35,9 @@ __all__ = [
     "SmtpTimeouts",
     "TlsMode",
     "TranscriptLine",
+    "parse_tls_policy",
     "send_message",
+    "tls_mode_for",
 ]
 
 TlsMode = Literal["none", "opportunistic", "require", "verify"]
@@ -210,6 +212,51 @@ def _data_payload(message: bytes) -> bytes:
         body += b"\r\n"
     body = re.sub(rb"(?m)^\.", b"..", body)
     return body + b".\r\n"
+
+
+def parse_tls_policy(text: str) -> dict[str, TlsMode]:
+    """Parse settings.tls_policy, `secure.test=verify,*.bank.test=require` (commas or
+    newlines): an exact domain, `*.domain` for its subdomains, or `*` for every domain.
+    Raises ValueError naming the bad entry."""
+    policy: dict[str, TlsMode] = {}
+    for item in text.replace("\n", ",").split(","):
+        if not item.strip():
+            continue
+        pattern, sep, mode = (part.strip() for part in item.partition("="))
+        if not sep or not pattern or mode not in TLS_MODES:
+            raise ValueError(
+                f"TLS policy entry {item.strip()!r} is not domain=" + "|".join(TLS_MODES)
+            )
+        if pattern != "*":
+            wildcard = pattern.startswith("*.")
+            try:
+                domain = _a_label(pattern[2:] if wildcard else pattern).lower().rstrip(".")
+            except _BadAddress as exc:
+                raise ValueError(f"TLS policy entry {item.strip()!r}: {exc}") from None
+            pattern = f"*.{domain}" if wildcard else domain
+        policy[pattern] = mode
+    return policy
+
+
+def tls_mode_for(
+    policy: Mapping[str, TlsMode], domain: str, default: TlsMode = "opportunistic"
+) -> TlsMode:
+    """The TLS mode for a recipient domain: exact match, else the longest `*.` suffix,
+    else `*`, else `default`."""
+    try:
+        domain = _a_label(domain).lower().rstrip(".")
+    except _BadAddress:
+        return default
+    if domain in policy:
+        return policy[domain]
+    best: str | None = None
+    for pattern in policy:
+        suffix = pattern.startswith("*.") and domain.endswith(pattern[1:])
+        if suffix and (best is None or len(pattern) > len(best)):
+            best = pattern
+    if best is not None:
+        return policy[best]
+    return policy.get("*", default)
 
 
 @functools.cache
@@ -456,7 +503,11 @@ class SmtpSession:
         self._client("STARTTLS")
         try:
             response = await protocol.start_tls(
-                context, server_hostname=self.target_host, timeout=self.timeouts.command
+                context,
+                # SNI and the certificate check use the MX host name, not the IP; a trailing
+                # root dot would fail the name match.
+                server_hostname=self.target_host.rstrip("."),
+                timeout=self.timeouts.command,
             )
         except SMTPResponseException as exc:
             if not 200 <= exc.code <= 599:  # aiosmtplib marks unparsable replies -1

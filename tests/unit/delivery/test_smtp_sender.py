@@ -20,7 +20,9 @@ from postbode.delivery.smtp_sender import (
     SmtpSession,
     SmtpTimeouts,
     TlsMode,
+    parse_tls_policy,
     send_message,
+    tls_mode_for,
 )
 from postbode.testing.sink import DROP, STALL, Rule, Script, SmtpSink, Stage
 
@@ -536,6 +538,20 @@ def test_verify_mode_accepts_a_trusted_certificate_for_the_mx_name() -> None:
     assert received.tls
 
 
+def test_verify_mode_accepts_an_mx_name_with_a_root_dot() -> None:
+    with SmtpSink(tls=True, hostname="mx.dest.test") as sink:
+        assert sink.tls_cert_pem is not None
+        trust = ssl.create_default_context(cadata=sink.tls_cert_pem.decode())
+        result = send(
+            sink,
+            ["alice@dest.test"],
+            tls_mode="verify",
+            target_host="mx.dest.test.",
+            tls_context=trust,
+        )
+    assert isinstance(result.outcomes["alice@dest.test"], Delivered)
+
+
 def test_verify_mode_refuses_a_certificate_for_another_name() -> None:
     with SmtpSink(tls=True, hostname="mx.dest.test") as sink:
         assert sink.tls_cert_pem is not None
@@ -885,3 +901,36 @@ def test_sink_saw_what_the_transcript_says() -> None:
         s for s in lines(result, "S") if s.startswith(("250 2.1.5", "550 5.1.1"))
     ]
     assert transcript_rcpt_replies == sink_rcpt_replies
+
+
+# -- TLS policy (settings.tls_policy) ---------------------------------------------------------
+
+
+def test_tls_policy_lookup() -> None:
+    policy = parse_tls_policy(
+        "secure.test=verify, *.bank.test=require\n*.eu.bank.test=verify,plain.test=none"
+    )
+    assert tls_mode_for(policy, "secure.test") == "verify"
+    assert tls_mode_for(policy, "SECURE.test.") == "verify"
+    assert tls_mode_for(policy, "sub.secure.test") == "opportunistic"  # exact means exact
+    assert tls_mode_for(policy, "mail.bank.test") == "require"
+    assert tls_mode_for(policy, "x.eu.bank.test") == "verify"  # the longest suffix wins
+    assert tls_mode_for(policy, "bank.test") == "opportunistic"  # *. is subdomains only
+    assert tls_mode_for(policy, "plain.test") == "none"
+    assert tls_mode_for(policy, "other.test") == "opportunistic"
+    assert tls_mode_for(policy, "other.test", default="require") == "require"
+    assert tls_mode_for(parse_tls_policy("*=require"), "any.test") == "require"
+    assert parse_tls_policy("") == {}
+
+
+def test_tls_policy_internationalised_domains() -> None:
+    policy = parse_tls_policy("bücher.test=verify")
+    assert policy == {"xn--bcher-kva.test": "verify"}
+    assert tls_mode_for(policy, "bücher.test") == "verify"
+    assert tls_mode_for(policy, "xn--bcher-kva.test") == "verify"
+
+
+@pytest.mark.parametrize("bad", ["secure.test", "secure.test=maybe", "=verify", "bü..test=verify"])
+def test_tls_policy_errors_name_the_entry(bad: str) -> None:
+    with pytest.raises(ValueError, match="TLS policy entry"):
+        parse_tls_policy(bad)
