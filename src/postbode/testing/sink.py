@@ -401,13 +401,15 @@ class _Handler:
         hostname: str,
         responses: list[str],
     ) -> list[str]:
-        kept = [r for r in responses if not r[4:].upper().startswith("AUTH")]
-        default = "\r\n".join(kept)
-        reply, scripted = await self._decide(server, Stage.EHLO, hostname, [hostname], default)
+        # An MX offers no AUTH; aiosmtpd would advertise it after STARTTLS.
+        kept = [r[4:] for r in responses if not r[4:].upper().startswith("AUTH")]
+        wire = [f"250-{line}" for line in kept[:-1]] + [f"250 {kept[-1]}"]
+        reply, scripted = await self._decide(
+            server, Stage.EHLO, hostname, [hostname], "\r\n".join(wire)
+        )
         if not scripted:
             session.host_name = hostname
-            # An MX offers no AUTH; aiosmtpd would advertise it after STARTTLS.
-            return [f"{r[:3]}-{r[4:]}" for r in kept[:-1]] + [f"{kept[-1][:3]} {kept[-1][4:]}"]
+            return wire
         if reply.startswith("2"):
             session.host_name = hostname
         return [reply]
