@@ -128,6 +128,9 @@ class SendResult:
     session_error: str | None = None
     """Set when the session itself failed (connect, greeting, EHLO, TLS, timeout, drop)
     rather than the remote answering this message: the caller may try another MX."""
+    message_sent: bool = False
+    """The content went out after 354. If the final reply then never came, the remote
+    may still deliver it (RFC 1047): trying another MX risks a duplicate."""
 
 
 class _Broken(Exception):
@@ -643,6 +646,7 @@ class SmtpSession:
                 outcomes={rcpt: outcomes[rcpt] for rcpt in recipients},
                 attempt=attempt,
                 session_error=session_error,
+                message_sent=state.message_sent,
             )
 
     async def _transaction(
@@ -744,6 +748,7 @@ class SmtpSession:
             protocol = self._protocol
             assert protocol is not None
             self._client(f"<message body, {len(message)} bytes>")
+            state.message_sent = True
             try:
                 protocol.write(_data_payload(message))
             except (SMTPServerDisconnected, OSError):
@@ -768,6 +773,7 @@ class SmtpSession:
 @dataclass(slots=True)
 class _Transaction:
     final_reply: Reply | None = field(default=None)
+    message_sent: bool = False
 
 
 async def send_message(

@@ -191,6 +191,7 @@ def test_delivered_with_transcript_and_attempt() -> None:
     assert attempt.tls_version is None and attempt.tls_cipher is None
     assert attempt.duration > 0
     assert result.session_error is None
+    assert result.message_sent
 
     client = lines(result, "C")
     assert client == [
@@ -345,6 +346,7 @@ def test_421_mid_transaction_defers_everyone_undecided() -> None:
         assert isinstance(outcome, SoftFail)
         assert outcome.reply is not None and outcome.reply.code == 421
     assert result.session_error is not None
+    assert not result.message_sent  # safe to try the next MX
     assert result.attempt.final_reply is not None and result.attempt.final_reply.code == 421
 
 
@@ -449,6 +451,7 @@ def test_drop_mid_data_is_a_soft_fail() -> None:
         assert outcome.reply is None
         assert "connection lost" in outcome.reason
     assert result.session_error is not None
+    assert result.message_sent  # the remote may have it: another MX risks a duplicate
     assert result.attempt.final_reply is None
     assert lines(result, "C")[-1] == f"<message body, {len(MESSAGE)} bytes>"
 
