@@ -76,9 +76,17 @@ async def smtp_role(rt: Runtime, stop: asyncio.Event) -> None:
     await server.wait_closed()
 
 
+async def worker_role(rt: Runtime, stop: asyncio.Event) -> None:
+    from postbode.delivery.worker import DeliveryWorker
+
+    worker = DeliveryWorker(rt.settings, rt.store)
+    rt.acceptor.on_commit.append(worker.notify)
+    await worker.run(stop)
+
+
 def available_roles() -> dict[str, Role]:
     """Every role this build of Postbode knows, by name."""
-    return {"web": web_role, "smtp": smtp_role}
+    return {"web": web_role, "smtp": smtp_role, "worker": worker_role}
 
 
 async def run_roles(settings: Settings, store: Store, names: list[str]) -> None:

@@ -12,7 +12,7 @@ import secrets
 import time
 import uuid
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -214,6 +214,8 @@ class Acceptor:
         self._wakeup: asyncio.Event | None = None
         self._flusher: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Future[Accepted]] = set()
+        # Called after each commit that queued mail (a worker in this process wakes up).
+        self.on_commit: list[Callable[[], None]] = []
         # One committing thread: SQLite has one writer anyway, and on PostgreSQL batches
         # grow while a commit is in flight, which is the point.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="accept-commit")
@@ -383,6 +385,8 @@ class Acceptor:
                 batch = self._pending[: self.max_batch]
                 del self._pending[: self.max_batch]
                 results = await loop.run_in_executor(self._executor, self._commit, batch)
+                for listener in self.on_commit:
+                    listener()
                 for (prepared, future), result in zip(batch, results, strict=True):
                     if future.done():  # the client went away; the message is stored anyway
                         continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid
 from datetime import UTC, datetime
@@ -64,10 +65,22 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+_id_lock = threading.Lock()
+_last_id = [0, 0]  # (milliseconds, random bits) of the newest id made by this process
+
+
 def new_id() -> uuid.UUID:
-    """A UUIDv7 (RFC 9562 §5.7): time-ordered, so keyset pagination by id follows time."""
-    ms = time.time_ns() // 1_000_000
-    rand = int.from_bytes(os.urandom(10), "big")
+    """A UUIDv7 (RFC 9562 §5.7): time-ordered, so keyset pagination by id follows time.
+
+    Within one millisecond a process's ids still increase (RFC 9562 §6.2, method 2: the random
+    part is incremented), so events written together keep their order."""
+    with _id_lock:
+        ms = time.time_ns() // 1_000_000
+        if ms <= _last_id[0]:
+            ms, rand = _last_id[0], _last_id[1] + 1
+        else:
+            rand = int.from_bytes(os.urandom(10), "big") >> 8  # headroom for increments
+        _last_id[0], _last_id[1] = ms, rand
     value = (ms & 0xFFFF_FFFF_FFFF) << 80 | rand & ((1 << 80) - 1)
     value = value & ~(0xF << 76) | 0x7 << 76  # version 7
     value = value & ~(0x3 << 62) | 0x2 << 62  # RFC 9562 variant

@@ -85,3 +85,61 @@ class SmtpListener:
 
         self._thread.run(stop())
         self._thread.close()
+
+
+class PostbodeInProcess:
+    """SMTP listener, acceptor and delivery worker sharing one loop, as `postbode serve` runs
+    them: for end-to-end tests that also look into the store."""
+
+    def __init__(self, settings: Settings, store: Store, local: Sequence[Any] = ()) -> None:
+        self.settings = settings
+        self.store = store
+        self.local = local
+        self.host = "127.0.0.1"
+        self.port = 0
+        self._thread: LoopThread | None = None
+        self._stop: asyncio.Event | None = None
+        self._tasks: list[asyncio.Future[Any]] = []
+        self._server: asyncio.Server | None = None
+        self.acceptor: Acceptor | None = None
+        self.worker: Any = None
+
+    def __enter__(self) -> PostbodeInProcess:
+        from postbode.delivery.worker import DeliveryWorker
+        from postbode.ingest.smtp_server import start_server
+
+        self._thread = LoopThread()
+
+        async def start() -> asyncio.Server:
+            self._stop = asyncio.Event()
+            self.acceptor = Acceptor(self.store, self.settings.smtp_hostname)
+            self.worker = DeliveryWorker(self.settings, self.store)
+            self.acceptor.on_commit.append(self.worker.notify)
+            self._tasks.append(asyncio.ensure_future(self.worker.run(self._stop)))
+            return await start_server(
+                self.settings, self.store, self.acceptor, self.local, host=self.host, port=0
+            )
+
+        self._server = self._thread.run(start())
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._thread is not None and self._server is not None and self._stop is not None
+        server, acceptor, stop, tasks = self._server, self.acceptor, self._stop, self._tasks
+
+        async def shutdown() -> None:
+            stop.set()
+            server.close()
+            await server.wait_closed()
+            await asyncio.gather(*tasks)
+            if acceptor is not None:
+                await acceptor.close()
+
+        self._thread.run(shutdown())
+        self._thread.close()

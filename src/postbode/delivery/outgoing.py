@@ -1,0 +1,373 @@
+"""The outgoing processor: for a batch of deliveries to one domain, a checklist of steps, each
+returning or recording an outcome: check_app_active, fail_if_expired, sign, resolve_route,
+send, record."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import random
+import traceback
+import uuid
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, Row, insert, select
+
+from postbode.bounces.classify import Classification, classify
+from postbode.bounces.suppression import suppress_after_bounce
+from postbode.config import Settings
+from postbode.delivery import dkim
+from postbode.delivery.backoff import next_attempt_delay, retry_hint
+from postbode.delivery.mx import DnsFailure, DnsHardFail, MxLookup, Target
+from postbode.delivery.outcomes import Delivered, HardFail, Held, Outcome, Reply, SoftFail
+from postbode.delivery.smtp_sender import Attempt, SmtpSession, SmtpTimeouts, TlsMode
+from postbode.events.record import Event, record
+from postbode.events.types import EventType
+from postbode.metrics import DELIVERIES, IN_FLIGHT
+from postbode.store.claim import DELIVERIES as DELIVERY_QUEUE
+from postbode.store.claim import release_in
+from postbode.store.engine import Store
+from postbode.store.schema import apps, attempts, domains, messages, raw_messages, utcnow
+
+log = logging.getLogger(__name__)
+_rng = random.Random()
+
+
+@dataclass
+class Job:
+    """One claimed delivery and everything needed to send it."""
+
+    row: Row[Any]
+    message: Row[Any]
+    raw: bytes = b""
+    app_status: str = "active"
+    max_age: float = 0.0
+    outcome: Outcome | None = None
+    attempt: Attempt | None = None
+    note: str = ""  # why, when no SMTP reply explains the outcome
+    classification: Classification | None = None
+    events: list[Event] = field(default_factory=list)
+
+    @property
+    def id(self) -> uuid.UUID:
+        return self.row.id  # type: ignore[no-any-return]
+
+    @property
+    def recipient(self) -> str:
+        return self.row.recipient  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True)
+class TlsPolicy:
+    """Per-destination TLS modes from a setting like `secure.test=verify,*.bank.test=require`."""
+
+    rules: tuple[tuple[str, TlsMode], ...]
+
+    @classmethod
+    def parse(cls, text: str) -> TlsPolicy:
+        rules: list[tuple[str, TlsMode]] = []
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            pattern, _, mode = item.partition("=")
+            if mode not in ("none", "opportunistic", "require", "verify"):
+                raise ValueError(f"tls_policy: unknown mode {mode!r} for {pattern!r}")
+            rules.append((pattern.strip().lower(), mode))  # type: ignore[arg-type]
+        return cls(tuple(rules))
+
+    def mode_for(self, domain: str) -> TlsMode:
+        for pattern, mode in self.rules:
+            if pattern == domain or (pattern.startswith("*.") and domain.endswith(pattern[1:])):
+                return mode
+        return "opportunistic"
+
+
+class Outgoing:
+    """Sends batches of deliveries and records what happened."""
+
+    def __init__(self, settings: Settings, store: Store, resolver: MxLookup, owner: str) -> None:
+        self.settings = settings
+        self.store = store
+        self.resolver = resolver
+        self.owner = owner
+        self.timeouts = SmtpTimeouts.from_settings(settings)
+        self.tls = TlsPolicy.parse(settings.tls_policy)
+
+    # -- loading (in a thread) ---------------------------------------------------------------
+
+    def load(self, rows: Sequence[Row[Any]]) -> list[Job]:
+        """The jobs for claimed rows: their messages, raw content and app settings."""
+        message_ids = {r.message_id for r in rows}
+        app_ids = {r.app_id for r in rows}
+        with self.store.read() as conn:
+            msgs = {
+                m.id: m
+                for m in conn.execute(select(messages).where(messages.c.id.in_(message_ids)))
+            }
+            raws = dict(
+                conn.execute(
+                    select(raw_messages.c.message_id, raw_messages.c.data).where(
+                        raw_messages.c.message_id.in_(message_ids)
+                    )
+                ).all()
+            )
+            app_rows = {
+                a.id: a
+                for a in conn.execute(
+                    select(apps.c.id, apps.c.status, apps.c.max_message_age_seconds).where(
+                        apps.c.id.in_(app_ids)
+                    )
+                )
+            }
+        jobs = []
+        for row in rows:
+            app = app_rows[row.app_id]
+            raw = raws.get(row.message_id)
+            jobs.append(
+                Job(
+                    row=row,
+                    message=msgs[row.message_id],
+                    raw=zlib.decompress(raw) if raw is not None else b"",
+                    app_status=app.status,
+                    max_age=float(
+                        app.max_message_age_seconds or self.settings.max_message_age_seconds
+                    ),
+                )
+            )
+        return jobs
+
+    def signing_keys(self, jobs: Sequence[Job]) -> dict[tuple[int, str], Any]:
+        """The DKIM keys of the From domains in these jobs, by (app, domain)."""
+        names = {_from_domain(j.message.mail_from, j.message.from_header) for j in jobs}
+        with self.store.read() as conn:
+            rows = conn.execute(
+                select(
+                    domains.c.app_id,
+                    domains.c.name,
+                    domains.c.dkim_selector,
+                    domains.c.dkim_private_key,
+                    domains.c.dns_status,
+                ).where(domains.c.name.in_(names))
+            ).all()
+        return {(r.app_id, r.name): r for r in rows}
+
+    # -- the checklist ----------------------------------------------------------------------
+
+    async def process(self, domain: str, jobs: list[Job]) -> None:
+        """Deliver `jobs` (all to `domain`, claimed by this worker) and record the outcomes."""
+        pending = [j for j in jobs if not self.check_app_active(j) and not self.fail_if_expired(j)]
+        if pending:
+            keys = await asyncio.to_thread(self.signing_keys, pending)
+            for job in pending:
+                self.sign(job, keys)
+            targets = await self.resolve_route(domain, pending)
+            if targets is not None:
+                await self.send(targets, [j for j in pending if j.outcome is None])
+        await asyncio.to_thread(self.record, jobs)
+
+    def check_app_active(self, job: Job) -> bool:
+        if job.app_status != "active":
+            job.outcome = Held(reason=f"app is {job.app_status}")
+            return True
+        return False
+
+    def fail_if_expired(self, job: Job) -> bool:
+        age = (utcnow() - job.row.first_queued_at).total_seconds()
+        if job.row.attempts > 0 and age >= job.max_age:
+            job.outcome = HardFail(reply=None, reason="expired")
+            job.note = f"expired: not delivered within {job.max_age / 3600:g} h"
+            return True
+        return False
+
+    def sign(self, job: Job, keys: dict[tuple[int, str], Any]) -> None:
+        """DKIM-sign with the From domain's key; unsigned (and noted) when it has none."""
+        domain = _from_domain(job.message.mail_from, job.message.from_header)
+        key = keys.get((job.row.app_id, domain))
+        if key is None:
+            job.note = f"unsigned: no DKIM key for {domain}"
+            return
+        try:
+            job.raw = dkim.sign(job.raw, key.name, key.dkim_selector, key.dkim_private_key.encode())
+        except dkim.DkimError as exc:
+            job.note = f"unsigned: {exc}"
+
+    async def resolve_route(self, domain: str, jobs: list[Job]) -> list[Target] | None:
+        try:
+            return await self.resolver.resolve(domain)
+        except DnsFailure as fail:
+            reply = Reply(550 if fail.permanent else 451, fail.status, fail.reason)
+            for job in jobs:
+                job.outcome = (
+                    HardFail(reply=reply, reason=fail.reason)
+                    if isinstance(fail, DnsHardFail)
+                    else SoftFail(reply=reply, retry_after=None, reason=fail.reason)
+                )
+                job.note = f"DNS: {fail}"
+            return None
+
+    async def send(self, targets: list[Target], jobs: list[Job]) -> None:
+        """Over one connection per target, falling back to the next target while the session
+        itself fails (connection refused, 4xx greeting, TLS trouble)."""
+        remaining = list(jobs)
+        domain = remaining[0].row.recipient_domain if remaining else ""
+        IN_FLIGHT.labels(domain).inc(len(remaining))
+        try:
+            for target in targets:
+                if not remaining:
+                    break
+                async with SmtpSession(
+                    target.host,
+                    target.ip,
+                    target.port,
+                    self.settings.smtp_hostname,
+                    self.tls.mode_for(domain),
+                    self.timeouts,
+                ) as session:
+                    for job in list(remaining):
+                        result = await session.send(self.return_path(job), [job.recipient], job.raw)
+                        job.outcome = result.outcomes[job.recipient]
+                        job.attempt = result.attempt
+                        if result.session_error is None or result.message_sent:
+                            # Once the content went out the first host may have it: this
+                            # attempt's outcome stands, never another MX (RFC 1047).
+                            remaining.remove(job)
+                        if session.failure is not None:
+                            break  # next target for what is left
+        finally:
+            IN_FLIGHT.labels(domain).dec(len(jobs))
+
+    def return_path(self, job: Job) -> str:
+        """VERP: a per-delivery token, so a later bounce finds its delivery."""
+        return f"{job.row.verp_token}@{self.settings.return_path_domain}"
+
+    # -- recording (in a thread, one transaction per batch) --------------------------------
+
+    def record(self, jobs: list[Job]) -> None:
+        now = utcnow()
+        with self.store.write() as conn:
+            for job in jobs:
+                try:
+                    self._record_one(conn, job, now)
+                except Exception:  # a bug: park this delivery where the UI shows it
+                    log.exception("recording delivery %s failed", job.id)
+                    release_in(
+                        conn,
+                        DELIVERY_QUEUE,
+                        self.owner,
+                        job.id,
+                        status="held",
+                        error=traceback.format_exc(limit=5),
+                    )
+
+    def _record_one(self, conn: Connection, job: Job, now: datetime) -> None:
+        outcome = job.outcome or SoftFail(reply=None, retry_after=None, reason="not attempted")
+        row, msg = job.row, job.message
+        attempt_no = row.attempts + 1
+        reply = outcome.reply if not isinstance(outcome, Held) else None
+        reply_text = str(reply) if reply is not None else job.note or None
+        common: dict[str, Any] = {
+            "app_id": row.app_id,
+            "stream": msg.stream,
+            "tag": msg.tag,
+            "message_id": row.message_id,
+            "delivery_id": row.id,
+            "recipient": row.recipient,
+        }
+        values: dict[str, Any] = {
+            "attempts": attempt_no if job.attempt is not None else row.attempts,
+            "last_attempt_at": now,
+            "last_reply": reply_text,
+            "updated_at": now,
+        }
+        if job.attempt is not None:
+            values["mx"] = job.attempt.mx_host
+        data: dict[str, Any] = {"reply": reply_text, "attempt": attempt_no}
+        if job.attempt is not None:
+            data["mx"] = job.attempt.mx_host
+        if job.note:
+            data["note"] = job.note
+
+        if isinstance(outcome, Delivered):
+            values["status"] = "delivered"
+            event = EventType.DELIVERY_DELIVERED
+        elif isinstance(outcome, Held):
+            values["status"] = "held"
+            event = EventType.DELIVERY_HELD
+            data["reason"] = outcome.reason
+        elif isinstance(outcome, SoftFail):
+            delay = next_attempt_delay(
+                attempt_no,
+                outcome.retry_after or (retry_hint(reply_text or "")),
+                float(self.settings.retry_cap_seconds),
+                _rng,
+            )
+            next_at = now + timedelta(seconds=delay)
+            if (next_at - row.first_queued_at).total_seconds() >= job.max_age:
+                values["status"] = "failed"
+                event = EventType.DELIVERY_FAILED
+                data["reason"] = "expired"
+                data["last_error"] = outcome.reason
+            else:
+                values["status"] = "deferred"
+                values["next_attempt_at"] = next_at
+                event = EventType.DELIVERY_DEFERRED
+                data["reason"] = outcome.reason
+                data["next_attempt_at"] = next_at.isoformat()
+        else:  # HardFail
+            if outcome.reason == "expired":
+                values["status"] = "failed"
+                event = EventType.DELIVERY_FAILED
+                data["reason"] = "expired"
+            else:
+                found = classify(
+                    reply.enhanced_status if reply else None,
+                    reply.code if reply else None,
+                    reply_text or outcome.reason,
+                )
+                job.classification = found
+                values.update(
+                    status="bounced",
+                    bounce_category=found.category,
+                    bounce_status=reply.enhanced_status if reply else None,
+                    hard=found.hard,
+                )
+                event = EventType.DELIVERY_BOUNCED
+                data.update(category=found.category, hard=found.hard, source="smtp")
+                if reply and reply.enhanced_status:
+                    data["status"] = reply.enhanced_status
+        if not release_in(conn, DELIVERY_QUEUE, self.owner, row.id, **values):
+            log.warning("lease on delivery %s was lost; its outcome is not recorded", row.id)
+            return
+        if job.attempt is not None:
+            a = job.attempt
+            final = a.final_reply
+            conn.execute(
+                insert(attempts).values(
+                    delivery_id=row.id,
+                    started_at=a.started_at,
+                    duration_ms=int(a.duration * 1000),
+                    outcome=type(outcome).__name__,
+                    mx_host=a.mx_host,
+                    ip=a.ip,
+                    port=a.port,
+                    tls_version=a.tls_version,
+                    tls_cipher=a.tls_cipher,
+                    reply_code=final.code if final else None,
+                    enhanced_status=final.enhanced_status if final else None,
+                    reply_text=str(final) if final else reply_text,
+                    transcript=a.transcript_text(),
+                )
+            )
+        record(conn, Event(type=event, at=now, data=data, **common))
+        if event == EventType.DELIVERY_BOUNCED and job.classification is not None:
+            suppress_after_bounce(conn, row, msg, job.classification, reply_text or "")
+        DELIVERIES.labels(type(outcome).__name__).inc()
+
+
+def _from_domain(mail_from: str, from_header: str) -> str:
+    addresses = [a for _, a in email.utils.getaddresses([from_header]) if a]
+    address = addresses[0] if addresses else mail_from
+    return address.rpartition("@")[2].lower().rstrip(".")
