@@ -76,9 +76,9 @@ def _run(roles: list[str]) -> None:
 @app.command()
 def serve() -> None:
     """Run every role in one command: HTTP API and UI, SMTP listener, delivery workers."""
-    from postbode.roles import available_roles
+    from postbode.roles import serve_roles
 
-    _run(list(available_roles()))
+    _run(serve_roles(get_settings()))
 
 
 @app.command()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import sys
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -81,12 +83,87 @@ async def worker_role(rt: Runtime, stop: asyncio.Event) -> None:
 
     worker = DeliveryWorker(rt.settings, rt.store)
     rt.acceptor.on_commit.append(worker.notify)
+    if os.environ.get(WAKEUP_ENV):
+        # Started by `postbode serve`: a byte on stdin means mail was just queued.
+        _on_stdin_bytes(worker.notify)
     await worker.run(stop)
+
+
+WAKEUP_ENV = "POSTBODE_WAKEUP_ON_STDIN"
+
+
+def _on_stdin_bytes(callback: Callable[[], None]) -> None:
+    fd = sys.stdin.fileno()
+    os.set_blocking(fd, False)
+    loop = asyncio.get_running_loop()
+
+    def readable() -> None:
+        try:
+            if not os.read(fd, 4096):  # the parent is gone
+                loop.remove_reader(fd)
+        except BlockingIOError:
+            return
+        callback()
+
+    loop.add_reader(fd, readable)
+
+
+async def worker_processes_role(rt: Runtime, stop: asyncio.Event) -> None:
+    """`settings.workers` child processes running the worker role, so delivery uses the other
+    cores; they are woken after each commit that queued mail, and restarted if they die."""
+    children: list[asyncio.subprocess.Process] = []
+
+    async def spawn() -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "postbode",
+            "worker",
+            stdin=asyncio.subprocess.PIPE,
+            env={**os.environ, WAKEUP_ENV: "1"},
+        )
+
+    def wake() -> None:
+        for child in children:
+            if child.stdin is not None and child.returncode is None:
+                transport = child.stdin.transport
+                if transport.get_write_buffer_size() < 64:  # a wake-up is already pending
+                    child.stdin.write(b"\n")
+
+    children.extend([await spawn() for _ in range(rt.settings.workers)])
+    rt.acceptor.on_commit.append(wake)
+    while not stop.is_set():
+        waits = {asyncio.create_task(c.wait()) for c in children}
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({*waits, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (*waits, stopping):
+            task.cancel()
+        for i, child in enumerate(children):
+            if child.returncode is not None and not stop.is_set():
+                log.error(
+                    "worker process %d exited with %d; restarting", child.pid, child.returncode
+                )
+                children[i] = await spawn()
+    for child in children:
+        if child.returncode is None:
+            child.terminate()
+    await asyncio.gather(*(c.wait() for c in children))
 
 
 def available_roles() -> dict[str, Role]:
     """Every role this build of Postbode knows, by name."""
-    return {"web": web_role, "smtp": smtp_role, "worker": worker_role}
+    return {
+        "web": web_role,
+        "smtp": smtp_role,
+        "worker": worker_role,
+        "worker-processes": worker_processes_role,
+    }
+
+
+def serve_roles(settings: Settings) -> list[str]:
+    """What `postbode serve` runs: web and SMTP here, delivery in `workers` child processes
+    (or here too when workers is 0)."""
+    return ["web", "smtp", "worker-processes" if settings.workers > 0 else "worker"]
 
 
 async def run_roles(settings: Settings, store: Store, names: list[str]) -> None:
