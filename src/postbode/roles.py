@@ -84,26 +84,31 @@ async def worker_role(rt: Runtime, stop: asyncio.Event) -> None:
     worker = DeliveryWorker(rt.settings, rt.store)
     rt.acceptor.on_commit.append(worker.notify)
     if os.environ.get(WAKEUP_ENV):
-        # Started by `postbode serve`: a byte on stdin means mail was just queued.
-        _on_stdin_bytes(worker.notify)
+        # Started by `postbode serve`: a byte on stdin means mail was just queued; the end
+        # of stdin means `serve` is gone (even by kill -9), and so must this process be.
+        _on_stdin_bytes(worker.notify, stop.set)
     await worker.run(stop)
 
 
 WAKEUP_ENV = "POSTBODE_WAKEUP_ON_STDIN"
+RESTART_DELAY_SECONDS = 1.0
 
 
-def _on_stdin_bytes(callback: Callable[[], None]) -> None:
+def _on_stdin_bytes(callback: Callable[[], None], on_eof: Callable[[], None]) -> None:
     fd = sys.stdin.fileno()
     os.set_blocking(fd, False)
     loop = asyncio.get_running_loop()
 
     def readable() -> None:
         try:
-            if not os.read(fd, 4096):  # the parent is gone
-                loop.remove_reader(fd)
+            data = os.read(fd, 4096)
         except BlockingIOError:
             return
-        callback()
+        if data:
+            callback()
+        else:
+            loop.remove_reader(fd)
+            on_eof()
 
     loop.add_reader(fd, readable)
 
@@ -143,6 +148,8 @@ async def worker_processes_role(rt: Runtime, stop: asyncio.Event) -> None:
                 log.error(
                     "worker process %d exited with %d; restarting", child.pid, child.returncode
                 )
+                with contextlib.suppress(TimeoutError):  # not in a hot loop if it keeps dying
+                    await asyncio.wait_for(stop.wait(), RESTART_DELAY_SECONDS)
                 children[i] = await spawn()
     for child in children:
         if child.returncode is None:
