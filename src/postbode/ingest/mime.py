@@ -218,6 +218,10 @@ def build(draft: Draft) -> bytes:
         msg["To"] = [m.header() for m in draft.to]
     if draft.cc:
         msg["Cc"] = [m.header() for m in draft.cc]
+    if not draft.to and not draft.cc:
+        # RFC 5322 §3.6.3: only Bcc recipients; an empty group says so (and spam filters
+        # count a message without To against it).
+        msg["To"] = "undisclosed-recipients:;"
     if draft.reply_to is not None:
         msg["Reply-To"] = draft.reply_to.header()
     msg["Subject"] = draft.subject

@@ -74,6 +74,11 @@ def test_text_and_html_with_attachments() -> None:
     assert msg["Bcc"] is None
 
 
+def test_bcc_only_says_undisclosed_recipients() -> None:
+    raw = build(Draft(sender=SHOP, subject="Hi", text="x"))
+    assert b"\r\nTo: undisclosed-recipients:;\r\n" in raw
+
+
 def test_html_only() -> None:
     msg = parse(build(Draft(sender=SHOP, subject="Hi", to=[ALICE], html="<b>Hi</b>")))
     assert msg.get_content_type() == "text/html"
