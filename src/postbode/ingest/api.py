@@ -1,0 +1,781 @@
+"""The native HTTP send API: POST, read and list messages under /api/v1/messages."""
+
+from __future__ import annotations
+
+import binascii
+import contextlib
+import json
+import mimetypes
+import re
+from collections.abc import Callable, Coroutine, Sequence
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    StringConstraints,
+    WithJsonSchema,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
+from sqlalchemy import Connection, case, func, select
+from starlette.concurrency import run_in_threadpool
+
+from postbode.config import Settings
+from postbode.ingest import mime
+from postbode.ingest.accept import (
+    AcceptError,
+    Acceptor,
+    Submission,
+    TemporaryAcceptError,
+    normalise_address,
+    request_hash,
+)
+from postbode.store.engine import Store
+from postbode.store.schema import attempts, deliveries, events, messages
+from postbode.web.auth import ApiApp
+from postbode.web.errors import ApiError, error_body
+
+MAX_LIST_ENTRIES = 1000  # to/cc/bcc entries parsed at most; smtp_max_recipients is the real cap
+MAX_HEADERS = 50
+MAX_ATTACHMENTS = 100
+MAX_FILENAME = 255
+MAX_METADATA_KEYS = 20
+MAX_METADATA_KEY = 64
+MAX_METADATA_VALUE = 1000
+MAX_METADATA_SIZE = 4096  # characters of all keys and values together
+RETRY_AFTER_SECONDS = 5
+PAGE_SIZE = 50
+MAX_PAGE_SIZE = 100
+# Deliveries that will be attempted again show when; for the others next_attempt_at is stale.
+_PENDING = ("queued", "deferred", "sending")
+_MIME_TYPES = mimetypes.MimeTypes()  # the built-in table only: the same guess on every machine
+
+_BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+
+DeliveryStatus = Literal[
+    "queued",
+    "sending",
+    "delivered",
+    "deferred",
+    "bounced",
+    "failed",
+    "suppressed",
+    "held",
+    "cancelled",
+]
+
+
+def body_limit(settings: Settings) -> int:
+    """The largest request body read: twice the largest message (room for base64 and JSON
+    escapes) and 1 MiB; a larger body is refused with 413 before it is read."""
+    return 2 * settings.smtp_max_message_size + 1024 * 1024
+
+
+# -- validation -----------------------------------------------------------------------------------
+
+
+def _text(value: str) -> str:
+    # PostgreSQL text and JSON hold no NUL; lone surrogates (JSON "\ud800") are no Unicode.
+    if "\x00" in value:
+        raise PydanticCustomError("nul_character", "must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PydanticCustomError("invalid_unicode", "must be valid Unicode text") from None
+    return value
+
+
+def _line(value: str) -> str:
+    _text(value)
+    try:
+        return mime.check_line(value)
+    except mime.MimeError as exc:
+        raise PydanticCustomError(exc.code, exc.message) from None
+
+
+def _mailbox(value: object) -> mime.Mailbox:
+    if not isinstance(value, str):
+        raise PydanticCustomError("string_type", "Input should be a valid string")
+    _text(value)
+    try:
+        return mime.parse_mailbox(value)
+    except mime.MimeError as exc:
+        raise PydanticCustomError(exc.code, exc.message) from None
+
+
+def _base64(value: object) -> bytes:
+    if not isinstance(value, str):
+        raise PydanticCustomError("string_type", "Input should be a base64 string")
+    # Line breaks as MIME writes them are fine; anything else outside the alphabet, or padding
+    # out of place, is not (binascii forgives surplus padding even in strict mode).
+    data = "".join(value.split())
+    try:
+        if len(data) % 4 or not _BASE64.fullmatch(data):
+            raise binascii.Error
+        return binascii.a2b_base64(data.encode("ascii"), strict_mode=True)
+    except binascii.Error:
+        raise PydanticCustomError("invalid_base64", "not valid base64 (RFC 4648 §4)") from None
+
+
+def _header_name(name: str) -> str:
+    try:
+        mime.check_header(name, "")
+    except mime.MimeError as exc:
+        raise PydanticCustomError(exc.code, exc.message) from None
+    return name
+
+
+def _header_value(value: str) -> str:
+    _line(value)
+    if len(value) > mime.MAX_HEADER_VALUE:
+        raise PydanticCustomError(
+            "header_too_long", f"a header value is at most {mime.MAX_HEADER_VALUE} characters"
+        )
+    return value
+
+
+def _content_type(value: str) -> str:
+    try:
+        mime.parse_content_type(value)
+    except mime.MimeError as exc:
+        raise PydanticCustomError(exc.code, exc.message) from None
+    return value
+
+
+AddressField = Annotated[
+    mime.Mailbox,
+    PlainValidator(_mailbox),
+    WithJsonSchema({"type": "string", "examples": ["Alice <alice@example.com>"]}),
+]
+Line = Annotated[str, AfterValidator(_line)]
+Body = Annotated[str, AfterValidator(_text)]
+HeaderName = Annotated[str, AfterValidator(_header_name)]
+HeaderValue = Annotated[str, AfterValidator(_header_value)]
+MetadataKey = Annotated[
+    str, StringConstraints(pattern=rf"^[A-Za-z0-9_.\-]{{1,{MAX_METADATA_KEY}}}$")
+]
+MetadataValue = Annotated[
+    str, StringConstraints(max_length=MAX_METADATA_VALUE), AfterValidator(_text)
+]
+Base64Content = Annotated[
+    bytes,
+    PlainValidator(_base64),
+    WithJsonSchema({"type": "string", "contentEncoding": "base64"}),
+]
+
+
+class AttachmentIn(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    filename: Annotated[Line, StringConstraints(min_length=1, max_length=MAX_FILENAME)]
+    content_type: Annotated[str, AfterValidator(_content_type)] | None = Field(
+        None, description="`type/subtype`, parameters allowed; guessed from the filename if absent"
+    )
+    content: Base64Content
+
+
+class SendRequest(BaseModel):
+    """A message to send. Headers the API builds or Postbode owns cannot be set in `headers`:
+    From, To, Cc, Bcc, Reply-To, Subject, Sender, Date, Message-ID, MIME-Version, Content-*,
+    trace fields (Received, Return-Path …), DKIM/ARC signatures, Resent-* and X-Postbode-*."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    from_: AddressField = Field(alias="from")
+    to: Annotated[list[AddressField], Field(max_length=MAX_LIST_ENTRIES)] | None = None
+    cc: Annotated[list[AddressField], Field(max_length=MAX_LIST_ENTRIES)] | None = None
+    bcc: Annotated[list[AddressField], Field(max_length=MAX_LIST_ENTRIES)] | None = Field(
+        None, description="Receive the message without being shown in it"
+    )
+    reply_to: AddressField | None = None
+    subject: Annotated[Line, StringConstraints(min_length=1, max_length=998)]
+    text: Body | None = None
+    html: Body | None = None
+    headers: Annotated[dict[HeaderName, HeaderValue], Field(max_length=MAX_HEADERS)] | None = Field(
+        None, description="Extra header fields (one line each; reserved names refused)"
+    )
+    attachments: Annotated[list[AttachmentIn], Field(max_length=MAX_ATTACHMENTS)] | None = None
+    tag: Annotated[Line, StringConstraints(min_length=1, max_length=100)] | None = None
+    metadata: (
+        Annotated[dict[MetadataKey, MetadataValue], Field(max_length=MAX_METADATA_KEYS)] | None
+    ) = None
+    stream: Literal["transactional", "broadcast"] = "transactional"
+    track_opens: bool | None = Field(None, description="Absent: the app's setting")
+    track_clicks: bool | None = Field(None, description="Absent: the app's setting")
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_size(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value and sum(len(k) + len(v) for k, v in value.items()) > MAX_METADATA_SIZE:
+            raise PydanticCustomError(
+                "metadata_too_large", f"metadata is at most {MAX_METADATA_SIZE} characters"
+            )
+        return value
+
+
+# -- responses ------------------------------------------------------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    field: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class RecipientOut(BaseModel):
+    email: str
+    delivery_id: UUID
+    status: str
+
+
+class SendResponse(BaseModel):
+    id: UUID
+    message_id: str = Field(description="The Message-ID header")
+    recipients: list[RecipientOut]
+
+
+class DeliveryOut(BaseModel):
+    email: str
+    delivery_id: UUID
+    status: str
+    attempts: int
+    last_attempt_at: datetime | None
+    next_attempt_at: datetime | None = Field(description="Only while another attempt is due")
+    mx: str | None
+    last_reply: str | None
+    bounce_category: str | None
+    bounce_status: str | None
+    hard: bool | None
+
+
+class AttemptOut(BaseModel):
+    id: UUID
+    delivery_id: UUID
+    recipient: str
+    started_at: datetime
+    duration_ms: int
+    outcome: str
+    mx_host: str | None
+    ip: str | None
+    port: int | None
+    tls_version: str | None
+    tls_cipher: str | None
+    reply_code: int | None
+    enhanced_status: str | None
+    reply_text: str | None
+    transcript: str
+
+
+class EventOut(BaseModel):
+    id: UUID
+    type: str
+    at: datetime
+    delivery_id: UUID | None
+    recipient: str | None
+    data: dict[str, Any]
+
+
+class _MessageBase(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    id: UUID
+    message_id: str = Field(description="The Message-ID header")
+    from_: str = Field(alias="from", description="The From header")
+    mail_from: str
+    subject: str
+    tag: str | None
+    metadata: dict[str, str]
+    stream: str
+    source: str
+    received_at: datetime
+    size: int
+
+
+class MessageSummary(_MessageBase):
+    recipients: list[RecipientOut]
+
+
+class MessageDetail(_MessageBase):
+    track_opens: bool
+    track_clicks: bool
+    recipients: list[DeliveryOut]
+    attempts: list[AttemptOut] = Field(description="Oldest first")
+    events: list[EventOut] = Field(description="Oldest first")
+
+
+class MessageList(BaseModel):
+    data: list[MessageSummary] = Field(description="Newest first")
+    next_cursor: UUID | None = Field(description="Pass as `cursor` for the next page")
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": ErrorResponse} for status in statuses}
+
+
+# -- requests: capped bodies, errors that name the field ------------------------------------------
+
+
+class _CappedRequest(Request):
+    """A request whose body is read only up to `body_limit` (413 beyond)."""
+
+    async def body(self) -> bytes:
+        if not hasattr(self, "_body"):
+            limit = body_limit(self.app.state.settings)
+            length = self.headers.get("content-length", "")
+            if length.isdigit() and int(length) > limit:
+                raise _too_large(limit)
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in self.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise _too_large(limit)
+                chunks.append(chunk)
+            self._body = b"".join(chunks)
+        return self._body
+
+
+def _too_large(limit: int) -> HTTPException:
+    return HTTPException(
+        413, error_body("too_large", f"the request body is larger than {limit} bytes")
+    )
+
+
+_CODES = {"missing": "missing", "json_invalid": "invalid_json", "extra_forbidden": "unknown_field"}
+_LOCATIONS = ("body", "query", "path", "header")
+# Error types of our own validators are the codes; other validation errors are `invalid`.
+_OWN_CODES = frozenset(
+    {
+        "nul_character",
+        "invalid_unicode",
+        "invalid_address",
+        "invalid_base64",
+        "invalid_header_name",
+        "invalid_content_type",
+        "header_injection",
+        "header_too_long",
+        "control_character",
+        "reserved_header",
+        "metadata_too_large",
+    }
+)
+
+
+def validation_error(errors: Sequence[Any]) -> JSONResponse:
+    """The first validation error as the JSON error shape, naming the field like `to.1`,
+    `attachments.0.content` or `headers.X-Foo`."""
+    first: dict[str, Any] = dict(errors[0]) if errors else {}
+    kind = str(first.get("type", ""))
+    loc = tuple(first.get("loc", ()))
+    where = loc[0] if loc else None
+    parts = [str(p) for p in loc[1:] if p != "[key]"] if where in _LOCATIONS else []
+    message = str(first.get("msg", "invalid request"))
+    if kind == "json_invalid":
+        parts = []  # the location is a character offset, not a field
+        message = f"the body is not valid JSON: {first.get('ctx', {}).get('error', message)}"
+    elif where == "body" and not parts and isinstance(first.get("input"), bytes):
+        message = "send a JSON object with Content-Type: application/json"
+    elif kind == "missing":
+        message = "this field is required"
+    if kind in _CODES:
+        code = _CODES[kind]
+    elif kind in _OWN_CODES:
+        code = kind
+    else:
+        code = "invalid"
+    return JSONResponse(error_body(code, message, ".".join(parts) or None), status_code=422)
+
+
+class _ApiRoute(APIRoute):
+    """Routes of this API: request bodies capped, validation errors naming their field."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            try:
+                return await handler(_CappedRequest(request.scope, request.receive))
+            except RequestValidationError as exc:
+                return validation_error(exc.errors())
+
+        return handle
+
+
+router = APIRouter(
+    prefix="/api/v1",
+    tags=["messages"],
+    route_class=_ApiRoute,
+    responses=_errors(401, 422),
+)
+
+
+# -- POST /messages -------------------------------------------------------------------------------
+
+
+def _recipients(body: SendRequest, max_recipients: int) -> list[str]:
+    """Envelope recipients: to + cc + bcc; ApiError when there are none or too many."""
+    found: list[str] = []
+    for name, entries in (("to", body.to), ("cc", body.cc), ("bcc", body.bcc)):
+        found.extend(m.address for m in entries or ())
+        if len(found) > max_recipients:
+            raise ApiError(
+                422,
+                "too_many_recipients",
+                f"at most {max_recipients} recipients (to, cc and bcc together)",
+                name,
+            )
+    if not found:
+        raise ApiError(422, "missing", "give at least one recipient in to, cc or bcc", "to")
+    return found
+
+
+def _attachment(att: AttachmentIn) -> mime.Attachment:
+    content_type = att.content_type or _MIME_TYPES.guess_type(att.filename)[0] or ""
+    try:
+        maintype, subtype, params = mime.parse_content_type(content_type)
+    except mime.MimeError:  # a guess we cannot attach as such (message/rfc822 for .eml)
+        maintype, subtype, params = "application", "octet-stream", {}
+    return mime.Attachment(att.filename, maintype, subtype, att.content, params)
+
+
+def draft(body: SendRequest, max_size: int) -> mime.Draft:
+    """The message content of a request; ApiError for what no single field shows."""
+    if body.text is None and body.html is None:
+        raise ApiError(422, "missing", "give text or html (or both)", "text")
+    attachments = body.attachments or []
+    total = 0
+    for i, att in enumerate(attachments):
+        size = mime.base64_size(len(att.content))
+        total += size
+        if size > max_size:
+            raise ApiError(
+                422,
+                "too_large",
+                f"the attachment is {size} bytes encoded; a message is at most {max_size}",
+                f"attachments.{i}.content",
+            )
+    if total > max_size:
+        raise ApiError(
+            422,
+            "too_large",
+            f"the attachments are {total} bytes encoded; a message is at most {max_size}",
+            "attachments",
+        )
+    return mime.Draft(
+        sender=body.from_,
+        subject=body.subject,
+        to=body.to or [],
+        cc=body.cc or [],
+        reply_to=body.reply_to,
+        text=body.text,
+        html=body.html,
+        headers=list((body.headers or {}).items()),
+        attachments=[_attachment(a) for a in attachments],
+    )
+
+
+def build(body: SendRequest, max_size: int) -> bytes:
+    """The RFC 5322 message of a request, at most `max_size` bytes; raises ApiError."""
+    content = draft(body, max_size)
+    try:
+        raw = mime.build(content)
+    except mime.MimeError as exc:
+        raise ApiError(422, exc.code, exc.message) from None
+    if len(raw) > max_size:
+        if body.attachments:
+            field = "attachments"
+        else:
+            field = "html" if len(body.html or "") > len(body.text or "") else "text"
+        raise ApiError(
+            422, "too_large", f"the message is {len(raw)} bytes; at most {max_size}", field
+        )
+    return raw
+
+
+def _canonical(data: Any) -> bytes:
+    """The request body as the Idempotency-Key fingerprint sees it: key order and white
+    space do not make two requests different."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode(
+        "utf-8", "surrogatepass"
+    )
+
+
+@router.post(
+    "/messages",
+    status_code=202,
+    response_model=SendResponse,
+    responses=_errors(403, 409, 413, 503),
+    summary="Send a message",
+)
+async def send_message(
+    body: SendRequest,
+    request: Request,
+    response: Response,
+    app_id: ApiApp,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            min_length=1,
+            max_length=255,
+            pattern=r"^[\x21-\x7e]+$",
+            description="Repeat a request safely for 24 hours: the same key and body give the "
+            "first answer again; the same key with another body is 409",
+        ),
+    ] = None,
+) -> dict[str, Any]:
+    """Accept a message for delivery to every `to`, `cc` and `bcc` recipient: 202 once it is
+    stored, with one delivery per recipient."""
+    settings: Settings = request.app.state.settings
+    acceptor: Acceptor = request.app.state.acceptor
+    recipients = _recipients(body, settings.smtp_max_recipients)
+    raw = await run_in_threadpool(build, body, settings.smtp_max_message_size)
+    submission = Submission(
+        app_id=app_id,
+        source="api",
+        mail_from=body.from_.address,
+        recipients=recipients,
+        raw=raw,
+        stream=body.stream,
+        tag=body.tag,
+        metadata=dict(body.metadata or {}),
+        track_opens=body.track_opens,
+        track_clicks=body.track_clicks,
+        client_ip=request.client.host if request.client else None,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash(_canonical(await request.json())) if idempotency_key else None,
+    )
+    try:
+        accepted = await acceptor.accept(submission)
+    except AcceptError as exc:  # IdempotencyConflict (409) among them
+        raise ApiError(exc.status, exc.reason, exc.message, exc.field) from None
+    except TemporaryAcceptError as exc:
+        raise HTTPException(
+            503,
+            error_body("unavailable", str(exc)),
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        ) from None
+    if accepted.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return accepted.as_json()
+
+
+# -- GET /messages/{id} ---------------------------------------------------------------------------
+
+
+def _message_fields(row: Any) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "message_id": row.message_id_header,
+        "from": row.from_header,
+        "mail_from": row.mail_from,
+        "subject": row.subject,
+        "tag": row.tag,
+        "metadata": row.metadata or {},
+        "stream": row.stream,
+        "source": row.source,
+        "received_at": row.received_at,
+        "size": row.size,
+    }
+
+
+def _load_message(conn: Connection, app_id: int, id: UUID) -> dict[str, Any]:
+    msg = conn.execute(
+        select(messages).where(messages.c.id == id, messages.c.app_id == app_id)
+    ).first()
+    if msg is None:  # another app's message is as absent as a message that never was
+        raise ApiError(404, "not_found", f"no message {id}", "id")
+    dels = conn.execute(
+        select(deliveries)
+        .where(deliveries.c.message_id == id)
+        .order_by(deliveries.c.recipient, deliveries.c.id)
+    ).all()
+    tries = conn.execute(
+        select(attempts, deliveries.c.recipient)
+        .join(deliveries, deliveries.c.id == attempts.c.delivery_id)
+        .where(deliveries.c.message_id == id)
+        .order_by(attempts.c.started_at, attempts.c.id)
+    ).all()
+    happened = conn.execute(
+        select(events)
+        .where(events.c.message_id == id, events.c.app_id == app_id)
+        # Events of one instant: the message's own first (message.received before the queueing).
+        .order_by(
+            events.c.created_at, case((events.c.type.like("message.%"), 0), else_=1), events.c.id
+        )
+    ).all()
+    return {
+        **_message_fields(msg),
+        "track_opens": msg.track_opens,
+        "track_clicks": msg.track_clicks,
+        "recipients": [
+            {
+                "email": d.recipient,
+                "delivery_id": d.id,
+                "status": d.status,
+                "attempts": d.attempts,
+                "last_attempt_at": d.last_attempt_at,
+                "next_attempt_at": d.next_attempt_at if d.status in _PENDING else None,
+                "mx": d.mx,
+                "last_reply": d.last_reply,
+                "bounce_category": d.bounce_category,
+                "bounce_status": d.bounce_status,
+                "hard": d.hard,
+            }
+            for d in dels
+        ],
+        "attempts": [
+            {
+                "id": a.id,
+                "delivery_id": a.delivery_id,
+                "recipient": a.recipient,
+                "started_at": a.started_at,
+                "duration_ms": a.duration_ms,
+                "outcome": a.outcome,
+                "mx_host": a.mx_host,
+                "ip": a.ip,
+                "port": a.port,
+                "tls_version": a.tls_version,
+                "tls_cipher": a.tls_cipher,
+                "reply_code": a.reply_code,
+                "enhanced_status": a.enhanced_status,
+                "reply_text": a.reply_text,
+                "transcript": a.transcript,
+            }
+            for a in tries
+        ],
+        "events": [
+            {
+                "id": e.id,
+                "type": e.type,
+                "at": e.created_at,
+                "delivery_id": e.delivery_id,
+                "recipient": e.recipient,
+                "data": e.data or {},
+            }
+            for e in happened
+        ],
+    }
+
+
+@router.get(
+    "/messages/{id}",
+    response_model=MessageDetail,
+    responses=_errors(404),
+    summary="A message with its deliveries, attempts and events",
+)
+def get_message(id: UUID, request: Request, app_id: ApiApp) -> dict[str, Any]:
+    """The message, each recipient's delivery status, every delivery attempt (with the SMTP
+    transcript) and every event, oldest first."""
+    store: Store = request.app.state.store
+    with store.read() as conn:
+        return _load_message(conn, app_id, id)
+
+
+# -- GET /messages --------------------------------------------------------------------------------
+
+
+def _utc(at: datetime | None) -> datetime | None:
+    if at is None:
+        return None
+    return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+
+
+def _address_forms(value: str) -> list[str]:
+    """A recipient as it may be stored: normalised, with the domain in IDNA and Unicode form."""
+    try:
+        address = normalise_address(value)
+    except AcceptError:
+        raise ApiError(422, "invalid", "not an e-mail address", "recipient") from None
+    local, _, domain = address.rpartition("@")
+    forms = [address]
+    with contextlib.suppress(UnicodeError):
+        forms.append(f"{local}@{domain.encode('idna').decode('ascii')}")
+    with contextlib.suppress(UnicodeError):
+        forms.append(f"{local}@{domain.encode('ascii').decode('idna')}")
+    return list(dict.fromkeys(forms))
+
+
+@router.get(
+    "/messages",
+    response_model=MessageList,
+    summary="List messages, newest first",
+)
+def list_messages(
+    request: Request,
+    app_id: ApiApp,
+    recipient: Annotated[
+        str | None, Query(max_length=320, description="Messages to this address")
+    ] = None,
+    status: Annotated[
+        DeliveryStatus | None,
+        Query(description="Messages with a delivery in this state (to `recipient`, if given)"),
+    ] = None,
+    tag: Annotated[str | None, Query(max_length=100)] = None,
+    since: Annotated[
+        datetime | None, Query(description="Received at or after (ISO 8601; UTC if no zone)")
+    ] = None,
+    until: Annotated[datetime | None, Query(description="Received before")] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = PAGE_SIZE,
+    cursor: Annotated[UUID | None, Query(description="`next_cursor` of the previous page")] = None,
+) -> dict[str, Any]:
+    """The caller's messages, newest first, a page at a time (keyset pagination on the
+    time-ordered message id)."""
+    store: Store = request.app.state.store
+    query = select(messages).where(messages.c.app_id == app_id)
+    if tag is not None:
+        query = query.where(messages.c.tag == tag)
+    if (start := _utc(since)) is not None:
+        query = query.where(messages.c.received_at >= start)
+    if (end := _utc(until)) is not None:
+        query = query.where(messages.c.received_at < end)
+    if cursor is not None:
+        query = query.where(messages.c.id < cursor)
+    if recipient is not None or status is not None:
+        match = select(deliveries.c.id).where(
+            deliveries.c.message_id == messages.c.id, deliveries.c.app_id == app_id
+        )
+        if recipient is not None:
+            # Local parts are matched without regard to case, as people type them.
+            forms = [f.lower() for f in _address_forms(recipient)]
+            match = match.where(func.lower(deliveries.c.recipient).in_(forms))
+        if status is not None:
+            match = match.where(deliveries.c.status == status)
+        query = query.where(match.exists())
+    query = query.order_by(messages.c.id.desc()).limit(limit + 1)
+    with store.read() as conn:
+        rows = conn.execute(query).all()
+        page = rows[:limit]
+        by_message: dict[UUID, list[dict[str, Any]]] = {row.id: [] for row in page}
+        if page:
+            for d in conn.execute(
+                select(
+                    deliveries.c.message_id,
+                    deliveries.c.id,
+                    deliveries.c.recipient,
+                    deliveries.c.status,
+                )
+                .where(deliveries.c.message_id.in_(list(by_message)))
+                .order_by(deliveries.c.recipient, deliveries.c.id)
+            ):
+                by_message[d.message_id].append(
+                    {"email": d.recipient, "delivery_id": d.id, "status": d.status}
+                )
+    return {
+        "data": [{**_message_fields(row), "recipients": by_message[row.id]} for row in page],
+        "next_cursor": page[-1].id if len(rows) > limit else None,
+    }
