@@ -8,16 +8,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from postbode import __version__
-from postbode.bounces.api import router as suppressions_router
 from postbode.config import Settings
-from postbode.events.api import router as events_router
 from postbode.ingest.accept import Acceptor
 from postbode.ingest.api import router as messages_router
 from postbode.metrics import update_queue_gauges
 from postbode.store.engine import Store
-from postbode.tracking.endpoints import router as tracking_router
 from postbode.web.errors import install_error_handlers
-from postbode.webhooks.api import router as webhooks_router
 
 
 def create_app(settings: Settings, store: Store, acceptor: Acceptor | None = None) -> FastAPI:
@@ -47,9 +43,5 @@ def create_app(settings: Settings, store: Store, acceptor: Acceptor | None = Non
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(messages_router)
-    app.include_router(suppressions_router)
-    app.include_router(events_router)
-    app.include_router(webhooks_router)
-    app.include_router(tracking_router)
     install_error_handlers(app)
     return app
