@@ -125,6 +125,33 @@ class Settings(BaseSettings):
         description="Per-destination TLS: `secure.test=verify,*.bank.test=require` "
         "(`opportunistic` is the default).",
     )
+    shaping_max_connections: int = Field(
+        10,
+        description="Concurrent connections a worker process opens to one MX host "
+        "(0: no limit; N worker processes open up to N times as many).",
+    )
+    shaping_rate_per_minute: int = Field(
+        600,
+        description="Messages per minute a worker process sends to one recipient domain "
+        "(0: no limit; N worker processes send up to N times as many).",
+    )
+    shaping_rules: str = Field(
+        "",
+        description="Per-destination limits overriding the two above: `;`-separated "
+        "`pattern=option:value,…` entries (pattern `domain`, `*.domain` or `*`; options "
+        "`conn:N`, `rate:N` per minute or `N/s`, `N/h`, `burst:N`, `adaptive:off`), e.g. "
+        "`gmail.test=conn:5,rate:300;*.corp.test=rate:60/h`.",
+    )
+    shaping_max_wait_seconds: float = Field(
+        5.0,
+        description="Longest a worker waits for a shaping slot while holding a delivery; "
+        "a later slot releases it as deferred until then.",
+    )
+    shaping_slowdown_seconds: int = Field(
+        600,
+        description="After a throttling reply (421, `too many connections` …) a domain's "
+        "limits are halved for this long, then recover over as long again.",
+    )
 
     # -- processes --------------------------------------------------------------------------
     workers: int = Field(

@@ -65,3 +65,15 @@ def update_queue_gauges(store: Store) -> None:
 
         oldest = oldest.replace(tzinfo=UTC)
     OLDEST_QUEUED_SECONDS.set((utcnow() - oldest).total_seconds() if oldest else 0)
+
+
+SHAPING_WAITS = Counter(
+    "postbode_shaping_waits_total",
+    "Deliveries released to wait for a shaping slot, by destination domain and limit.",
+    ["domain", "limit"],
+)
+SHAPING_SLOWDOWNS = Counter(
+    "postbode_shaping_slowdowns_total",
+    "Adaptive slow-downs after a throttling reply (421, too many connections …), by domain.",
+    ["domain"],
+)
