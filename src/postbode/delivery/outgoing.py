@@ -267,7 +267,13 @@ class Outgoing:
         row, msg = job.row, job.message
         attempt_no = row.attempts + 1
         reply = outcome.reply if not isinstance(outcome, Held) else None
-        reply_text = str(reply) if reply is not None else job.note or None
+        if reply is not None:
+            reply_text: str | None = str(reply)
+        elif isinstance(outcome, SoftFail):
+            # No reply (dropped, timed out, TLS refused): the reason is what the queue shows.
+            reply_text = outcome.reason
+        else:
+            reply_text = job.note or None
         common: dict[str, Any] = {
             "app_id": row.app_id,
             "stream": msg.stream,
