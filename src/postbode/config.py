@@ -159,6 +159,33 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("info", description="Log level: debug, info, warning or error.")
 
+    # -- bounces ----------------------------------------------------------------------------
+    bounce_rules_path: Path | None = Field(
+        None,
+        description="Bounce classification rules (TOML) used instead of the packaged rules.toml.",
+    )
+    bounce_max_message_size: int = Field(
+        10 * 1024 * 1024,
+        description="Largest bounce or complaint taken at the return path, in bytes "
+        "(larger ones are refused with 552 5.3.4).",
+    )
+    soft_bounce_categories: str = Field(
+        "mailbox_full,mailbox_inactive",
+        description="Comma-separated soft bounce categories that count towards suppressing "
+        "an address (never `blocked`: a reputation block is not the recipient's fault).",
+    )
+    soft_bounce_suppress_count: int = Field(
+        3,
+        description="Soft bounces of one address (sync or async, one app) within the window "
+        "that suppress it; 0 disables the rule.",
+    )
+    soft_bounce_window_hours: int = Field(
+        7 * 24, description="The window, in hours, in which soft bounces of an address are counted."
+    )
+    soft_bounce_suppress_days: int = Field(
+        14, description="How long, in days, repeated soft bounces keep an address suppressed."
+    )
+
     @classmethod
     def settings_customise_sources(
         cls,

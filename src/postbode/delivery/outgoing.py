@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import Connection, Row, insert, select
 
 from postbode.bounces.classify import Classification, classify
-from postbode.bounces.suppression import suppress_after_bounce
+from postbode.bounces.effects import after_smtp_bounce
 from postbode.config import Settings
 from postbode.delivery import dkim
 from postbode.delivery.backoff import next_attempt_delay, retry_hint
@@ -369,7 +369,7 @@ class Outgoing:
             )
         record(conn, Event(type=event, at=now, data=data, **common))
         if event == EventType.DELIVERY_BOUNCED and job.classification is not None:
-            suppress_after_bounce(conn, row, msg, job.classification, reply_text or "")
+            after_smtp_bounce(conn, row, job.classification, reply_text or "", self.settings, now)
         DELIVERIES.labels(type(outcome).__name__).inc()
 
 
