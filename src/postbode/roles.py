@@ -69,9 +69,12 @@ async def web_role(rt: Runtime, stop: asyncio.Event) -> None:
 
 
 async def smtp_role(rt: Runtime, stop: asyncio.Event) -> None:
+    from postbode.bounces.intake import BounceIntake
     from postbode.ingest.smtp_server import start_server
 
-    server = await start_server(rt.settings, rt.store, rt.acceptor)
+    server = await start_server(
+        rt.settings, rt.store, rt.acceptor, [BounceIntake(rt.settings, rt.store)]
+    )
     log.info("SMTP listening on %s:%s", rt.settings.smtp_host, rt.settings.smtp_port)
     await stop.wait()
     server.close()
