@@ -8,6 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from postbode import __version__
+from postbode.bounces.api import router as suppressions_router
 from postbode.config import Settings
 from postbode.ingest.accept import Acceptor
 from postbode.ingest.api import router as messages_router
@@ -43,5 +44,6 @@ def create_app(settings: Settings, store: Store, acceptor: Acceptor | None = Non
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(messages_router)
+    app.include_router(suppressions_router)
     install_error_handlers(app)
     return app
