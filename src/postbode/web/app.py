@@ -10,6 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from postbode import __version__
 from postbode.bounces.api import router as suppressions_router
 from postbode.config import Settings
+from postbode.events.api import router as events_router
 from postbode.ingest.accept import Acceptor
 from postbode.ingest.api import router as messages_router
 from postbode.metrics import update_queue_gauges
@@ -45,5 +46,6 @@ def create_app(settings: Settings, store: Store, acceptor: Acceptor | None = Non
 
     app.include_router(messages_router)
     app.include_router(suppressions_router)
+    app.include_router(events_router)
     install_error_handlers(app)
     return app
