@@ -16,6 +16,7 @@ from postbode.ingest.api import router as messages_router
 from postbode.metrics import update_queue_gauges
 from postbode.store.engine import Store
 from postbode.web.errors import install_error_handlers
+from postbode.webhooks.api import router as webhooks_router
 
 
 def create_app(settings: Settings, store: Store, acceptor: Acceptor | None = None) -> FastAPI:
@@ -47,5 +48,6 @@ def create_app(settings: Settings, store: Store, acceptor: Acceptor | None = Non
     app.include_router(messages_router)
     app.include_router(suppressions_router)
     app.include_router(events_router)
+    app.include_router(webhooks_router)
     install_error_handlers(app)
     return app

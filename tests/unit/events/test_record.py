@@ -1,0 +1,79 @@
+"""Events, their counters and their webhook outbox rows commit together or not at all."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import func, select
+
+from postbode.events.record import Event, minute, record
+from postbode.events.types import EventType
+from postbode.store.engine import Store
+from postbode.store.schema import events, stat_counters, webhook_requests
+from postbode.testing.factories import make_app, make_queued_message
+from postbode.webhooks import manage
+
+
+class Boom(Exception):
+    pass
+
+
+def _counts(store: Store) -> tuple[int, int, int]:
+    with store.read() as conn:
+        return (
+            conn.execute(select(func.count()).select_from(events)).scalar_one(),
+            conn.execute(select(func.coalesce(func.sum(stat_counters.c.count), 0))).scalar_one(),
+            conn.execute(select(func.count()).select_from(webhook_requests)).scalar_one(),
+        )
+
+
+def test_a_rolled_back_event_leaves_no_webhook_and_no_counter(store: Store) -> None:
+    app = make_app(store)
+    manage.create_webhook(store, app.app_id, "https://hooks.test/in")
+    message_id, (delivery_id,) = make_queued_message(store, app.app_id, ["alice@dest.test"])
+    event = Event(
+        app_id=app.app_id,
+        type=EventType.DELIVERY_DELIVERED,
+        message_id=message_id,
+        delivery_id=delivery_id,
+        recipient="alice@dest.test",
+    )
+    with pytest.raises(Boom), store.write() as conn:
+        record(conn, event)
+        assert conn.execute(select(func.count()).select_from(webhook_requests)).scalar_one() == 1
+        raise Boom  # the state change this event belongs to failed
+    assert _counts(store) == (0, 0, 0)
+
+    with store.write() as conn:  # the same event, committed this time
+        record(conn, event)
+    assert _counts(store) == (1, 1, 1)
+
+
+def test_counters_count_bots_apart_and_webhooks_follow_their_filters(store: Store) -> None:
+    app = make_app(store)
+    bounces = manage.create_webhook(store, app.app_id, "https://a.test/", ["delivery.bounced"])
+    opens = manage.create_webhook(store, app.app_id, "https://b.test/", ["message.opened"])
+    manage.update_webhook(
+        store,
+        app.app_id,
+        manage.create_webhook(store, app.app_id, "https://c.test/")["id"],
+        enabled=False,
+    )
+    batch = [
+        Event(app_id=app.app_id, type=EventType.MESSAGE_OPENED, tag="welcome", bot=True),
+        Event(app_id=app.app_id, type=EventType.MESSAGE_OPENED, tag="welcome"),
+        Event(app_id=app.app_id, type=EventType.MESSAGE_OPENED, tag="welcome", bot=True),
+    ]
+    with store.write() as conn:
+        record(conn, batch)
+    with store.read() as conn:
+        counter = conn.execute(select(stat_counters)).one()
+        hooks = conn.execute(select(webhook_requests.c.webhook_id)).scalars().all()
+    assert (counter.event_type, counter.tag, counter.count, counter.bot_count) == (
+        "message.opened",
+        "welcome",
+        3,
+        2,
+    )
+    assert counter.bucket == minute(batch[0].at)
+    assert hooks == [opens["id"]] * 3  # not the bounce-only hook, not the disabled one
+    assert bounces["id"] not in hooks
