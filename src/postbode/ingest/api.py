@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -42,7 +42,7 @@ from postbode.ingest.accept import (
 )
 from postbode.store.engine import Store
 from postbode.store.schema import attempts, deliveries, events, messages
-from postbode.web.auth import ApiApp
+from postbode.web.auth import api_app_id
 from postbode.web.errors import ApiError, error_body
 
 MAX_LIST_ENTRIES = 1000  # to/cc/bcc entries parsed at most; smtp_max_recipients is the real cap
@@ -407,13 +407,29 @@ class _ApiRoute(APIRoute):
         handler = super().get_route_handler()
 
         async def handle(request: Request) -> Response:
+            capped = _CappedRequest(request.scope, request.receive)
+            if self.body_field is not None:
+                # FastAPI reads and parses the body before it solves dependencies: without a
+                # key, answer 401 before taking tens of megabytes from a stranger.
+                request.scope[_APP_ID] = await api_app_id(capped)
             try:
-                return await handler(_CappedRequest(request.scope, request.receive))
+                return await handler(capped)
             except RequestValidationError as exc:
                 return validation_error(exc.errors())
 
         return handle
 
+
+_APP_ID = "postbode.api_app_id"
+
+
+async def _caller(request: Request) -> int:
+    """The calling app: authenticated once per request, before the body is read."""
+    app_id = request.scope.get(_APP_ID)
+    return app_id if isinstance(app_id, int) else await api_app_id(request)
+
+
+Caller = Annotated[int, Depends(_caller)]
 
 router = APIRouter(
     prefix="/api/v1",
@@ -525,7 +541,7 @@ async def send_message(
     body: SendRequest,
     request: Request,
     response: Response,
-    app_id: ApiApp,
+    app_id: Caller,
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -678,7 +694,7 @@ def _load_message(conn: Connection, app_id: int, id: UUID) -> dict[str, Any]:
     responses=_errors(404),
     summary="A message with its deliveries, attempts and events",
 )
-def get_message(id: UUID, request: Request, app_id: ApiApp) -> dict[str, Any]:
+def get_message(id: UUID, request: Request, app_id: Caller) -> dict[str, Any]:
     """The message, each recipient's delivery status, every delivery attempt (with the SMTP
     transcript) and every event, oldest first."""
     store: Store = request.app.state.store
@@ -717,7 +733,7 @@ def _address_forms(value: str) -> list[str]:
 )
 def list_messages(
     request: Request,
-    app_id: ApiApp,
+    app_id: Caller,
     recipient: Annotated[
         str | None, Query(max_length=320, description="Messages to this address")
     ] = None,

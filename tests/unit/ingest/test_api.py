@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from argon2 import PasswordHasher
 from fastapi import FastAPI
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
@@ -83,8 +84,13 @@ def _dkim_key(generate: Any = tenancy.generate_dkim_key) -> tuple[str, str]:
 
 
 @pytest.fixture(autouse=True)
-def _fast_dkim_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+def _fast_tenancy(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every test makes an app and a domain; these tests use neither the SMTP password (an
+    # argon2 hash) nor the DKIM key, so make both cheap.
     monkeypatch.setattr(tenancy, "generate_dkim_key", _dkim_key)
+    monkeypatch.setattr(
+        tenancy, "_hasher", PasswordHasher(time_cost=1, memory_cost=64, parallelism=1)
+    )
 
 
 def make_app(store: Store, name: str, domain: str) -> tenancy.NewApp:
@@ -429,6 +435,11 @@ def test_send_without_a_valid_key_is_401(
     r = client.post("/api/v1/messages", json=MINIMAL, headers=headers)
     assert_error(r, 401, None, "unauthorized")
     assert r.headers["WWW-Authenticate"] == "Bearer"
+    # The key is checked before the body is read: no parsing, no 413 for strangers.
+    for content in (b"{not json", b"x" * 60_000_000):
+        r = client.post("/api/v1/messages", content=content, headers={**headers, **JSON})
+        assert_error(r, 401, None, "unauthorized")
+    assert_error(client.get("/api/v1/messages", headers=headers), 401, None, "unauthorized")
     assert count(store, messages) == 0
 
 
