@@ -159,6 +159,28 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("info", description="Log level: debug, info, warning or error.")
 
+    # -- webhooks and tracking --------------------------------------------------------------
+    webhook_concurrency: int = Field(
+        50, description="Webhook requests a worker process has in flight at once."
+    )
+    webhook_timeout: float = Field(
+        10.0, description="Seconds a webhook endpoint has to answer one request in full."
+    )
+    webhook_retry_cap_seconds: int = Field(
+        3600, description="Longest wait between attempts of one webhook request."
+    )
+    webhook_retry_window_seconds: int = Field(
+        24 * 3600, description="How long a webhook request is retried before it fails."
+    )
+    webhook_disable_after_seconds: int = Field(
+        3 * 24 * 3600,
+        description="An endpoint failing without one success for this long is disabled.",
+    )
+    tracking_bot_window_seconds: float = Field(
+        10.0,
+        description="Opens and clicks this soon after delivery are counted as bots (scanners).",
+    )
+
     # -- bounces ----------------------------------------------------------------------------
     bounce_rules_path: Path | None = Field(
         None,

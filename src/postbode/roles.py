@@ -83,14 +83,17 @@ async def smtp_role(rt: Runtime, stop: asyncio.Event) -> None:
 
 async def worker_role(rt: Runtime, stop: asyncio.Event) -> None:
     from postbode.delivery.worker import DeliveryWorker
+    from postbode.webhooks.deliver import WebhookWorker
 
     worker = DeliveryWorker(rt.settings, rt.store)
+    webhooks = WebhookWorker(rt.settings, rt.store)
     rt.acceptor.on_commit.append(worker.notify)
+    rt.acceptor.on_commit.append(webhooks.notify)
     if os.environ.get(WAKEUP_ENV):
         # Started by `postbode serve`: a byte on stdin means mail was just queued; the end
         # of stdin means `serve` is gone (even by kill -9), and so must this process be.
         _on_stdin_bytes(worker.notify, stop.set)
-    await worker.run(stop)
+    await asyncio.gather(worker.run(stop), webhooks.run(stop))
 
 
 WAKEUP_ENV = "POSTBODE_WAKEUP_ON_STDIN"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,6 +32,15 @@ NEVER_COUNTED = frozenset({"blocked", "auth_failure", "rate_limited", "content_r
 # authentication failure reports, and "not spam" reports.
 NOT_COMPLAINTS = frozenset({"auth-failure", "not-spam"})
 OPT_OUTS = frozenset({"opt-out", "unsubscribe"})
+# Report text is whatever a remote wrote: PostgreSQL text holds no NUL, and no control
+# character belongs in a diagnostic shown in the UI or sent in a webhook.
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]+")
+MAX_TEXT = 2000
+
+
+def clean_text(value: str | None, limit: int = MAX_TEXT) -> str:
+    """Text from a report, safe to store: control characters out, length bounded."""
+    return _CONTROL_RE.sub(" ", value or "")[:limit].strip()
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +146,7 @@ def suppress_after_bounce(
     address has bounced so `policy.count` times within `policy.window`, for `policy.duration`.
     A refusal because of the sender (a reputation block above all) never suppresses.
     Returns "hard", "soft_repeated" or None."""
+    detail = clean_text(detail)
     if hard:
         suppress(
             conn,
@@ -220,7 +231,9 @@ def apply_dsn(
     """Apply one DSN record about `target` (locked by the caller). Returns what happened:
     "bounced", "deferred" (a delay noted), "duplicate" or "ignored"."""
     common = _common(target)
-    diagnostic = rec.diagnostic or ""
+    diagnostic = clean_text(rec.diagnostic)
+    status = clean_text(rec.status, 16) or None
+    category = clean_text(rec.category, 32) or "unknown"
     if rec.action == "delayed":
         # RFC 3464 §2.3.3: "delayed" — the reporting MTA is still trying. It changes no
         # state; while the delivery is not final, the app hears of the delay.
@@ -233,8 +246,8 @@ def apply_dsn(
                 at=now,
                 data={
                     "source": "dsn",
-                    "status": rec.status,
-                    "category": rec.category,
+                    "status": status,
+                    "category": category,
                     "diagnostic": diagnostic,
                 },
                 **common,
@@ -252,8 +265,8 @@ def apply_dsn(
         .where(deliveries.c.id == target.id)
         .values(
             status="bounced",
-            bounce_category=rec.category,
-            bounce_status=rec.status,
+            bounce_category=category,
+            bounce_status=status,
             hard=rec.hard,
             last_reply=diagnostic or None,
             lease_owner=None,
@@ -268,8 +281,8 @@ def apply_dsn(
             at=now,
             data={
                 "hard": rec.hard,
-                "category": rec.category,
-                "status": rec.status,
+                "category": category,
+                "status": status,
                 "diagnostic": diagnostic,
                 "source": "dsn",
             },
@@ -281,7 +294,7 @@ def apply_dsn(
         app_id=target.app_id,
         recipient=target.recipient,
         message_id=target.message_id,
-        category=rec.category,
+        category=category,
         hard=rec.hard,
         detail=diagnostic,
         policy=policy,
@@ -297,7 +310,7 @@ def apply_complaint(conn: Connection, target: Target, report: BounceReport, now:
     """A recipient marked the message as spam (or opted out): the event, and the address
     suppressed for good on the message's stream. Returns "complained", "unsubscribed",
     "duplicate" or "ignored"."""
-    feedback = (report.feedback_type or "abuse").strip().lower()
+    feedback = clean_text(report.feedback_type, 64).lower() or "abuse"
     if feedback in NOT_COMPLAINTS:
         return "ignored"
     opt_out = feedback in OPT_OUTS
@@ -309,7 +322,7 @@ def apply_complaint(conn: Connection, target: Target, report: BounceReport, now:
         return "duplicate"  # feedback loops resend; one complaint is one event
     data: dict[str, Any] = {"feedback_type": feedback, "source": "arf"}
     if report.reporting_mta:
-        data["reporting_mta"] = report.reporting_mta[:255]
+        data["reporting_mta"] = clean_text(report.reporting_mta, 255)
     record(conn, Event(type=kind, at=now, data=data, **_common(target)))
     suppress(
         conn,

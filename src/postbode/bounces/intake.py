@@ -20,6 +20,7 @@ from postbode.bounces.effects import (
     Target,
     apply_complaint,
     apply_dsn,
+    clean_text,
     target_query,
 )
 from postbode.bounces.parse import BounceRecord, BounceReport, parse
@@ -175,9 +176,9 @@ class BounceIntake:
             found[target.id] = (target, _record_for(records, target.recipient))
         if found:
             return list(found.values())
-        mid = (report.original_message_id or "").strip()[:MAX_MESSAGE_ID]
-        if not mid:
-            return []
+        mid = (report.original_message_id or "").strip()
+        if not mid or len(mid) > MAX_MESSAGE_ID or clean_text(mid) != mid:
+            return []  # no Message-ID, or none a message of ours could have
         apps = {r.app_id for r in rcpts}
         for rec in records:
             for target in self._by_message_id(conn, mid, rec.recipient, apps):

@@ -403,3 +403,25 @@ def test_an_opt_out_report_unsubscribes(store: Store, app_id: int) -> None:
     assert complain(store, delivery_id, arf("opt-out")) == "unsubscribed"
     assert [k for k, _ in event_list(store, delivery_id)] == ["message.unsubscribed"]
     assert [(e["reason"], e["source"]) for e in listed(store)] == [("unsubscribed", "unsubscribe")]
+
+
+def test_control_characters_in_a_report_are_stored_as_spaces(store: Store, app_id: int) -> None:
+    """PostgreSQL text holds no NUL; a hostile diagnostic must not fail the transaction."""
+    delivery_id = sent(store, app_id)
+    rec = BounceRecord(
+        "bob@dest.test",
+        "5.1.1",
+        550,
+        "User\x00unknown\x1b[31m",
+        "user_unknown",
+        True,
+        action="failed",
+    )
+    with store.write() as conn:
+        target = load_target(conn, delivery_id)
+        assert target is not None
+        assert apply_dsn(conn, target, rec, POLICY, utcnow()) == "bounced"
+    assert delivery(store, delivery_id)["last_reply"] == "User unknown [31m"
+    [(_, data)] = event_list(store, delivery_id)
+    assert data["diagnostic"] == "User unknown [31m"
+    assert listed(store)[0]["detail"] == "User unknown [31m"

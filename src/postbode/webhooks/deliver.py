@@ -1,0 +1,447 @@
+"""The webhook worker: drains the webhook_requests queue — claims due requests with leases, POSTs
+signed JSON to each endpoint, logs every attempt, retries with backoff, disables dead endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import httpx
+from prometheus_client import Counter
+from sqlalchemy import Connection, Row, func, insert, select, update
+
+from postbode import __version__
+from postbode.config import Settings
+from postbode.delivery.backoff import next_attempt_delay
+from postbode.delivery.worker import worker_name
+from postbode.store import claim
+from postbode.store.claim import WEBHOOK_REQUESTS
+from postbode.store.engine import Store
+from postbode.store.schema import (
+    apps,
+    events,
+    messages,
+    utcnow,
+    webhook_attempts,
+    webhook_requests,
+    webhooks,
+)
+from postbode.webhooks import formats
+from postbode.webhooks.manage import disable, secrets_in_force
+from postbode.webhooks.signing import signed_headers
+
+log = logging.getLogger(__name__)
+
+IDLE_POLL_SECONDS = 0.25  # how often an idle worker looks for requests other processes queued
+SWEEP_SECONDS = 30.0  # how often expired leases (a dead worker's) go back to the queue
+LEASE = timedelta(minutes=5)  # far above the request timeout: a lease never needs renewing
+BATCH_SIZE = 200  # requests claimed per claim at most
+BODY_LOG_BYTES = 1024  # of each response body, kept in the attempt log
+STOP_GRACE_SECONDS = 15.0
+USER_AGENT = f"Postbode-Webhooks/{__version__}"
+
+WEBHOOK_REQUESTS_TOTAL = Counter(
+    "postbode_webhook_attempts_total", "Webhook request attempts, by result.", ["result"]
+)
+_rng = random.Random()
+
+
+@dataclass
+class Job:
+    """One claimed request, ready to send (or already failed without sending)."""
+
+    row: Row[Any]
+    hook: Row[Any] | None = None
+    body: bytes = b""
+    headers: dict[str, str] | None = None
+    # Set when the request cannot be sent at all (endpoint disabled, event purged).
+    fail_reason: str | None = None
+
+
+@dataclass
+class Result:
+    """What one attempt gave."""
+
+    job: Job
+    started_at: datetime
+    duration_ms: int = 0
+    status_code: int | None = None
+    error: str | None = None
+    response_body: str | None = None
+    retry_after: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status_code is not None and 200 <= self.status_code < 300
+
+
+class WebhookWorker:
+    """One process's webhook loop: at most `webhook_concurrency` requests in flight."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        *,
+        owner: str | None = None,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.owner = owner or worker_name()
+        self.concurrency = max(1, settings.webhook_concurrency)
+        self._client = client
+        self.wakeup = asyncio.Event()
+        self._held: set[Any] = set()  # ids leased to this worker and not yet recorded
+        self._sent: set[Any] = set()  # of those, the ones whose attempt is over
+        self._results: list[Result] = []
+        self._result_ready = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def notify(self) -> None:
+        """Requests were queued in this process: look now instead of at the next poll."""
+        self.wakeup.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Claim and send until `stop` is set; then finish (or hand back) what is in hand."""
+        own_client = self._client is None
+        client = self._client or httpx.AsyncClient(
+            follow_redirects=False,
+            timeout=self.settings.webhook_timeout,
+            limits=httpx.Limits(
+                max_connections=self.concurrency, max_keepalive_connections=self.concurrency
+            ),
+            headers={"user-agent": USER_AGENT},
+            trust_env=False,  # the endpoint's URL decides where a request goes, not env proxies
+        )
+        recorder = asyncio.create_task(self._record_forever())
+        housekeeping = asyncio.create_task(self._housekeeping(stop))
+        try:
+            while not stop.is_set():
+                free = self.concurrency - len(self._held)
+                if free <= 0:
+                    await self._wait(stop, timeout=IDLE_POLL_SECONDS)
+                    continue
+                jobs = await asyncio.to_thread(self._claim_and_load, min(free, BATCH_SIZE))
+                if not jobs:
+                    self.wakeup.clear()
+                    await self._wait(stop, timeout=IDLE_POLL_SECONDS)
+                    continue
+                for job in jobs:
+                    self._held.add(job.row.id)
+                    task = asyncio.create_task(self._send(client, job))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+        finally:
+            await self._finish()
+            recorder.cancel()
+            housekeeping.cancel()
+            for task in (recorder, housekeeping):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            if self._results:  # what finished while stopping is still written down
+                await asyncio.to_thread(self._record, self._take_results())
+            if own_client:
+                await client.aclose()
+
+    # -- claiming and preparing (in a thread) ----------------------------------------------
+
+    def _claim_and_load(self, limit: int) -> list[Job]:
+        with self.store.read() as conn:  # a cheap look first: idle polls take no write lock
+            due = conn.execute(
+                select(webhook_requests.c.id)
+                .where(
+                    webhook_requests.c.status.in_(WEBHOOK_REQUESTS.due),
+                    webhook_requests.c.next_attempt_at <= utcnow(),
+                )
+                .limit(1)
+            ).first()
+        if due is None:
+            return []
+        rows = claim.claim(self.store, WEBHOOK_REQUESTS, self.owner, limit, LEASE)
+        return self.prepare(rows) if rows else []
+
+    def prepare(self, rows: Sequence[Row[Any]]) -> list[Job]:
+        """The body and signed headers of each claimed request."""
+        with self.store.read() as conn:
+            hooks = {
+                h.id: h
+                for h in conn.execute(
+                    select(webhooks).where(webhooks.c.id.in_({r.webhook_id for r in rows}))
+                )
+            }
+            found = {
+                e.id: e
+                for e in conn.execute(
+                    select(events, apps.c.name.label("app"))
+                    .join(apps, apps.c.id == events.c.app_id)
+                    .where(events.c.id.in_({r.event_id for r in rows}))
+                )
+            }
+            message_ids = {e.message_id for e in found.values() if e.message_id is not None}
+            msgs = (
+                {
+                    m.id: m
+                    for m in conn.execute(select(messages).where(messages.c.id.in_(message_ids)))
+                }
+                if message_ids
+                else {}
+            )
+        now = utcnow()
+        jobs = []
+        for row in rows:
+            job = Job(row=row, hook=hooks.get(row.webhook_id))
+            event = found.get(row.event_id)
+            if job.hook is None or not job.hook.enabled:
+                job.fail_reason = "endpoint disabled"
+            elif event is None:
+                job.fail_reason = "event no longer stored"
+            else:
+                try:
+                    fmt = formats.get(job.hook.format)
+                    message = msgs.get(event.message_id)
+                    payload = fmt(event._mapping, message._mapping if message else None)
+                    job.body = json.dumps(
+                        payload, separators=(",", ":"), ensure_ascii=False
+                    ).encode()
+                    job.headers = {
+                        "content-type": "application/json",
+                        **signed_headers(
+                            secrets_in_force(job.hook, now),
+                            str(event.id),
+                            job.body,
+                            int(now.timestamp()),
+                        ),
+                    }
+                except Exception:  # a bug: this request fails with the traceback, others go on
+                    log.exception("preparing webhook request %s failed", row.id)
+                    job.fail_reason = traceback.format_exc(limit=5)
+            jobs.append(job)
+        return jobs
+
+    # -- sending -----------------------------------------------------------------------------
+
+    async def _send(self, client: httpx.AsyncClient, job: Job) -> None:
+        result = Result(job=job, started_at=utcnow())
+        if job.fail_reason is None and job.hook is not None and job.headers is not None:
+            started = time.perf_counter()
+            try:
+                # The timeout covers the whole exchange: a trickling endpoint cannot hold a slot.
+                async with (
+                    asyncio.timeout(self.settings.webhook_timeout),
+                    client.stream(
+                        "POST", job.hook.url, content=job.body, headers=job.headers
+                    ) as response,
+                ):
+                    result.status_code = response.status_code
+                    result.retry_after = _retry_after(response.headers.get("retry-after"))
+                    result.response_body = await _read_start(response)
+            except TimeoutError:
+                result.error = f"timed out after {self.settings.webhook_timeout:g} s"
+            except httpx.HTTPError as exc:
+                result.error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            except Exception as exc:  # a bug or an odd URL: logged as this attempt's error
+                log.exception("webhook request %s failed", job.row.id)
+                result.error = f"{type(exc).__name__}: {exc}"
+            result.duration_ms = int((time.perf_counter() - started) * 1000)
+        self._sent.add(job.row.id)
+        self._results.append(result)
+        self._result_ready.set()
+
+    # -- recording (in a thread, one transaction per batch of results) -------------------------
+
+    def _take_results(self) -> list[Result]:
+        batch, self._results = self._results, []
+        self._result_ready.clear()
+        return batch
+
+    async def _record_forever(self) -> None:
+        while True:
+            await self._result_ready.wait()
+            batch = self._take_results()
+            try:
+                await asyncio.to_thread(self._record, batch)
+            finally:
+                ids = {r.job.row.id for r in batch}
+                self._held -= ids
+                self._sent -= ids
+                self.wakeup.set()  # slots are free again
+
+    def _record(self, batch: list[Result]) -> None:
+        now = utcnow()
+        try:
+            with self.store.write() as conn:
+                for result in batch:
+                    self._record_one(conn, result, now)
+        except Exception:
+            if len(batch) == 1:
+                log.exception("recording webhook request %s failed", batch[0].job.row.id)
+                self._park(batch[0], traceback.format_exc(limit=5))
+                return
+            # One bad result must not lose the others: write them one by one.
+            for result in batch:
+                self._record([result])
+
+    def _park(self, result: Result, error: str) -> None:
+        with contextlib.suppress(Exception), self.store.write() as conn:
+            claim.release_in(
+                conn,
+                WEBHOOK_REQUESTS,
+                self.owner,
+                result.job.row.id,
+                status="failed",
+                last_error=error,
+            )
+
+    def _record_one(self, conn: Connection, result: Result, now: datetime) -> None:
+        job, row = result.job, result.job.row
+        hook = job.hook
+        if job.fail_reason is not None or hook is None:
+            claim.release_in(
+                conn,
+                WEBHOOK_REQUESTS,
+                self.owner,
+                row.id,
+                status="failed",
+                last_error=job.fail_reason,
+            )
+            WEBHOOK_REQUESTS_TOTAL.labels("not_sent").inc()
+            return
+        attempt_no = row.attempts + 1
+        values: dict[str, Any] = {
+            "attempts": attempt_no,
+            "last_status_code": result.status_code,
+            "last_error": result.error,
+        }
+        disable_reason: str | None = None
+        if result.ok:
+            values.update(status="delivered", delivered_at=now)
+        elif result.status_code == 410:
+            # 410 Gone: the receiver says the endpoint is gone for good.
+            values["status"] = "failed"
+            disable_reason = "the endpoint answered 410 Gone"
+        elif (now - row.created_at).total_seconds() >= self.settings.webhook_retry_window_seconds:
+            values["status"] = "failed"
+        else:
+            delay = next_attempt_delay(
+                attempt_no,
+                result.retry_after,
+                float(self.settings.webhook_retry_cap_seconds),
+                _rng,
+            )
+            values.update(status="pending", next_attempt_at=now + timedelta(seconds=delay))
+        if not claim.release_in(conn, WEBHOOK_REQUESTS, self.owner, row.id, **values):
+            log.warning("lease on webhook request %s was lost; its attempt is not recorded", row.id)
+            return
+        conn.execute(
+            insert(webhook_attempts).values(
+                request_id=row.id,
+                started_at=result.started_at,
+                duration_ms=result.duration_ms,
+                status_code=result.status_code,
+                error=result.error,
+                response_body=result.response_body,
+            )
+        )
+        WEBHOOK_REQUESTS_TOTAL.labels(
+            "ok" if result.ok else str(result.status_code or "error")
+        ).inc()
+        if result.ok:
+            if hook.failing_since is not None:
+                conn.execute(
+                    update(webhooks).where(webhooks.c.id == hook.id).values(failing_since=None)
+                )
+            return
+        failing_since = conn.execute(
+            update(webhooks)
+            .where(webhooks.c.id == hook.id)
+            .values(failing_since=func.coalesce(webhooks.c.failing_since, now))
+            .returning(webhooks.c.failing_since)
+        ).scalar()
+        if disable_reason is None and failing_since is not None:
+            failing_for = (now - failing_since).total_seconds()
+            if failing_for >= self.settings.webhook_disable_after_seconds:
+                disable_reason = (
+                    f"no successful delivery for {failing_for / 86400:.1f} days "
+                    f"(last: {result.status_code or result.error})"
+                )
+        if disable_reason is not None and disable(conn, hook, disable_reason, now):
+            log.warning("disabled webhook %s (%s): %s", hook.id, hook.url, disable_reason)
+
+    # -- housekeeping --------------------------------------------------------------------------
+
+    async def _housekeeping(self, stop: asyncio.Event) -> None:
+        """Return the requests of dead workers (expired leases) to the queue."""
+        while not stop.is_set():
+            await self._wait(stop, timeout=SWEEP_SECONDS, wakeup=False)
+            swept = await asyncio.to_thread(claim.sweep, self.store, WEBHOOK_REQUESTS)
+            if swept:
+                log.warning("returned %d webhook requests with expired leases to the queue", swept)
+
+    async def _finish(self) -> None:
+        """Let requests in hand finish for a while; what does not is handed back."""
+        if not self._tasks:
+            return
+        _, pending = await asyncio.wait(self._tasks, timeout=STOP_GRACE_SECONDS)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        unsent = list(self._held - self._sent)
+        if unsent:
+            await asyncio.to_thread(self._hand_back, unsent)
+
+    def _hand_back(self, ids: list[Any]) -> None:
+        with self.store.write() as conn:
+            for row_id in ids:
+                claim.release_in(
+                    conn, WEBHOOK_REQUESTS, self.owner, row_id, next_attempt_at=utcnow()
+                )
+
+    async def _wait(self, stop: asyncio.Event, timeout: float, wakeup: bool = True) -> None:
+        """Until stop, new requests (if `wakeup`) or the timeout."""
+        waiters = {asyncio.create_task(stop.wait())}
+        if wakeup:
+            waiters.add(asyncio.create_task(self.wakeup.wait()))
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        for w in waiters:
+            w.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
+
+
+async def _read_start(response: httpx.Response) -> str:
+    """The first BODY_LOG_BYTES of a response body, as text (the rest is never read)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_raw():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size >= BODY_LOG_BYTES:
+            break
+    text = b"".join(chunks)[:BODY_LOG_BYTES].decode("utf-8", "replace")
+    return text.replace("\x00", "\ufffd")  # PostgreSQL text holds no NUL
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds a Retry-After header asks for (RFC 9110 §10.2.3: seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        at = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if at.tzinfo is None:
+        return None
+    return max(0.0, (at - utcnow()).total_seconds())
