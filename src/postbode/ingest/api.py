@@ -555,7 +555,8 @@ async def send_message(
     ] = None,
 ) -> dict[str, Any]:
     """Accept a message for delivery to every `to`, `cc` and `bcc` recipient: 202 once it is
-    stored, with one delivery per recipient."""
+    stored, with one delivery per recipient. A repeated Idempotency-Key with the same body
+    answers as the first time, with the header `Idempotent-Replayed: true`."""
     settings: Settings = request.app.state.settings
     acceptor: Acceptor = request.app.state.acceptor
     recipients = _recipients(body, settings.smtp_max_recipients)
