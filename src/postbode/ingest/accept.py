@@ -14,13 +14,13 @@ import uuid
 import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from email.parser import BytesHeaderParser
 from email.policy import SMTP as SMTP_POLICY
 from typing import Any
 
-from sqlalchemy import Connection, insert, or_, select
+from sqlalchemy import Connection, delete, insert, or_, select
 
 from postbode.events.record import Event, record
 from postbode.events.types import EventType
@@ -310,7 +310,7 @@ class Acceptor:
                 track_clicks = text.lower() in ("1", "true", "yes")
         if stream not in STREAMS:
             raise AcceptError(f"unknown stream {stream!r}", reason="bad_stream", field="stream")
-        sub.stream, sub.tag, sub.metadata = stream, tag, metadata
+        sub = replace(sub, stream=stream, tag=tag, metadata=metadata)
 
         now = utcnow()
         message_uuid = new_id()
@@ -456,13 +456,17 @@ def _earlier_answer(conn: Connection, sub: Submission) -> Accepted | None:
     if row is None:
         return None
     if row.body_hash != sub.request_hash:
-        raise IdempotencyConflict(
-            "this Idempotency-Key was used with a different request",
-            reason="idempotency_conflict",
-            field="Idempotency-Key",
-            status=409,
-        )
+        raise _conflict()
     return Accepted.from_json(row.response)
+
+
+def _conflict() -> IdempotencyConflict:
+    return IdempotencyConflict(
+        "this Idempotency-Key was used with a different request",
+        reason="idempotency_conflict",
+        field="Idempotency-Key",
+        status=409,
+    )
 
 
 def _suppressed(conn: Connection, items: Sequence[_Prepared]) -> set[tuple[int, str, str]]:
@@ -484,18 +488,32 @@ def _suppressed(conn: Connection, items: Sequence[_Prepared]) -> set[tuple[int, 
     return found
 
 
-def _store_batch(conn: Connection, items: Sequence[_Prepared]) -> list[Accepted]:
+def _store_batch(
+    conn: Connection, items: Sequence[_Prepared]
+) -> list[Accepted | IdempotencyConflict]:
     """Write the batch's messages, deliveries and events in `conn`'s transaction."""
     suppressed = _suppressed(conn, items)
+    # The same Idempotency-Key twice in one batch: the second gets the first's answer.
+    batch_keys: dict[tuple[int, str], tuple[str | None, Accepted]] = {}
     message_rows: list[dict[str, Any]] = []
     raw_rows: list[dict[str, Any]] = []
     delivery_rows: list[dict[str, Any]] = []
     event_rows: list[Event] = []
-    answers: list[Accepted] = []
+    answers: list[Accepted | IdempotencyConflict] = []
     for p in items:
         sub = p.sub
         if sub.idempotency_key:
-            earlier = _earlier_answer(conn, sub)
+            idem = (sub.app_id, sub.idempotency_key)
+            try:
+                earlier = _earlier_answer(conn, sub)
+                if earlier is None and idem in batch_keys:
+                    first_hash, first_answer = batch_keys[idem]
+                    if first_hash != sub.request_hash:
+                        raise _conflict()
+                    earlier = replace(first_answer, replayed=True)
+            except IdempotencyConflict as conflict:
+                answers.append(conflict)
+                continue
             if earlier is not None:
                 answers.append(earlier)
                 continue
@@ -572,6 +590,13 @@ def _store_batch(conn: Connection, items: Sequence[_Prepared]) -> list[Accepted]
             accepted.append(AcceptedRecipient(rcpt, delivery_id, status))
         answer = Accepted(p.id, p.message_id_header, tuple(accepted))
         if sub.idempotency_key:
+            batch_keys[(sub.app_id, sub.idempotency_key)] = (sub.request_hash, answer)
+            conn.execute(  # a key older than the window may be used again
+                delete(idempotency_keys).where(
+                    idempotency_keys.c.app_id == sub.app_id,
+                    idempotency_keys.c.key == sub.idempotency_key,
+                )
+            )
             conn.execute(
                 insert(idempotency_keys).values(
                     app_id=sub.app_id,
