@@ -157,3 +157,18 @@ def test_a_failing_store_answers_temporary_error_and_keeps_nothing_half_written(
     with store.read() as conn:
         assert len(conn.execute(select(messages.c.id)).all()) == 1
         assert conn.execute(select(deliveries.c.recipient)).scalars().all() == ["a@dest.test"]
+
+
+def test_one_idempotency_key_twice_in_one_batch(store: Store, app_id: int) -> None:
+    from postbode.ingest.accept import IdempotencyConflict
+
+    same = [sub(app_id, ["a@dest.test"], idempotency_key="k", request_hash="h1") for _ in range(2)]
+    first, second = submit(store, same)
+    assert first.id == second.id  # type: ignore[union-attr]
+    other = sub(app_id, ["a@dest.test"], idempotency_key="k2", request_hash="h1")
+    changed = sub(app_id, ["a@dest.test"], idempotency_key="k2", request_hash="h2")
+    ok, conflict = submit(store, [other, changed])
+    assert not isinstance(ok, BaseException)
+    assert isinstance(conflict, IdempotencyConflict) and conflict.status == 409
+    with store.read() as conn:
+        assert len(conn.execute(select(messages.c.id)).all()) == 2
