@@ -126,14 +126,23 @@ class BounceIntake:
     # -- parsing --------------------------------------------------------------------------
 
     async def _parse(self, data: bytes) -> BounceReport:
+        """parse() in a thread, bounded in time. parse() bounds its own input (MAX_INPUT,
+        MAX_DEPTH, MAX_PARTS); the timeout only stops waiting for one that runs away, and
+        such a thread keeps its slot until it ends, so at most PARSE_CONCURRENCY run at once.
+        Raises TimeoutError."""
         if self._parsing is None:
             self._parsing = asyncio.Semaphore(PARSE_CONCURRENCY)
-        async with self._parsing:
-            # parse() bounds its input (parse.MAX_INPUT, MAX_DEPTH, MAX_PARTS); the timeout
-            # only stops waiting for a parse that somehow runs away.
-            return await asyncio.wait_for(
-                asyncio.to_thread(parse, data, self.rules), self.parse_timeout
-            )
+        slots = self._parsing
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.parse_timeout
+        await asyncio.wait_for(slots.acquire(), self.parse_timeout)
+        try:
+            future = loop.run_in_executor(None, parse, data, self.rules)
+        except BaseException:
+            slots.release()
+            raise
+        future.add_done_callback(lambda _: slots.release())
+        return await asyncio.wait_for(asyncio.shield(future), max(0.0, deadline - loop.time()))
 
     # -- matching (in a thread) -------------------------------------------------------------
 

@@ -271,19 +271,31 @@ def test_a_parse_that_runs_away_is_refused_in_bounded_time(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     release = threading.Event()
+    real_parse = intake_module.parse
 
     def stuck(raw: bytes, rules: object = None) -> BounceReport:
         release.wait(30)
         return BounceReport("not_bounce")
 
     monkeypatch.setattr(intake_module, "parse", stuck)
-    intake.parse_timeout = 0.05
-    _, token, mid = sent(store, shop)
+    monkeypatch.setattr(intake_module, "PARSE_CONCURRENCY", 1)
+    intake.parse_timeout = 0.1
+    delivery_id, token, mid = sent(store, shop)
+    report = dsn("bob@dest.test", mid)
     try:
-        reply = run(loop, intake.receive("", [f"{token}@{RETURN}"], dsn("bob@dest.test", mid)))
+        reply = run(loop, intake.receive("", [f"{token}@{RETURN}"], report))
+        assert reply.startswith("554 5.6.0 ")
+        # The runaway thread still holds the only parsing slot: the next report waits for
+        # it no longer than the timeout either, and runs no second thread.
+        monkeypatch.setattr(intake_module, "parse", real_parse)
+        assert run(loop, intake.receive("", [f"{token}@{RETURN}"], report)).startswith("554 ")
+        assert status_of(store, delivery_id) == "delivered"
     finally:
         release.set()
-    assert reply.startswith("554 5.6.0 ")
+    intake.parse_timeout = 10.0
+    assert run(loop, intake.receive("", [f"{token}@{RETURN}"], report)) == (
+        "250 2.0.0 Ok: bounce recorded"
+    )
 
 
 def test_a_store_failure_asks_the_sender_to_retry(
