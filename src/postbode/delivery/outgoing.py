@@ -33,6 +33,7 @@ from postbode.store.claim import DELIVERIES as DELIVERY_QUEUE
 from postbode.store.claim import release_in
 from postbode.store.engine import Store
 from postbode.store.schema import apps, attempts, domains, messages, raw_messages, utcnow
+from postbode.tracking.rewrite import track
 
 log = logging.getLogger(__name__)
 _rng = random.Random()
@@ -162,6 +163,7 @@ class Outgoing:
         if pending:
             keys = await asyncio.to_thread(self.signing_keys, pending)
             for job in pending:
+                track(self.settings, self.store, job)  # tracking/rewrite.py: before signing
                 self.sign(job, keys)
             targets = await self.resolve_route(domain, pending)
             if targets is not None:

@@ -15,6 +15,7 @@ from postbode.ingest.accept import Acceptor
 from postbode.ingest.api import router as messages_router
 from postbode.metrics import update_queue_gauges
 from postbode.store.engine import Store
+from postbode.tracking.endpoints import router as tracking_router
 from postbode.web.errors import install_error_handlers
 from postbode.webhooks.api import router as webhooks_router
 
@@ -49,5 +50,6 @@ def create_app(settings: Settings, store: Store, acceptor: Acceptor | None = Non
     app.include_router(suppressions_router)
     app.include_router(events_router)
     app.include_router(webhooks_router)
+    app.include_router(tracking_router)
     install_error_handlers(app)
     return app
