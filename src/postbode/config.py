@@ -246,7 +246,7 @@ def describe() -> list[tuple[str, str, str, str]]:
         rows.append(
             (
                 f"POSTBODE_{name.upper()}",
-                annotation.replace("typing.", ""),
+                annotation.replace("typing.", "").replace(" | ", " or "),
                 "" if default is None else str(default),
                 field.description or "",
             )

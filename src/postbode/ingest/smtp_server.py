@@ -224,12 +224,12 @@ class SubmissionHandler:
     ) -> str:
         if "@" not in address:
             return "553 5.1.3 Recipient address must be user@domain"
+        if len(envelope.rcpt_tos) >= self.settings.smtp_max_recipients:
+            REJECTS.labels("smtp", "too_many_recipients").inc()
+            return "452 4.5.3 Too many recipients"
         if session.authenticated:
             if any(m.owns(r) for m in self.local for r in envelope.rcpt_tos):
                 return "452 4.5.3 Send mail for Postbode's own addresses separately"
-            if len(envelope.rcpt_tos) >= self.settings.smtp_max_recipients:
-                REJECTS.labels("smtp", "too_many_recipients").inc()
-                return "452 4.5.3 Too many recipients"
         else:
             mailbox = next((m for m in self.local if m.owns(address)), None)
             if mailbox is None:
