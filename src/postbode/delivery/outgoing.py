@@ -271,11 +271,13 @@ class Outgoing:
         reply = outcome.reply if not isinstance(outcome, Held) else None
         if reply is not None:
             reply_text: str | None = str(reply)
-        elif isinstance(outcome, SoftFail):
-            # No reply (dropped, timed out, TLS refused): the reason is what the queue shows.
-            reply_text = outcome.reason
+        elif job.note.startswith("expired:"):
+            reply_text = job.note
         else:
-            reply_text = job.note or None
+            # Decided without a reply (dropped, timed out, TLS refused, SMTPUTF8 missing, app
+            # suspended): the reason is all the queue view and an operator have to go on.
+            reason = "" if isinstance(outcome, Delivered) else outcome.reason
+            reply_text = reason or job.note or None
         common: dict[str, Any] = {
             "app_id": row.app_id,
             "stream": msg.stream,
