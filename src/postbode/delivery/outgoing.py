@@ -1,6 +1,6 @@
 """The outgoing processor: for a batch of deliveries to one domain, a checklist of steps, each
-returning or recording an outcome: check_app_active, fail_if_expired, sign, resolve_route,
-send, record."""
+returning or recording an outcome: check_app_active, fail_if_expired, wait_if_rate_limited,
+sign, resolve_route, send, record."""
 
 from __future__ import annotations
 
@@ -25,10 +25,11 @@ from postbode.delivery import dkim
 from postbode.delivery.backoff import next_attempt_delay, retry_hint
 from postbode.delivery.mx import DnsFailure, DnsHardFail, MxLookup, Target
 from postbode.delivery.outcomes import Delivered, HardFail, Held, Outcome, Reply, SoftFail
+from postbode.delivery.shaping import Shaper, Wait, is_throttling
 from postbode.delivery.smtp_sender import Attempt, SmtpSession, SmtpTimeouts, TlsMode
 from postbode.events.record import Event, record
 from postbode.events.types import EventType
-from postbode.metrics import DELIVERIES, IN_FLIGHT
+from postbode.metrics import DELIVERIES, IN_FLIGHT, SHAPING_WAITS
 from postbode.store.claim import DELIVERIES as DELIVERY_QUEUE
 from postbode.store.claim import release_in
 from postbode.store.engine import Store
@@ -53,6 +54,8 @@ class Job:
     note: str = ""  # why, when no SMTP reply explains the outcome
     classification: Classification | None = None
     events: list[Event] = field(default_factory=list)
+    slot: float = 0.0  # when shaping lets it go (on the shaper's clock)
+    wait: Wait | None = None  # not attempted: waiting for a shaping slot until wait.until
 
     @property
     def id(self) -> uuid.UUID:
@@ -96,6 +99,7 @@ class Outgoing:
         self.owner = owner
         self.timeouts = SmtpTimeouts.from_settings(settings)
         self.tls = TlsPolicy.parse(settings.tls_policy)
+        self.shaper = Shaper.from_settings(settings)
 
     # -- loading (in a thread) ---------------------------------------------------------------
 
@@ -160,6 +164,7 @@ class Outgoing:
     async def process(self, domain: str, jobs: list[Job]) -> None:
         """Deliver `jobs` (all to `domain`, claimed by this worker) and record the outcomes."""
         pending = [j for j in jobs if not self.check_app_active(j) and not self.fail_if_expired(j)]
+        pending = self.wait_if_rate_limited(domain, pending)
         if pending:
             keys = await asyncio.to_thread(self.signing_keys, pending)
             for job in pending:
@@ -183,6 +188,17 @@ class Outgoing:
             job.note = f"expired: not delivered within {job.max_age / 3600:g} h"
             return True
         return False
+
+    def wait_if_rate_limited(self, domain: str, jobs: list[Job]) -> list[Job]:
+        """The jobs that may go within the shaper's max wait (each with its slot); the others
+        are released to wait for theirs, so no lease is held while a destination is busy."""
+        go, waits = self.shaper.admit(domain, [j.id for j in jobs])
+        for job in jobs:
+            if job.id in waits:
+                job.wait = waits[job.id]
+            else:
+                job.slot = go[job.id]
+        return [j for j in jobs if j.wait is None]
 
     def sign(self, job: Job, keys: dict[tuple[int, str], Any]) -> None:
         """DKIM-sign with the From domain's key; unsigned (and noted) when it has none."""
@@ -212,34 +228,63 @@ class Outgoing:
 
     async def send(self, targets: list[Target], jobs: list[Job]) -> None:
         """Over one connection per target, falling back to the next target while the session
-        itself fails (connection refused, 4xx greeting, TLS trouble)."""
+        itself fails (connection refused, 4xx greeting, TLS trouble). Each job goes at its
+        shaping slot, over a connection the MX host's limit allows; after a throttling reply
+        (421, "too many connections" …) the destination is slowed down and the jobs not yet
+        tried wait for slots at the lowered rate instead of trying further hosts now."""
         remaining = list(jobs)
         domain = remaining[0].row.recipient_domain if remaining else ""
+        throttled = False
         IN_FLIGHT.labels(domain).inc(len(remaining))
         try:
             for target in targets:
-                if not remaining:
+                if not remaining or throttled:
                     break
-                async with SmtpSession(
-                    target.host,
-                    target.ip,
-                    target.port,
-                    self.settings.smtp_hostname,
-                    self.tls.mode_for(domain),
-                    self.timeouts,
-                ) as session:
-                    for job in list(remaining):
-                        result = await session.send(self.return_path(job), [job.recipient], job.raw)
-                        job.outcome = result.outcomes[job.recipient]
-                        job.attempt = result.attempt
-                        if result.session_error is None or result.message_sent:
-                            # Once the content went out the first host may have it: this
-                            # attempt's outcome stands, never another MX (RFC 1047).
-                            remaining.remove(job)
-                        if session.failure is not None:
-                            break  # next target for what is left
+                if not await self.shaper.acquire_connection(domain, target.host):
+                    wait = self.shaper.connection_wait(domain, target.host)
+                    for job in remaining:
+                        if job.outcome is None:
+                            job.wait = wait
+                    break
+                try:
+                    throttled = await self._send_on(target, domain, remaining)
+                finally:
+                    self.shaper.release_connection(target.host)
+            if throttled:
+                untried = [j for j in remaining if j.outcome is None and j.wait is None]
+                waits = self.shaper.defer(domain, [j.id for j in untried])
+                for job in untried:
+                    job.wait = waits[job.id]
         finally:
             IN_FLIGHT.labels(domain).dec(len(jobs))
+
+    async def _send_on(self, target: Target, domain: str, remaining: list[Job]) -> bool:
+        """Send what remains over one session to `target`, taking the jobs it settles out of
+        `remaining`; True when the remote answered with a throttling reply."""
+        async with SmtpSession(
+            target.host,
+            target.ip,
+            target.port,
+            self.settings.smtp_hostname,
+            self.tls.mode_for(domain),
+            self.timeouts,
+        ) as session:
+            for job in list(remaining):
+                await self.shaper.pace(job.slot)
+                result = await session.send(self.return_path(job), [job.recipient], job.raw)
+                job.outcome = result.outcomes[job.recipient]
+                job.attempt = result.attempt
+                if result.session_error is None or result.message_sent:
+                    # Once the content went out the first host may have it: this
+                    # attempt's outcome stands, never another MX (RFC 1047).
+                    remaining.remove(job)
+                outcome = job.outcome
+                if isinstance(outcome, SoftFail) and outcome.reply and is_throttling(outcome.reply):
+                    self.shaper.throttled(domain, outcome.reply)
+                    return True
+                if session.failure is not None:
+                    break  # next target for what is left
+        return False
 
     def return_path(self, job: Job) -> str:
         """VERP: a per-delivery token, so a later bounce finds its delivery."""
@@ -264,7 +309,29 @@ class Outgoing:
                         error=traceback.format_exc(limit=5),
                     )
 
+    def _record_wait(self, conn: Connection, job: Job, wait: Wait, now: datetime) -> None:
+        """Back to the queue until its shaping slot: deferred, the reason in last_reply.
+
+        No attempt was made and nothing happened to the message, so no attempt row and no
+        event: a busy destination would otherwise fill the event log, the statistics and every
+        webhook with one `delivery.deferred` per delivery per wait. The queue view shows the
+        wait (status, next_attempt_at, last_reply), and postbode_shaping_waits_total counts it.
+        """
+        values = {
+            "status": "deferred",
+            "next_attempt_at": wait.until,
+            "last_reply": wait.reason,
+            "updated_at": now,
+        }
+        if release_in(conn, DELIVERY_QUEUE, self.owner, job.id, **values):
+            SHAPING_WAITS.labels(job.row.recipient_domain, wait.limit).inc()
+        else:
+            log.warning("lease on delivery %s was lost; its shaping wait is not recorded", job.id)
+
     def _record_one(self, conn: Connection, job: Job, now: datetime) -> None:
+        if job.outcome is None and job.wait is not None:
+            self._record_wait(conn, job, job.wait, now)
+            return
         outcome = job.outcome or SoftFail(reply=None, retry_after=None, reason="not attempted")
         row, msg = job.row, job.message
         attempt_no = row.attempts + 1
