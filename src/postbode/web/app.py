@@ -10,6 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from postbode import __version__
 from postbode.bounces.api import router as suppressions_router
 from postbode.config import Settings
+from postbode.delivery.queue_api import router as queue_router
 from postbode.events.api import router as events_router
 from postbode.ingest.accept import Acceptor
 from postbode.ingest.api import router as messages_router
@@ -51,5 +52,6 @@ def create_app(settings: Settings, store: Store, acceptor: Acceptor | None = Non
     app.include_router(events_router)
     app.include_router(webhooks_router)
     app.include_router(tracking_router)
+    app.include_router(queue_router)
     install_error_handlers(app)
     return app
