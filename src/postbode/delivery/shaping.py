@@ -4,6 +4,7 @@ and the adaptive slow-down after a remote says "too many"."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import re
 import time
@@ -19,6 +20,8 @@ from postbode.store.schema import utcnow
 
 if TYPE_CHECKING:
     from postbode.config import Settings
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "ConnectionSlots",
@@ -576,6 +579,14 @@ class Shaper:
         self._sync_rate(dest, now)
         dest.bucket.drain(now)
         SHAPING_SLOWDOWNS.labels(domain).inc()
+        limits = dest.limits.scaled(dest.slowdown.factor(now))
+        log.warning(
+            "slowing %s down to %s and %d connections per MX host after %r",
+            domain,
+            _format_rate(limits.rate_per_minute),
+            limits.connections,
+            str(reply),
+        )
         return True
 
     def _lowered(self, dest: _Destination, now: float) -> str:

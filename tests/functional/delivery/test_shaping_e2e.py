@@ -77,6 +77,11 @@ def slowdowns(domain: str) -> float:
     return value or 0.0
 
 
+def waits(domain: str, limit: str) -> float:
+    labels = {"domain": domain, "limit": limit}
+    return REGISTRY.get_sample_value("postbode_shaping_waits_total", labels) or 0.0
+
+
 def test_421_slows_the_destination_down_and_the_waiting_deliveries_say_why(
     start: Start, store: Store, mx_sink: SmtpSink, dns_server: LoopbackDNS
 ) -> None:
@@ -85,7 +90,7 @@ def test_421_slows_the_destination_down_and_the_waiting_deliveries_say_why(
     dns_server.add_txt(f"{domain['dkim_selector']}._domainkey.shop.test", domain["dkim_public_key"])
     # The first connection is refused with 421; the ones after it are served.
     mx_sink.script.add(Rule.connect(THROTTLED, "220 mx1.dest.test ESMTP"))
-    before = slowdowns("dest.test")
+    before = slowdowns("dest.test"), waits("dest.test", "rate")
     # 120/min, one at a time: after halving, one a second.
     postbode = start(shaping_rules="dest.test=rate:120,burst:1")
     recipients = [f"{name}@dest.test" for name in ("ann", "bob", "cat", "dan")]
@@ -111,7 +116,8 @@ def test_421_slows_the_destination_down_and_the_waiting_deliveries_say_why(
     shown = [d for d in page if (d["last_reply"] or "").startswith(lowered)]
     assert shown and all(d["attempts"] == 0 and d["next_attempt_at"] for d in shown)
     assert postbode.worker.outgoing.shaper.limits("dest.test").rate_per_minute == 60
-    assert slowdowns("dest.test") == before + 1
+    assert slowdowns("dest.test") == before[0] + 1
+    assert waits("dest.test", "rate") >= before[1] + 3
 
     # The one that met the 421 is deferred with the remote's reply and the usual backoff.
     (first,) = [r for r in rows(store).values() if r.last_reply == THROTTLED]
@@ -165,10 +171,12 @@ def test_a_busy_mx_host_makes_deliveries_wait_for_a_connection(
         smtp_command_timeout=1.0,
     )
 
+    before = waits("dest.test", "connections")
     busy = "waiting: connection limit for mx1.dest.test (1 connection busy)"
     wait_for(lambda: {r.last_reply for r in rows(store).values()} >= {busy})
     waiting = next(r for r in rows(store).values() if r.last_reply == busy)
     assert waiting.status == "deferred" and waiting.attempts == 0
+    assert waits("dest.test", "connections") == before + 1
 
     # The stalled attempt times out and is deferred with the usual backoff; the waiting one
     # would look again in a few seconds. Made due now one after the other (together, one
