@@ -1,5 +1,4 @@
-"""Traffic shaping per destination: connections per MX host, messages per minute per domain,
-and the adaptive slow-down after a remote says "too many"."""
+"""Traffic shaping per destination: MX connections, messages per minute, adaptive slow-down."""
 
 from __future__ import annotations
 
@@ -21,8 +20,6 @@ from postbode.store.schema import utcnow
 if TYPE_CHECKING:
     from postbode.config import Settings
 
-log = logging.getLogger(__name__)
-
 __all__ = [
     "ConnectionSlots",
     "Limits",
@@ -35,6 +32,8 @@ __all__ = [
     "parse_rules",
     "rule_for",
 ]
+
+log = logging.getLogger(__name__)
 
 SLOWDOWN_FLOOR = 1 / 16  # repeated slow-downs never take a destination below this share
 SLOWDOWN_DEBOUNCE = 30.0  # seconds: replies within this of a slow-down do not lower it again
