@@ -94,6 +94,9 @@ _ENHANCED_FOR = {
     "554": "5.0.0",
     "555": "5.5.4",
 }
+_UNPRINTABLE = re.compile(r"[^\t\x20-\x7e\r\n]|\r(?!\n)|(?<!\r)\n")
+# RFC 5321 §4.1.1.1: EHLO names a domain or an address literal.
+_EHLO_NAME = re.compile(r"^(?:\[[0-9A-Fa-f:.]+(?:IPv6:[0-9A-Fa-f:.]+)?\]|[A-Za-z0-9_.-]{1,255})$")
 _HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(\s|$)")
 
 
@@ -121,8 +124,12 @@ class PostbodeSMTP(SMTP):
             self._in_ehlo = False
 
     async def push(self, status: Any) -> None:
-        if isinstance(status, str) and not self._in_ehlo:
-            status = _with_enhanced_code(status)
+        if isinstance(status, str):
+            # RFC 5321 §4.2: reply text is printable ASCII and tabs; aiosmtpd echoes a
+            # client's command into some replies, control characters and all.
+            status = _UNPRINTABLE.sub("?", status)
+            if not self._in_ehlo:
+                status = _with_enhanced_code(status)
         await super().push(status)
 
 
@@ -166,10 +173,28 @@ class SubmissionHandler:
         hostname: str,
         responses: list[str],
     ) -> list[str]:
+        if not _EHLO_NAME.match(hostname):
+            session.host_name = None  # no valid greeting yet: MAIL gets "503 send EHLO first"
+            return ["501 5.5.4 EHLO needs a domain name or an address literal"]
         session.host_name = hostname
         last = responses.pop()  # "250 HELP"
         responses += ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", last]
         return responses
+
+    async def handle_HELO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str
+    ) -> str:
+        if not _EHLO_NAME.match(hostname):
+            return "501 5.5.4 HELO needs a domain name or an address literal"
+        session.host_name = hostname
+        return f"250 {server.hostname}"
+
+    async def handle_exception(self, error: Exception) -> str:
+        """A command aiosmtpd could not parse (its address parser raises on some garbage)."""
+        if isinstance(error, (IndexError, ValueError, UnicodeError)):
+            return "501 5.5.4 Syntax error in parameters or arguments"
+        log.exception("SMTP session error")
+        return "451 4.3.0 Local error in processing"
 
     # -- AUTH ----------------------------------------------------------------------------------
 
@@ -210,6 +235,8 @@ class SubmissionHandler:
         address: str,
         mail_options: list[str],
     ) -> str:
+        if address and not _storable_address(address):
+            return "553 5.1.7 Sender address is not valid"
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Sender ok"
@@ -222,7 +249,7 @@ class SubmissionHandler:
         address: str,
         rcpt_options: list[str],
     ) -> str:
-        if "@" not in address:
+        if "@" not in address or not _storable_address(address):
             return "553 5.1.3 Recipient address must be user@domain"
         if len(envelope.rcpt_tos) >= self.settings.smtp_max_recipients:
             REJECTS.labels("smtp", "too_many_recipients").inc()
@@ -271,6 +298,18 @@ class SubmissionHandler:
         except TemporaryAcceptError as exc:
             return f"451 4.3.0 {exc}"
         return f"250 2.0.0 Ok: queued as {accepted.id}"
+
+
+def _storable_address(address: str) -> bool:
+    """No control characters, no bytes that were not UTF-8 (RFC 6531 allows UTF-8, nothing
+    else), and within RFC 5321 §4.5.3.1's lengths."""
+    if len(address) > 320 or _UNPRINTABLE.search(address) or "\x00" in address:
+        return False
+    try:
+        address.encode("utf-8")
+    except UnicodeEncodeError:  # surrogate-escaped bytes from a non-UTF-8 client
+        return False
+    return not any(ord(c) < 32 or ord(c) == 127 for c in address)
 
 
 def _peer_ip(session: Session) -> str:
