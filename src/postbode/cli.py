@@ -325,5 +325,111 @@ def user_create(
     out.print(f"user {email} created (id {user_id})")
 
 
+# -- DNS checks and demo data --------------------------------------------------------------
+
+
+@domain_cmd.command("check")
+def domain_check(domain: str, as_json: JsonFlag = False) -> None:
+    """Look up a domain's DNS records now and store the verdicts (exit status 1 unless every
+    record passes, so a script can wait for DNS)."""
+    from postbode import dnscheck
+
+    try:
+        result = asyncio.run(dnscheck.check_domain(_store(), get_settings(), domain))
+    except tenancy.TenancyError as exc:
+        _fail(str(exc))
+    if as_json:
+        _print_json(result.as_json())
+    else:
+        state = "verified" if result.verified else "not verified"
+        out.print(f"domain [bold]{result.domain}[/bold]: {state}")
+        colours = {"pass": "green", "missing": "yellow", "wrong": "red"}
+        table = Table("record", "status", "name", "detail")
+        for c in result.records:
+            table.add_row(
+                c.purpose, f"[{colours[c.status]}]{c.status}[/]", f"{c.type} {c.name}", c.detail
+            )
+        out.print(table)
+    if not result.all_pass:
+        raise typer.Exit(1)
+
+
+demo_cmd = typer.Typer(no_args_is_help=True, help="Demo data, to try the web interface.")
+app.add_typer(demo_cmd, name="demo")
+
+
+@demo_cmd.command("seed")
+def demo_seed(
+    messages: Annotated[
+        int, typer.Option("--messages", min=1, help="How many messages to make.")
+    ] = 10_000,
+    app_name: Annotated[
+        str, typer.Option("--app", help="The app to fill (created with a domain if missing).")
+    ] = "demo",
+    days: Annotated[
+        float, typer.Option(min=0.01, max=400, help="Spread the mail over this many days.")
+    ] = 30,
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="Random seed, for the same data every time.")
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Fill an app with realistic traffic: tagged flows with a daily rhythm, deferrals,
+    bounces, suppressions, opens and clicks, with their events and statistics."""
+    import random
+
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from postbode import demo
+
+    store = _store()
+    columns = (
+        TextColumn("[bold]seeding[/bold] {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err, transient=as_json) as bar:
+        task = bar.add_task(app_name, total=messages, rate="")
+
+        def advance(count: int) -> None:
+            bar.advance(task, count)
+            speed = bar.tasks[0].speed
+            bar.update(task, rate=f"{speed:,.0f} msg/s" if speed else "")
+
+        try:
+            report = demo.seed(
+                store,
+                messages=messages,
+                app=app_name,
+                days=days,
+                rng=random.Random(seed),
+                progress=advance,
+            )
+        except tenancy.TenancyError as exc:
+            _fail(str(exc))
+    if as_json:
+        _print_json(report.as_json())
+    else:
+        out.print(
+            f"app [bold]{report.app}[/bold] ({report.domain}): {report.messages:,} messages, "
+            f"{report.deliveries:,} deliveries, {report.events:,} events, "
+            f"{report.attempts:,} attempts in {report.seconds:.1f} s"
+        )
+        by_status = ", ".join(f"{k} {v:,}" for k, v in report.statuses.items())
+        out.print(f"deliveries by status: {by_status}")
+
+
 def main() -> None:
     app()

@@ -166,14 +166,26 @@ def test_top_bounce_reasons_narrowed_by_tag_reads_the_messages(store: Store) -> 
         record(
             conn,
             [
-                ev(app, T.DELIVERY_BOUNCED, timedelta(hours=1), message_id=welcome,
-                   data={"category": "user_unknown", "hard": True}),
-                ev(app, T.DELIVERY_BOUNCED, timedelta(hours=1), tag=None, message_id=other,
-                   data={"category": "blocked", "hard": False}),
-                ev(app, T.DELIVERY_BOUNCED, timedelta(hours=1), tag=None, message_id=other,
-                   data={}),
+                ev(
+                    app,
+                    T.DELIVERY_BOUNCED,
+                    timedelta(hours=1),
+                    message_id=welcome,
+                    data={"category": "user_unknown", "hard": True},
+                ),
+                ev(
+                    app,
+                    T.DELIVERY_BOUNCED,
+                    timedelta(hours=1),
+                    tag=None,
+                    message_id=other,
+                    data={"category": "blocked", "hard": False},
+                ),
+                ev(
+                    app, T.DELIVERY_BOUNCED, timedelta(hours=1), tag=None, message_id=other, data={}
+                ),
             ],
-        )  # fmt: skip
+        )
     tagged = queries.top_bounce_reasons(store, [app], "24h", tag="welcome", now=NOW)
     assert [r.category for r in tagged] == ["user_unknown"]
     untagged = queries.top_bounce_reasons(store, [app], "24h", tag="", now=NOW)
