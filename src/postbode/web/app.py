@@ -15,6 +15,7 @@ from postbode.events.api import router as events_router
 from postbode.ingest.accept import Acceptor
 from postbode.ingest.api import router as messages_router
 from postbode.metrics import update_queue_gauges
+from postbode.stats.api import router as stats_router
 from postbode.store.engine import Store
 from postbode.tracking.endpoints import router as tracking_router
 from postbode.web.errors import install_error_handlers
@@ -53,5 +54,6 @@ def create_app(settings: Settings, store: Store, acceptor: Acceptor | None = Non
     app.include_router(webhooks_router)
     app.include_router(tracking_router)
     app.include_router(queue_router)
+    app.include_router(stats_router)
     install_error_handlers(app)
     return app
