@@ -19,6 +19,8 @@ from postbode.stats.api import router as stats_router
 from postbode.store.engine import Store
 from postbode.tracking.endpoints import router as tracking_router
 from postbode.web.errors import install_error_handlers
+from postbode.web.ui import router as ui_router
+from postbode.web.ui import static_files
 from postbode.webhooks.api import router as webhooks_router
 
 
@@ -55,5 +57,7 @@ def create_app(settings: Settings, store: Store, acceptor: Acceptor | None = Non
     app.include_router(tracking_router)
     app.include_router(queue_router)
     app.include_router(stats_router)
+    app.include_router(ui_router)
+    app.mount("/static", static_files(), name="static")
     install_error_handlers(app)
     return app

@@ -1,0 +1,342 @@
+"""The message log's search: filters, keyset pages on (received_at, id), and bounded scans for
+the filters no index serves."""
+
+from __future__ import annotations
+
+import base64
+import re
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import ColumnElement, Connection, and_, func, or_, select
+
+from postbode.ingest.accept import AcceptError
+from postbode.ingest.api import _address_forms
+from postbode.store.engine import Store
+from postbode.store.schema import deliveries, messages
+from postbode.web.errors import ApiError
+
+STATUSES = (
+    "queued",
+    "sending",
+    "delivered",
+    "deferred",
+    "bounced",
+    "failed",
+    "suppressed",
+    "held",
+    "cancelled",
+)
+PAGE_SIZE = 50
+# At most this many messages (newest first, through an index) are looked at per page for the
+# filters no index serves (subject, sender, status, metadata, part of an address); a page that
+# is not full by then says how far back it looked and offers to go on from there.
+SCAN_WINDOW = 20_000
+_METADATA_KEY = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+
+
+class SearchError(ValueError):
+    """A filter that cannot be used, naming its field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field, self.message = field, message
+
+
+@dataclass(frozen=True)
+class MessageQuery:
+    """What the log is filtered by; every given filter must match."""
+
+    app_ids: tuple[int, ...]
+    recipient: str | None = None  # a whole address (index), or part of one (bounded scan)
+    sender: str | None = None  # part of the envelope sender or the From header
+    subject: str | None = None  # part of the subject, case-insensitive
+    tag: str | None = None
+    status: str | None = None  # messages with a delivery in this state
+    message_id: str | None = None  # the Message-ID header, with or without <>
+    metadata: tuple[str, str] | None = None  # key, value
+    since: datetime | None = None
+    until: datetime | None = None
+
+    def scanned_filters(self) -> list[str]:
+        """The filters applied within the bounded scan (no index serves them)."""
+        found = [
+            name for name in ("sender", "subject", "status", "metadata") if getattr(self, name)
+        ]
+        if self.recipient and not _whole_address(self.recipient):
+            found.append("recipient")
+        return found
+
+
+def parse_metadata(value: str | None) -> tuple[str, str] | None:
+    """`key=value` from the search form."""
+    if value is None or not value.strip():
+        return None
+    key, sep, wanted = value.strip().partition("=")
+    key = key.strip()
+    if not sep or not _METADATA_KEY.fullmatch(key):
+        raise SearchError("metadata", "write metadata as key=value (key: letters, digits, _ . -)")
+    return key, wanted.strip()
+
+
+def _whole_address(value: str) -> bool:
+    local, at, domain = value.strip().rpartition("@")
+    return bool(at and local and "." in domain)
+
+
+def _recipient_forms(value: str) -> list[str]:
+    try:
+        forms = _address_forms(value)
+    except (ApiError, AcceptError):
+        raise SearchError("recipient", "not an e-mail address") from None
+    # As typed, and with the local part lower-cased (stored addresses keep the sender's case).
+    lowered = [f"{f.rpartition('@')[0].lower()}@{f.rpartition('@')[2]}" for f in forms]
+    return list(dict.fromkeys(forms + lowered))
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where a page ends: the last message's (received_at, id)."""
+
+    received_at: datetime
+    id: uuid.UUID
+
+    def encode(self) -> str:
+        raw = f"{self.received_at.astimezone(UTC).isoformat()}|{self.id}"
+        return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, value: str | None) -> Cursor | None:
+        if not value:
+            return None
+        try:
+            raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).decode()
+            at, _, ident = raw.partition("|")
+            when = datetime.fromisoformat(at)
+            return cls(when if when.tzinfo else when.replace(tzinfo=UTC), uuid.UUID(ident))
+        except (ValueError, UnicodeError):
+            raise SearchError("cursor", "not a cursor from a previous page") from None
+
+
+@dataclass
+class Page:
+    """One page of the log, newest first."""
+
+    rows: list[dict[str, Any]]
+    next_cursor: Cursor | None
+    scanned_back_to: datetime | None = None  # set when a bounded scan ended before the page filled
+
+
+def _newest_first() -> tuple[Any, Any]:
+    return messages.c.received_at.desc(), messages.c.id.desc()
+
+
+def _before(cursor: Cursor) -> ColumnElement[bool]:
+    # `received_at <= t` first, so the (app_id, received_at) index bounds the range.
+    at = messages.c.received_at
+    return and_(at <= cursor.received_at, or_(at < cursor.received_at, messages.c.id < cursor.id))
+
+
+def _indexed(q: MessageQuery) -> list[ColumnElement[bool]]:
+    """Conditions an index serves: app and time (app_id, received_at), tag (app_id, tag,
+    received_at), Message-ID (message_id_header), a whole recipient address (deliveries:
+    app_id, recipient)."""
+    conds: list[ColumnElement[bool]] = [messages.c.app_id.in_(q.app_ids)]
+    if q.since is not None:
+        conds.append(messages.c.received_at >= q.since)
+    if q.until is not None:
+        conds.append(messages.c.received_at < q.until)
+    if q.tag:
+        conds.append(messages.c.tag == q.tag)
+    if q.message_id:
+        bare = q.message_id.strip().strip("<>").strip()
+        conds.append(messages.c.message_id_header.in_([f"<{bare}>", bare]))
+    if q.recipient and _whole_address(q.recipient):
+        conds.append(
+            messages.c.id.in_(
+                select(deliveries.c.message_id).where(
+                    deliveries.c.app_id.in_(q.app_ids),
+                    deliveries.c.recipient.in_(_recipient_forms(q.recipient)),
+                )
+            )
+        )
+    return conds
+
+
+def _scanned(q: MessageQuery, message_id: Any) -> list[ColumnElement[bool]]:
+    """Conditions checked message by message within the bounded scan."""
+    conds: list[ColumnElement[bool]] = []
+    if q.subject:
+        conds.append(messages.c.subject.icontains(q.subject.strip(), autoescape=True))
+    if q.sender:
+        wanted = q.sender.strip()
+        conds.append(
+            or_(
+                messages.c.mail_from.icontains(wanted, autoescape=True),
+                messages.c.from_header.icontains(wanted, autoescape=True),
+            )
+        )
+    if q.metadata:
+        key, value = q.metadata
+        conds.append(messages.c.metadata[key].as_string() == value)
+    per_delivery: list[ColumnElement[bool]] = []
+    if q.status:
+        per_delivery.append(deliveries.c.status == q.status)
+    if q.recipient and not _whole_address(q.recipient):
+        per_delivery.append(deliveries.c.recipient.icontains(q.recipient.strip(), autoescape=True))
+    if per_delivery:
+        conds.append(
+            select(deliveries.c.id)
+            .where(deliveries.c.message_id == message_id, *per_delivery)
+            .exists()
+        )
+    return conds
+
+
+def check(q: MessageQuery) -> None:
+    """SearchError for a filter that cannot be used."""
+    if q.status is not None and q.status not in STATUSES:
+        raise SearchError("status", f"unknown status {q.status!r}")
+    if q.recipient and _whole_address(q.recipient):
+        _recipient_forms(q.recipient)
+    for f in fields(q):
+        value = getattr(q, f.name)
+        if isinstance(value, str) and len(value) > 998:
+            raise SearchError(f.name, "too long")
+
+
+def search(
+    conn: Connection,
+    q: MessageQuery,
+    *,
+    cursor: Cursor | None = None,
+    limit: int = PAGE_SIZE,
+    window: int = SCAN_WINDOW,
+) -> Page:
+    """One page of messages matching `q`, newest first, with their recipients and statuses."""
+    check(q)
+    if not q.app_ids:
+        return Page([], None)
+    conds = _indexed(q)
+    if cursor is not None:
+        conds.append(_before(cursor))
+    scanned_back_to: datetime | None = None
+    if not q.scanned_filters():
+        rows = conn.execute(
+            select(messages).where(*conds).order_by(*_newest_first()).limit(limit + 1)
+        ).all()
+    else:
+        window_rows = (
+            select(messages.c.id, messages.c.received_at)
+            .where(*conds)
+            .order_by(*_newest_first())
+            .limit(window)
+            .subquery()
+        )
+        rows = conn.execute(
+            select(messages)
+            .join(window_rows, window_rows.c.id == messages.c.id)
+            .where(*_scanned(q, messages.c.id))
+            .order_by(*_newest_first())
+            .limit(limit + 1)
+        ).all()
+        if len(rows) <= limit:
+            seen = conn.execute(select(func.count()).select_from(window_rows)).scalar_one()
+            if seen >= window:
+                # The window ran out before the page filled: go on from its oldest message.
+                last = conn.execute(
+                    select(window_rows.c.received_at, window_rows.c.id)
+                    .order_by(window_rows.c.received_at.asc(), window_rows.c.id.asc())
+                    .limit(1)
+                ).one()
+                scanned_back_to = last.received_at
+                return Page(
+                    _with_recipients(conn, rows),
+                    Cursor(last.received_at, last.id),
+                    scanned_back_to,
+                )
+    page = rows[:limit]
+    next_cursor = Cursor(page[-1].received_at, page[-1].id) if len(rows) > limit else None
+    return Page(_with_recipients(conn, page), next_cursor)
+
+
+def _with_recipients(conn: Connection, rows: Sequence[Any]) -> list[dict[str, Any]]:
+    by_message: dict[uuid.UUID, list[dict[str, str]]] = {r.id: [] for r in rows}
+    if rows:
+        for d in conn.execute(
+            select(deliveries.c.message_id, deliveries.c.recipient, deliveries.c.status)
+            .where(deliveries.c.message_id.in_(list(by_message)))
+            .order_by(deliveries.c.recipient, deliveries.c.id)
+        ):
+            by_message[d.message_id].append({"email": d.recipient, "status": d.status})
+    return [
+        {
+            "id": r.id,
+            "app_id": r.app_id,
+            "message_id": r.message_id_header,
+            "from": r.from_header,
+            "mail_from": r.mail_from,
+            "subject": r.subject,
+            "tag": r.tag,
+            "metadata": r.metadata or {},
+            "stream": r.stream,
+            "source": r.source,
+            "received_at": r.received_at,
+            "size": r.size,
+            "recipients": by_message[r.id],
+        }
+        for r in rows
+    ]
+
+
+def iterate(store: Store, q: MessageQuery, chunk: int = 500) -> Iterator[dict[str, Any]]:
+    """Every matching message, newest first, a chunk per short read transaction (for the CSV
+    export: millions of rows are never in memory at once)."""
+    cursor: Cursor | None = None
+    while True:
+        with store.read() as conn:
+            page = search(conn, q, cursor=cursor, limit=chunk)
+        yield from page.rows
+        if page.next_cursor is None:
+            return
+        cursor = page.next_cursor
+
+
+CSV_COLUMNS = (
+    "id",
+    "received_at",
+    "message_id",
+    "from",
+    "mail_from",
+    "subject",
+    "tag",
+    "stream",
+    "recipients",
+    "statuses",
+    "metadata",
+)
+
+
+def csv_cell(value: str) -> str:
+    """A cell a spreadsheet will not run as a formula (OWASP: CSV injection)."""
+    return "'" + value if value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
+
+
+def csv_values(row: dict[str, Any]) -> list[str]:
+    values = [
+        str(row["id"]),
+        row["received_at"].astimezone(UTC).isoformat(),
+        row["message_id"],
+        row["from"],
+        row["mail_from"],
+        row["subject"],
+        row["tag"] or "",
+        row["stream"],
+        " ".join(r["email"] for r in row["recipients"]),
+        " ".join(r["status"] for r in row["recipients"]),
+        " ".join(f"{k}={v}" for k, v in sorted(row["metadata"].items())),
+    ]
+    return [csv_cell(v) for v in values]
