@@ -7,7 +7,7 @@ import asyncio
 import base64
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -19,6 +19,7 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import HTMLResponse
 from sqlalchemy import Connection, select
 from starlette.concurrency import run_in_threadpool
+from starlette.routing import Route
 
 from postbode.bounces.suppression import suppress
 from postbode.config import Settings
@@ -240,6 +241,16 @@ async def _start(app: FastAPI) -> HitRecorder:
     return recorder
 
 
+def _page(title: str, text: str, extra: str = "") -> str:
+    return (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{escape(title)}</title></head>"
+        '<body style="font-family:sans-serif;max-width:32em;margin:4em auto;padding:0 1em">'
+        f"<h1>{escape(title)}</h1><p>{escape(text)}</p>{extra}</body></html>"
+    )
+
+
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     recorder = await _start(app)
@@ -259,32 +270,84 @@ def _client(request: Request) -> tuple[str, str | None]:
 
 
 # -- opens and clicks ------------------------------------------------------------------------------
+# The two hot paths are bare ASGI endpoints: FastAPI's request and response machinery cost
+# several times the work itself (see docs/performance.md).
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+_NO_CACHE = [(k.lower().encode(), v.encode()) for k, v in NO_CACHE.items()]
+_NOT_FOUND = _page("Link not found", "This link is not valid.").encode()
 
 
-@router.get("/t/o/{token}")
-async def open_pixel(token: str, request: Request) -> Response:
-    """The pixel, always (a broken image helps no one); only a genuine token is recorded."""
-    recorder = await _start(request.app)
-    found = tokens.decode(token, recorder.key, "open")
-    if found is not None:
-        user_agent, ip = _client(request)
-        recorder.add(Hit("open", found, user_agent, ip, utcnow()))
-    return Response(PIXEL, media_type="image/gif", headers=NO_CACHE)
+class _Hits:
+    """GET /t/o/{token} (the pixel) or GET|HEAD /t/c/{token} (the redirect), as bare ASGI."""
+
+    def __init__(self, kind: Literal["open", "click"]) -> None:
+        self.kind = kind
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        app = scope["app"]
+        recorder: HitRecorder | None = getattr(app.state, "tracking", None)
+        if recorder is None:
+            recorder = await _start(app)
+        found = tokens.decode(scope["path_params"]["token"], recorder.key, self.kind)
+        head = scope["method"] == "HEAD"
+        if self.kind == "open":
+            # The pixel, always (a broken image helps no one); only a genuine token counts.
+            status, headers, body = 200, [(b"content-type", b"image/gif")], PIXEL
+        else:
+            location = _location(found.url) if found is not None and found.url else None
+            if found is None or location is None:
+                # Not a token we signed: never a redirect (no open redirect).
+                found = None
+                status, headers = 404, [(b"content-type", b"text/html; charset=utf-8")]
+                body = _NOT_FOUND
+            else:
+                status, headers, body = 302, [(b"location", location.encode("ascii"))], b""
+        if found is not None and not head:  # a HEAD is a link check, not a click
+            recorder.add(Hit(self.kind, found, *_client_of(scope), utcnow()))
+        headers += [(b"content-length", str(len(body)).encode()), *_NO_CACHE]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": b"" if head else body})
 
 
-@router.api_route("/t/c/{token}", methods=["GET", "HEAD"])
-async def click(token: str, request: Request) -> Response:
-    """302 to the URL the token carries; 404 (and no redirect) for any token we did not sign.
-    A HEAD is a link check, not a click: answered, not recorded."""
-    recorder = await _start(request.app)
-    found = tokens.decode(token, recorder.key, "click")
-    location = _location(found.url) if found is not None and found.url else None
-    if found is None or location is None:
-        return HTMLResponse(_page("Link not found", "This link is not valid."), 404, NO_CACHE)
-    if request.method == "GET":
-        user_agent, ip = _client(request)
-        recorder.add(Hit("click", found, user_agent, ip, utcnow()))
-    return Response(status_code=302, headers={"Location": location, **NO_CACHE})
+def _client_of(scope: Scope) -> tuple[str, str | None]:
+    user_agent = b""
+    for name, value in scope["headers"]:
+        if name == b"user-agent":
+            user_agent = value
+            break
+    client = scope.get("client")
+    ip = bots.anonymise_ip(client[0]) if client else None
+    return user_agent[:MAX_USER_AGENT].decode("latin-1"), ip
+
+
+_OPEN, _CLICK = _Hits("open"), _Hits("click")
+router.routes.append(Route("/t/o/{token}", _OPEN, methods=["GET", "HEAD"]))
+router.routes.append(Route("/t/c/{token}", _CLICK, methods=["GET", "HEAD"]))
+
+
+def fast_path(app: FastAPI) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    """`app` with GET / HEAD of /t/o/{token} and /t/c/{token} answered before FastAPI's
+    router and middleware, which cost more than the redirect itself; everything else (the
+    lifespan too) goes to `app`. For the process serving tracking links."""
+
+    async def serve(scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope.get("path", "")
+        if (
+            scope["type"] == "http"
+            and scope["method"] in ("GET", "HEAD")
+            and path[:5] in ("/t/o/", "/t/c/")
+            and "/" not in path[5:]
+        ):
+            scope["app"] = app
+            scope["path_params"] = {"token": path[5:]}
+            await (_OPEN if path[3] == "o" else _CLICK)(scope, receive, send)
+            return
+        await app(scope, receive, send)
+
+    return serve
 
 
 def _location(url: str) -> str | None:
@@ -301,7 +364,7 @@ def _location(url: str) -> str | None:
     if parts.scheme.lower() not in ("http", "https") or not netloc:
         return None
     safe = "/?#[]@!$&'()*+,;=:%~"
-    return urlunsplit(
+    location = urlunsplit(
         (
             parts.scheme,
             netloc,
@@ -310,6 +373,8 @@ def _location(url: str) -> str | None:
             quote(parts.fragment, safe=safe),
         )
     )
+    # A header value holds no control characters (RFC 9110 §5.5): no header injection.
+    return location if location.isascii() and location.isprintable() else None
 
 
 # -- unsubscribe (RFC 8058) ------------------------------------------------------------------------
@@ -406,14 +471,4 @@ async def unsubscribe_post(token: str, request: Request) -> Response:
         return HTMLResponse(_page("Link not found", "This link is not valid."), 404, NO_CACHE)
     return HTMLResponse(
         _page("Unsubscribed", "You will not receive these e-mails any more."), headers=NO_CACHE
-    )
-
-
-def _page(title: str, text: str, extra: str = "") -> str:
-    return (
-        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{escape(title)}</title></head>"
-        '<body style="font-family:sans-serif;max-width:32em;margin:4em auto;padding:0 1em">'
-        f"<h1>{escape(title)}</h1><p>{escape(text)}</p>{extra}</body></html>"
     )

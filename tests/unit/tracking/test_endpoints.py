@@ -9,6 +9,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from fastapi import FastAPI
 from sqlalchemy import select, update
 
 from postbode.config import Settings
@@ -16,7 +17,7 @@ from postbode.store.engine import Store
 from postbode.store.schema import deliveries, events, messages, stat_counters, suppressions, utcnow
 from postbode.testing.factories import make_app, make_queued_message
 from postbode.tracking import tokens
-from postbode.tracking.endpoints import PIXEL
+from postbode.tracking.endpoints import PIXEL, fast_path
 from postbode.tracking.rewrite import tracking_key
 from postbode.tracking.tokens import Token
 from postbode.web.app import create_app
@@ -35,8 +36,8 @@ CHROME = (
 class Tracked:
     """An app, one delivered message, and a client for the HTTP app."""
 
-    def __init__(self, client: TestClient, store: Store, key: bytes) -> None:
-        self.client, self.store, self.key = client, store, key
+    def __init__(self, client: TestClient, store: Store, key: bytes, app: FastAPI) -> None:
+        self.client, self.store, self.key, self.http_app = client, store, key, app
         self.app = make_app(store)
         self.message_id, (self.delivery_id,) = make_queued_message(
             store, self.app.app_id, ["Alice@dest.test"]
@@ -60,7 +61,7 @@ class Tracked:
         )
 
     def events(self, kind: str) -> list[dict[str, Any]]:
-        recorder = self.client.app.state.tracking  # type: ignore[attr-defined]
+        recorder = self.http_app.state.tracking
         self.client.portal.call(recorder.flush)  # type: ignore[union-attr]
         with self.store.read() as conn:
             rows = conn.execute(
@@ -73,7 +74,7 @@ class Tracked:
 def tracked(settings: Settings, store: Store) -> Iterator[Tracked]:
     app = create_app(settings, store)
     with TestClient(app, client=("203.0.113.77", 40000)) as client:
-        yield Tracked(client, store, tracking_key(settings, store))
+        yield Tracked(client, store, tracking_key(settings, store), app)
 
 
 def test_click_redirects_and_records(tracked: Tracked) -> None:
@@ -199,3 +200,18 @@ def test_unsubscribe_refuses_forged_tokens(tracked: Tracked) -> None:
     assert tracked.client.post(f"/t/u/{click}").status_code == 404
     with tracked.store.read() as conn:
         assert conn.execute(select(suppressions)).first() is None
+
+
+def test_fast_path_answers_the_same(settings: Settings, store: Store) -> None:
+    app = create_app(settings, store)
+    with TestClient(fast_path(app), client=("2001:db8:1:2:3::9", 1)) as client:
+        tracked = Tracked(client, store, tracking_key(settings, store), app)
+        click = tracked.get(f"/t/c/{tracked.token('click', 'https://shop.test/x')}")
+        assert click.status_code == 302 and click.headers["location"] == "https://shop.test/x"
+        assert tracked.get("/t/c/forged").status_code == 404
+        assert tracked.get(f"/t/o/{tracked.token('open')}").content == PIXEL
+        assert tracked.get("/t/c/a/b").status_code == 404  # not a token: FastAPI's 404
+        assert client.get("/healthz").json()["status"] == "ok"  # the rest is FastAPI's
+        (event,) = tracked.events("message.clicked")
+        assert event["data"]["ip"] == "2001:db8:1::"
+        assert len(tracked.events("message.opened")) == 1
