@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from prometheus_client import Counter
@@ -48,6 +49,8 @@ LEASE = timedelta(minutes=5)  # far above the request timeout: a lease never nee
 BATCH_SIZE = 200  # requests claimed per claim at most
 BODY_LOG_BYTES = 1024  # of each response body, kept in the attempt log
 STOP_GRACE_SECONDS = 15.0
+CONNECTIONS_PER_CLIENT = 4  # see Clients
+CLIENT_IDLE_SECONDS = 300.0  # an endpoint's connections are closed after this long unused
 USER_AGENT = f"Postbode-Webhooks/{__version__}"
 
 WEBHOOK_REQUESTS_TOTAL = Counter(
@@ -85,6 +88,85 @@ class Result:
         return self.status_code is not None and 200 <= self.status_code < 300
 
 
+@dataclass
+class Shard:
+    """One AsyncClient (with its own small connection pool) and what it has in flight."""
+
+    client: httpx.AsyncClient
+    busy: int = 0
+    last_used: float = 0.0
+    shared: bool = False  # given by the caller: used, never closed
+
+
+class Clients:
+    """httpx AsyncClients by endpoint origin, each with a pool of a few connections.
+
+    httpcore looks at every pooled connection on each request (a costly check apiece), so
+    one pool of 50 costs several times the CPU per request of many pools of 4; a request
+    goes to the least busy client of its origin, and a new one is made when all are full."""
+
+    def __init__(self, timeout: float, shared: httpx.AsyncClient | None = None) -> None:
+        self.timeout = timeout
+        self._shared = Shard(shared, shared=True) if shared is not None else None
+        self._by_origin: dict[str, list[Shard]] = {}
+        self._ssl = httpx.create_ssl_context()  # loading the CA bundle once, not per client
+
+    def acquire(self, url: str) -> Shard:
+        shard = self._shared or self._pick(_origin(url))
+        shard.busy += 1
+        shard.last_used = time.monotonic()
+        return shard
+
+    def release(self, shard: Shard) -> None:
+        shard.busy -= 1
+
+    def _pick(self, origin: str) -> Shard:
+        shards = self._by_origin.setdefault(origin, [])
+        free = [s for s in shards if s.busy < CONNECTIONS_PER_CLIENT]
+        if free:
+            return min(free, key=lambda s: s.busy)
+        limits = httpx.Limits(
+            max_connections=CONNECTIONS_PER_CLIENT,
+            max_keepalive_connections=CONNECTIONS_PER_CLIENT,
+        )
+        shard = Shard(
+            httpx.AsyncClient(
+                follow_redirects=False,
+                timeout=self.timeout,
+                limits=limits,
+                verify=self._ssl,
+                headers={"user-agent": USER_AGENT},
+                trust_env=False,  # the endpoint's URL says where a request goes, not env proxies
+            )
+        )
+        shards.append(shard)
+        return shard
+
+    async def close_idle(self, idle: float) -> None:
+        cutoff = time.monotonic() - idle
+        for origin, shards in list(self._by_origin.items()):
+            for shard in [s for s in shards if s.busy == 0 and s.last_used < cutoff]:
+                shards.remove(shard)
+                await shard.client.aclose()
+            if not shards:
+                del self._by_origin[origin]
+
+    async def aclose(self) -> None:
+        for shards in self._by_origin.values():
+            for shard in shards:
+                await shard.client.aclose()
+        self._by_origin.clear()
+
+
+def _origin(url: str) -> str:
+    try:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return f"{parts.scheme}://{parts.hostname}:{port}"
+    except ValueError:
+        return url
+
+
 class WebhookWorker:
     """One process's webhook loop: at most `webhook_concurrency` requests in flight."""
 
@@ -114,18 +196,9 @@ class WebhookWorker:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and send until `stop` is set; then finish (or hand back) what is in hand."""
-        own_client = self._client is None
-        client = self._client or httpx.AsyncClient(
-            follow_redirects=False,
-            timeout=self.settings.webhook_timeout,
-            limits=httpx.Limits(
-                max_connections=self.concurrency, max_keepalive_connections=self.concurrency
-            ),
-            headers={"user-agent": USER_AGENT},
-            trust_env=False,  # the endpoint's URL decides where a request goes, not env proxies
-        )
+        clients = Clients(self.settings.webhook_timeout, self._client)
         recorder = asyncio.create_task(self._record_forever())
-        housekeeping = asyncio.create_task(self._housekeeping(stop))
+        housekeeping = asyncio.create_task(self._housekeeping(stop, clients))
         try:
             while not stop.is_set():
                 free = self.concurrency - len(self._held)
@@ -139,7 +212,7 @@ class WebhookWorker:
                     continue
                 for job in jobs:
                     self._held.add(job.row.id)
-                    task = asyncio.create_task(self._send(client, job))
+                    task = asyncio.create_task(self._send(clients, job))
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
         finally:
@@ -151,8 +224,7 @@ class WebhookWorker:
                     await task
             if self._results:  # what finished while stopping is still written down
                 await asyncio.to_thread(self._record, self._take_results())
-            if own_client:
-                await client.aclose()
+            await clients.aclose()
 
     # -- claiming and preparing (in a thread) ----------------------------------------------
 
@@ -231,10 +303,12 @@ class WebhookWorker:
 
     # -- sending -----------------------------------------------------------------------------
 
-    async def _send(self, client: httpx.AsyncClient, job: Job) -> None:
+    async def _send(self, clients: Clients, job: Job) -> None:
         result = Result(job=job, started_at=utcnow())
         if job.fail_reason is None and job.hook is not None and job.headers is not None:
             started = time.perf_counter()
+            shard = clients.acquire(job.hook.url)
+            client = shard.client
             try:
                 # The timeout covers the whole exchange: a trickling endpoint cannot hold a slot.
                 async with (
@@ -253,6 +327,8 @@ class WebhookWorker:
             except Exception as exc:  # a bug or an odd URL: logged as this attempt's error
                 log.exception("webhook request %s failed", job.row.id)
                 result.error = f"{type(exc).__name__}: {exc}"
+            finally:
+                clients.release(shard)
             result.duration_ms = int((time.perf_counter() - started) * 1000)
         self._sent.add(job.row.id)
         self._results.append(result)
@@ -281,8 +357,11 @@ class WebhookWorker:
         now = utcnow()
         try:
             with self.store.write() as conn:
+                delivered = [r for r in batch if r.ok and r.job.fail_reason is None]
+                self._record_delivered(conn, delivered, now)
                 for result in batch:
-                    self._record_one(conn, result, now)
+                    if not (result.ok and result.job.fail_reason is None):
+                        self._record_one(conn, result, now)
         except Exception:
             if len(batch) == 1:
                 log.exception("recording webhook request %s failed", batch[0].job.row.id)
@@ -301,6 +380,58 @@ class WebhookWorker:
                 result.job.row.id,
                 status="failed",
                 last_error=error,
+            )
+
+    def _record_delivered(self, conn: Connection, results: list[Result], now: datetime) -> None:
+        """Successes, the common case, a few statements for the whole batch."""
+        t = webhook_requests
+        by_code: dict[int, list[Result]] = {}
+        for r in results:
+            by_code.setdefault(r.status_code or 200, []).append(r)
+        for code, group in by_code.items():
+            held = set(
+                conn.execute(
+                    update(t)
+                    .where(
+                        t.c.id.in_([r.job.row.id for r in group]),
+                        t.c.status == WEBHOOK_REQUESTS.claimed,
+                        t.c.lease_owner == self.owner,
+                    )
+                    .values(
+                        status="delivered",
+                        attempts=t.c.attempts + 1,
+                        last_status_code=code,
+                        last_error=None,
+                        delivered_at=now,
+                        lease_owner=None,
+                        lease_until=None,
+                    )
+                    .returning(t.c.id)
+                ).scalars()
+            )
+            if len(held) < len(group):
+                log.warning("%d webhook leases were lost; not recorded", len(group) - len(held))
+            attempts = [
+                {
+                    "request_id": r.job.row.id,
+                    "started_at": r.started_at,
+                    "duration_ms": r.duration_ms,
+                    "status_code": r.status_code,
+                    "error": None,
+                    "response_body": r.response_body,
+                }
+                for r in group
+                if r.job.row.id in held
+            ]
+            if attempts:
+                conn.execute(insert(webhook_attempts), attempts)
+            WEBHOOK_REQUESTS_TOTAL.labels("ok").inc(len(attempts))
+        recovered = {
+            r.job.hook.id for r in results if r.job.hook is not None and r.job.hook.failing_since
+        }
+        if recovered:  # a success ends an endpoint's failure clock
+            conn.execute(
+                update(webhooks).where(webhooks.c.id.in_(recovered)).values(failing_since=None)
             )
 
     def _record_one(self, conn: Connection, result: Result, now: datetime) -> None:
@@ -380,10 +511,12 @@ class WebhookWorker:
 
     # -- housekeeping --------------------------------------------------------------------------
 
-    async def _housekeeping(self, stop: asyncio.Event) -> None:
-        """Return the requests of dead workers (expired leases) to the queue."""
+    async def _housekeeping(self, stop: asyncio.Event, clients: Clients) -> None:
+        """Return the requests of dead workers (expired leases) to the queue; close the
+        connections of endpoints not called lately."""
         while not stop.is_set():
             await self._wait(stop, timeout=SWEEP_SECONDS, wakeup=False)
+            await clients.close_idle(CLIENT_IDLE_SECONDS)
             swept = await asyncio.to_thread(claim.sweep, self.store, WEBHOOK_REQUESTS)
             if swept:
                 log.warning("returned %d webhook requests with expired leases to the queue", swept)
