@@ -126,12 +126,12 @@ class Settings(BaseSettings):
         "(`opportunistic` is the default).",
     )
     shaping_max_connections: int = Field(
-        10,
+        20,
         description="Concurrent connections a worker process opens to one MX host "
         "(0: no limit; N worker processes open up to N times as many).",
     )
     shaping_rate_per_minute: int = Field(
-        600,
+        0,
         description="Messages per minute a worker process sends to one recipient domain "
         "(0: no limit; N worker processes send up to N times as many).",
     )

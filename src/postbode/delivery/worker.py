@@ -130,13 +130,17 @@ class DeliveryWorker:
         """Renew the leases in hand (every third of the lease) and sweep dead workers' ones."""
         every = min(self.lease.total_seconds() / 3, SWEEP_SECONDS)
         while not stop.is_set():
-            await self._wait_any(stop, timeout=every)
-            held = list(self._held)
-            if held:
-                await asyncio.to_thread(
-                    claim.renew, self.store, DELIVERIES, self.owner, held, self.lease
-                )
-            swept = await asyncio.to_thread(claim.sweep, self.store, DELIVERIES)
+            await self._wait_any(stop, timeout=every, wakeup=False)
+            try:
+                held = list(self._held)
+                if held:
+                    await asyncio.to_thread(
+                        claim.renew, self.store, DELIVERIES, self.owner, held, self.lease
+                    )
+                swept = await asyncio.to_thread(claim.sweep, self.store, DELIVERIES)
+            except Exception:  # the store hiccuped: try again next round, never stop renewing
+                log.exception("lease housekeeping failed")
+                continue
             if swept:
                 log.warning("returned %d deliveries with expired leases to the queue", swept)
 

@@ -303,13 +303,13 @@ class SubmissionHandler:
 def _storable_address(address: str) -> bool:
     """No control characters, no bytes that were not UTF-8 (RFC 6531 allows UTF-8, nothing
     else), and within RFC 5321 §4.5.3.1's lengths."""
-    if len(address) > 320 or _UNPRINTABLE.search(address) or "\x00" in address:
+    if len(address) > 320 or any(ord(c) < 32 or ord(c) == 127 for c in address):
         return False
     try:
         address.encode("utf-8")
     except UnicodeEncodeError:  # surrogate-escaped bytes from a non-UTF-8 client
         return False
-    return not any(ord(c) < 32 or ord(c) == 127 for c in address)
+    return True
 
 
 def _peer_ip(session: Session) -> str:

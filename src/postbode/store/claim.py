@@ -69,11 +69,14 @@ def renew(store: Store, queue: Queue, owner: str, ids: Sequence[Any], lease: tim
     if not ids:
         return 0
     t = queue.table
+    held = select(t.c.id).where(_held_by(queue, owner), t.c.id.in_(ids))
+    if not store.is_sqlite:
+        # Rows being released right now are locked by their recorder: skip them rather than
+        # wait, which could deadlock against a recorder locking the same rows in another order.
+        held = held.with_for_update(skip_locked=True)
     with store.write() as conn:
         result = conn.execute(
-            update(t)
-            .where(_held_by(queue, owner), t.c.id.in_(ids))
-            .values(lease_until=utcnow() + lease)
+            update(t).where(t.c.id.in_(held.scalar_subquery())).values(lease_until=utcnow() + lease)
         )
         return result.rowcount
 
