@@ -129,7 +129,7 @@ def postbode(
     tenancy.create_user(store, "viewer@org.test", PASSWORD, role="viewer")
     shop = tenancy.create_app(store, "shop")
     tenancy.add_domain(store, "shop", "shop.test")
-    with SmtpSink() as sink:
+    with SmtpSink(tls=True) as sink:
         url = store.engine.url.render_as_string(hide_password=False)
         settings = Settings(
             data_dir=tmp_path,

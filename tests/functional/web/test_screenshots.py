@@ -5,6 +5,7 @@ through the same event recorder the pipeline uses, backdated."""
 from __future__ import annotations
 
 import math
+import os
 import random
 from collections.abc import Callable
 from datetime import timedelta
@@ -21,7 +22,10 @@ from postbode.testing.sink import Rule
 
 from .conftest import Postbode, Watch, wait_for
 
-SCREENSHOTS = Path(__file__).resolve().parents[3] / "docs" / "screenshots"
+DOCS = Path(__file__).resolve().parents[3] / "docs" / "screenshots"
+# Taken on every run; written over the committed ones only when asked, so a test run leaves
+# the working tree as it was: POSTBODE_UPDATE_SCREENSHOTS=1 pytest tests/functional/web
+UPDATE = os.environ.get("POSTBODE_UPDATE_SCREENSHOTS") == "1"
 TAGS = ("order-confirmation", "password-reset", "shipping-update", "welcome", "invoice")
 # Replies real providers give, for the deferred and bounced deliveries.
 REPLIES = {
@@ -81,8 +85,11 @@ def backdated_history(pb: Postbode, app_id: int, hours: int = 24, seed: int = 7)
         record(conn, batch)
 
 
-def test_screenshots(postbode: Postbode, open_page: Callable[..., tuple[Page, Watch]]) -> None:
+def test_screenshots(
+    postbode: Postbode, open_page: Callable[..., tuple[Page, Watch]], tmp_path: Path
+) -> None:
     pb = postbode
+    shots = DOCS if UPDATE else tmp_path
     backdated_history(pb, pb.shop.app_id)
     tenancy.create_app(pb.store, "newsletter")
     script = pb.sink.script
@@ -153,22 +160,22 @@ def test_screenshots(postbode: Postbode, open_page: Callable[..., tuple[Page, Wa
     expect(page.locator(".flash")).to_contain_text("queued for a retry now")
     wait_for(lambda: _status(pb, "anna.devries@dest.test") == "delivered")
 
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    shots.mkdir(parents=True, exist_ok=True)
     page.goto(f"{pb.base}/dashboard?app=shop&range=24h")
     expect(page.locator("body")).to_have_attribute("data-chart", "drawn")
-    page.screenshot(path=str(SCREENSHOTS / "dashboard.png"))
+    page.screenshot(path=str(shots / "dashboard.png"))
 
     page.goto(f"{pb.base}/messages/{order}")
     expect(page.frame_locator("iframe.preview").locator("h1")).to_contain_text("Thank you")
     page.locator("pre.transcript").last.scroll_into_view_if_needed()
     page.evaluate("window.scrollTo(0, 0)")
-    page.screenshot(path=str(SCREENSHOTS / "message.png"))
+    page.screenshot(path=str(shots / "message.png"))
 
     page.goto(f"{pb.base}/queue?app=shop&view=deferred")
     expect(page.locator("tr", has_text="j.bakker@gmail.test")).to_be_visible()
-    page.screenshot(path=str(SCREENSHOTS / "queue.png"))
+    page.screenshot(path=str(shots / "queue.png"))
     for name in ("dashboard", "message", "queue"):
-        assert (SCREENSHOTS / f"{name}.png").stat().st_size > 10_000
+        assert (shots / f"{name}.png").stat().st_size > 10_000
     assert watch.dialogs == [] and watch.errors == [] and watch.csp_violations() == []
 
 
