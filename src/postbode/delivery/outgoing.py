@@ -18,7 +18,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Row, insert, select
 
-from postbode.bounces.classify import Classification, classify
+from postbode.bounces.classify import Classification, classify, load_rules
 from postbode.bounces.effects import after_smtp_bounce
 from postbode.config import Settings
 from postbode.delivery import dkim
@@ -98,6 +98,8 @@ class Outgoing:
         self.resolver = resolver
         self.owner = owner
         self.timeouts = SmtpTimeouts.from_settings(settings)
+        # the operator's bounce rules decide synchronous rejects as they decide DSNs
+        self.rules = load_rules(settings.bounce_rules_path)
         self.tls = TlsPolicy.parse(settings.tls_policy)
         self.shaper = Shaper.from_settings(settings)
 
@@ -403,6 +405,7 @@ class Outgoing:
                     reply.enhanced_status if reply else None,
                     reply.code if reply else None,
                     reply_text or outcome.reason,
+                    rules=self.rules,
                 )
                 job.classification = found
                 values.update(
