@@ -21,6 +21,7 @@ from playwright.sync_api import Browser, Page, sync_playwright
 from postbode import tenancy
 from postbode.config import Settings
 from postbode.store.engine import Store
+from postbode.testing.dns import LoopbackDNS
 from postbode.testing.servers import PostbodeInProcess
 from postbode.testing.sink import SmtpSink
 from postbode.web.app import create_app
@@ -84,6 +85,7 @@ class Postbode:
     sink: SmtpSink
     http: HttpServer
     shop: tenancy.NewApp
+    dns: LoopbackDNS
 
     @property
     def base(self) -> str:
@@ -129,7 +131,7 @@ def postbode(
     tenancy.create_user(store, "viewer@org.test", PASSWORD, role="viewer")
     shop = tenancy.create_app(store, "shop")
     tenancy.add_domain(store, "shop", "shop.test")
-    with SmtpSink(tls=True) as sink:
+    with SmtpSink(tls=True) as sink, LoopbackDNS() as dns:
         url = store.engine.url.render_as_string(hide_password=False)
         settings = Settings(
             data_dir=tmp_path,
@@ -137,11 +139,12 @@ def postbode(
             secret_key="browser-test-key",
             smtp_hostname="mta.postbode.test",
             transport_map=f"*={sink.host}:{sink.port}",
+            dns_nameservers=dns.nameserver,
         )
         http = HttpServer(create_app(settings, store))
         try:
             with PostbodeInProcess(settings, store) as pipeline:
-                yield Postbode(store, settings, pipeline, sink, http, shop)
+                yield Postbode(store, settings, pipeline, sink, http, shop, dns)
         finally:
             http.stop()
 

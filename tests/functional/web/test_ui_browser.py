@@ -12,7 +12,7 @@ from playwright.sync_api import Page, expect
 from sqlalchemy import select
 
 from postbode import tenancy
-from postbode.store.schema import deliveries, messages
+from postbode.store.schema import deliveries, domains, messages
 from postbode.testing.sink import Rule
 from postbode.web.ui import dashboard
 
@@ -193,4 +193,33 @@ def test_the_dashboard_refreshes_itself(
     assert page.evaluate("document.querySelectorAll('canvas').length") == 1
     drawn = "Chart.getChart(document.querySelector('#chart-card canvas')).data.datasets[0].data"
     assert page.evaluate(f"{drawn}.reduce((a, b) => a + b)") == 1
+    clean(watch)
+
+
+def test_check_a_domains_dns_in_place(
+    postbode: Postbode, open_page: Callable[..., tuple[Page, Watch]]
+) -> None:
+    settings = postbode.settings
+    with postbode.store.read() as conn:
+        domain = dict(conn.execute(select(domains)).mappings().one())
+    for record in tenancy.dns_records(domain, settings.smtp_hostname, settings.return_path_domain):
+        if record["purpose"] == "dkim":
+            postbode.dns.add_txt(record["name"], record["value"])
+        elif record["purpose"] == "return_path":
+            postbode.dns.add_cname(record["name"], record["value"])
+    postbode.dns.add_txt("shop.test", "v=spf1 mx -all")
+    page, watch = open_page(postbode.base, "admin@org.test")
+    page.goto(f"{postbode.base}/settings/apps/shop/domains?app=shop")
+    card = page.locator(f"#domain-{domain['id']}")
+    expect(card).to_contain_text("not verified")
+    url = page.url
+    with page.expect_response(lambda r: "/check" in r.url and r.status == 200):
+        card.get_by_role("button", name="Check DNS now").click()
+    # htmx posted the form (with the CSRF header) and swapped just this card: no navigation.
+    card = page.locator(f"#domain-{domain['id']}")
+    expect(card).to_contain_text("checked just now")
+    expect(card.locator(".badge", has_text="verified")).to_have_text("verified")
+    expect(card.locator("tr", has_text="spf")).to_contain_text("v=spf1 mx -all")
+    expect(card.locator("tr", has_text="dmarc").locator(".badge")).to_have_text("missing")
+    assert page.url == url
     clean(watch)

@@ -223,3 +223,31 @@ def test_the_log_page_and_its_export(
     assert b.get("/messages?status=exploded").status_code == 400
     assert b.get("/messages?since=yesterday").status_code == 400
     assert b.get("/messages?cursor=zzz").status_code == 400
+
+
+def test_several_apps_merge_and_a_stopped_scan_cuts_the_page(store: Store, shop: int) -> None:
+    other = tenancy.create_app(store, "other").app_id
+    # shop: busy and noisy; other: quiet, with matches at every age.
+    for i in range(8):
+        put_message(store, shop, subject="noise", at=T0 + timedelta(minutes=10 + i))
+    old_shop = put_message(store, shop, subject="match", at=T0)
+    recent = put_message(store, other, subject="match", at=T0 + timedelta(minutes=15))
+    older = put_message(store, other, subject="match", at=T0 + timedelta(minutes=5))
+    q = MessageQuery((shop, other), subject="match")
+    with store.read() as conn:
+        first = search.search(conn, q, limit=10, window=4)
+        # shop's scan stopped at minute 14: other's match at minute 5 must wait, or a shop
+        # match between minutes 5 and 14 could be skipped.
+        assert [r["id"] for r in first.rows] == [recent]
+        assert first.scanned_back_to == T0 + timedelta(minutes=14)
+        second = search.search(conn, q, cursor=first.next_cursor, limit=10, window=4)
+        assert [r["id"] for r in second.rows] == []
+        third = search.search(conn, q, cursor=second.next_cursor, limit=10, window=4)
+    assert [r["id"] for r in third.rows] == [older, old_shop] and third.next_cursor is None
+    assert [r["id"] for r in search.iterate(store, q, chunk=1)] == [recent, older, old_shop]
+    # Without scanned filters the apps' pages merge in time order.
+    with store.read() as conn:
+        page = search.search(conn, MessageQuery((shop, other)), limit=3)
+    assert [r["received_at"] for r in page.rows] == [
+        T0 + timedelta(minutes=m) for m in (17, 16, 15)
+    ]

@@ -140,11 +140,11 @@ def _before(cursor: Cursor) -> ColumnElement[bool]:
     return and_(at <= cursor.received_at, or_(at < cursor.received_at, messages.c.id < cursor.id))
 
 
-def _indexed(q: MessageQuery) -> list[ColumnElement[bool]]:
+def _indexed(q: MessageQuery, app_id: int) -> list[ColumnElement[bool]]:
     """Conditions an index serves: app and time (app_id, received_at), tag (app_id, tag,
     received_at), Message-ID (message_id_header), a whole recipient address (deliveries:
     app_id, recipient)."""
-    conds: list[ColumnElement[bool]] = [messages.c.app_id.in_(q.app_ids)]
+    conds: list[ColumnElement[bool]] = [messages.c.app_id == app_id]
     if q.since is not None:
         conds.append(messages.c.received_at >= q.since)
     if q.until is not None:
@@ -158,7 +158,7 @@ def _indexed(q: MessageQuery) -> list[ColumnElement[bool]]:
         conds.append(
             messages.c.id.in_(
                 select(deliveries.c.message_id).where(
-                    deliveries.c.app_id.in_(q.app_ids),
+                    deliveries.c.app_id == app_id,
                     deliveries.c.recipient.in_(_recipient_forms(q.recipient)),
                 )
             )
@@ -208,6 +208,53 @@ def check(q: MessageQuery) -> None:
             raise SearchError(f.name, "too long")
 
 
+def _key(row: Any) -> tuple[datetime, uuid.UUID]:
+    return (row.received_at, row.id)
+
+
+def _search_app(
+    conn: Connection,
+    q: MessageQuery,
+    app_id: int,
+    cursor: Cursor | None,
+    limit: int,
+    window: int,
+) -> tuple[list[Any], Cursor | None]:
+    """Up to `limit` + 1 matches of one app, newest first, through its index; and, when the
+    bounded scan ran out before finding that many, where it stopped (its oldest message)."""
+    conds = _indexed(q, app_id)
+    if cursor is not None:
+        conds.append(_before(cursor))
+    if not q.scanned_filters():
+        query = select(messages).where(*conds).order_by(*_newest_first()).limit(limit + 1)
+        return list(conn.execute(query).all()), None
+    window_rows = (
+        select(messages.c.id, messages.c.received_at)
+        .where(*conds)
+        .order_by(*_newest_first())
+        .limit(window)
+        .subquery()
+    )
+    rows = conn.execute(
+        select(messages)
+        .join(window_rows, window_rows.c.id == messages.c.id)
+        .where(*_scanned(q, messages.c.id))
+        .order_by(*_newest_first())
+        .limit(limit + 1)
+    ).all()
+    if len(rows) > limit:
+        return list(rows), None
+    seen = conn.execute(select(func.count()).select_from(window_rows)).scalar_one()
+    if seen < window:
+        return list(rows), None  # the scan reached the end of the app's messages
+    last = conn.execute(
+        select(window_rows.c.received_at, window_rows.c.id)
+        .order_by(window_rows.c.received_at.asc(), window_rows.c.id.asc())
+        .limit(1)
+    ).one()
+    return list(rows), Cursor(last.received_at, last.id)
+
+
 def search(
     conn: Connection,
     q: MessageQuery,
@@ -216,51 +263,30 @@ def search(
     limit: int = PAGE_SIZE,
     window: int = SCAN_WINDOW,
 ) -> Page:
-    """One page of messages matching `q`, newest first, with their recipients and statuses."""
+    """One page of messages matching `q`, newest first, with their recipients and statuses.
+
+    Each app is read on its own, in its index's order, and the pages merged: an IN list of
+    apps would make the database sort every matching message of the organization. With
+    filters no index serves, each app looks at most `window` messages; the page then ends
+    where the newest such scan stopped, and its cursor goes on from there."""
     check(q)
-    if not q.app_ids:
-        return Page([], None)
-    conds = _indexed(q)
-    if cursor is not None:
-        conds.append(_before(cursor))
-    scanned_back_to: datetime | None = None
-    if not q.scanned_filters():
-        rows = conn.execute(
-            select(messages).where(*conds).order_by(*_newest_first()).limit(limit + 1)
-        ).all()
-    else:
-        window_rows = (
-            select(messages.c.id, messages.c.received_at)
-            .where(*conds)
-            .order_by(*_newest_first())
-            .limit(window)
-            .subquery()
-        )
-        rows = conn.execute(
-            select(messages)
-            .join(window_rows, window_rows.c.id == messages.c.id)
-            .where(*_scanned(q, messages.c.id))
-            .order_by(*_newest_first())
-            .limit(limit + 1)
-        ).all()
-        if len(rows) <= limit:
-            seen = conn.execute(select(func.count()).select_from(window_rows)).scalar_one()
-            if seen >= window:
-                # The window ran out before the page filled: go on from its oldest message.
-                last = conn.execute(
-                    select(window_rows.c.received_at, window_rows.c.id)
-                    .order_by(window_rows.c.received_at.asc(), window_rows.c.id.asc())
-                    .limit(1)
-                ).one()
-                scanned_back_to = last.received_at
-                return Page(
-                    _with_recipients(conn, rows),
-                    Cursor(last.received_at, last.id),
-                    scanned_back_to,
-                )
+    rows: list[Any] = []
+    stopped: Cursor | None = None  # the newest place a scan ended without finding enough
+    for app_id in dict.fromkeys(q.app_ids):
+        found, stop = _search_app(conn, q, app_id, cursor, limit, window)
+        rows.extend(found)
+        if stop is not None and (stopped is None or _key(stop) > _key(stopped)):
+            stopped = stop
+    if stopped is not None:
+        # Older matches of the app whose scan stopped there are not known yet.
+        rows = [r for r in rows if _key(r) > _key(stopped)]
+    rows.sort(key=_key, reverse=True)
     page = rows[:limit]
-    next_cursor = Cursor(page[-1].received_at, page[-1].id) if len(rows) > limit else None
-    return Page(_with_recipients(conn, page), next_cursor)
+    if len(rows) > limit:
+        return Page(_with_recipients(conn, page), Cursor(*_key(page[-1])))
+    if stopped is not None:
+        return Page(_with_recipients(conn, page), stopped, stopped.received_at)
+    return Page(_with_recipients(conn, page), None)
 
 
 def _with_recipients(conn: Connection, rows: Sequence[Any]) -> list[dict[str, Any]]:
