@@ -53,7 +53,7 @@ CONNECTIONS_PER_CLIENT = 4  # see Clients
 CLIENT_IDLE_SECONDS = 300.0  # an endpoint's connections are closed after this long unused
 USER_AGENT = f"Postbode-Webhooks/{__version__}"
 
-WEBHOOK_REQUESTS_TOTAL = Counter(
+WEBHOOK_ATTEMPTS = Counter(
     "postbode_webhook_attempts_total", "Webhook request attempts, by result.", ["result"]
 )
 _rng = random.Random()
@@ -425,7 +425,7 @@ class WebhookWorker:
             ]
             if attempts:
                 conn.execute(insert(webhook_attempts), attempts)
-            WEBHOOK_REQUESTS_TOTAL.labels("ok").inc(len(attempts))
+            WEBHOOK_ATTEMPTS.labels("ok").inc(len(attempts))
         recovered = {
             r.job.hook.id for r in results if r.job.hook is not None and r.job.hook.failing_since
         }
@@ -435,6 +435,7 @@ class WebhookWorker:
             )
 
     def _record_one(self, conn: Connection, result: Result, now: datetime) -> None:
+        """A request not sent, or an attempt that failed: retry later, fail, or disable."""
         job, row = result.job, result.job.row
         hook = job.hook
         if job.fail_reason is not None or hook is None:
@@ -446,7 +447,7 @@ class WebhookWorker:
                 status="failed",
                 last_error=job.fail_reason,
             )
-            WEBHOOK_REQUESTS_TOTAL.labels("not_sent").inc()
+            WEBHOOK_ATTEMPTS.labels("not_sent").inc()
             return
         attempt_no = row.attempts + 1
         values: dict[str, Any] = {
@@ -455,9 +456,7 @@ class WebhookWorker:
             "last_error": result.error,
         }
         disable_reason: str | None = None
-        if result.ok:
-            values.update(status="delivered", delivered_at=now)
-        elif result.status_code == 410:
+        if result.status_code == 410:
             # 410 Gone: the receiver says the endpoint is gone for good.
             values["status"] = "failed"
             disable_reason = "the endpoint answered 410 Gone"
@@ -484,15 +483,7 @@ class WebhookWorker:
                 response_body=result.response_body,
             )
         )
-        WEBHOOK_REQUESTS_TOTAL.labels(
-            "ok" if result.ok else str(result.status_code or "error")
-        ).inc()
-        if result.ok:
-            if hook.failing_since is not None:
-                conn.execute(
-                    update(webhooks).where(webhooks.c.id == hook.id).values(failing_since=None)
-                )
-            return
+        WEBHOOK_ATTEMPTS.labels(str(result.status_code or "error")).inc()
         failing_since = conn.execute(
             update(webhooks)
             .where(webhooks.c.id == hook.id)
