@@ -223,3 +223,26 @@ def test_check_a_domains_dns_in_place(
     expect(card.locator("tr", has_text="dmarc").locator(".badge")).to_have_text("missing")
     assert page.url == url
     clean(watch)
+
+
+def test_reading_works_without_javascript(
+    postbode: Postbode, open_page: Callable[..., tuple[Page, Watch]]
+) -> None:
+    postbode.send(["plain@dest.test"], "No scripts needed", headers={"X-Postbode-Tag": "plain"})
+    wait_for(lambda: status_of(postbode, "plain@dest.test") == "delivered")
+    page, watch = open_page(postbode.base, "viewer@org.test", java_script_enabled=False)
+    page.goto(f"{postbode.base}/dashboard?range=1h")
+    expect(page.locator("[data-kpi=received]")).to_have_text("1")
+    page.locator("details.series-table summary").click()
+    expect(page.locator("details.series-table table")).to_be_visible()
+    page.goto(f"{postbode.base}/messages?tag=plain")
+    page.get_by_role("link", name="No scripts needed").click()
+    expect(page.locator("#recipients")).to_contain_text("delivered")
+    page.locator("details", has_text="SMTP transcript").last.locator("summary").click()
+    expect(page.locator("pre.transcript").last).to_contain_text("RCPT TO:<plain@dest.test>")
+    # The app switcher falls back to a button.
+    page.goto(f"{postbode.base}/queue")
+    page.locator("#app-switch").select_option("shop")
+    page.get_by_role("button", name="Show").click()
+    expect(page).to_have_url(f"{postbode.base}/queue?app=shop")
+    clean(watch)
