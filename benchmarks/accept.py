@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import json
 import os
 import secrets
 import signal
@@ -51,6 +52,7 @@ class Run:
     client_cpu: float = 0.0
     commits: float = 0.0  # group commits the server made, from its /metrics
     commit_seconds: float = 0.0
+    load: float = 0.0  # the machine's 1-minute load average at the end
 
     def fail(self, what: str) -> None:
         self.errors[what[:80]] = self.errors.get(what[:80], 0) + 1
@@ -69,7 +71,7 @@ class Run:
             f"\n{'':15} CPU: server {self.server_cpu / self.elapsed:4.0%} of a core, "
             f"{self.server_cpu / ok * 1000:.2f} ms per message "
             f"(so {ok / self.server_cpu:,.0f} msg/s per core); "
-            f"client {self.client_cpu / self.elapsed:4.0%}"
+            f"client {self.client_cpu / self.elapsed:4.0%}; machine load average {self.load:.1f}"
         )
         if self.commits:
             line += (
@@ -218,20 +220,93 @@ async def smtp_load(
 # -- HTTP ----------------------------------------------------------------------------------------
 
 
+class HttpSession:
+    """One keep-alive HTTP/1.1 connection sending prebuilt requests, reading each answer.
+    About as cheap as a client can be, so the figures are the server's."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int) -> HttpSession:
+        return cls(*await asyncio.open_connection("127.0.0.1", port))
+
+    async def send(self, request: bytes) -> tuple[int, bytes]:
+        self.writer.write(request)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        return int(head[9:12]), await self.reader.readexactly(length)
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(Exception):
+            await self.writer.wait_closed()
+
+
+def http_request(api_key: str, body: dict[str, object]) -> bytes:
+    content = json.dumps(body).encode()
+    return (
+        f"POST /api/v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {api_key}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(content)}\r\n\r\n"
+    ).encode() + content
+
+
 async def http_load(
-    server: PostbodeProcess, app: tenancy.NewApp, n: int, c: int, size: int, run: Run
+    server: PostbodeProcess,
+    app: tenancy.NewApp,
+    n: int,
+    c: int,
+    size: int,
+    client: str,
+    run: Run,
 ) -> Callable[[], Awaitable[None]]:
-    """A keep-alive httpx client with `c` connections; returns the sending coroutine function."""
-    client = httpx.AsyncClient(
-        base_url=server.http_url,
-        headers={"Authorization": f"Bearer {app.api_key}"},
-        limits=httpx.Limits(max_connections=c, max_keepalive_connections=c),
-        timeout=60,
-    )
+    """`c` keep-alive connections; returns the coroutine function that sends `n` messages.
+
+    client "raw": HttpSession. "httpx": one httpx.AsyncClient per connection; a single
+    client with a pool of `c` connections spends most of the time managing the pool and
+    starves connections until the server drops them as idle (encode/httpx#3215)."""
     bodies = [api_body(size, i) for i in range(min(n, 1000))]
     counter = iter(range(n))
 
-    async def worker() -> None:
+    if client == "raw":
+        requests = [http_request(app.api_key, b) for b in bodies]
+        sessions = await asyncio.gather(*(HttpSession.open(server.http_port) for _ in range(c)))
+
+        async def raw_worker(session: HttpSession) -> None:
+            for i in counter:
+                started = time.perf_counter()
+                try:
+                    status, answer = await session.send(requests[i % len(requests)])
+                except (OSError, asyncio.IncompleteReadError) as exc:
+                    run.fail(f"{type(exc).__name__}: {exc}")
+                    return
+                if status != 202:
+                    run.fail(f"{status} {answer[:200]!r}")
+                    continue
+                run.latencies.append(time.perf_counter() - started)
+            await session.close()
+
+        async def go_raw() -> None:
+            await asyncio.gather(*(raw_worker(s) for s in sessions))
+
+        return go_raw
+
+    clients = [
+        httpx.AsyncClient(
+            base_url=server.http_url,
+            headers={"Authorization": f"Bearer {app.api_key}"},
+            limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+            timeout=60,
+        )
+        for _ in range(c)
+    ]
+
+    async def httpx_worker(client: httpx.AsyncClient) -> None:
         for i in counter:
             started = time.perf_counter()
             try:
@@ -243,16 +318,14 @@ async def http_load(
                 run.fail(f"{response.status_code} {response.text}")
                 continue
             run.latencies.append(time.perf_counter() - started)
+        await client.aclose()
 
-    async def go() -> None:
-        try:
-            await asyncio.gather(*(worker() for _ in range(c)))
-        finally:
-            await client.aclose()
+    async def go_httpx() -> None:
+        await asyncio.gather(*(httpx_worker(c) for c in clients))
 
     # Open the connections before the clock starts, like the SMTP sessions.
-    await asyncio.gather(*(client.get("/healthz") for _ in range(c)))
-    return go
+    await asyncio.gather(*(c.get("/healthz") for c in clients))
+    return go_httpx
 
 
 # -- measuring -----------------------------------------------------------------------------------
@@ -343,6 +416,7 @@ def measure(
             run.elapsed = time.perf_counter() - started
             run.server_cpu = cpu_seconds(pids) - cpu
             run.client_cpu = time.process_time() - own
+            run.load = os.getloadavg()[0]
         after = commit_totals(server)
         run.commits, run.commit_seconds = after[0] - commits, after[1] - seconds
 
@@ -431,7 +505,9 @@ def bench_dialect(dialect: str, args: argparse.Namespace) -> list[str]:
                     run = measure(
                         server,
                         "http",
-                        lambda r: http_load(server, app, args.n, args.c, args.size, r),
+                        lambda r: http_load(
+                            server, app, args.n, args.c, args.size, args.http_client, r
+                        ),
                         profile,
                     )
                 lines.append(run.report(dialect, args.c))
@@ -461,6 +537,12 @@ def main() -> None:
         help="PostgreSQL database to use (default: a scratch database on 127.0.0.1:5432)",
     )
     ap.add_argument("--tls", action="store_true", help="STARTTLS on every SMTP session")
+    ap.add_argument(
+        "--http-client",
+        choices=["raw", "httpx"],
+        default="raw",
+        help="raw (default): a minimal keep-alive HTTP/1.1 client; httpx: httpx.AsyncClient",
+    )
     ap.add_argument("--workers", type=int, default=1, help="POSTBODE_WORKERS for serve (default 1)")
     ap.add_argument(
         "--delivery",
@@ -481,7 +563,8 @@ def main() -> None:
     dialects = ["sqlite", "postgresql"] if args.dialect == "both" else [args.dialect]
     print(
         f"{args.n} messages of {args.size} bytes per protocol, {args.c} connections, "
-        f"delivery {args.delivery}, {os.cpu_count()} CPUs",
+        f"delivery {args.delivery}, HTTP client {args.http_client}, {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.1f}",
         flush=True,
     )
     for dialect in dialects:
