@@ -29,6 +29,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
     Uuid,
+    func,
 )
 
 # Stable constraint names, so Alembic migrations name the same things on both dialects.
@@ -208,6 +209,9 @@ messages = Table(
     Index(None, "app_id", "received_at"),
     Index(None, "app_id", "tag", "received_at"),
     Index(None, "message_id_header"),
+    # The message log, newest first (ids are time-ordered): a page is an index range.
+    Index(None, "app_id", "id"),
+    Index(None, "app_id", "tag", "id"),
 )
 
 raw_messages = Table(
@@ -243,6 +247,12 @@ deliveries = Table(
     Index(None, "app_id", "recipient"),
     Index(None, "app_id", "status", "recipient_domain"),
     Index(None, "lease_until"),
+    # "Messages with a delivery in this state": one probe per message of the log.
+    Index(None, "message_id", "app_id", "status"),
+)
+# Recipient search ignores case (as people type addresses) without changing what is stored.
+Index(
+    "ix_deliveries_app_id_lower_recipient", deliveries.c.app_id, func.lower(deliveries.c.recipient)
 )
 
 attempts = Table(
