@@ -251,3 +251,23 @@ def test_several_apps_merge_and_a_stopped_scan_cuts_the_page(store: Store, shop:
     assert [r["received_at"] for r in page.rows] == [
         T0 + timedelta(minutes=m) for m in (17, 16, 15)
     ]
+
+
+def test_a_busy_address_is_found_through_the_time_index(
+    store: Store, shop: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made = [
+        put_message(
+            store, shop, recipients=[("busy@dest.test", "delivered")], at=T0 + timedelta(minutes=i)
+        )
+        for i in range(4)
+    ]
+    put_message(store, shop, recipients=[("quiet@dest.test", "delivered")])
+    q = MessageQuery((shop,), recipient="busy@dest.test")
+    assert ids(store, q) == list(reversed(made))  # read by id
+    monkeypatch.setattr(search, "EXACT_CAP", 2)
+    assert ids(store, q) == list(reversed(made))  # more than the cap: by the time index
+    assert ids(store, q, limit=3)[:3] == list(reversed(made))[:3]
+    both = MessageQuery((shop,), recipient="busy@dest.test", message_id=f"<{made[1]}@shop.test>")
+    assert ids(store, both) == [made[1]]
+    assert ids(store, MessageQuery((shop,), recipient="nobody@dest.test")) == []
