@@ -146,6 +146,24 @@ def wait_delivered(store: Store, count: int, timeout: float) -> None:
         time.sleep(0.1)
 
 
+def wait_sink(sink: SmtpSink, count: int, workers: list[PostbodeProcess], what: str) -> None:
+    """Until the sink has accepted `count` messages; fails at once if a worker process dies."""
+    deadline = time.monotonic() + PHASE_TIMEOUT
+    while True:
+        try:
+            sink.wait_until_sync(lambda s: len(s.messages) >= count, 1.0, what)
+            return
+        except TimeoutError:
+            for worker in workers:
+                assert worker.proc is not None
+                if worker.proc.poll() is not None:
+                    raise RuntimeError(
+                        f"a worker exited ({worker.proc.returncode}):\n{worker.log()[-3000:]}"
+                    ) from None
+            if time.monotonic() > deadline:
+                raise
+
+
 @pytest.fixture
 def sink() -> Iterator[SmtpSink]:
     with SmtpSink() as server:  # plain text on 127.0.0.1: this test counts, it does not inspect
@@ -193,9 +211,7 @@ def test_three_workers_deliver_each_message_exactly_once(
 ) -> None:
     expected = queue_messages(store, shop.app_id, MESSAGES)
     workers = start_workers()
-    sink.wait_until_sync(
-        lambda s: len(s.messages) >= MESSAGES, PHASE_TIMEOUT, f"{MESSAGES} messages"
-    )
+    wait_sink(sink, MESSAGES, workers, f"{MESSAGES} messages")
     wait_delivered(store, MESSAGES, 30)
 
     counts = message_ids(sink.messages)
@@ -212,9 +228,7 @@ def test_killed_workers_deliveries_are_taken_over_after_its_lease(
     workers = start_workers(lease_seconds=LEASE_SECONDS)
     victim = workers[0]
     assert victim.proc is not None
-    sink.wait_until_sync(
-        lambda s: len(s.messages) >= MESSAGES // 3, PHASE_TIMEOUT, "a third of the mail"
-    )
+    wait_sink(sink, MESSAGES // 3, workers, "a third of the mail")
 
     # Freeze the victim first, so what it holds cannot change while we read it: a claim it
     # had not committed yet gives it nothing it could have sent.
@@ -233,9 +247,7 @@ def test_killed_workers_deliveries_are_taken_over_after_its_lease(
     victim.kill()  # SIGKILL: no goodbye, leases left behind
     assert in_flight, "the victim held deliveries when it died"
 
-    sink.wait_until_sync(
-        lambda s: len(s.messages) >= MESSAGES, PHASE_TIMEOUT, f"{MESSAGES} messages"
-    )
+    wait_sink(sink, MESSAGES, workers[1:], f"{MESSAGES} messages")
     wait_delivered(store, MESSAGES, 30)
     counts = message_ids(sink.messages)
     assert set(counts) == expected, "every message was delivered"
