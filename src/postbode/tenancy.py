@@ -185,7 +185,8 @@ def create_credential(store: Store, app_name: str, kind: str, name: str = "") ->
 
 
 def revoke_credential(store: Store, credential_id: int, app_id: int | None = None) -> None:
-    """Revoke a credential (of `app_id`, when given); it stops working at once."""
+    """Revoke a credential (of `app_id`, when given): at once in this process, within
+    API_KEY_CACHE_SECONDS in others."""
     stmt = update(credentials).where(
         credentials.c.id == credential_id, credentials.c.revoked_at.is_(None)
     )
@@ -194,6 +195,7 @@ def revoke_credential(store: Store, credential_id: int, app_id: int | None = Non
     with store.write() as conn:
         if conn.execute(stmt.values(revoked_at=utcnow())).rowcount != 1:
             raise TenancyError(f"no active credential with id {credential_id}")
+    _api_keys.clear()  # this process forgets at once; others within API_KEY_CACHE_SECONDS
 
 
 def list_credentials(store: Store, app_name: str) -> list[dict[str, Any]]:
@@ -215,8 +217,29 @@ def list_credentials(store: Store, app_name: str) -> list[dict[str, Any]]:
         return [dict(r) for r in rows]
 
 
+API_KEY_CACHE_SECONDS = 5.0
+_api_keys: dict[str, tuple[int, float]] = {}  # sha256 of a key -> (app id, valid until)
+
+
 def authenticate_api_key(store: Store, key: str) -> int | None:
-    """The app id an API key belongs to, or None for a wrong, malformed or revoked key."""
+    """The app id an API key belongs to, or None for a wrong, malformed or revoked key.
+
+    A key that checked out is remembered for a few seconds (the API's hot path reads the
+    store once per key, not once per request); a revocation in another process takes effect
+    within API_KEY_CACHE_SECONDS."""
+    digest = _sha256(key)
+    cached = _api_keys.get(digest)
+    if cached is not None and cached[1] > time.monotonic():
+        return cached[0]
+    app_id = _check_api_key(store, key)
+    if app_id is not None:
+        if len(_api_keys) > 10_000:
+            _api_keys.clear()
+        _api_keys[digest] = (app_id, time.monotonic() + API_KEY_CACHE_SECONDS)
+    return app_id
+
+
+def _check_api_key(store: Store, key: str) -> int | None:
     if not key.startswith(API_KEY_PREFIX) or "_" not in key[len(API_KEY_PREFIX) :]:
         return None
     lookup, secret = key[len(API_KEY_PREFIX) :].split("_", 1)
