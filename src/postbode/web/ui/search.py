@@ -52,7 +52,7 @@ class MessageQuery:
     """What the log is filtered by; every given filter must match."""
 
     app_ids: tuple[int, ...]
-    recipient: str | None = None  # a whole address (index), or part of one (bounded scan)
+    recipient: str | None = None  # a whole address, any case (index); or part of one (scan)
     sender: str | None = None  # part of the envelope sender or the From header
     subject: str | None = None  # part of the subject, case-insensitive
     tag: str | None = None
@@ -89,13 +89,17 @@ def _whole_address(value: str) -> bool:
 
 
 def _recipient_forms(value: str) -> list[str]:
+    """The address in lower case, its domain in IDNA and Unicode form: compared with
+    lower(recipient), which the (app_id, lower(recipient)) index serves."""
     try:
         forms = _address_forms(value)
     except (ApiError, AcceptError):
         raise SearchError("recipient", "not an e-mail address") from None
-    # As typed, and with the local part lower-cased (stored addresses keep the sender's case).
-    lowered = [f"{f.rpartition('@')[0].lower()}@{f.rpartition('@')[2]}" for f in forms]
-    return list(dict.fromkeys(forms + lowered))
+    return list(dict.fromkeys(f.lower() for f in forms))
+
+
+def _recipient_is(value: str) -> ColumnElement[bool]:
+    return func.lower(deliveries.c.recipient).in_(_recipient_forms(value))
 
 
 @dataclass(frozen=True)
@@ -149,7 +153,7 @@ def _message_id_forms(value: str) -> list[str]:
 def _indexed(q: MessageQuery, app_id: int) -> list[ColumnElement[bool]]:
     """Conditions an index serves: app and time (app_id, received_at), tag (app_id, tag,
     received_at), Message-ID (message_id_header), a whole recipient address (deliveries:
-    app_id, recipient)."""
+    app_id, lower(recipient)))."""
     conds: list[ColumnElement[bool]] = [messages.c.app_id == app_id, *_bounds(q)]
     if q.message_id:
         conds.append(messages.c.message_id_header.in_(_message_id_forms(q.message_id)))
@@ -157,8 +161,7 @@ def _indexed(q: MessageQuery, app_id: int) -> list[ColumnElement[bool]]:
         conds.append(
             messages.c.id.in_(
                 select(deliveries.c.message_id).where(
-                    deliveries.c.app_id == app_id,
-                    deliveries.c.recipient.in_(_recipient_forms(q.recipient)),
+                    deliveries.c.app_id == app_id, _recipient_is(q.recipient)
                 )
             )
         )
@@ -194,10 +197,7 @@ def _named(conn: Connection, q: MessageQuery, app_id: int) -> set[uuid.UUID] | N
         ids = set(
             conn.execute(
                 select(deliveries.c.message_id)
-                .where(
-                    deliveries.c.app_id == app_id,
-                    deliveries.c.recipient.in_(_recipient_forms(q.recipient)),
-                )
+                .where(deliveries.c.app_id == app_id, _recipient_is(q.recipient))
                 .limit(EXACT_CAP + 1)
             ).scalars()
         )
