@@ -83,6 +83,19 @@ def test_series_is_zero_filled_per_bucket(store: Store, traffic: tuple[int, int]
     assert sum(queries.series(store, [], "24h", now=NOW).counts["delivery.delivered"]) == 0
     week = queries.series(store, [app], "7d", now=NOW)
     assert len(week.buckets) == 168 and sum(week.counts["delivery.delivered"]) == 6
+    # Every bucket size puts each count in its own bucket, on both dialects.
+    for name in ("1h", "24h", "7d", "30d"):
+        s = queries.series(store, [app], name, now=NOW)
+        for ago, n in ((timedelta(minutes=9), 2), (timedelta(hours=30), 1)):
+            if NOW - ago >= s.window.since:
+                at = s.window.index(NOW - ago)
+                assert s.counts["delivery.delivered"][at] >= n, (name, ago)
+        assert sum(s.counts["delivery.delivered"]) == {"1h": 3, "24h": 5}.get(name, 6)
+    five = queries.series(
+        store, [app], since=NOW - timedelta(hours=4), until=NOW, now=NOW
+    )  # 5-minute buckets
+    assert five.window.size == timedelta(minutes=5)
+    assert five.counts["delivery.delivered"][five.window.index(NOW - timedelta(hours=3))] == 1
 
 
 def test_series_filters(store: Store, traffic: tuple[int, int]) -> None:
