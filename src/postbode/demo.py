@@ -19,6 +19,7 @@ from typing import Any
 from sqlalchemy import Connection, select, update
 
 from postbode import tenancy
+from postbode.stats import rollup
 from postbode.store.engine import Store
 from postbode.store.schema import apps, domains, utcnow
 
@@ -468,6 +469,7 @@ class SeedReport:
     deliveries: int
     events: int
     attempts: int
+    counters_merged: int  # minute counter rows merged into hour rows (stats.rollup)
     seconds: float
     statuses: dict[str, int]
 
@@ -1261,6 +1263,8 @@ def seed(
                 gc.enable()
             if store.is_sqlite:
                 conn.invalidate()  # never hand the tuned connection to anyone else
+    # As a running installation would have them: minute counters only for the last two days.
+    compacted = rollup.compact(store, now=now)
     return SeedReport(
         app=app,
         app_id=app_id,
@@ -1269,6 +1273,7 @@ def seed(
         deliveries=gen.counts["deliveries"],
         events=gen.counts["events"],
         attempts=gen.counts["attempts"],
+        counters_merged=compacted,
         seconds=time.perf_counter() - started,
         statuses=dict(sorted(gen.statuses.items(), key=lambda kv: -kv[1])),
     )
