@@ -113,3 +113,29 @@ def test_the_last_owner_stays_an_owner(ui: tuple[Store, Org, Callable], owner: B
     owner.post(f"/users/{org.admin_id}/role", {"role": "owner"})
     assert owner.post(f"/users/{org.owner_id}/role", {"role": "viewer"}).status_code == 303
     assert owner.get("/users").status_code == 403  # no longer an owner, at once
+
+
+def test_switch_organization(ui: tuple[Store, Org, Callable], viewer: Browser) -> None:
+    store, org, _ = ui
+    from sqlalchemy import insert
+
+    from postbode.store.schema import organizations
+
+    tenancy.create_user(store, "boss@other.test", PASSWORD, admin=True, organization="other")
+    tenancy.create_app(store, "elsewhere", organization="other")
+    with store.write() as conn:
+        other_id = conn.execute(
+            select(organizations.c.id).where(organizations.c.name == "other")
+        ).scalar_one()
+        conn.execute(
+            insert(memberships).values(
+                user_id=org.viewer_id, organization_id=other_id, role="admin"
+            )
+        )
+    page = viewer.get("/settings").text
+    assert 'id="org-switch"' in page and "elsewhere" not in page
+    switched = viewer.post("/session/organization", {"organization": str(other_id)})
+    assert viewer.flash(switched) == "Switched to other."
+    page = viewer.get("/settings").text
+    assert "elsewhere" in page and "New app" in page  # an admin there
+    assert viewer.post("/session/organization", {"organization": "999"}).status_code == 404
