@@ -36,11 +36,10 @@ RANGES: dict[str, timedelta] = {
     "7d": timedelta(days=7),
     "30d": timedelta(days=30),
 }
-# Bucket sizes a chart may use, finest first; 6 h is left out on purpose, so 30 days are
-# shown by the day and a week by the hour.
+# Bucket sizes a chart may use, finest first: the resolutions stats.rollup keeps counters at
+# as they age (so 6 h is left out, and 30 days are shown by the day, a week by the hour).
 BUCKET_SIZES: tuple[timedelta, ...] = (
     timedelta(minutes=1),
-    timedelta(minutes=5),
     timedelta(minutes=15),
     timedelta(hours=1),
     timedelta(days=1),

@@ -28,7 +28,7 @@ NOW = datetime(2026, 3, 11, 14, 37, 23, 500_000, tzinfo=UTC)  # a Wednesday
         (timedelta(minutes=10), timedelta(minutes=1)),
         (timedelta(hours=1), timedelta(minutes=1)),
         (timedelta(hours=3), timedelta(minutes=1)),
-        (timedelta(hours=4), timedelta(minutes=5)),
+        (timedelta(hours=4), timedelta(minutes=15)),
         (timedelta(hours=24), timedelta(minutes=15)),
         (timedelta(hours=48), timedelta(minutes=15)),
         (timedelta(days=7), timedelta(hours=1)),

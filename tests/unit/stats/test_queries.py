@@ -91,11 +91,9 @@ def test_series_is_zero_filled_per_bucket(store: Store, traffic: tuple[int, int]
                 at = s.window.index(NOW - ago)
                 assert s.counts["delivery.delivered"][at] >= n, (name, ago)
         assert sum(s.counts["delivery.delivered"]) == {"1h": 3, "24h": 5}.get(name, 6)
-    five = queries.series(
-        store, [app], since=NOW - timedelta(hours=4), until=NOW, now=NOW
-    )  # 5-minute buckets
-    assert five.window.size == timedelta(minutes=5)
-    assert five.counts["delivery.delivered"][five.window.index(NOW - timedelta(hours=3))] == 1
+    three = queries.series(store, [app], since=NOW - timedelta(hours=3), until=NOW, now=NOW)
+    assert three.window.size == timedelta(minutes=1)
+    assert three.counts["delivery.delivered"][three.window.index(NOW - timedelta(minutes=9))] == 2
 
 
 def test_series_filters(store: Store, traffic: tuple[int, int]) -> None:

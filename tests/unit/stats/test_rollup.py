@@ -1,4 +1,4 @@
-"""Compaction of old minute counters into hour rows: the same statistics from fewer rows."""
+"""Compaction of aged counters into coarser rows: the same statistics from fewer rows."""
 
 from __future__ import annotations
 
@@ -17,16 +17,40 @@ from postbode.testing.factories import make_app
 NOW = datetime(2026, 3, 11, 14, 37, 23, tzinfo=UTC)
 
 
-def test_fold_sums_minutes_per_hour() -> None:
+def test_levels_keep_rows_as_fine_as_any_chart_ending_now_shows_them() -> None:
+    sizes = queries.BUCKET_SIZES
+    assert [size for _, size in rollup.LEVELS] == list(sizes[1:])
+    for (age, _), shown in zip(rollup.LEVELS, sizes, strict=False):
+        assert shown * queries.MAX_POINTS + shown <= age  # the widest window, and alignment
+
+
+def test_fold_sums_rows_per_bucket() -> None:
     def row(minute: int, kind: str, n: int, bots: int = 0) -> SimpleNamespace:
         at = datetime(2026, 3, 1, 9, minute, tzinfo=UTC)
         return SimpleNamespace(
             app_id=1, stream="s", tag="t", bucket=at, event_type=kind, count=n, bot_count=bots
         )
 
-    hours = rollup.fold([row(1, "a", 2), row(59, "a", 3, 1), row(30, "b", 1)])
+    rows = [row(1, "a", 2), row(59, "a", 3, 1), row(30, "b", 1)]
     nine = datetime(2026, 3, 1, 9, tzinfo=UTC)
-    assert hours == {(1, "s", "t", nine, "a"): [5, 1], (1, "s", "t", nine, "b"): [1, 0]}
+    assert rollup.fold(rows, timedelta(hours=1)) == {
+        (1, "s", "t", nine, "a"): [5, 1],
+        (1, "s", "t", nine, "b"): [1, 0],
+    }
+    quarters = rollup.fold(rows, timedelta(minutes=15))
+    assert quarters[(1, "s", "t", nine.replace(minute=45), "a")] == [3, 1]
+    assert rollup.fold(rows, timedelta(days=1))[(1, "s", "t", nine.replace(hour=0), "a")] == [5, 1]
+
+
+def _buckets(store: Store, since: datetime, until: datetime) -> list[datetime]:
+    with store.read() as conn:
+        return list(
+            conn.execute(
+                select(stat_counters.c.bucket).where(
+                    stat_counters.c.bucket >= since, stat_counters.c.bucket < until
+                )
+            ).scalars()
+        )
 
 
 def _rows(store: Store) -> int:
@@ -37,9 +61,9 @@ def _rows(store: Store) -> int:
 def test_compaction_keeps_every_statistic(store: Store) -> None:
     app = make_app(store).app_id
     batch = []
-    for days, minutes in ((5, range(0, 50, 7)), (3, range(3, 60, 11)), (0, range(0, 30, 5))):
-        for m in minutes:
-            at = NOW - timedelta(days=days, minutes=m)
+    for age in (timedelta(days=20), timedelta(days=5), timedelta(hours=30), timedelta(0)):
+        for m in range(0, 130, 7):
+            at = NOW - age - timedelta(minutes=m)
             batch += [
                 Event(app_id=app, type=T.DELIVERY_DELIVERED, tag="welcome", at=at),
                 Event(app_id=app, type=T.MESSAGE_OPENED, tag="welcome", at=at, bot=m % 2 == 0),
@@ -47,31 +71,38 @@ def test_compaction_keeps_every_statistic(store: Store) -> None:
             ]
     with store.write() as conn:
         record(conn, batch)
-    before = {r: queries.dashboard(store, [app], r, now=NOW) for r in ("24h", "7d", "30d")}
+    ranges = ("1h", "24h", "7d", "30d")
+    before = {r: queries.dashboard(store, [app], r, now=NOW) for r in ranges}
     rows = _rows(store)
 
     removed = rollup.compact(store, now=NOW)
     assert removed > 0 and _rows(store) == rows - removed
-    for name, board in before.items():  # hour rows fall in the same 15 min, hour, day buckets
+    for name, board in before.items():  # each chart's buckets are still exact
         after = queries.dashboard(store, [app], name, now=NOW)
         assert after.summary == board.summary and after.tags == board.tags, name
         assert after.series.counts == board.series.counts, name
-    with store.read() as conn:
-        old = conn.execute(
-            select(stat_counters.c.bucket).where(stat_counters.c.bucket < NOW - rollup.KEEP_MINUTES)
-        ).scalars()
-        assert {b.minute for b in old} == {0}
-        recent = conn.execute(
-            select(func.count()).where(stat_counters.c.bucket >= NOW - timedelta(hours=1))
-        ).scalar_one()
-    assert recent > 3  # the last two days keep their minutes
+        assert after.series.bots == board.series.bots, name
+    # Days beyond 9 days, hours beyond 52 h, quarter hours beyond 4 h, minutes after.
+    assert {b.hour for b in _buckets(store, NOW - timedelta(days=30), NOW - timedelta(days=9))} == {
+        0
+    }
+    week = _buckets(store, NOW - timedelta(days=9), NOW - timedelta(hours=52))
+    assert week and {b.minute for b in week} == {0}
+    hours = _buckets(store, NOW - timedelta(hours=52), NOW - timedelta(hours=4))
+    assert hours and {b.minute for b in hours} <= {0, 15, 30, 45}
+    recent = _buckets(store, NOW - timedelta(hours=2), NOW + timedelta(hours=1))
+    assert len(recent) > 8 and {b.minute for b in recent} - {0, 15, 30, 45}
 
-    assert rollup.compact(store, now=NOW) == 0  # nothing new below the watermark
+    assert rollup.compact(store, now=NOW) == 0  # nothing new below the watermarks
+    later = rollup.compact(store, now=NOW + timedelta(hours=5))  # the day goes on
+    assert later > 0
     late = NOW - timedelta(days=5, minutes=33)  # an old event recorded late (a backfill)
     with store.write() as conn:
         record(conn, Event(app_id=app, type=T.DELIVERY_DELIVERED, tag="welcome", at=late))
-    assert rollup.compact(store, now=NOW) == 0  # below the watermark: left as it is
-    assert queries.summary(store, [app], "30d", now=NOW).totals["delivery.delivered"] == (
+    assert rollup.compact(store, now=NOW + timedelta(hours=5)) == 0  # below the watermarks
+    month = queries.summary(store, [app], "30d", now=NOW)
+    assert month.totals["delivery.delivered"] == (
         before["30d"].summary.totals["delivery.delivered"] + 1
     )
-    assert rollup.compact(store, now=NOW, everything=True) == 1
+    assert rollup.compact(store, now=NOW + timedelta(hours=5), everything=True) == 1
+    assert queries.summary(store, [app], "30d", now=NOW) == month
