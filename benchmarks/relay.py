@@ -1,0 +1,358 @@
+"""Benchmark: SMTP in (C authenticated connections) → `postbode serve` → SMTP out to a sink."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import re
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from multiprocessing.queues import Queue
+from multiprocessing.sharedctypes import Synchronized
+from multiprocessing.synchronize import Event
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT / "src"))
+
+from postbode.testing.process import PostbodeProcess  # noqa: E402
+
+PG_ADMIN_URL = os.environ.get(
+    "POSTBODE_TEST_PG_ADMIN", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+_MESSAGE_ID = re.compile(rb"^Message-ID:\s*(<[^>\r\n]+>)", re.IGNORECASE | re.MULTILINE)
+
+# Times are time.monotonic() in every process: CLOCK_MONOTONIC is system-wide on Linux, so the
+# client's accept times and the sink's delivery times are on one clock.
+
+
+# -- the sink: a minimal asyncio SMTP server in its own process ----------------------------------
+
+
+def run_sink(ready: Queue[Any], results: Queue[Any], count: Synchronized[int], stop: Event) -> None:
+    """Accept every message, note (Message-ID, time of the final "."), report them on stop.
+
+    Far less work per message than aiosmtpd (no per-command dispatch, no envelope objects),
+    so it counts well past what Postbode sends; plain text, no STARTTLS."""
+    seen: list[tuple[str, float]] = []
+
+    async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 sink.bench ESMTP\r\n")
+        try:
+            while line := await reader.readline():
+                verb = line[:4].upper()
+                if verb == b"DATA":
+                    writer.write(b"354 Go ahead\r\n")
+                    data = await reader.readuntil(b"\r\n.\r\n")
+                    at = time.monotonic()
+                    found = _MESSAGE_ID.search(data)
+                    seen.append((found.group(1).decode() if found else "", at))
+                    with count.get_lock():
+                        count.value += 1
+                    writer.write(b"250 2.0.0 OK\r\n")
+                elif verb == b"EHLO":
+                    writer.write(b"250-sink.bench\r\n250-8BITMIME\r\n250 SIZE 52428800\r\n")
+                elif verb == b"QUIT":
+                    writer.write(b"221 2.0.0 Bye\r\n")
+                    break
+                elif verb in (b"MAIL", b"RCPT", b"RSET", b"NOOP", b"HELO"):
+                    writer.write(b"250 2.0.0 OK\r\n")
+                else:
+                    writer.write(b"502 5.5.1 Not implemented\r\n")
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(session, "127.0.0.1", 0, limit=64 * 1024 * 1024)
+        ready.put(server.sockets[0].getsockname()[1])
+        await asyncio.get_running_loop().run_in_executor(None, stop.wait)
+        server.close()
+        results.put(seen)
+
+    asyncio.run(main())
+
+
+# -- the load: C connections, each sending its share of the messages ------------------------------
+
+
+def make_messages(n: int, size: int) -> list[tuple[str, str, bytes]]:
+    """(Message-ID, recipient, raw) for n messages of about `size` bytes each."""
+    run = secrets.token_hex(4)
+    line = b"Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor.\r\n"
+    out = []
+    for i in range(n):
+        mid = f"<{i}.{run}@shop.test>"
+        head = (
+            f"From: Shop <orders@shop.test>\r\nTo: <user{i}@dest.test>\r\n"
+            f"Subject: Order {i} has shipped\r\nMessage-ID: {mid}\r\n"
+            "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+        ).encode()
+        body = (line * (max(0, size - len(head)) // len(line) + 1))[: max(0, size - len(head))]
+        out.append((mid, f"user{i}@dest.test", head + body))
+    return out
+
+
+async def load(
+    host: str,
+    port: int,
+    username: str,
+    password: str,
+    messages: list[tuple[str, str, bytes]],
+    connections: int,
+    starttls: bool,
+) -> tuple[dict[str, float], float]:
+    """Send the messages over `connections` connections; returns (accept time by Message-ID,
+    start time)."""
+    import ssl
+
+    import aiosmtplib
+
+    accepted: dict[str, float] = {}
+    shares = [messages[i::connections] for i in range(connections)]
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # Postbode's generated certificate is self-signed
+
+    async def client(share: list[tuple[str, str, bytes]]) -> None:
+        smtp = aiosmtplib.SMTP(
+            hostname=host, port=port, start_tls=starttls, tls_context=context, timeout=120
+        )
+        await smtp.connect()
+        await smtp.login(username, password)
+        for mid, rcpt, raw in share:
+            await smtp.sendmail("orders@shop.test", [rcpt], raw)
+            accepted[mid] = time.monotonic()
+        await smtp.quit()
+
+    start = time.monotonic()
+    await asyncio.gather(*(client(share) for share in shares if share))
+    return accepted, start
+
+
+# -- setting up Postbode --------------------------------------------------------------------------
+
+
+def postbode_cli(env: dict[str, str], *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "postbode", *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        sys.exit(f"postbode {' '.join(args)} failed:\n{result.stdout}{result.stderr}")
+    return result.stdout
+
+
+def create_database() -> tuple[str, Any]:
+    from sqlalchemy import create_engine, text
+
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    name = f"postbode_bench_{secrets.token_hex(4)}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    return admin.url.set(database=name).render_as_string(hide_password=False), admin
+
+
+def drop_database(url: str, admin: Any) -> None:
+    from sqlalchemy import make_url, text
+
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{make_url(url).database}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> list[int]:
+    """The direct child processes of `pid` (Linux /proc)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("-n", type=int, default=5000, help="messages to send (default 5000)")
+    ap.add_argument("-c", type=int, default=50, help="concurrent SMTP connections (default 50)")
+    ap.add_argument("--size", type=int, default=2048, help="message size in bytes (default 2048)")
+    ap.add_argument("--dialect", choices=("sqlite", "postgresql"), default="sqlite")
+    ap.add_argument(
+        "--workers", type=int, default=None, help="POSTBODE_WORKERS for serve (default: its own)"
+    )
+    ap.add_argument("--starttls", action="store_true", help="clients use STARTTLS before AUTH")
+    ap.add_argument("--timeout", type=float, default=600, help="give up after this many seconds")
+    ap.add_argument(
+        "--profile",
+        type=Path,
+        help="record a py-spy profile (raw folded stacks) of serve and its workers to this file",
+    )
+    ap.add_argument("--json", action="store_true", help="print the figures as JSON too")
+    args = ap.parse_args()
+
+    ctx = mp.get_context("spawn")
+    ready: Queue[Any] = ctx.Queue()
+    results: Queue[Any] = ctx.Queue()
+    count: Synchronized[int] = ctx.Value("i", 0)  # type: ignore[assignment]
+    stop = ctx.Event()
+    sink = ctx.Process(target=run_sink, args=(ready, results, count, stop), daemon=True)
+    sink.start()
+    sink_port = ready.get(timeout=30)
+
+    data_dir = Path(tempfile.mkdtemp(prefix="postbode-bench-relay-"))
+    env = {
+        "POSTBODE_DATA_DIR": str(data_dir),
+        "POSTBODE_TRANSPORT_MAP": f"dest.test=127.0.0.1:{sink_port}",
+        "POSTBODE_DNS_NAMESERVERS": "127.0.0.1:9",  # never asked: the transport map routes all
+        "POSTBODE_SMTP_HOSTNAME": "mta.bench.test",
+        "POSTBODE_SECRET_KEY": "bench-secret-key",
+        # One destination takes all the mail: no per-domain shaping limits.
+        "POSTBODE_SHAPING_RATE_PER_MINUTE": "0",
+        "POSTBODE_SHAPING_MAX_CONNECTIONS": "0",
+        "POSTBODE_LOG_LEVEL": "warning",
+    }
+    if args.workers is not None:
+        env["POSTBODE_WORKERS"] = str(args.workers)
+    pg: tuple[str, Any] | None = None
+    if args.dialect == "postgresql":
+        pg = create_database()
+        env["POSTBODE_DATABASE_URL"] = pg[0]
+    server: PostbodeProcess | None = None
+    profiler: subprocess.Popen[bytes] | None = None
+    try:
+        app = json.loads(postbode_cli(env, "app", "create", "bench", "--json"))
+        postbode_cli(env, "domain", "add", "shop.test", "--app", "bench")  # DKIM-signs all mail
+        server = PostbodeProcess(data_dir, env).start()
+        assert server.proc is not None
+        messages = make_messages(args.n, args.size)
+        if args.profile:
+            py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+            profiler = subprocess.Popen(
+                [
+                    *(py_spy, "record", "--pid", str(server.proc.pid), "--subprocesses"),
+                    *("--format", "raw", "--rate", "200", "--output", str(args.profile)),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            time.sleep(1)  # py-spy attaches
+
+        workers = children(server.proc.pid)
+        cpu_before = {
+            "serve": cpu_seconds(server.proc.pid),
+            "workers": sum(cpu_seconds(w) for w in workers),
+            "sink": cpu_seconds(sink.pid or 0),
+            "load generator": time.process_time(),
+        }
+        accepted, start = asyncio.run(
+            load(
+                "127.0.0.1",
+                server.smtp_port,
+                app["smtp_username"],
+                app["smtp_password"],
+                messages,
+                args.c,
+                args.starttls,
+            )
+        )
+        accept_end = time.monotonic()
+        deadline = start + args.timeout
+        while count.value < args.n and time.monotonic() < deadline:
+            time.sleep(0.05)
+        cpu_used = {
+            "serve": cpu_seconds(server.proc.pid) - cpu_before["serve"],
+            "workers": sum(cpu_seconds(w) for w in workers) - cpu_before["workers"],
+            "sink": cpu_seconds(sink.pid or 0) - cpu_before["sink"],
+            "load generator": time.process_time() - cpu_before["load generator"],
+        }
+        if profiler is not None:
+            profiler.send_signal(2)  # SIGINT: py-spy writes the profile and exits
+            profiler.wait(60)
+        stop.set()
+        seen: list[tuple[str, float]] = results.get(timeout=60)
+    finally:
+        if server is not None:
+            server.stop()
+        stop.set()
+        sink.join(10)
+        if pg is not None:
+            drop_database(*pg)
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+    delivered: dict[str, float] = {}
+    duplicates = 0
+    for mid, at in seen:
+        if mid in delivered:
+            duplicates += 1
+        else:
+            delivered[mid] = at
+    missing = len(accepted) - len(set(accepted) & set(delivered))
+    first_accept = min(accepted.values())
+    last_delivered = max(delivered.values()) if delivered else float("nan")
+    latencies = [delivered[m] - accepted[m] for m in accepted if m in delivered]
+    figures = {
+        "messages": args.n,
+        "connections": args.c,
+        "size": args.size,
+        "dialect": args.dialect,
+        "workers": args.workers,
+        "end_to_end_per_s": len(delivered) / (last_delivered - first_accept),
+        "accept_per_s": len(accepted) / (accept_end - start),
+        "latency_p50_ms": statistics.median(latencies) * 1000 if latencies else float("nan"),
+        "latency_p99_ms": percentile(latencies, 99) * 1000 if latencies else float("nan"),
+        "delivered": len(delivered),
+        "missing": missing,
+        "duplicates": duplicates,
+        "wall_s": last_delivered - start,
+        "cpu_ms_per_message": {k: v * 1000 / args.n for k, v in cpu_used.items()},
+        "load_average": os.getloadavg()[0],
+    }
+    print(
+        f"{args.n} messages of {args.size} B over {args.c} connections, {args.dialect}, "
+        f"workers={'default' if args.workers is None else args.workers}"
+    )
+    print(
+        f"end to end: {figures['end_to_end_per_s']:,.0f} msg/s "
+        f"(first accept to last delivered, {figures['wall_s']:.1f} s wall)"
+    )
+    print(f"accept:     {figures['accept_per_s']:,.0f} msg/s")
+    print(
+        f"latency accept->delivered: p50 {figures['latency_p50_ms']:,.0f} ms, "
+        f"p99 {figures['latency_p99_ms']:,.0f} ms"
+    )
+    print(f"delivered {len(delivered)}, missing {missing}, duplicates {duplicates}")
+    print(
+        "CPU per message: "
+        + ", ".join(f"{k} {v:.2f} ms" for k, v in figures["cpu_ms_per_message"].items())
+        + f" (load average {figures['load_average']:.1f} on {os.cpu_count()} cores)"
+    )
+    if args.json:
+        print(json.dumps(figures))
+    if missing:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
