@@ -296,7 +296,8 @@ class Acceptor:
             if not lname.startswith(CONTROL_PREFIX):
                 kept.append(line)
                 continue
-            text = value.strip().decode("utf-8", "replace")
+            # RFC 5322 §2.2.3: unfolding removes the line breaks of a folded field
+            text = value.replace(b"\r", b"").replace(b"\n", b"").strip().decode("utf-8", "replace")
             key = lname[len(CONTROL_PREFIX) :]
             if key == "tag":
                 tag = text[:100]

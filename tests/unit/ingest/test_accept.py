@@ -173,3 +173,12 @@ def test_one_idempotency_key_twice_in_one_batch(store: Store, app_id: int) -> No
     assert sum(not isinstance(r, BaseException) for r in results) == 1
     with store.read() as conn:
         assert len(conn.execute(select(messages.c.id)).all()) == 2
+
+
+def test_folded_control_header_is_unfolded(store: Store, app_id: int) -> None:
+    raw = RAW.replace(b"X-Postbode-Tag: order-confirmation\r\n",
+                      b"X-Postbode-Tag: order-\r\n confirmation-with-a-long-name\r\n")
+    (accepted,) = submit(store, [sub(app_id, ["a@dest.test"], raw)])
+    with store.read() as conn:
+        tag = conn.execute(select(messages.c.tag)).scalar_one()
+    assert tag == "order- confirmation-with-a-long-name"
