@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import contextlib
 import cProfile
+import importlib.util
 import os
 import pstats
 import shutil
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -301,12 +303,13 @@ def webhooks(args: argparse.Namespace, tmp: Path) -> None:
         # CPU time, not the wall clock: when profiling, what the process itself spends.
         profile = cProfile.Profile(time.process_time) if args.profile else None
         cpu = time.process_time()
-        elapsed = asyncio.run(_drain(settings, store, args.webhooks, profile))
+        with asyncio.Runner(loop_factory=_loop_factory(args.loop)) as runner:
+            elapsed = runner.run(_drain(settings, store, args.webhooks, profile))
         cpu = time.process_time() - cpu
         print(
             f"webhooks: {args.webhooks / elapsed:,.0f} deliveries/s ({args.webhooks} signed POSTs "
-            f"in {elapsed:.2f} s, {args.webhook_concurrency} in flight, "
-            f"{store.dialect}, receiver in its own process); "
+            f"in {elapsed:.2f} s, {args.webhook_concurrency} in flight, {store.dialect}, "
+            f"{args.loop} loop, receiver in its own process); "
             f"{cpu / args.webhooks * 1e6:,.0f} us CPU per delivery in the worker process"
         )
         if profile is not None:
@@ -315,6 +318,16 @@ def webhooks(args: argparse.Namespace, tmp: Path) -> None:
     finally:
         receiver.terminate()
         receiver.wait()
+
+
+def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    """The worker's event loop: uvloop's, as `postbode` runs on when it is installed, or
+    asyncio's own."""
+    if name == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    return asyncio.new_event_loop
 
 
 async def _drain(
@@ -359,6 +372,12 @@ def main() -> None:
     parser.add_argument("--webhook-concurrency", type=int, default=50)
     parser.add_argument("--database-url", help="PostgreSQL for the webhook run (default SQLite)")
     parser.add_argument("--profile", action="store_true", help="profile the webhook worker")
+    parser.add_argument(
+        "--loop",
+        choices=("uvloop", "asyncio"),
+        default="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
+        help="the webhook worker's event loop (default: uvloop if installed, as `postbode` runs)",
+    )
     parser.add_argument("--only", choices=("clicks", "variants", "webhooks"))
     args = parser.parse_args()
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
