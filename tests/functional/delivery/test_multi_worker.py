@@ -273,13 +273,15 @@ def test_renewing_leases_while_recording_outcomes_does_not_deadlock(
     first, middle, last = sorted(row.id for row in held)
     errors: list[BaseException] = []
     middle_released = threading.Event()
+    renewed = threading.Event()
 
     def record() -> None:  # as Outgoing.record: one transaction, delivery after delivery
         try:
             with store.write() as conn:
                 claim.release_in(conn, DELIVERIES, "worker-a", middle, status="delivered")
                 middle_released.set()
-                wait_for_lock_wait(store, "UPDATE deliveries SET lease_until")
+                # Go on once the renewal either waits for the row held here or is done.
+                wait_for_lock_wait(store, "UPDATE deliveries SET lease_until", renewed)
                 for row_id in (first, last):
                     claim.release_in(conn, DELIVERIES, "worker-a", row_id, status="delivered")
         except BaseException as exc:
@@ -292,6 +294,8 @@ def test_renewing_leases_while_recording_outcomes_does_not_deadlock(
             claim.renew(store, DELIVERIES, "worker-a", [first, middle, last], timedelta(minutes=5))
         except BaseException as exc:
             errors.append(exc)
+        finally:
+            renewed.set()
 
     threads = [threading.Thread(target=record), threading.Thread(target=renew)]
     for thread in threads:
@@ -304,10 +308,12 @@ def test_renewing_leases_while_recording_outcomes_does_not_deadlock(
     assert statuses == ["delivered"] * 3
 
 
-def wait_for_lock_wait(store: Store, statement: str, timeout: float = 10.0) -> None:
-    """Until another session of this database waits for a row lock in `statement`."""
+def wait_for_lock_wait(
+    store: Store, statement: str, done: threading.Event, timeout: float = 10.0
+) -> None:
+    """Until another session of this database waits for a row lock in `statement`, or `done`."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not done.is_set():
         with store.read() as conn:
             waiting = conn.execute(
                 text(
@@ -319,4 +325,3 @@ def wait_for_lock_wait(store: Store, statement: str, timeout: float = 10.0) -> N
         if waiting:
             return
         time.sleep(0.01)
-    # Nobody waits: the renewal did not touch the rows in hand, which is fine too.
