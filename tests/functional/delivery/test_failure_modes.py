@@ -14,13 +14,14 @@ from email.message import EmailMessage
 from typing import Any
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 
 from postbode import tenancy
 from postbode.config import Settings
 from postbode.store.engine import Store
 from postbode.store.schema import apps, attempts, deliveries, events, utcnow
 from postbode.testing.dns import LoopbackDNS
+from postbode.testing.factories import make_queued_message
 from postbode.testing.servers import PostbodeInProcess
 from postbode.testing.sink import DROP, STALL, Rule, SmtpSink, Stage
 
@@ -413,3 +414,65 @@ def test_starttls_required_but_not_offered_is_a_soft_fail(
     (attempt,) = attempts_of(store, row["id"])
     assert "STARTTLS not offered" in attempt["transcript"] and attempt["tls_version"] is None
     assert row["last_reply"] == "STARTTLS required but not offered", WHY
+
+
+# -- a bug while recording one outcome -----------------------------------------------------------
+
+
+@contextlib.contextmanager
+def events_refused_for(store: Store, recipient: str) -> Iterator[None]:
+    """A database trigger that fails every event insert for `recipient`: a stand-in for a bug
+    (or a bad row) that breaks the recording of one delivery's outcome."""
+    if store.is_sqlite:
+        create = [
+            f"CREATE TRIGGER poison BEFORE INSERT ON events WHEN NEW.recipient = '{recipient}' "
+            "BEGIN SELECT RAISE(ABORT, 'poisoned event'); END"
+        ]
+        drop = ["DROP TRIGGER IF EXISTS poison"]
+    else:
+        create = [
+            "CREATE FUNCTION poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            f"IF NEW.recipient = '{recipient}' THEN RAISE EXCEPTION 'poisoned event'; END IF; "
+            "RETURN NEW; END $$",
+            "CREATE TRIGGER poison BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION poison()",
+        ]
+        drop = ["DROP TRIGGER IF EXISTS poison ON events", "DROP FUNCTION IF EXISTS poison()"]
+    with store.write() as conn:
+        for statement in create:
+            conn.execute(text(statement))
+    try:
+        yield
+    finally:
+        with store.write() as conn:  # the store is shared by the session's other tests
+            for statement in drop:
+                conn.execute(text(statement))
+
+
+def test_a_failure_recording_one_outcome_parks_only_that_delivery(
+    start_postbode: StartPostbode, shop: tenancy.NewApp, mx_sink: SmtpSink, store: Store
+) -> None:
+    # Both queued before the worker starts, so one claim takes them and one transaction
+    # records them: the case where one bad outcome could drag the others down with it.
+    raw = b"From: Shop <orders@shop.test>\r\nSubject: Hi\r\n\r\nYour order has shipped.\r\n"
+    make_queued_message(store, shop.app_id, ["alice@dest.test"], raw)
+    make_queued_message(store, shop.app_id, ["poison@dest.test"], raw)
+    with events_refused_for(store, "poison@dest.test"):
+        postbode = start_postbode()
+        mx_sink.wait_for_sync(2, timeout=15)
+        wait_for(
+            lambda: {
+                status_of(store, "alice@dest.test"),
+                status_of(store, "poison@dest.test"),
+            }.isdisjoint({"queued", "sending"}),
+            what="both outcomes handled",
+        )
+        alice, poison = delivery(store, "alice@dest.test"), delivery(store, "poison@dest.test")
+        assert postbode._tasks and not postbode._tasks[0].done(), "the worker goes on"
+    # The poisoned delivery is parked whole, where the UI shows it, its error with it ...
+    assert poison["status"] == "held" and "poisoned event" in (poison["error"] or "")
+    assert attempts_of(store, poison["id"]) == [], "no half-recorded outcome"
+    # ... and the other, delivered by the same connection, is recorded as delivered.
+    assert alice["status"] == "delivered", (
+        f"one delivery's recording failure parked the whole batch: alice is {alice['status']}"
+    )
+    assert [t for t, _ in events_of(store, "alice@dest.test")][-1] == "delivery.delivered"
