@@ -98,6 +98,12 @@ def create_store(settings: Settings, *, pool: bool = True) -> Store:
         engine = create_engine(url, **kwargs)
     store = Store(engine)
     ensure_migrated(store)
+    if store.is_sqlite:
+        # Fresh planner statistics, cheaply (sampled): without them SQLite may pick a full
+        # index scan for the message log's searches at millions of rows.
+        with engine.connect() as conn:
+            conn.exec_driver_sql("PRAGMA analysis_limit=400")
+            conn.exec_driver_sql("PRAGMA optimize")
     return store
 
 
