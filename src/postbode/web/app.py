@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -26,7 +29,16 @@ from postbode.webhooks.api import router as webhooks_router
 
 def create_app(settings: Settings, store: Store, acceptor: Acceptor | None = None) -> FastAPI:
     """The ASGI app serving Postbode's HTTP side from `store`."""
+    own_acceptor = acceptor is None
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if own_acceptor:  # one given by the caller is the caller's to close
+            await app.state.acceptor.close()
+
     app = FastAPI(
+        lifespan=lifespan,
         title="Postbode",
         version=__version__,
         openapi_url="/api/openapi.json",
