@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import random
-import socket
 from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
@@ -33,39 +31,6 @@ T = TypeVar("T")
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
-
-
-@pytest.fixture(autouse=True)
-def loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fail the test if anything connects or sends beyond loopback (no system resolver)."""
-
-    def check(address: Any) -> None:
-        if isinstance(address, tuple):
-            host = address[0]
-            if host != "localhost" and not ipaddress.ip_address(host.split("%")[0]).is_loopback:
-                raise AssertionError(f"test reached beyond loopback: {address!r}")
-
-    real_connect, real_connect_ex, real_sendto = (
-        socket.socket.connect,
-        socket.socket.connect_ex,
-        socket.socket.sendto,
-    )
-
-    def connect(self: socket.socket, address: Any) -> None:
-        check(address)
-        real_connect(self, address)
-
-    def connect_ex(self: socket.socket, address: Any) -> int:
-        check(address)
-        return real_connect_ex(self, address)
-
-    def sendto(self: socket.socket, data: Any, *args: Any) -> int:
-        check(args[-1])
-        return real_sendto(self, data, *args)
-
-    monkeypatch.setattr(socket.socket, "connect", connect)
-    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
-    monkeypatch.setattr(socket.socket, "sendto", sendto)
 
 
 class Clock:
