@@ -6,7 +6,7 @@ import asyncio
 import threading
 from collections.abc import Coroutine, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 from postbode.config import Settings
 from postbode.ingest.accept import Acceptor
@@ -40,56 +40,11 @@ class LoopThread:
         self.loop.close()
 
 
-class SmtpListener:
-    """Postbode's SMTP listener on 127.0.0.1 and a free port, with its own Acceptor."""
-
-    def __init__(self, settings: Settings, store: Store, local: Sequence[Any] = ()) -> None:
-        self.settings = settings
-        self.store = store
-        self.local = local
-        self.host = "127.0.0.1"
-        self.port = 0
-        self._thread: LoopThread | None = None
-        self._server: asyncio.Server | None = None
-        self.acceptor: Acceptor | None = None
-
-    def __enter__(self) -> SmtpListener:
-        from postbode.ingest.smtp_server import start_server
-
-        self._thread = LoopThread()
-
-        async def start() -> asyncio.Server:
-            self.acceptor = Acceptor(self.store, self.settings.smtp_hostname)
-            return await start_server(
-                self.settings, self.store, self.acceptor, self.local, host=self.host, port=0
-            )
-
-        self._server = self._thread.run(start())
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        assert self._thread is not None and self._server is not None
-        server, acceptor = self._server, self.acceptor
-
-        async def stop() -> None:
-            server.close()
-            await server.wait_closed()
-            if acceptor is not None:
-                await acceptor.close()
-
-        self._thread.run(stop())
-        self._thread.close()
-
-
 class PostbodeInProcess:
     """SMTP listener, acceptor and delivery worker sharing one loop, as `postbode serve` runs
     them: for end-to-end tests that also look into the store."""
+
+    run_worker = True
 
     def __init__(self, settings: Settings, store: Store, local: Sequence[Any] = ()) -> None:
         self.settings = settings
@@ -104,7 +59,7 @@ class PostbodeInProcess:
         self.acceptor: Acceptor | None = None
         self.worker: Any = None
 
-    def __enter__(self) -> PostbodeInProcess:
+    def __enter__(self) -> Self:
         from postbode.delivery.worker import DeliveryWorker
         from postbode.ingest.smtp_server import start_server
 
@@ -113,9 +68,10 @@ class PostbodeInProcess:
         async def start() -> asyncio.Server:
             self._stop = asyncio.Event()
             self.acceptor = Acceptor(self.store, self.settings.smtp_hostname)
-            self.worker = DeliveryWorker(self.settings, self.store)
-            self.acceptor.on_commit.append(self.worker.notify)
-            self._tasks.append(asyncio.ensure_future(self.worker.run(self._stop)))
+            if self.run_worker:
+                self.worker = DeliveryWorker(self.settings, self.store)
+                self.acceptor.on_commit.append(self.worker.notify)
+                self._tasks.append(asyncio.ensure_future(self.worker.run(self._stop)))
             return await start_server(
                 self.settings, self.store, self.acceptor, self.local, host=self.host, port=0
             )
@@ -143,3 +99,10 @@ class PostbodeInProcess:
 
         self._thread.run(shutdown())
         self._thread.close()
+
+
+class SmtpListener(PostbodeInProcess):
+    """Postbode's SMTP listener on 127.0.0.1 and a free port, with its own Acceptor (no
+    delivery: what it accepts stays queued)."""
+
+    run_worker = False
