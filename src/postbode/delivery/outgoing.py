@@ -299,7 +299,10 @@ class Outgoing:
         with self.store.write() as conn:
             for job in jobs:
                 try:
-                    self._record_one(conn, job, now)
+                    # A savepoint per delivery: a bug recording one undoes only its writes,
+                    # and the batch's other outcomes (mail the MX already took) still commit.
+                    with conn.begin_nested():
+                        self._record_one(conn, job, now)
                 except Exception:  # a bug: park this delivery where the UI shows it
                     log.exception("recording delivery %s failed", job.id)
                     release_in(

@@ -106,10 +106,13 @@ def sweep(store: Store, queue: Queue, *, now: datetime | None = None) -> int:
     """Return rows whose lease expired to the queue; returns how many."""
     now = now or utcnow()
     t = queue.table
+    expired = select(t.c.id).where(t.c.status == queue.claimed, t.c.lease_until < now)
+    if not store.is_sqlite:
+        expired = expired.with_for_update(skip_locked=True)  # as in renew: never deadlock
     with store.write() as conn:
         result = conn.execute(
             update(t)
-            .where(t.c.status == queue.claimed, t.c.lease_until < now)
+            .where(t.c.id.in_(expired.scalar_subquery()))
             .values(status=queue.swept, lease_owner=None, lease_until=None, next_attempt_at=now)
         )
         return result.rowcount

@@ -58,7 +58,11 @@ class PostbodeProcess:
         )
         log.close()
         if self.command in ("serve", "web"):
-            self.wait_healthy(timeout)
+            try:
+                self.wait_healthy(timeout)
+            except BaseException:
+                self.kill()  # a failed start must not leave a server running
+                raise
         return self
 
     def wait_healthy(self, timeout: float = 30.0) -> float:
