@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import base64
+import functools
+from typing import Any
 
 import dkim
 import idna
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 
 __all__ = [
     "SIGNED_HEADERS",
@@ -40,6 +42,43 @@ _OVERSIGNED = frozenset({"from"})
 
 class DkimError(ValueError):
     """The message or key cannot be signed (no From header, unreadable key, ...)."""
+
+
+@functools.lru_cache(maxsize=256)
+def _openssl_key(numbers: tuple[int, ...]) -> rsa.RSAPrivateKey:
+    n, e, d, p, q, dmp1, dmq1, iqmp = numbers
+    public = rsa.RSAPublicNumbers(e, n)
+    return rsa.RSAPrivateNumbers(p, q, d, dmp1, dmq1, iqmp, public).private_key()
+
+
+_pure_python_sign = dkim.RSASSA_PKCS1_v1_5_sign
+
+
+def _rsassa_pkcs1_v1_5_sign(hash: Any, private_key: dict[str, int]) -> bytes:
+    """dkimpy's RSA step, done by OpenSSL: dkimpy computes the signature in pure Python, at
+    6-7 ms of CPU per message against under 1 ms here (the digest and result are the same)."""
+    if getattr(hash, "name", "") != "sha256":
+        return _pure_python_sign(hash, private_key)  # type: ignore[no-any-return]
+    key = _openssl_key(
+        tuple(
+            private_key[k]
+            for k in (
+                "modulus",
+                "publicExponent",
+                "privateExponent",
+                "prime1",
+                "prime2",
+                "exponent1",
+                "exponent2",
+                "coefficient",
+            )
+        )
+    )
+    return key.sign(hash.digest(), padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
+
+
+# dkimpy looks the function up in its own namespace when it signs.
+dkim.RSASSA_PKCS1_v1_5_sign = _rsassa_pkcs1_v1_5_sign
 
 
 def sign(message: bytes, domain: str, selector: str, private_key_pem: bytes) -> bytes:
