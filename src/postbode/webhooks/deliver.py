@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
-from urllib.parse import urlsplit
 
-import httpx
+import aiohttp
 from prometheus_client import Counter
 from sqlalchemy import Connection, Row, func, insert, select, update
 
@@ -49,8 +48,7 @@ LEASE = timedelta(minutes=5)  # far above the request timeout: a lease never nee
 BATCH_SIZE = 200  # requests claimed per claim at most
 BODY_LOG_BYTES = 1024  # of each response body, kept in the attempt log
 STOP_GRACE_SECONDS = 15.0
-CONNECTIONS_PER_CLIENT = 4  # see Clients
-CLIENT_IDLE_SECONDS = 300.0  # an endpoint's connections are closed after this long unused
+CONNECTION_IDLE_SECONDS = 300.0  # a keep-alive connection is closed after this long unused
 USER_AGENT = f"Postbode-Webhooks/{__version__}"
 
 WEBHOOK_ATTEMPTS = Counter(
@@ -88,83 +86,25 @@ class Result:
         return self.status_code is not None and 200 <= self.status_code < 300
 
 
-@dataclass
-class Shard:
-    """One AsyncClient (with its own small connection pool) and what it has in flight."""
+def open_session(timeout: float, pool_size: int) -> aiohttp.ClientSession:
+    """The worker's HTTP client: one keep-alive pool for every endpoint, `pool_size`
+    connections at most, reused per origin (scheme, host, port); must be made on the loop.
 
-    client: httpx.AsyncClient
-    busy: int = 0
-    last_used: float = 0.0
-    shared: bool = False  # given by the caller: used, never closed
-
-
-class Clients:
-    """httpx AsyncClients by endpoint origin, each with a pool of a few connections.
-
-    httpcore looks at every pooled connection on each request (a costly check apiece), so
-    one pool of 50 costs several times the CPU per request of many pools of 4; a request
-    goes to the least busy client of its origin, and a new one is made when all are full."""
-
-    def __init__(self, timeout: float, shared: httpx.AsyncClient | None = None) -> None:
-        self.timeout = timeout
-        self._shared = Shard(shared, shared=True) if shared is not None else None
-        self._by_origin: dict[str, list[Shard]] = {}
-        self._ssl = httpx.create_ssl_context()  # loading the CA bundle once, not per client
-
-    def acquire(self, url: str) -> Shard:
-        shard = self._shared or self._pick(_origin(url))
-        shard.busy += 1
-        shard.last_used = time.monotonic()
-        return shard
-
-    def release(self, shard: Shard) -> None:
-        shard.busy -= 1
-
-    def _pick(self, origin: str) -> Shard:
-        shards = self._by_origin.setdefault(origin, [])
-        free = [s for s in shards if s.busy < CONNECTIONS_PER_CLIENT]
-        if free:
-            return min(free, key=lambda s: s.busy)
-        limits = httpx.Limits(
-            max_connections=CONNECTIONS_PER_CLIENT,
-            max_keepalive_connections=CONNECTIONS_PER_CLIENT,
-        )
-        shard = Shard(
-            httpx.AsyncClient(
-                follow_redirects=False,
-                timeout=self.timeout,
-                limits=limits,
-                verify=self._ssl,
-                headers={"user-agent": USER_AGENT},
-                trust_env=False,  # the endpoint's URL says where a request goes, not env proxies
-            )
-        )
-        shards.append(shard)
-        return shard
-
-    async def close_idle(self, idle: float) -> None:
-        cutoff = time.monotonic() - idle
-        for origin, shards in list(self._by_origin.items()):
-            for shard in [s for s in shards if s.busy == 0 and s.last_used < cutoff]:
-                shards.remove(shard)
-                await shard.client.aclose()
-            if not shards:
-                del self._by_origin[origin]
-
-    async def aclose(self) -> None:
-        for shards in self._by_origin.values():
-            for shard in shards:
-                await shard.client.aclose()
-        self._by_origin.clear()
-
-
-def _origin(url: str) -> str:
-    try:
-        parts = urlsplit(url)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        return f"{parts.scheme}://{parts.hostname}:{port}"
-    except ValueError:
-        return url
+    Certificates are checked against the system's CAs (`ssl=True`); the endpoint's URL alone
+    says where a request goes (no proxies from the environment); no cookie is kept, so one
+    app's endpoint never sees another's."""
+    connector = aiohttp.TCPConnector(
+        limit=pool_size,
+        ssl=True,
+        keepalive_timeout=CONNECTION_IDLE_SECONDS,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=timeout),
+        headers={"user-agent": USER_AGENT},
+        cookie_jar=aiohttp.DummyCookieJar(),
+        trust_env=False,
+    )
 
 
 class WebhookWorker:
@@ -176,13 +116,14 @@ class WebhookWorker:
         store: Store,
         *,
         owner: str | None = None,
-        client: httpx.AsyncClient | None = None,
+        session: aiohttp.ClientSession | None = None,
     ) -> None:
+        """`session`, if given, is used for every request and never closed (its owner's)."""
         self.settings = settings
         self.store = store
         self.owner = owner or worker_name()
         self.concurrency = max(1, settings.webhook_concurrency)
-        self._client = client
+        self._session = session
         self.wakeup = asyncio.Event()
         self._held: set[Any] = set()  # ids leased to this worker and not yet recorded
         self._sent: set[Any] = set()  # of those, the ones whose attempt is over
@@ -196,9 +137,9 @@ class WebhookWorker:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and send until `stop` is set; then finish (or hand back) what is in hand."""
-        clients = Clients(self.settings.webhook_timeout, self._client)
+        session = self._session or open_session(self.settings.webhook_timeout, self.concurrency)
         recorder = asyncio.create_task(self._record_forever())
-        housekeeping = asyncio.create_task(self._housekeeping(stop, clients))
+        housekeeping = asyncio.create_task(self._housekeeping(stop))
         try:
             while not stop.is_set():
                 free = self.concurrency - len(self._held)
@@ -212,7 +153,7 @@ class WebhookWorker:
                     continue
                 for job in jobs:
                     self._held.add(job.row.id)
-                    task = asyncio.create_task(self._send(clients, job))
+                    task = asyncio.create_task(self._send(session, job))
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
         finally:
@@ -224,7 +165,8 @@ class WebhookWorker:
                     await task
             if self._results:  # what finished while stopping is still written down
                 await asyncio.to_thread(self._record, self._take_results())
-            await clients.aclose()
+            if session is not self._session:
+                await session.close()  # waits for its connections to close
 
     # -- claiming and preparing (in a thread) ----------------------------------------------
 
@@ -303,32 +245,31 @@ class WebhookWorker:
 
     # -- sending -----------------------------------------------------------------------------
 
-    async def _send(self, clients: Clients, job: Job) -> None:
+    async def _send(self, session: aiohttp.ClientSession, job: Job) -> None:
         result = Result(job=job, started_at=utcnow())
         if job.fail_reason is None and job.hook is not None and job.headers is not None:
             started = time.perf_counter()
-            shard = clients.acquire(job.hook.url)
-            client = shard.client
             try:
                 # The timeout covers the whole exchange: a trickling endpoint cannot hold a slot.
                 async with (
                     asyncio.timeout(self.settings.webhook_timeout),
-                    client.stream(
-                        "POST", job.hook.url, content=job.body, headers=job.headers
+                    session.post(
+                        job.hook.url,
+                        data=job.body,
+                        headers=job.headers,
+                        allow_redirects=False,  # a 3xx is the endpoint's answer, not a detour
                     ) as response,
                 ):
-                    result.status_code = response.status_code
+                    result.status_code = response.status
                     result.retry_after = _retry_after(response.headers.get("retry-after"))
                     result.response_body = await _read_start(response)
             except TimeoutError:
                 result.error = f"timed out after {self.settings.webhook_timeout:g} s"
-            except httpx.HTTPError as exc:
-                result.error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            except aiohttp.ClientError as exc:
+                result.error = describe_error(exc)
             except Exception as exc:  # a bug or an odd URL: logged as this attempt's error
                 log.exception("webhook request %s failed", job.row.id)
                 result.error = f"{type(exc).__name__}: {exc}"
-            finally:
-                clients.release(shard)
             result.duration_ms = int((time.perf_counter() - started) * 1000)
         self._sent.add(job.row.id)
         self._results.append(result)
@@ -502,12 +443,10 @@ class WebhookWorker:
 
     # -- housekeeping --------------------------------------------------------------------------
 
-    async def _housekeeping(self, stop: asyncio.Event, clients: Clients) -> None:
-        """Return the requests of dead workers (expired leases) to the queue; close the
-        connections of endpoints not called lately."""
+    async def _housekeeping(self, stop: asyncio.Event) -> None:
+        """Return the requests of dead workers (expired leases) to the queue."""
         while not stop.is_set():
             await self._wait(stop, timeout=SWEEP_SECONDS, wakeup=False)
-            await clients.close_idle(CLIENT_IDLE_SECONDS)
             swept = await asyncio.to_thread(claim.sweep, self.store, WEBHOOK_REQUESTS)
             if swept:
                 log.warning("returned %d webhook requests with expired leases to the queue", swept)
@@ -542,17 +481,40 @@ class WebhookWorker:
         await asyncio.gather(*waiters, return_exceptions=True)
 
 
-async def _read_start(response: httpx.Response) -> str:
-    """The first BODY_LOG_BYTES of a response body, as text (the rest is never read)."""
+async def _read_start(response: aiohttp.ClientResponse) -> str:
+    """The first BODY_LOG_BYTES of a response body (decompressed if the endpoint compressed
+    it), as text. The rest is never read: a connection left with unread body is closed, not
+    reused."""
     chunks: list[bytes] = []
     size = 0
-    async for chunk in response.aiter_raw():
+    while size < BODY_LOG_BYTES:
+        chunk = await response.content.read(BODY_LOG_BYTES - size)
+        if not chunk:
+            break
         chunks.append(chunk)
         size += len(chunk)
-        if size >= BODY_LOG_BYTES:
-            break
-    text = b"".join(chunks)[:BODY_LOG_BYTES].decode("utf-8", "replace")
+    text = b"".join(chunks).decode("utf-8", "replace")
     return text.replace("\x00", "\ufffd")  # PostgreSQL text holds no NUL
+
+
+def describe_error(exc: aiohttp.ClientError) -> str:
+    """An attempt's error for the log, named by what went wrong rather than by the HTTP
+    library's class: ConnectError (no connection, TLS refused), RemoteProtocolError (the
+    endpoint hung up or answered something other than HTTP), NetworkError (the connection
+    failed mid-exchange); anything else by its class."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        kind = "ConnectError"
+    elif isinstance(
+        exc,
+        aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError | aiohttp.ClientResponseError,
+    ):
+        kind = "RemoteProtocolError"
+    elif isinstance(exc, aiohttp.ClientOSError | aiohttp.ClientConnectionResetError):
+        kind = "NetworkError"
+    else:
+        kind = type(exc).__name__
+    detail = str(exc)
+    return f"{kind}: {detail}" if detail else kind
 
 
 def _retry_after(value: str | None) -> float | None:

@@ -3,6 +3,7 @@ the standardwebhooks library), retried with an attempt log, and dead endpoints g
 
 from __future__ import annotations
 
+import gzip
 import json
 import smtplib
 import socket
@@ -270,6 +271,19 @@ def test_response_body_logged_up_to_1kb(
     assert body.startswith("é") and len(body.encode()) <= 1024
 
 
+def test_a_compressed_response_body_is_logged_as_text(
+    settings: Settings, store: Store, make_receiver: Any, start_worker: Any
+) -> None:
+    gzipped = make_receiver((200, gzip.compress(b"accepted"), {"content-encoding": "gzip"}))
+    app = make_app(store)
+    manage.create_webhook(store, app.app_id, gzipped.url)
+    start_worker(settings).notify()
+    emit(store, app.app_id)
+    wait_for(lambda: attempt_count(store) == 1)
+    with store.read() as conn:
+        assert conn.execute(select(webhook_attempts.c.response_body)).scalar_one() == "accepted"
+
+
 def test_rotation_signs_with_both_secrets(
     settings: Settings, store: Store, receiver: Any, start_worker: Any
 ) -> None:
@@ -314,11 +328,11 @@ def test_concurrency_is_bounded(
     wait_for(lambda: all(r.status == "delivered" for r in requests(store)))
 
 
-@pytest.mark.parametrize("status", [301, 404])
+@pytest.mark.parametrize("status", [301, 307, 404])
 def test_redirects_and_client_errors_are_failures(
     status: int, settings: Settings, store: Store, make_receiver: Any, start_worker: Any
 ) -> None:
-    receiver = make_receiver((status, b""))
+    receiver = make_receiver((status, b"", {"location": "/moved"}))
     app = make_app(store)
     manage.create_webhook(store, app.app_id, receiver.url)
     start_worker(settings).notify()
@@ -326,3 +340,84 @@ def test_redirects_and_client_errors_are_failures(
     wait_for(lambda: attempt_count(store) == 1)
     (request,) = requests(store)
     assert (request.status, request.last_status_code) == ("pending", status)
+    assert [r.path for r in receiver.requests] == ["/hooks"]  # the Location was not followed
+
+
+# -- the HTTP client -----------------------------------------------------------------------------
+
+
+def test_retry_after_sets_the_next_attempt(
+    settings: Settings, store: Store, make_receiver: Any, start_worker: Any
+) -> None:
+    busy = make_receiver((503, b"busy", {"retry-after": "1800"}))
+    app = make_app(store)
+    manage.create_webhook(store, app.app_id, busy.url)
+    start_worker(settings).notify()
+    emit(store, app.app_id)
+    wait_for(lambda: attempt_count(store) == 1)
+    (request,) = requests(store)
+    wait = (request.next_attempt_at - utcnow()).total_seconds()
+    assert request.status == "pending" and 1790 < wait <= 1800, "not the 60 s of backoff"
+
+
+def test_connections_are_reused_bounded_and_closed_on_stop(
+    settings: Settings, store: Store, receiver: Any, start_worker: Any
+) -> None:
+    app = make_app(store)
+    manage.create_webhook(store, app.app_id, receiver.url)
+    for _ in range(12):
+        emit(store, app.app_id)
+    worker = start_worker(settings.model_copy(update={"webhook_concurrency": 2}))
+    worker.notify()
+    got = receiver.wait_for(12)
+    wait_for(lambda: all(r.status == "delivered" for r in requests(store)))
+    assert len({r.peer_port for r in got}) <= 2, "keep-alive, at most one connection a slot"
+    assert receiver.open_connections >= 1
+    worker.close()
+    receiver.wait_until_closed()
+
+
+def test_no_cookies_kept_and_no_proxy_from_the_environment(
+    settings: Settings,
+    store: Store,
+    make_receiver: Any,
+    start_worker: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with socket.socket() as s:  # a proxy nobody runs: a request sent through it would fail
+        s.bind(("127.0.0.1", 0))
+        proxy = f"http://127.0.0.1:{s.getsockname()[1]}"
+    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(name, proxy)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    receiver = make_receiver((200, b"ok", {"set-cookie": "session=abc; Path=/"}))
+    app = make_app(store)
+    # By a name: cookie jars ignore cookies from IP addresses.
+    manage.create_webhook(store, app.app_id, receiver.url.replace("127.0.0.1", "localhost"))
+    worker = start_worker(settings.model_copy(update={"webhook_concurrency": 1}))
+    emit(store, app.app_id)
+    worker.notify()
+    receiver.wait_for(1)
+    wait_for(lambda: requests(store)[0].status == "delivered")
+    emit(store, app.app_id)
+    worker.notify()
+    got = receiver.wait_for(2)
+    assert all("cookie" not in r.headers for r in got)
+    wait_for(lambda: all(r.status == "delivered" for r in requests(store)))
+
+
+def test_an_untrusted_certificate_is_refused(
+    settings: Settings, store: Store, make_receiver: Any, start_worker: Any
+) -> None:
+    impostor = make_receiver(tls=True)
+    app = make_app(store)
+    manage.create_webhook(store, app.app_id, impostor.url)
+    start_worker(settings).notify()
+    emit(store, app.app_id)
+    wait_for(lambda: attempt_count(store) == 1)
+    with store.read() as conn:
+        error = conn.execute(select(webhook_attempts.c.error)).scalar_one()
+    assert error.startswith("ConnectError") and "certificate verify failed" in error
+    assert impostor.requests == []
+    assert requests(store)[0].status == "pending"

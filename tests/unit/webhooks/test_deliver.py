@@ -1,44 +1,92 @@
-"""The webhook worker's HTTP clients: small pools per endpoint origin, made as needed."""
+"""The webhook worker's pure parts (Retry-After, error names) and who owns its HTTP session."""
 
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
+from email.utils import format_datetime
+from pathlib import Path
 
-import httpx
+import aiohttp
+import pytest
 
-from postbode.webhooks.deliver import CONNECTIONS_PER_CLIENT, Clients
+from postbode.config import Settings
+from postbode.store.engine import Store
+from postbode.store.schema import utcnow
+from postbode.webhooks import deliver
+from postbode.webhooks.deliver import WebhookWorker, _retry_after, describe_error
 
 
-def test_pools_per_origin_grow_and_close() -> None:
+def test_retry_after_in_seconds_or_as_a_date() -> None:
+    assert _retry_after("120") == 120.0
+    assert _retry_after(" 7 ") == 7.0
+    in_ten_minutes = format_datetime(utcnow() + timedelta(minutes=10), usegmt=True)
+    assert 595 <= (_retry_after(in_ten_minutes) or 0) <= 600
+    past = format_datetime(utcnow() - timedelta(minutes=10), usegmt=True)
+    assert _retry_after(past) == 0.0
+    for unusable in (None, "", "soon", "-5", "1.5", "Wed, 21 Oct 2015 07:28:00 -0000"):
+        assert _retry_after(unusable) is None, unusable
+
+
+def test_errors_are_named_by_what_went_wrong() -> None:
+    assert describe_error(aiohttp.ServerDisconnectedError()) == (
+        "RemoteProtocolError: Server disconnected"
+    )
+    assert describe_error(aiohttp.ClientPayloadError("Response payload is not completed")) == (
+        "RemoteProtocolError: Response payload is not completed"
+    )
+    assert describe_error(aiohttp.ClientOSError(104, "Connection reset by peer")) == (
+        "NetworkError: [Errno 104] Connection reset by peer"
+    )
+    assert describe_error(
+        aiohttp.ClientConnectionResetError("Cannot write to closing transport")
+    ) == ("NetworkError: Cannot write to closing transport")
+    assert describe_error(aiohttp.InvalidUrlClientError("ftp:/x")) == (
+        "InvalidUrlClientError: ftp:/x"
+    )
+
+
+@pytest.fixture
+def quiet_settings(sqlite_store: Store, tmp_path: Path) -> Settings:
+    url = sqlite_store.engine.url.render_as_string(hide_password=False)
+    return Settings(data_dir=tmp_path, database_url=url, secret_key="test-secret-key")
+
+
+def test_a_given_session_is_used_and_never_closed(
+    quiet_settings: Settings, sqlite_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_session(*args: object) -> aiohttp.ClientSession:
+        raise AssertionError("the worker made a session of its own")
+
+    monkeypatch.setattr(deliver, "open_session", no_session)
+
     async def run() -> None:
-        clients = Clients(timeout=1.0)
-        a = [clients.acquire("https://a.test/hooks") for _ in range(CONNECTIONS_PER_CLIENT)]
-        assert len({id(s.client) for s in a}) == 1  # one client while it has room
-        extra = clients.acquire("https://a.test:443/other")  # same origin; the first is full
-        assert extra.client is not a[0].client
-        other = clients.acquire("http://b.test/")
-        assert other.client not in {a[0].client, extra.client}
-        clients.release(extra)
-        assert clients.acquire("https://a.test/x") is extra  # the least busy with room
-        for shard in (*a, extra, other):
-            clients.release(shard)
-        await clients.close_idle(0.0)
-        assert a[0].client.is_closed and other.client.is_closed
-        await clients.aclose()
+        async with aiohttp.ClientSession() as given:
+            stop = asyncio.Event()
+            stop.set()
+            await WebhookWorker(quiet_settings, sqlite_store, session=given).run(stop)
+            assert not given.closed
 
     asyncio.run(run())
 
 
-def test_a_given_client_is_used_and_never_closed() -> None:
+def test_the_worker_closes_the_session_it_made(
+    quiet_settings: Settings, sqlite_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made: list[aiohttp.ClientSession] = []
+    real = deliver.open_session
+
+    def recording(timeout: float, pool_size: int) -> aiohttp.ClientSession:
+        made.append(real(timeout, pool_size))
+        return made[-1]
+
+    monkeypatch.setattr(deliver, "open_session", recording)
+
     async def run() -> None:
-        async with httpx.AsyncClient() as given:
-            clients = Clients(timeout=1.0, shared=given)
-            shards = [clients.acquire(f"https://h{i}.test/") for i in range(10)]
-            assert {s.client for s in shards} == {given}
-            for s in shards:
-                clients.release(s)
-            await clients.close_idle(0.0)
-            await clients.aclose()
-            assert not given.is_closed
+        stop = asyncio.Event()
+        stop.set()
+        await WebhookWorker(quiet_settings, sqlite_store).run(stop)
 
     asyncio.run(run())
+    (session,) = made
+    assert session.closed
