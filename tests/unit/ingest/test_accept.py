@@ -179,6 +179,7 @@ def test_folded_control_header_is_unfolded(store: Store, app_id: int) -> None:
     raw = RAW.replace(b"X-Postbode-Tag: order-confirmation\r\n",
                       b"X-Postbode-Tag: order-\r\n confirmation-with-a-long-name\r\n")
     (accepted,) = submit(store, [sub(app_id, ["a@dest.test"], raw)])
+    assert not isinstance(accepted, BaseException)
     with store.read() as conn:
         tag = conn.execute(select(messages.c.tag)).scalar_one()
     assert tag == "order- confirmation-with-a-long-name"
