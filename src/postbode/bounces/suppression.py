@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, Connection, and_, delete, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 
+from postbode.csvcells import csv_cell, from_csv_cell
 from postbode.store.engine import Store
 from postbode.store.schema import suppressions, utcnow
 
@@ -279,7 +280,7 @@ def read_csv(text: str, *, max_rows: int = 100_000) -> tuple[list[Entry], list[C
 
     def cell(row: Sequence[str], name: str) -> str | None:
         i = index.get(name)
-        return row[i] if i is not None and i < len(row) else None
+        return from_csv_cell(row[i]) if i is not None and i < len(row) else None
 
     rows = 0
     while True:
@@ -321,7 +322,9 @@ def csv_row(entry: dict[str, Any]) -> str:
         [
             ""
             if entry.get(c) is None
-            else (entry[c].isoformat() if isinstance(entry[c], datetime) else str(entry[c]))
+            else csv_cell(
+                entry[c].isoformat() if isinstance(entry[c], datetime) else str(entry[c])
+            )
             for c in CSV_COLUMNS
         ]
     )

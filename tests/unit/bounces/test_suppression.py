@@ -253,3 +253,12 @@ def test_expired_entries_are_not_in_force(store: Store, app_id: int) -> None:
         conn.execute(update(suppressions).values(expires_at=utcnow() - timedelta(seconds=1)))
         assert not is_suppressed(conn, app_id, "a@dest.test", "broadcast")
         assert page(conn, app_id) == ([], None)
+
+
+def test_csv_export_guards_formulas_and_import_reads_them_back() -> None:
+    from postbode.bounces.suppression import csv_row, read_csv
+
+    row = csv_row({"email": "=cmd@x.test", "reason": "manual", "stream": "all"})
+    assert "'=cmd@x.test" in row
+    entries, errors = read_csv("email,reason,stream\r\n" + row)
+    assert not errors and entries[0].email == "=cmd@x.test"

@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Connection, and_, func, or_, select
 
+from postbode.csvcells import csv_cell
 from postbode.ingest.accept import AcceptError
 from postbode.ingest.api import _address_forms
 from postbode.store.engine import Store
@@ -385,11 +386,6 @@ CSV_COLUMNS = (
     "statuses",
     "metadata",
 )
-
-
-def csv_cell(value: str) -> str:
-    """A cell a spreadsheet will not run as a formula (OWASP: CSV injection)."""
-    return "'" + value if value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
 
 
 def csv_values(row: dict[str, Any]) -> list[str]:
