@@ -94,8 +94,31 @@ async def worker_role(rt: Runtime, stop: asyncio.Event) -> None:
     if os.environ.get(WAKEUP_ENV):
         # Started by `postbode serve`: a byte on stdin means mail was just queued; the end
         # of stdin means `serve` is gone (even by kill -9), and so must this process be.
-        _on_stdin_bytes(worker.notify, stop.set)
-    await asyncio.gather(worker.run(stop), webhooks.run(stop))
+        def wake() -> None:
+            worker.notify()
+            webhooks.notify()
+
+        _on_stdin_bytes(wake, stop.set)
+    await asyncio.gather(worker.run(stop), webhooks.run(stop), _compact_statistics(rt, stop))
+
+
+COMPACT_EVERY_SECONDS = 300.0
+
+
+async def _compact_statistics(rt: Runtime, stop: asyncio.Event) -> None:
+    """Merge aged statistics rows now and then (safe from several processes at once), so
+    long dashboards read thousands of rows, not millions."""
+    from postbode.stats.rollup import compact
+
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), COMPACT_EVERY_SECONDS)
+        if stop.is_set():
+            break
+        try:
+            await asyncio.to_thread(compact, rt.store)
+        except Exception:  # the store hiccuped: the next round catches up
+            log.exception("compacting statistics failed")
 
 
 WAKEUP_ENV = "POSTBODE_WAKEUP_ON_STDIN"
