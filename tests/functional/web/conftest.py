@@ -66,9 +66,13 @@ class HttpServer:
         self.sock.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def chromium() -> Iterator[Browser]:
-    """One headless Chromium for the whole session; each test opens its own context."""
+    """One headless Chromium per test module; each test opens its own context.
+
+    Not per session: Playwright's sync API keeps an event loop running on the main thread
+    while it is open, and every other test on this xdist worker that calls asyncio.run()
+    would fail with "cannot be called from a running event loop"."""
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         yield browser

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from urllib.parse import urlencode
 
+import pytest
 from playwright.sync_api import Page, expect
 from sqlalchemy import select
 
@@ -13,6 +14,9 @@ from postbode.store.schema import deliveries, messages
 from postbode.testing.sink import Rule
 
 from .conftest import Postbode, Watch, wait_for
+
+# Chromium is launched once per module; keep the modules on one worker.
+pytestmark = pytest.mark.xdist_group("browser")
 
 # Each payload would set window.__pwned, change the title or open a dialog if it ran.
 SCRIPT = "<script>window.__pwned='script';document.title='pwned'</script>"

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 from playwright.sync_api import Page, expect
 from sqlalchemy import func, select
 
@@ -21,6 +22,9 @@ from postbode.store.schema import deliveries, messages, utcnow
 from postbode.testing.sink import Rule
 
 from .conftest import Postbode, Watch, wait_for
+
+# Chromium is launched once per module; keep the modules on one worker.
+pytestmark = pytest.mark.xdist_group("browser")
 
 DOCS = Path(__file__).resolve().parents[3] / "docs" / "screenshots"
 # Taken on every run; written over the committed ones only when asked, so a test run leaves

@@ -18,6 +18,9 @@ from postbode.web.ui import dashboard
 
 from .conftest import Postbode, Watch, wait_for
 
+# Chromium is launched once per module; keep the modules on one worker.
+pytestmark = pytest.mark.xdist_group("browser")
+
 
 def status_of(pb: Postbode, recipient: str) -> str | None:
     with pb.store.read() as conn:
