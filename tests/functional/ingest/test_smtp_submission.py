@@ -173,6 +173,9 @@ def test_auth_before_tls_refused_for_remote_clients(settings: Settings, store: S
         def is_closing(self) -> bool:
             return False
 
+        def close(self) -> None:
+            pass
+
     handler = SubmissionHandler(settings, store, Acceptor(store, "pb.test"))
     for peer, requires_tls in (("203.0.113.9", True), ("127.0.0.1", False), ("::1", False)):
         proto = PostbodeSMTP(handler, settings, auth_require_tls=True, hostname="pb.test")
