@@ -182,7 +182,7 @@ def _bounds(q: MessageQuery) -> list[ColumnElement[bool]]:
 
 def _named(conn: Connection, q: MessageQuery, app_id: int) -> set[uuid.UUID] | None:
     """The app's messages a Message-ID or a whole address names, each read through its own
-    index (at most EXACT_CAP + 1); None without such a filter.
+    index (at most EXACT_CAP + 1); None without such a filter, or when one names more.
 
     Asked separately because a planner without statistics (SQLite before ANALYZE) may
     rather walk the whole (app_id, received_at) index to save a sort."""
@@ -193,6 +193,8 @@ def _named(conn: Connection, q: MessageQuery, app_id: int) -> set[uuid.UUID] | N
             .where(messages.c.message_id_header.in_(_message_id_forms(q.message_id)))
             .limit(EXACT_CAP + 1)
         ).all()
+        if len(rows) > EXACT_CAP:
+            return None  # too many to name (a partial set would intersect wrongly): use the index
         found = {r.id for r in rows if r.app_id == app_id}
     if q.recipient and _whole_address(q.recipient):
         ids = set(
@@ -202,6 +204,8 @@ def _named(conn: Connection, q: MessageQuery, app_id: int) -> set[uuid.UUID] | N
                 .limit(EXACT_CAP + 1)
             ).scalars()
         )
+        if len(ids) > EXACT_CAP:
+            return None
         found = ids if found is None else found & ids
     return found
 
