@@ -119,9 +119,9 @@ class PostbodeSMTP(SMTP):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
-        if peer and _is_loopback(peer[0]):
-            # A client on this machine is as private as TLS would make it.
-            self._auth_require_tls = False
+        self._auth_require_tls = auth_requires_tls(
+            str(peer[0]) if peer else "", self._auth_require_tls
+        )
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         # aiosmtpd parses every MAIL and RCPT address with the e-mail package's full RFC 5322
@@ -154,6 +154,12 @@ def _with_enhanced_code(status: str) -> str:
     if status[3:4] == " " and code in _ENHANCED_FOR and not _HAS_ENHANCED.match(status):
         return f"{code} {_ENHANCED_FOR[code]} {status[4:]}"
     return status
+
+
+def auth_requires_tls(peer_ip: str, setting: bool) -> bool:
+    """Whether a client at `peer_ip` must STARTTLS before AUTH: as the setting says, except
+    on loopback, where the client is as private as TLS would make it."""
+    return setting and not _is_loopback(peer_ip)
 
 
 def _is_loopback(host: str) -> bool:
