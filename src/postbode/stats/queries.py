@@ -426,6 +426,11 @@ class Series:
         }
 
 
+def sent_of(totals: dict[str, int]) -> int:
+    """Recipients taken in: queued for delivery, or suppressed on the way in."""
+    return totals.get(QUEUED, 0) + totals.get(SUPPRESSED, 0)
+
+
 @dataclass(frozen=True)
 class Summary:
     """Totals per event type over a window (people and bots; `bots` holds the bot part), and
@@ -444,7 +449,7 @@ class Summary:
     @property
     def sent(self) -> int:
         """Recipients taken in: queued for delivery, or suppressed on the way in."""
-        return self.totals.get(QUEUED, 0) + self.totals.get(SUPPRESSED, 0)
+        return sent_of(self.totals)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -567,7 +572,7 @@ class TagStats:
 
     @property
     def sent(self) -> int:
-        return self.totals.get(QUEUED, 0) + self.totals.get(SUPPRESSED, 0)
+        return sent_of(self.totals)
 
     def as_json(self) -> dict[str, Any]:
         return {
