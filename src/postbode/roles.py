@@ -44,13 +44,11 @@ class _Server(uvicorn.Server):
 
 
 async def web_role(rt: Runtime, stop: asyncio.Event) -> None:
-    from postbode.tracking.endpoints import fast_path
-    from postbode.web.app import create_app
+    from postbode.web.app import serving_app
 
     settings = rt.settings
     config = uvicorn.Config(
-        # tracking links are the hot path: answered before FastAPI's router
-        fast_path(create_app(settings, rt.store, rt.acceptor)),
+        serving_app(settings, rt.store, rt.acceptor),
         host=settings.http_host,
         port=settings.http_port,
         log_level=settings.log_level,

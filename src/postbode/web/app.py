@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
+from starlette.types import Receive, Scope, Send
 
 from postbode import __version__
 from postbode.bounces.api import router as suppressions_router
@@ -20,6 +21,7 @@ from postbode.ingest.api import router as messages_router
 from postbode.metrics import update_queue_gauges
 from postbode.stats.api import router as stats_router
 from postbode.store.engine import Store
+from postbode.tracking.endpoints import fast_path
 from postbode.tracking.endpoints import router as tracking_router
 from postbode.web.errors import install_error_handlers
 from postbode.web.ui import router as ui_router
@@ -73,3 +75,11 @@ def create_app(settings: Settings, store: Store, acceptor: Acceptor | None = Non
     app.mount("/static", static_files(), name="static")
     install_error_handlers(app)
     return app
+
+
+def serving_app(
+    settings: Settings, store: Store, acceptor: Acceptor
+) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    """The ASGI app a Postbode process serves: `create_app` with its hot paths (tracking
+    links) answered before FastAPI's router."""
+    return fast_path(create_app(settings, store, acceptor))
