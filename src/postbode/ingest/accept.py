@@ -277,8 +277,9 @@ class Acceptor:
         if not recipients:
             raise AcceptError("no recipients", reason="no_recipients", field="to", smtp="554 5.5.1")
         head, body = _split_headers(_to_crlf(sub.raw))
-        headers = _header_parser.parsebytes(head + b"\r\n")
-        from_header = str(headers.get("From", "") or "")
+        fields = _unfolded(head)
+        wanted = _wanted_fields(head, fields)
+        from_header = wanted.get("from", "")
         from_addresses = [a for _, a in email.utils.getaddresses([from_header]) if a]
         if not from_addresses:
             raise AcceptError(
@@ -290,7 +291,7 @@ class Acceptor:
         tag, stream, metadata = sub.tag, sub.stream, dict(sub.metadata)
         track_opens, track_clicks = sub.track_opens, sub.track_clicks
         kept: list[bytes] = []
-        for line in _unfolded(head):
+        for line in fields:
             name, _, value = line.partition(b":")
             lname = name.strip().lower().decode("ascii", "replace")
             if not lname.startswith(CONTROL_PREFIX):
@@ -323,11 +324,11 @@ class Acceptor:
             f"\t{email.utils.format_datetime(now)}\r\n"
         )
         added.append(received.encode())
-        message_id_header = str(headers.get("Message-ID", "") or "").strip()
+        message_id_header = wanted.get("message-id", "").strip()
         if not message_id_header:
             message_id_header = f"<{message_uuid}@{self.hostname}>"
             added.append(f"Message-ID: {message_id_header}\r\n".encode())
-        if headers.get("Date") is None:
+        if "date" not in wanted:
             added.append(f"Date: {email.utils.format_datetime(now)}\r\n".encode())
         raw = b"".join(added) + b"".join(kept) + body
         return _Prepared(
@@ -336,7 +337,7 @@ class Acceptor:
             raw=raw,
             message_id_header=message_id_header[:998],
             from_header=from_header[:998],
-            subject=str(headers.get("Subject", "") or "")[:998],
+            subject=wanted.get("subject", "")[:998],
             domain_verified=verified,
             track_opens=info.track_opens if track_opens is None else track_opens,
             track_clicks=info.track_clicks if track_clicks is None else track_clicks,
@@ -444,6 +445,33 @@ def _unfolded(head: bytes) -> list[bytes]:
         elif line.strip():
             fields.append(line)
     return fields
+
+
+# The header fields `prepare` reads, by their lower-cased names.
+_WANTED = {b"from": "from", b"subject": "subject", b"message-id": "message-id", b"date": "date"}
+
+
+def _wanted_fields(head: bytes, fields: list[bytes]) -> dict[str, str]:
+    """The first From, Subject, Message-ID and Date of a header block, as text: unfolded, and
+    with RFC 2047 encoded words decoded. Plain ASCII values (nearly all of them) are read
+    directly; others go through the e-mail package's parser, which knows every encoding."""
+    found: dict[str, str] = {}
+    for line in fields:
+        name, sep, value = line.partition(b":")
+        key = _WANTED.get(name.strip().lower())
+        if not sep or key is None or key in found:
+            continue
+        if not value.isascii() or b"=?" in value:
+            headers = _header_parser.parsebytes(head + b"\r\n")
+            return {
+                key: str(headers[key] or "")
+                for key in _WANTED.values()
+                if headers.get(key) is not None
+            }
+        # RFC 5322 §2.2.3: unfolding removes the line breaks, not the white space around them
+        text = value.replace(b"\r", b"").replace(b"\n", b"").lstrip(b" \t").decode("ascii")
+        found[key] = " ".join(text.split()) if key == "from" else text
+    return found
 
 
 def _earlier_answer(conn: Connection, sub: Submission) -> Accepted | None:

@@ -183,3 +183,33 @@ def test_folded_control_header_is_unfolded(store: Store, app_id: int) -> None:
     with store.read() as conn:
         tag = conn.execute(select(messages.c.tag)).scalar_one()
     assert tag == "order- confirmation-with-a-long-name"
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"From: Shop <orders@shop.test>\r\nSubject: Your order\r\nDate: x\r\n",
+        b"Subject:   folded\r\n  line  \r\nFrom:  Jane   Doe <j@shop.test>\r\n",
+        b"subject:\ttab\r\nMESSAGE-ID:  <abc@shop.test>  \r\nfrom: j@shop.test\r\n",
+        b"From: a@shop.test\r\nFrom: b@shop.test\r\nSubject: first\r\nSubject: second\r\n",
+        b"X-Other: =?utf-8?q?caf=C3=A9?=\r\nFrom: j@shop.test\r\n",
+        b"Subject: =?utf-8?q?caf=C3=A9?=\r\nFrom: =?utf-8?b?SsO2cmc=?= <j@shop.test>\r\n",
+        "Subject: café\r\nFrom: Jörg <j@shop.test>\r\n".encode(),
+        b"Received: from x\r\n\tby y\r\nTo: t@dest.test\r\n",
+    ],
+)
+def test_header_fields_read_as_the_email_package_reads_them(head: bytes) -> None:
+    from email.parser import BytesHeaderParser
+    from email.policy import SMTP
+
+    from postbode.ingest.accept import _unfolded, _wanted_fields
+
+    got = _wanted_fields(head, _unfolded(head))
+    parsed = BytesHeaderParser(policy=SMTP).parsebytes(head + b"\r\n")
+    for name in ("subject", "message-id", "date"):
+        assert got.get(name) == (None if parsed[name] is None else str(parsed[name]))
+    # From is kept as written (unfolded, white space collapsed); it names the same mailbox
+    assert (parsed["from"] is None) == ("from" not in got)
+    if parsed["from"] is not None:
+        assert parsed["from"].addresses[0].addr_spec in got["from"]
+        assert "\r" not in got["from"] and "\n" not in got["from"]
