@@ -343,6 +343,13 @@ def process_tree(pid: int) -> list[int]:
     return found
 
 
+def is_worker(pid: int) -> bool:
+    """Whether `pid` is a `postbode worker` process (not a listener)."""
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[-2] == b"worker"
+    return False
+
+
 def cpu_seconds(pids: list[int]) -> float:
     total = 0
     for pid in pids:
@@ -371,6 +378,7 @@ def profiled(pid: int, output: Path | None) -> Iterator[None]:
         "--output",
         str(output),
         "--nonblocking",
+        "--subprocesses",
     ]
     spy = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     time.sleep(0.5)  # let it attach before the clock starts
@@ -472,6 +480,7 @@ def bench_dialect(dialect: str, args: argparse.Namespace) -> list[str]:
             "POSTBODE_TRANSPORT_MAP": f"{RECIPIENT_DOMAIN}=127.0.0.1:{free_port()}",
             "POSTBODE_DNS_NAMESERVERS": f"127.0.0.1:{free_port()}",
             "POSTBODE_WORKERS": str(args.workers),
+            "POSTBODE_LISTENERS": str(args.listeners),
             "POSTBODE_LOG_LEVEL": "warning",
         }
         if url:
@@ -481,7 +490,7 @@ def bench_dialect(dialect: str, args: argparse.Namespace) -> list[str]:
         try:
             wait_for_port(server.smtp_port)
             assert server.proc is not None
-            workers = [p for p in process_tree(server.proc.pid) if p != server.proc.pid]
+            workers = [p for p in process_tree(server.proc.pid) if is_worker(p)]
             if args.delivery == "paused":
                 for pid in workers:  # the accept path alone: delivery sleeps meanwhile
                     os.kill(pid, signal.SIGSTOP)
@@ -545,6 +554,9 @@ def main() -> None:
     )
     ap.add_argument("--workers", type=int, default=1, help="POSTBODE_WORKERS for serve (default 1)")
     ap.add_argument(
+        "--listeners", type=int, default=1, help="POSTBODE_LISTENERS for serve (default 1)"
+    )
+    ap.add_argument(
         "--delivery",
         choices=["paused", "on"],
         default="paused",
@@ -563,7 +575,8 @@ def main() -> None:
     dialects = ["sqlite", "postgresql"] if args.dialect == "both" else [args.dialect]
     print(
         f"{args.n} messages of {args.size} bytes per protocol, {args.c} connections, "
-        f"delivery {args.delivery}, HTTP client {args.http_client}, {os.cpu_count()} CPUs, "
+        f"{args.listeners} listener process(es), delivery {args.delivery}, "
+        f"HTTP client {args.http_client}, {os.cpu_count()} CPUs, "
         f"load average {os.getloadavg()[0]:.1f}",
         flush=True,
     )

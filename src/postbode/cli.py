@@ -100,6 +100,13 @@ def smtp() -> None:
 
 
 @app.command()
+def listen() -> None:
+    """Run the HTTP API and UI and the SMTP listener in one process (as `serve` does, without
+    its worker processes)."""
+    _run(["web", "smtp"])
+
+
+@app.command()
 def worker() -> None:
     """Run the queue workers (delivery, webhooks, periodic duties)."""
     _require_role("worker")

@@ -157,6 +157,13 @@ class Settings(BaseSettings):
     workers: int = Field(
         1, description="Worker processes `postbode serve` starts beside the HTTP and SMTP roles."
     )
+    listeners: int = Field(
+        1,
+        ge=1,
+        description="Processes `postbode serve` runs the HTTP and SMTP listeners in. More than "
+        "one share the ports (SO_REUSEPORT) so that taking mail in uses more cores; the ports "
+        "must then be fixed (not 0).",
+    )
     log_level: str = Field("info", description="Log level: debug, info, warning or error.")
 
     # -- webhooks and tracking --------------------------------------------------------------

@@ -7,9 +7,10 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable, Coroutine, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import uvicorn
@@ -29,6 +30,8 @@ class Runtime:
     settings: Settings
     store: Store
     acceptor: Acceptor
+    # Called when another process queued mail (the parent `postbode serve` says so).
+    on_wake: list[Callable[[], None]] = field(default_factory=list)
 
 
 # A role runs until `stop` is set, then finishes what it has in hand and returns.
@@ -56,7 +59,15 @@ async def web_role(rt: Runtime, stop: asyncio.Event) -> None:
         lifespan="on",
     )
     server = _Server(config)
-    serving = asyncio.create_task(server.serve())
+    sockets = None
+    if settings.listeners > 1:  # the port is shared with the other listener processes
+        try:
+            sockets = [shared_socket(settings.http_host, settings.http_port)]
+        except OSError as exc:
+            raise RuntimeError(
+                f"HTTP server could not listen on {settings.http_host}:{settings.http_port}: {exc}"
+            ) from exc
+    serving = asyncio.create_task(server.serve(sockets=sockets))
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
     server.should_exit = True
@@ -66,6 +77,13 @@ async def web_role(rt: Runtime, stop: asyncio.Event) -> None:
         raise RuntimeError(
             f"HTTP server could not listen on {settings.http_host}:{settings.http_port}"
         )
+
+
+def shared_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket bound with SO_REUSEPORT: each listener process of `postbode
+    serve` binds one to the same port, and the kernel spreads new connections over them."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=2048, reuse_port=True)
 
 
 async def smtp_role(rt: Runtime, stop: asyncio.Event) -> None:
@@ -87,16 +105,9 @@ async def worker_role(rt: Runtime, stop: asyncio.Event) -> None:
 
     worker = DeliveryWorker(rt.settings, rt.store)
     webhooks = WebhookWorker(rt.settings, rt.store)
-    rt.acceptor.on_commit.append(worker.notify)
-    rt.acceptor.on_commit.append(webhooks.notify)
-    if os.environ.get(WAKEUP_ENV):
-        # Started by `postbode serve`: a byte on stdin means mail was just queued; the end
-        # of stdin means `serve` is gone (even by kill -9), and so must this process be.
-        def wake() -> None:
-            worker.notify()
-            webhooks.notify()
-
-        _on_stdin_bytes(wake, stop.set)
+    for wake in (worker.notify, webhooks.notify):
+        rt.acceptor.on_commit.append(wake)
+        rt.on_wake.append(wake)
     await asyncio.gather(worker.run(stop), webhooks.run(stop), _compact_statistics(rt, stop))
 
 
@@ -119,12 +130,14 @@ async def _compact_statistics(rt: Runtime, stop: asyncio.Event) -> None:
             log.exception("compacting statistics failed")
 
 
-WAKEUP_ENV = "POSTBODE_WAKEUP_ON_STDIN"
+CHILD_ENV = "POSTBODE_CHILD_OF_SERVE"
+NOTIFY_FD_ENV = "POSTBODE_NOTIFY_FD"
 RESTART_DELAY_SECONDS = 1.0
 
 
-def _on_stdin_bytes(callback: Callable[[], None], on_eof: Callable[[], None]) -> None:
-    fd = sys.stdin.fileno()
+def _on_readable(fd: int, callback: Callable[[], None], on_eof: Callable[[], None]) -> None:
+    """Call `callback` whenever bytes arrive on the pipe `fd` (they are drained), `on_eof`
+    when its other end is closed."""
     os.set_blocking(fd, False)
     loop = asyncio.get_running_loop()
 
@@ -142,48 +155,81 @@ def _on_stdin_bytes(callback: Callable[[], None], on_eof: Callable[[], None]) ->
     loop.add_reader(fd, readable)
 
 
-async def worker_processes_role(rt: Runtime, stop: asyncio.Event) -> None:
-    """`settings.workers` child processes running the worker role, so delivery uses the other
-    cores; they are woken after each commit that queued mail, and restarted if they die."""
-    children: list[asyncio.subprocess.Process] = []
+def _link_to_parent(rt: Runtime, stop: asyncio.Event) -> None:
+    """In a child process of `postbode serve`: a byte on stdin means mail was queued
+    elsewhere; the end of stdin means `serve` is gone (even by kill -9), and so must this
+    process be; each commit here that queued mail is told to `serve` by a byte on the pipe
+    it handed down, so it can wake the worker processes."""
+    notify_fd = int(os.environ[NOTIFY_FD_ENV])
+    os.set_blocking(notify_fd, False)
 
-    async def spawn() -> asyncio.subprocess.Process:
+    def tell_parent() -> None:
+        with contextlib.suppress(BlockingIOError):  # the pipe is full: a wake-up is pending
+            os.write(notify_fd, b"\n")
+
+    def wake() -> None:
+        for listener in rt.on_wake:
+            listener()
+
+    rt.acceptor.on_commit.append(tell_parent)
+    _on_readable(sys.stdin.fileno(), wake, stop.set)
+
+
+async def processes_role(rt: Runtime, stop: asyncio.Event) -> None:
+    """The child processes of `postbode serve`: `settings.workers` worker processes, so
+    delivery uses the other cores, woken after each commit that queued mail; and
+    `settings.listeners - 1` more HTTP and SMTP listener processes sharing the ports. Each is
+    restarted if it dies."""
+    kinds = ["worker"] * rt.settings.workers + ["listen"] * (rt.settings.listeners - 1)
+    notify_read, notify_write = os.pipe()  # children -> here: mail was queued
+
+    async def spawn(kind: str) -> asyncio.subprocess.Process:
         return await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "postbode",
-            "worker",
+            kind,
             stdin=asyncio.subprocess.PIPE,
-            env={**os.environ, WAKEUP_ENV: "1"},
+            env={**os.environ, CHILD_ENV: "1", NOTIFY_FD_ENV: str(notify_write)},
+            pass_fds=(notify_write,),
         )
 
     def wake() -> None:
-        for child in children:
-            if child.stdin is not None and child.returncode is None:
+        for kind, child in zip(kinds, children, strict=True):
+            if kind == "worker" and child.stdin is not None and child.returncode is None:
                 transport = child.stdin.transport
                 if transport.get_write_buffer_size() < 64:  # a wake-up is already pending
                     child.stdin.write(b"\n")
 
-    children.extend([await spawn() for _ in range(rt.settings.workers)])
+    children = [await spawn(kind) for kind in kinds]
     rt.acceptor.on_commit.append(wake)
-    while not stop.is_set():
-        waits = {asyncio.create_task(c.wait()) for c in children}
-        stopping = asyncio.create_task(stop.wait())
-        await asyncio.wait({*waits, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        for task in (*waits, stopping):
-            task.cancel()
-        for i, child in enumerate(children):
-            if child.returncode is not None and not stop.is_set():
-                log.error(
-                    "worker process %d exited with %d; restarting", child.pid, child.returncode
-                )
-                with contextlib.suppress(TimeoutError):  # not in a hot loop if it keeps dying
-                    await asyncio.wait_for(stop.wait(), RESTART_DELAY_SECONDS)
-                children[i] = await spawn()
-    for child in children:
-        if child.returncode is None:
-            child.terminate()
-    await asyncio.gather(*(c.wait() for c in children))
+    _on_readable(notify_read, wake, lambda: None)
+    try:
+        while not stop.is_set():
+            waits = {asyncio.create_task(c.wait()) for c in children}
+            stopping = asyncio.create_task(stop.wait())
+            await asyncio.wait({*waits, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            for task in (*waits, stopping):
+                task.cancel()
+            for i, child in enumerate(children):
+                if child.returncode is not None and not stop.is_set():
+                    log.error(
+                        "%s process %d exited with %d; restarting",
+                        kinds[i],
+                        child.pid,
+                        child.returncode,
+                    )
+                    with contextlib.suppress(TimeoutError):  # not in a hot loop if it keeps dying
+                        await asyncio.wait_for(stop.wait(), RESTART_DELAY_SECONDS)
+                    children[i] = await spawn(kinds[i])
+    finally:
+        for child in children:
+            if child.returncode is None:
+                child.terminate()
+        await asyncio.gather(*(c.wait() for c in children))
+        asyncio.get_running_loop().remove_reader(notify_read)
+        os.close(notify_read)
+        os.close(notify_write)
 
 
 def available_roles() -> dict[str, Role]:
@@ -192,14 +238,17 @@ def available_roles() -> dict[str, Role]:
         "web": web_role,
         "smtp": smtp_role,
         "worker": worker_role,
-        "worker-processes": worker_processes_role,
+        "processes": processes_role,
     }
 
 
 def serve_roles(settings: Settings) -> list[str]:
-    """What `postbode serve` runs: web and SMTP here, delivery in `workers` child processes
-    (or here too when workers is 0)."""
-    return ["web", "smtp", "worker-processes" if settings.workers > 0 else "worker"]
+    """What `postbode serve` runs: web and SMTP here (and in `listeners - 1` child processes),
+    delivery in `workers` child processes (or here too when workers is 0)."""
+    roles = ["web", "smtp"] if settings.workers > 0 else ["web", "smtp", "worker"]
+    if settings.workers > 0 or settings.listeners > 1:
+        roles.append("processes")
+    return roles
 
 
 async def run_roles(settings: Settings, store: Store, names: list[str]) -> None:
@@ -210,6 +259,8 @@ async def run_roles(settings: Settings, store: Store, names: list[str]) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if os.environ.get(CHILD_ENV):
+        _link_to_parent(rt, stop)
     tasks = [asyncio.create_task(roles[name](rt, stop), name=name) for name in names]
     log.info("postbode running: %s", ", ".join(names))
     try:

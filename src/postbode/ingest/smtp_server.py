@@ -423,4 +423,5 @@ async def start_server(
         host=host if host is not None else settings.smtp_host,
         port=port if port is not None else settings.smtp_port,
         reuse_address=True,
+        reuse_port=settings.listeners > 1,  # shared with the other listener processes
     )

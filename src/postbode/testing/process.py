@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -20,6 +21,19 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def listening_sockets(port: int) -> int:
+    """How many sockets listen on TCP `port` on this machine (several listener processes of
+    one `postbode serve` each have one)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            next(f)
+            for line in f:
+                local, state = line.split()[1], line.split()[3]
+                count += state == "0A" and int(local.rpartition(":")[2], 16) == port
+    return count
 
 
 class PostbodeProcess:
@@ -60,6 +74,7 @@ class PostbodeProcess:
         if self.command in ("serve", "web"):
             try:
                 self.wait_healthy(timeout)
+                self.wait_listeners(timeout)
             except BaseException:
                 self.kill()  # a failed start must not leave a server running
                 raise
@@ -79,6 +94,29 @@ class PostbodeProcess:
                 pass
             time.sleep(0.05)
         raise TimeoutError(f"postbode not healthy after {timeout}s:\n{self.log()}")
+
+    def wait_listeners(self, timeout: float = 30.0) -> None:
+        """Until every listener process (POSTBODE_LISTENERS) listens on both ports."""
+        if self.command != "serve":
+            return
+        wanted = int(self.env.get("POSTBODE_LISTENERS", "1"))
+        deadline = time.monotonic() + timeout
+        while min(listening_sockets(self.http_port), listening_sockets(self.smtp_port)) < wanted:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"not {wanted} listeners after {timeout}s:\n{self.log()}")
+            time.sleep(0.05)
+
+    def children(self, command: str) -> list[int]:
+        """Pids of this process's `postbode <command>` children (worker, listen)."""
+        assert self.proc is not None
+        found = []
+        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+            for pid in (task / "children").read_text().split():
+                with contextlib.suppress(OSError):  # gone meanwhile
+                    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                    if argv[-2:] == [command.encode(), b""]:
+                        found.append(int(pid))
+        return found
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
