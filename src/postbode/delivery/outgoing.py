@@ -27,11 +27,11 @@ from postbode.delivery.mx import DnsFailure, DnsHardFail, MxLookup, Target
 from postbode.delivery.outcomes import Delivered, HardFail, Held, Outcome, Reply, SoftFail
 from postbode.delivery.shaping import Shaper, Wait, is_throttling
 from postbode.delivery.smtp_sender import Attempt, SmtpSession, SmtpTimeouts, TlsMode
-from postbode.events.record import Event, record
+from postbode.events.record import Event, Tally, record
 from postbode.events.types import EventType
 from postbode.metrics import DELIVERIES, IN_FLIGHT, SHAPING_WAITS
 from postbode.store.claim import DELIVERIES as DELIVERY_QUEUE
-from postbode.store.claim import release_in
+from postbode.store.claim import release_in, release_many
 from postbode.store.engine import Store
 from postbode.store.schema import apps, attempts, domains, messages, raw_messages, utcnow
 from postbode.tracking.rewrite import track
@@ -295,48 +295,91 @@ class Outgoing:
     # -- recording (in a thread, one transaction per batch) --------------------------------
 
     def record(self, jobs: list[Job]) -> None:
+        """Record every job's outcome in one transaction: each table written with one
+        statement for the batch, the counters bumped last. Should that fail, the outcomes are
+        recorded one by one, each in a savepoint, so a bug recording one delivery loses only
+        that one (parked with its traceback) and the batch's other outcomes, mail the MX
+        already took, still commit."""
         now = utcnow()
+        plans: list[_Plan] = []
+        broken: list[tuple[Job, str]] = []
+        for job in jobs:
+            try:
+                plans.append(self._plan(job, now))
+            except Exception:  # a bug: park this delivery where the UI shows it
+                log.exception("recording delivery %s failed", job.id)
+                broken.append((job, traceback.format_exc(limit=5)))
+        recorded: list[_Plan] = []
         with self.store.write() as conn:
-            for job in jobs:
-                try:
-                    # A savepoint per delivery: a bug recording one undoes only its writes,
-                    # and the batch's other outcomes (mail the MX already took) still commit.
-                    with conn.begin_nested():
-                        self._record_one(conn, job, now)
-                except Exception:  # a bug: park this delivery where the UI shows it
-                    log.exception("recording delivery %s failed", job.id)
-                    release_in(
-                        conn,
-                        DELIVERY_QUEUE,
-                        self.owner,
-                        job.id,
-                        status="held",
-                        error=traceback.format_exc(limit=5),
-                    )
+            if len(plans) > 1 and self._write_batch(conn, plans):
+                recorded = plans
+            else:
+                for plan in plans:
+                    try:
+                        with conn.begin_nested():
+                            if self._write_one(conn, plan):
+                                recorded.append(plan)
+                    except Exception:
+                        log.exception("recording delivery %s failed", plan.job.id)
+                        broken.append((plan.job, traceback.format_exc(limit=5)))
+            for job, error in broken:
+                release_in(conn, DELIVERY_QUEUE, self.owner, job.id, status="held", error=error)
+        for plan in recorded:
+            if plan.event is None and plan.job.wait is not None:
+                SHAPING_WAITS.labels(plan.job.row.recipient_domain, plan.job.wait.limit).inc()
+            else:
+                DELIVERIES.labels(plan.outcome).inc()
 
-    def _record_wait(self, conn: Connection, job: Job, wait: Wait, now: datetime) -> None:
-        """Back to the queue until its shaping slot: deferred, the reason in last_reply.
+    def _write_batch(self, conn: Connection, plans: list[_Plan]) -> bool:
+        """All the plans with one statement per table, in a savepoint; False (and nothing
+        written) when a lease was lost or a statement failed."""
+        try:
+            with conn.begin_nested():
+                released = release_many(
+                    conn, DELIVERY_QUEUE, self.owner, [(p.job.id, p.values) for p in plans]
+                )
+                if released != len(plans):
+                    raise _LeaseLost
+                attempt_rows = [p.attempt for p in plans if p.attempt is not None]
+                if attempt_rows:
+                    conn.execute(_INSERT_ATTEMPTS, attempt_rows)
+                tally = Tally()
+                record(conn, [p.event for p in plans if p.event is not None], counters=tally)
+                for plan in plans:
+                    self._after_bounce(conn, plan)
+                tally.bump(conn)  # last: the hot counter rows stay locked only until commit
+        except _LeaseLost:
+            return False  # one by one, to tell which lease was lost
+        except Exception as exc:
+            log.warning("recording %d outcomes at once failed (%s); one by one", len(plans), exc)
+            return False
+        return True
 
-        No attempt was made and nothing happened to the message, so no attempt row and no
-        event: a busy destination would otherwise fill the event log, the statistics and every
-        webhook with one `delivery.deferred` per delivery per wait. The queue view shows the
-        wait (status, next_attempt_at, last_reply), and postbode_shaping_waits_total counts it.
-        """
-        values = {
-            "status": "deferred",
-            "next_attempt_at": wait.until,
-            "last_reply": wait.reason,
-            "updated_at": now,
-        }
-        if release_in(conn, DELIVERY_QUEUE, self.owner, job.id, **values):
-            SHAPING_WAITS.labels(job.row.recipient_domain, wait.limit).inc()
-        else:
-            log.warning("lease on delivery %s was lost; its shaping wait is not recorded", job.id)
+    def _write_one(self, conn: Connection, plan: _Plan) -> bool:
+        """One plan; False when its lease was lost (and so nothing was recorded)."""
+        job = plan.job
+        if not release_in(conn, DELIVERY_QUEUE, self.owner, job.id, **plan.values):
+            what = "shaping wait" if plan.event is None else "outcome"
+            log.warning("lease on delivery %s was lost; its %s is not recorded", job.id, what)
+            return False
+        if plan.attempt is not None:
+            conn.execute(_INSERT_ATTEMPTS, [plan.attempt])
+        if plan.event is not None:
+            record(conn, plan.event)
+        self._after_bounce(conn, plan)
+        return True
 
-    def _record_one(self, conn: Connection, job: Job, now: datetime) -> None:
+    def _after_bounce(self, conn: Connection, plan: _Plan) -> None:
+        job = plan.job
+        if plan.bounce_detail is not None and job.classification is not None:
+            after_smtp_bounce(
+                conn, job.row, job.classification, plan.bounce_detail, self.settings, plan.now
+            )
+
+    def _plan(self, job: Job, now: datetime) -> _Plan:
+        """What recording `job` writes: the delivery's new columns, its attempt and event."""
         if job.outcome is None and job.wait is not None:
-            self._record_wait(conn, job, job.wait, now)
-            return
+            return self._plan_wait(job, job.wait, now)
         outcome = job.outcome or SoftFail(reply=None, retry_after=None, reason="not attempted")
         row, msg = job.row, job.message
         attempt_no = row.attempts + 1
@@ -350,14 +393,6 @@ class Outgoing:
             # suspended): the reason is all the queue view and an operator have to go on.
             reason = "" if isinstance(outcome, Delivered) else outcome.reason
             reply_text = reason or job.note or None
-        common: dict[str, Any] = {
-            "app_id": row.app_id,
-            "stream": msg.stream,
-            "tag": msg.tag,
-            "message_id": row.message_id,
-            "delivery_id": row.id,
-            "recipient": row.recipient,
-        }
         values: dict[str, Any] = {
             "attempts": attempt_no if job.attempt is not None else row.attempts,
             "last_attempt_at": now,
@@ -371,6 +406,7 @@ class Outgoing:
             data["mx"] = job.attempt.mx_host
         if job.note:
             data["note"] = job.note
+        bounce_detail: str | None = None
 
         if isinstance(outcome, Delivered):
             values["status"] = "delivered"
@@ -421,33 +457,81 @@ class Outgoing:
                 data.update(category=found.category, hard=found.hard, source="smtp")
                 if reply and reply.enhanced_status:
                     data["status"] = reply.enhanced_status
-        if not release_in(conn, DELIVERY_QUEUE, self.owner, row.id, **values):
-            log.warning("lease on delivery %s was lost; its outcome is not recorded", row.id)
-            return
+                bounce_detail = reply_text or ""
+        attempt_row: dict[str, Any] | None = None
         if job.attempt is not None:
             a = job.attempt
             final = a.final_reply
-            conn.execute(
-                insert(attempts).values(
-                    delivery_id=row.id,
-                    started_at=a.started_at,
-                    duration_ms=int(a.duration * 1000),
-                    outcome=type(outcome).__name__,
-                    mx_host=a.mx_host,
-                    ip=a.ip,
-                    port=a.port,
-                    tls_version=a.tls_version,
-                    tls_cipher=a.tls_cipher,
-                    reply_code=final.code if final else None,
-                    enhanced_status=final.enhanced_status if final else None,
-                    reply_text=str(final) if final else reply_text,
-                    transcript=a.transcript_text(),
-                )
-            )
-        record(conn, Event(type=event, at=now, data=data, **common))
-        if event == EventType.DELIVERY_BOUNCED and job.classification is not None:
-            after_smtp_bounce(conn, row, job.classification, reply_text or "", self.settings, now)
-        DELIVERIES.labels(type(outcome).__name__).inc()
+            attempt_row = {
+                "delivery_id": row.id,
+                "started_at": a.started_at,
+                "duration_ms": int(a.duration * 1000),
+                "outcome": type(outcome).__name__,
+                "mx_host": a.mx_host,
+                "ip": a.ip,
+                "port": a.port,
+                "tls_version": a.tls_version,
+                "tls_cipher": a.tls_cipher,
+                "reply_code": final.code if final else None,
+                "enhanced_status": final.enhanced_status if final else None,
+                "reply_text": str(final) if final else reply_text,
+                "transcript": a.transcript_text(),
+            }
+        return _Plan(
+            job=job,
+            now=now,
+            values=values,
+            attempt=attempt_row,
+            event=Event(
+                type=event,
+                at=now,
+                data=data,
+                app_id=row.app_id,
+                stream=msg.stream,
+                tag=msg.tag,
+                message_id=row.message_id,
+                delivery_id=row.id,
+                recipient=row.recipient,
+            ),
+            bounce_detail=bounce_detail,
+            outcome=type(outcome).__name__,
+        )
+
+    def _plan_wait(self, job: Job, wait: Wait, now: datetime) -> _Plan:
+        """Back to the queue until its shaping slot: deferred, the reason in last_reply.
+
+        No attempt was made and nothing happened to the message, so no attempt row and no
+        event: a busy destination would otherwise fill the event log, the statistics and every
+        webhook with one `delivery.deferred` per delivery per wait. The queue view shows the
+        wait (status, next_attempt_at, last_reply), and postbode_shaping_waits_total counts it.
+        """
+        values = {
+            "status": "deferred",
+            "next_attempt_at": wait.until,
+            "last_reply": wait.reason,
+            "updated_at": now,
+        }
+        return _Plan(job=job, now=now, values=values)
+
+
+class _LeaseLost(Exception):
+    """A batch's lease was lost on some delivery (expired and claimed by another worker)."""
+
+
+@dataclass
+class _Plan:
+    """What recording one job writes (worked out before the write transaction opens)."""
+
+    job: Job
+    now: datetime
+    values: dict[str, Any]  # the deliveries row's new columns
+    attempt: dict[str, Any] | None = None  # the attempts row
+    event: Event | None = None  # None for a shaping wait: no event, no attempt
+    bounce_detail: str | None = None  # set for a bounce: suppress as a DSN would
+    outcome: str = ""  # Delivered | SoftFail | HardFail | Held, for the metric
+
+
+_INSERT_ATTEMPTS = insert(attempts)
 
 
 def _from_domain(mail_from: str, from_header: str) -> str:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, insert, select
+from sqlalchemy import Connection, bindparam, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from postbode.events.types import EventType
@@ -40,13 +40,82 @@ def minute(at: datetime) -> datetime:
     return at.replace(second=0, microsecond=0)
 
 
-def record(conn: Connection, items: Sequence[Event] | Event) -> None:
-    """Write events, bump their counters and queue their webhooks, in `conn`'s transaction."""
+# The statements, built once: constructing them (and their cache keys) per call cost more CPU
+# than executing them on hot paths (the delivery worker's recording, the accept group commit).
+_INSERT_EVENTS = insert(events)
+_INSERT_WEBHOOK_REQUESTS = insert(webhook_requests)
+_ENABLED_HOOKS = select(webhooks.c.id, webhooks.c.app_id, webhooks.c.event_types).where(
+    webhooks.c.app_id.in_(bindparam("app_ids", expanding=True)), webhooks.c.enabled.is_(True)
+)
+
+
+def _counter_upsert(dialect: Any) -> Any:
+    stmt = dialect.insert(stat_counters)
+    return stmt.on_conflict_do_update(
+        index_elements=["app_id", "stream", "tag", "bucket", "event_type"],
+        set_={
+            "count": stat_counters.c.count + stmt.excluded.count,
+            "bot_count": stat_counters.c.bot_count + stmt.excluded.bot_count,
+        },
+    )
+
+
+_UPSERT_COUNTERS = {"sqlite": _counter_upsert(sqlite), "postgresql": _counter_upsert(postgresql)}
+
+CounterKey = tuple[int, str, str, datetime, str]  # app, stream, tag, minute, event type
+
+
+class Tally:
+    """Counter increments gathered over many `record` calls, bumped with one upsert per
+    counter row by `bump`: a batch's writer calls it last, just before its commit, so the hot
+    rows (one app's `delivery.delivered` this minute) stay locked for the shortest time."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[CounterKey] = Counter()
+        self.bots: Counter[CounterKey] = Counter()
+
+    def add(self, batch: Iterable[Event]) -> None:
+        counts, bots = self.counts, self.bots
+        for e in batch:
+            key = (e.app_id, e.stream, e.tag or "", minute(e.at), str(e.type))
+            counts[key] += 1
+            if e.bot:
+                bots[key] += 1
+
+    def bump(self, conn: Connection) -> None:
+        """Write the increments gathered so far (in `conn`'s transaction) and forget them."""
+        if not self.counts:
+            return
+        # In key order: concurrent writers lock the rows they share in the same order, so two
+        # of them never wait for each other crosswise (a deadlock on PostgreSQL).
+        rows = [
+            {
+                "app_id": k[0],
+                "stream": k[1],
+                "tag": k[2],
+                "bucket": k[3],
+                "event_type": k[4],
+                "count": n,
+                "bot_count": self.bots.get(k, 0),
+            }
+            for k, n in sorted(self.counts.items())
+        ]
+        # One statement per row: executemany of an upsert is what both dialects do fastest.
+        conn.execute(_UPSERT_COUNTERS[conn.dialect.name], rows)
+        self.counts.clear()
+        self.bots.clear()
+
+
+def record(conn: Connection, items: Sequence[Event] | Event, counters: Tally | None = None) -> None:
+    """Write events, bump their counters and queue their webhooks, in `conn`'s transaction.
+
+    With `counters`, the counter increments are added to that tally instead, for the caller to
+    `bump` (in the same transaction) once it has recorded everything."""
     batch = [items] if isinstance(items, Event) else list(items)
     if not batch:
         return
     conn.execute(
-        insert(events),
+        _INSERT_EVENTS,
         [
             {
                 "id": e.id,
@@ -61,51 +130,18 @@ def record(conn: Connection, items: Sequence[Event] | Event) -> None:
             for e in batch
         ],
     )
-    _bump_counters(conn, batch)
     _queue_webhooks(conn, batch)
-    for e in batch:
-        EVENTS.labels(str(e.type)).inc()
-
-
-def _bump_counters(conn: Connection, batch: Iterable[Event]) -> None:
-    counts: Counter[tuple[int, str, str, datetime, str]] = Counter()
-    bots: Counter[tuple[int, str, str, datetime, str]] = Counter()
-    for e in batch:
-        key = (e.app_id, e.stream, e.tag or "", minute(e.at), str(e.type))
-        counts[key] += 1
-        bots[key] += int(e.bot)
-    rows = [
-        {
-            "app_id": k[0],
-            "stream": k[1],
-            "tag": k[2],
-            "bucket": k[3],
-            "event_type": k[4],
-            "count": n,
-            "bot_count": bots[k],
-        }
-        for k, n in counts.items()
-    ]
-    dialect = sqlite if conn.dialect.name == "sqlite" else postgresql
-    stmt = dialect.insert(stat_counters)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=["app_id", "stream", "tag", "bucket", "event_type"],
-        set_={
-            "count": stat_counters.c.count + stmt.excluded.count,
-            "bot_count": stat_counters.c.bot_count + stmt.excluded.bot_count,
-        },
-    )
-    # One statement per row: executemany of an upsert is what both dialects do fastest here.
-    conn.execute(stmt, rows)
+    tally = counters if counters is not None else Tally()
+    tally.add(batch)
+    if counters is None:
+        tally.bump(conn)
+    for event_type, n in Counter(str(e.type) for e in batch).items():
+        EVENTS.labels(event_type).inc(n)
 
 
 def _queue_webhooks(conn: Connection, batch: Sequence[Event]) -> None:
-    app_ids = {e.app_id for e in batch}
-    hooks = conn.execute(
-        select(webhooks.c.id, webhooks.c.app_id, webhooks.c.event_types).where(
-            webhooks.c.app_id.in_(app_ids), webhooks.c.enabled.is_(True)
-        )
-    ).all()
+    app_ids = sorted({e.app_id for e in batch})
+    hooks = conn.execute(_ENABLED_HOOKS, {"app_ids": app_ids}).all()
     if not hooks:
         return
     now = utcnow()
@@ -124,4 +160,4 @@ def _queue_webhooks(conn: Connection, batch: Sequence[Event]) -> None:
         if hook.app_id == e.app_id and (not hook.event_types or str(e.type) in hook.event_types)
     ]
     if rows:
-        conn.execute(insert(webhook_requests), rows)
+        conn.execute(_INSERT_WEBHOOK_REQUESTS, rows)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, Table, and_, select, true, update
+from sqlalchemy import ColumnElement, Row, Table, Update, and_, bindparam, select, true, update
 
 from postbode.store.engine import Store
 from postbode.store.schema import deliveries, inbound_messages, utcnow, webhook_requests
@@ -92,14 +94,46 @@ def release(store: Store, queue: Queue, owner: str, row_id: Any, **values: Any) 
 
 def release_in(conn: Any, queue: Queue, owner: str, row_id: Any, **values: Any) -> bool:
     """`release` inside the caller's transaction, so the outcome and its events commit together."""
-    t = queue.table
     values.setdefault("status", queue.swept)
-    result = conn.execute(
-        update(t)
-        .where(_held_by(queue, owner), t.c.id == row_id)
-        .values(lease_owner=None, lease_until=None, **values)
-    )
+    result = conn.execute(_release_statement(queue), {"_owner": owner, "_id": row_id, **values})
     return bool(result.rowcount == 1)
+
+
+def release_many(
+    conn: Any, queue: Queue, owner: str, outcomes: Sequence[tuple[Any, dict[str, Any]]]
+) -> int:
+    """`release_in` for many rows at once, each `(row id, values)`: one executemany per set of
+    columns written. Returns how many of the rows `owner` still held (and so released); when
+    that is fewer than given, the caller should roll back and release them one by one to learn
+    which lease was lost."""
+    groups: defaultdict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
+    for row_id, values in outcomes:
+        params = {"status": queue.swept, **values, "_owner": owner, "_id": row_id}
+        groups[tuple(sorted(params))].append(params)
+    statement = _release_statement(queue)
+    released = 0
+    for params_list in groups.values():
+        if conn.dialect.supports_sane_multi_rowcount:
+            released += conn.execute(statement, params_list).rowcount
+        else:  # the driver cannot count an executemany: one statement each
+            released += sum(conn.execute(statement, p).rowcount for p in params_list)
+    return released
+
+
+@functools.cache
+def _release_statement(queue: Queue) -> Update:
+    """End a lease: `_owner` and `_id` pick the row; the columns to write come as parameters
+    (built once: constructing the statement per row cost more than running it)."""
+    t = queue.table
+    return (
+        update(t)
+        .where(
+            t.c.status == queue.claimed,
+            t.c.lease_owner == bindparam("_owner"),
+            t.c.id == bindparam("_id"),
+        )
+        .values(lease_owner=None, lease_until=None)
+    )
 
 
 def sweep(store: Store, queue: Queue, *, now: datetime | None = None) -> int:

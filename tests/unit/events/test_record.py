@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import func, select
 
-from postbode.events.record import Event, minute, record
+from postbode.events.record import Event, Tally, minute, record
 from postbode.events.types import EventType
 from postbode.store.engine import Store
 from postbode.store.schema import events, stat_counters, webhook_requests
@@ -77,3 +77,46 @@ def test_counters_count_bots_apart_and_webhooks_follow_their_filters(store: Stor
     assert counter.bucket == minute(batch[0].at)
     assert hooks == [opens["id"]] * 3  # not the bounce-only hook, not the disabled one
     assert bounces["id"] not in hooks
+
+
+def test_a_tally_gathers_increments_over_records_and_bumps_each_counter_row_once(
+    store: Store,
+) -> None:
+    app = make_app(store)
+    other = make_app(store)
+    tally = Tally()
+    with store.write() as conn:
+        for _ in range(3):
+            record(conn, Event(app_id=app.app_id, type=EventType.DELIVERY_DELIVERED), tally)
+        record(
+            conn,
+            [
+                Event(app_id=app.app_id, type=EventType.MESSAGE_OPENED, tag="t", bot=True),
+                Event(app_id=other.app_id, type=EventType.DELIVERY_DELIVERED),
+            ],
+            counters=tally,
+        )
+        # Events are written at once; their counters wait for bump().
+        assert conn.execute(select(func.count()).select_from(events)).scalar_one() == 5
+        assert conn.execute(select(func.count()).select_from(stat_counters)).scalar_one() == 0
+        tally.bump(conn)
+        tally.bump(conn)  # bumped increments are forgotten: a second bump adds nothing
+    with store.write() as conn:  # and later increments add to the same rows
+        record(conn, Event(app_id=app.app_id, type=EventType.DELIVERY_DELIVERED))
+    with store.read() as conn:
+        rows = conn.execute(
+            select(
+                stat_counters.c.app_id,
+                stat_counters.c.tag,
+                stat_counters.c.event_type,
+                stat_counters.c.count,
+                stat_counters.c.bot_count,
+            )
+        ).all()
+    assert sorted(tuple(r) for r in rows) == sorted(
+        [
+            (app.app_id, "", "delivery.delivered", 4, 0),
+            (app.app_id, "t", "message.opened", 1, 1),
+            (other.app_id, "", "delivery.delivered", 1, 0),
+        ]
+    )
