@@ -7,12 +7,14 @@ import contextlib
 import json
 import mimetypes
 import re
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
+from email.message import Message as MimeHeaders
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -23,16 +25,21 @@ from pydantic import (
     Field,
     PlainValidator,
     StringConstraints,
+    TypeAdapter,
+    ValidationError,
     WithJsonSchema,
     field_validator,
 )
 from pydantic_core import PydanticCustomError
 from sqlalchemy import Connection, case, func, select
 from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from postbode import tenancy
 from postbode.config import Settings
 from postbode.ingest import mime
 from postbode.ingest.accept import (
+    Accepted,
     AcceptError,
     Acceptor,
     Submission,
@@ -411,7 +418,7 @@ class _ApiRoute(APIRoute):
             if self.body_field is not None:
                 # FastAPI reads and parses the body before it solves dependencies: without a
                 # key, answer 401 before taking tens of megabytes from a stranger.
-                request.scope[_APP_ID] = await api_app_id(capped)
+                request.scope[_APP_ID] = await caller_app_id(capped)
             try:
                 return await handler(capped)
             except RequestValidationError as exc:
@@ -423,10 +430,22 @@ class _ApiRoute(APIRoute):
 _APP_ID = "postbode.api_app_id"
 
 
+async def caller_app_id(request: Request) -> int:
+    """`api_app_id`, without a thread hop for a key this process checked lately (the check
+    itself is a hash and a dict look-up; only a key not seen lately reads the store)."""
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and key.strip():
+        # The cache tenancy.authenticate_api_key fills and revoke_credential clears.
+        cached = tenancy._api_keys.get(tenancy._sha256(key.strip()))
+        if cached is not None and cached[1] > time.monotonic():
+            return cached[0]
+    return await api_app_id(request)
+
+
 async def _caller(request: Request) -> int:
     """The calling app: authenticated once per request, before the body is read."""
     app_id = request.scope.get(_APP_ID)
-    return app_id if isinstance(app_id, int) else await api_app_id(request)
+    return app_id if isinstance(app_id, int) else await caller_app_id(request)
 
 
 Caller = Annotated[int, Depends(_caller)]
@@ -530,6 +549,68 @@ def _canonical(data: Any) -> bytes:
     )
 
 
+# Requests whose content is at most this many characters are built on the event loop: the
+# build is CPU under the GIL either way, and a thread hop costs more than a small build.
+INLINE_BUILD_CHARS = 64 * 1024
+
+# RFC 9110 §5.5 field value, as printable ASCII; the FastAPI route and the fast path both check it.
+IDEMPOTENCY_KEY_MIN, IDEMPOTENCY_KEY_MAX = 1, 255
+IDEMPOTENCY_KEY_PATTERN = r"^[\x21-\x7e]+$"
+
+
+def _content_chars(body: SendRequest) -> int:
+    return (
+        len(body.text or "")
+        + len(body.html or "")
+        + sum(len(a.content) for a in body.attachments or ())
+    )
+
+
+async def _accept(
+    request: Request,
+    app_id: int,
+    body: SendRequest,
+    idempotency_key: str | None,
+    data: Any,
+) -> Accepted:
+    """Build, store and answer one send request, `data` being its JSON as parsed (the
+    Idempotency-Key fingerprint): the one implementation behind the FastAPI route and the
+    fast path. Raises ApiError or HTTPException with the JSON error shape."""
+    settings: Settings = request.app.state.settings
+    acceptor: Acceptor = request.app.state.acceptor
+    recipients = _recipients(body, settings.smtp_max_recipients)
+    if _content_chars(body) <= INLINE_BUILD_CHARS:
+        raw = build(body, settings.smtp_max_message_size)
+    else:
+        raw = await run_in_threadpool(build, body, settings.smtp_max_message_size)
+    client = request.scope.get("client")
+    submission = Submission(
+        app_id=app_id,
+        source="api",
+        mail_from=body.from_.address,
+        recipients=recipients,
+        raw=raw,
+        stream=body.stream,
+        tag=body.tag,
+        metadata=dict(body.metadata or {}),
+        track_opens=body.track_opens,
+        track_clicks=body.track_clicks,
+        client_ip=client[0] if client else None,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash(_canonical(data)) if idempotency_key else None,
+    )
+    try:
+        return await acceptor.accept(submission)
+    except AcceptError as exc:  # IdempotencyConflict (409) among them
+        raise ApiError(exc.status, exc.reason, exc.message, exc.field) from None
+    except TemporaryAcceptError as exc:
+        raise HTTPException(
+            503,
+            error_body("unavailable", str(exc)),
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        ) from None
+
+
 @router.post(
     "/messages",
     status_code=202,
@@ -546,9 +627,9 @@ async def send_message(
         str | None,
         Header(
             alias="Idempotency-Key",
-            min_length=1,
-            max_length=255,
-            pattern=r"^[\x21-\x7e]+$",
+            min_length=IDEMPOTENCY_KEY_MIN,
+            max_length=IDEMPOTENCY_KEY_MAX,
+            pattern=IDEMPOTENCY_KEY_PATTERN,
             description="Repeat a request safely for 24 hours: the same key and body give the "
             "first answer again; the same key with another body is 409",
         ),
@@ -557,38 +638,129 @@ async def send_message(
     """Accept a message for delivery to every `to`, `cc` and `bcc` recipient: 202 once it is
     stored, with one delivery per recipient. A repeated Idempotency-Key with the same body
     answers as the first time, with the header `Idempotent-Replayed: true`."""
-    settings: Settings = request.app.state.settings
-    acceptor: Acceptor = request.app.state.acceptor
-    recipients = _recipients(body, settings.smtp_max_recipients)
-    raw = await run_in_threadpool(build, body, settings.smtp_max_message_size)
-    submission = Submission(
-        app_id=app_id,
-        source="api",
-        mail_from=body.from_.address,
-        recipients=recipients,
-        raw=raw,
-        stream=body.stream,
-        tag=body.tag,
-        metadata=dict(body.metadata or {}),
-        track_opens=body.track_opens,
-        track_clicks=body.track_clicks,
-        client_ip=request.client.host if request.client else None,
-        idempotency_key=idempotency_key,
-        request_hash=request_hash(_canonical(await request.json())) if idempotency_key else None,
-    )
-    try:
-        accepted = await acceptor.accept(submission)
-    except AcceptError as exc:  # IdempotencyConflict (409) among them
-        raise ApiError(exc.status, exc.reason, exc.message, exc.field) from None
-    except TemporaryAcceptError as exc:
-        raise HTTPException(
-            503,
-            error_body("unavailable", str(exc)),
-            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
-        ) from None
+    data = await request.json() if idempotency_key else None
+    accepted = await _accept(request, app_id, body, idempotency_key, data)
     if accepted.replayed:
         response.headers["Idempotent-Replayed"] = "true"
     return accepted.as_json()
+
+
+# -- POST /messages before FastAPI's router -------------------------------------------------------
+# Routing, middleware and dependency solving cost more CPU than accepting a small message. The
+# fast path reads the request as FastAPI's route does (auth before the body, the same cap, the
+# same JSON and content-type rules, the same validation in the same order) and shares `_accept`.
+
+SEND_PATH = router.prefix + "/messages"
+_SEND_REQUEST: TypeAdapter[SendRequest] = TypeAdapter(SendRequest)
+_SEND_RESPONSE: TypeAdapter[SendResponse] = TypeAdapter(SendResponse)
+_IDEMPOTENCY_KEY: TypeAdapter[str] = TypeAdapter(
+    Annotated[
+        str,
+        StringConstraints(
+            min_length=IDEMPOTENCY_KEY_MIN,
+            max_length=IDEMPOTENCY_KEY_MAX,
+            pattern=IDEMPOTENCY_KEY_PATTERN,
+        ),
+    ]
+)
+_NO_BODY = object()
+
+
+def _is_json(content_type: str | None) -> bool:
+    """FastAPI's rule: a body is JSON when its Content-Type is application/json or
+    application/*+json; without a Content-Type it is not."""
+    if not content_type:
+        return False
+    if content_type == "application/json":
+        return True
+    message = MimeHeaders()
+    message["content-type"] = content_type
+    if message.get_content_maintype() != "application":
+        return False
+    subtype = message.get_content_subtype()
+    return subtype == "json" or subtype.endswith("+json")
+
+
+def _located(errors: list[Any], *prefix: str) -> list[Any]:
+    return [{**e, "loc": (*prefix, *e.get("loc", ()))} for e in errors]
+
+
+async def _fast_send(request: _CappedRequest) -> Response:
+    """POST /api/v1/messages as the FastAPI route answers it."""
+    # FastAPI reads and parses the body before it solves dependencies: without a key,
+    # answer 401 before taking tens of megabytes from a stranger.
+    app_id = await caller_app_id(request)
+    raw_body = await request.body()
+    data: Any = _NO_BODY
+    if raw_body:
+        data = raw_body
+        if _is_json(request.headers.get("content-type")):
+            try:
+                data = await request.json()
+            except json.JSONDecodeError as exc:
+                return validation_error(
+                    [
+                        {
+                            "type": "json_invalid",
+                            "loc": ("body", exc.pos),
+                            "msg": "JSON decode error",
+                            "input": {},
+                            "ctx": {"error": exc.msg},
+                        }
+                    ]
+                )
+    errors: list[Any] = []
+    idempotency_key = request.headers.get("idempotency-key")
+    if idempotency_key is not None:
+        try:
+            idempotency_key = _IDEMPOTENCY_KEY.validate_python(idempotency_key)
+        except ValidationError as exc:
+            errors += _located(exc.errors(include_url=False), "header", "Idempotency-Key")
+    body: SendRequest | None = None
+    if data is _NO_BODY:
+        errors.append({"type": "missing", "loc": ("body",), "msg": "Field required", "input": None})
+    else:
+        try:
+            body = _SEND_REQUEST.validate_python(data, from_attributes=True)
+        except ValidationError as exc:
+            errors += _located(exc.errors(include_url=False), "body")
+    if errors or body is None:
+        return validation_error(errors)
+    accepted = await _accept(request, app_id, body, idempotency_key, data)
+    content = _SEND_RESPONSE.dump_json(_SEND_RESPONSE.validate_python(accepted.as_json()))
+    headers = {"Idempotent-Replayed": "true"} if accepted.replayed else None
+    return Response(content, status_code=202, headers=headers, media_type="application/json")
+
+
+def _error_response(exc: ApiError | HTTPException) -> Response:
+    """What the app's exception handlers answer (postbode.web.errors)."""
+    if isinstance(exc, ApiError):
+        return JSONResponse(exc.body, status_code=exc.status)
+    if isinstance(exc.detail, dict) and "error" in exc.detail:
+        content = exc.detail
+    else:
+        content = error_body("error", str(exc.detail))
+    return JSONResponse(content, status_code=exc.status_code, headers=exc.headers)
+
+
+def fast_path(app: FastAPI, then: ASGIApp | None = None) -> ASGIApp:
+    """`app` with POST /api/v1/messages answered before its router and middleware, exactly
+    as its route would; everything else (the lifespan too) goes to `then` (default `app`)."""
+    following: ASGIApp = app if then is None else then
+
+    async def serve(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == SEND_PATH:
+            scope["app"] = app
+            request = _CappedRequest(scope, receive)
+            try:
+                response = await _fast_send(request)
+            except (ApiError, HTTPException) as exc:
+                response = _error_response(exc)
+            await response(scope, receive, send)
+            return
+        await following(scope, receive, send)
+
+    return serve
 
 
 # -- GET /messages/{id} ---------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from postbode.config import Settings
 from postbode.delivery.queue_api import router as queue_router
 from postbode.events.api import router as events_router
 from postbode.ingest.accept import Acceptor
+from postbode.ingest.api import fast_path as send_fast_path
 from postbode.ingest.api import router as messages_router
 from postbode.metrics import update_queue_gauges
 from postbode.stats.api import router as stats_router
@@ -81,5 +82,6 @@ def serving_app(
     settings: Settings, store: Store, acceptor: Acceptor
 ) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
     """The ASGI app a Postbode process serves: `create_app` with its hot paths (tracking
-    links) answered before FastAPI's router."""
-    return fast_path(create_app(settings, store, acceptor))
+    links, POST /api/v1/messages) answered before FastAPI's router."""
+    app = create_app(settings, store, acceptor)
+    return send_fast_path(app, fast_path(app))

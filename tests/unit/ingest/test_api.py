@@ -20,7 +20,6 @@ from typing import Any
 
 import pytest
 from argon2 import PasswordHasher
-from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
@@ -39,7 +38,7 @@ from postbode.store.schema import (
     raw_messages,
     utcnow,
 )
-from postbode.web.app import create_app
+from postbode.web.app import create_app, serving_app
 
 PDF = b"%PDF-1.4\n\x00\xff binary \r\n bytes"
 BODY: dict[str, Any] = {
@@ -101,21 +100,32 @@ def shop(store: Store) -> tenancy.NewApp:
 
 @contextlib.contextmanager
 def serve(
-    settings: Settings, store: Store, api_key: str, acceptor: Acceptor | None = None
+    settings: Settings,
+    store: Store,
+    api_key: str,
+    acceptor: Acceptor | None = None,
+    *,
+    fast: bool = False,
 ) -> Iterator[TestClient]:
-    app: FastAPI = create_app(settings, store, acceptor)
-    with TestClient(app) as client:
+    """A client of the FastAPI app, or with `fast` of the app processes serve (POST
+    /api/v1/messages answered before FastAPI's router)."""
+    acceptor = acceptor or Acceptor(store, settings.smtp_hostname)
+    app = serving_app if fast else create_app
+    with TestClient(app(settings, store, acceptor)) as client:
         client.headers["Authorization"] = f"Bearer {api_key}"
         try:
             yield client
         finally:
             assert client.portal is not None
-            client.portal.call(app.state.acceptor.close)
+            client.portal.call(acceptor.close)
 
 
-@pytest.fixture
-def client(settings: Settings, store: Store, shop: tenancy.NewApp) -> Iterator[TestClient]:
-    with serve(settings, store, shop.api_key) as c:
+@pytest.fixture(params=["route", "fast"])
+def client(
+    settings: Settings, store: Store, shop: tenancy.NewApp, request: pytest.FixtureRequest
+) -> Iterator[TestClient]:
+    """A client of the FastAPI route, and of the fast path of the serving app."""
+    with serve(settings, store, shop.api_key, fast=request.param == "fast") as c:
         yield c
 
 
