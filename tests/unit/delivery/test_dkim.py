@@ -169,3 +169,28 @@ def test_openssl_signature_equals_dkimpys_own(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(dkimpy, "RSASSA_PKCS1_v1_5_sign", ours._pure_python_sign)
     slow = ours.sign(message, "shop.test", "sel", private)
     assert fast == slow
+
+
+def test_a_key_is_parsed_once_for_many_messages(monkeypatch: pytest.MonkeyPatch) -> None:
+    """dkimpy would parse the PEM (in pure Python) for every message; the key is cached."""
+    from postbode.delivery import dkim as ours
+
+    parsed: list[bytes] = []
+    parse = ours._parse_pem_private_key
+
+    def counting(pem: bytes) -> dict[str, int]:
+        parsed.append(pem)
+        return parse(pem)  # type: ignore[no-any-return]
+
+    private_pem, txt = generate_keypair(1024)
+    monkeypatch.setattr(ours, "_parse_pem_private_key", counting)
+    signed = [sign(MESSAGE, "shop.test", "s1", private_pem) for _ in range(3)]
+    assert parsed == [private_pem]
+    assert all(dkimpy.verify(s, dnsfunc=_dnsfunc(txt)) for s in signed)
+    other_pem, other_txt = generate_keypair(1024)  # other key material: parsed on its own
+    assert dkimpy.verify(sign(MESSAGE, "shop.test", "s1", other_pem), dnsfunc=_dnsfunc(other_txt))
+    assert parsed == [private_pem, other_pem]
+    with pytest.raises(DkimError):  # an unreadable key is refused every time, never cached
+        sign(MESSAGE, "shop.test", "s1", b"not a key")
+    with pytest.raises(DkimError):
+        sign(MESSAGE, "shop.test", "s1", b"not a key")
