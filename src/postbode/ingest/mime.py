@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import binascii
+import functools
+import random
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from email import quoprimime
 from email.errors import HeaderParseError
 from email.header import decode_header
 from email.headerregistry import Address
@@ -136,8 +141,10 @@ def check_line(value: str) -> str:
     return value
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_mailbox(value: str) -> Mailbox:
-    """`addr@domain` or `Display Name <addr@domain>` (internationalised addresses allowed)."""
+    """`addr@domain` or `Display Name <addr@domain>` (internationalised addresses allowed).
+    Remembered: a sender's From is the same in request after request."""
     check_line(value)
     value = value.strip()
     display_name = ""
@@ -206,6 +213,12 @@ def base64_size(n: int) -> int:
 def build(draft: Draft) -> bytes:
     """The message as RFC 5322 bytes with CRLF line ends: text and html as
     multipart/alternative, attachments as multipart/mixed, never a Bcc header."""
+    simple = _build_simple(draft)
+    return simple if simple is not None else build_with_email_package(draft)
+
+
+def build_with_email_package(draft: Draft) -> bytes:
+    """`build` by the email package: any message, headers folded and RFC 2047-encoded."""
     shown = [draft.sender, *draft.to, *draft.cc]
     if draft.reply_to is not None:
         shown.append(draft.reply_to)
@@ -241,6 +254,165 @@ def build(draft: Draft) -> bytes:
         )
     _check_folding(msg)
     return msg.as_bytes()
+
+
+# -- the simple build ---------------------------------------------------------------------------
+# Most messages have short ASCII header fields, a text and/or html body and a few attachments
+# with plain file names. For those `_build_simple` writes the very bytes the email package
+# writes (its part layout, header order and body encodings; only the random MIME boundaries
+# differ) without its policy machinery, which costs more than the rest of accepting the
+# message. Anything else (a field to fold or to encode, RFC 2231 file names, attachment
+# parameters, SMTPUTF8) returns None and goes to `build_with_email_package`.
+
+_MAX_SIMPLE_LINE = 78  # the email package's max_line_length: longer fields are folded
+# Printable ASCII, no RFC 2047 encoded word, no white space at either end: nothing to encode,
+# decode or trim, and no CR or LF, so a field is one line by construction (this path's header
+# injection guard; `_check_folding` guards the other).
+_SIMPLE_VALUE = re.compile(r"(?!.*=\?)[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")
+_SIMPLE_FILENAME = re.compile(r'(?!.*=\?)[^\s"\\](?:[\x20\x21\x23-\x5b\x5d-\x7e]*[^\s"\\])?')
+_NEWLINES = re.compile(r"\r\n|\r|\n")
+_BASE64_LINE = 76  # RFC 2045 §6.8; 57 octets a line, as the email package writes them
+_BOUNDARY_DIGITS = len(repr(sys.maxsize - 1))
+_MIME_VERSION = f"MIME-Version: 1.0{_LINESEP}"
+
+
+def _field(name: str, value: str) -> str | None:
+    line = f"{name}: {value}"
+    if len(line) > _MAX_SIMPLE_LINE or not _SIMPLE_VALUE.fullmatch(value):
+        return None
+    return line + _LINESEP
+
+
+def _mailboxes(name: str, boxes: Sequence[Mailbox]) -> str | None:
+    if any(m.needs_smtputf8 or not m.display_name.isascii() for m in boxes):
+        return None
+    return _field(name, ", ".join(str(m.header()) for m in boxes))
+
+
+@dataclass(frozen=True)
+class _Part:
+    """A body part: its Content-* fields (CRLF-terminated) and its encoded body."""
+
+    fields: str
+    body: str
+
+    def text(self, mime_version: bool = False) -> str:
+        # The email package gives every part it adds a MIME-Version field of its own.
+        return f"{self.fields}{_MIME_VERSION if mime_version else ''}{_LINESEP}{self.body}"
+
+
+def _text_part(text: str, subtype: str) -> _Part | None:
+    """A text part encoded as the email package's contentmanager chooses: 7bit when every
+    line is short ASCII, else quoted-printable or base64, whichever the first lines make
+    shorter."""
+    try:
+        lines = text.encode("utf-8").splitlines()
+    except UnicodeEncodeError:
+        return None
+    if max(map(len, lines), default=0) <= _MAX_SIMPLE_LINE and all(map(bytes.isascii, lines)):
+        cte, body = "7bit", b"\r\n".join(lines).decode("ascii") + _LINESEP
+    else:
+        sniff = b"\r\n".join(lines[:10]) + b"\r\n"
+        sniff_qp = quoprimime.body_encode(sniff.decode("latin-1"), _MAX_SIMPLE_LINE)
+        if len(sniff_qp) > len(binascii.b2a_base64(sniff)):
+            cte, body = "base64", _base64_body(b"\r\n".join(lines) + b"\r\n")
+        elif len(lines) <= 10:
+            cte, body = "quoted-printable", _NEWLINES.sub(_LINESEP, sniff_qp)
+        else:
+            normal = (b"\n".join(lines) + b"\n").decode("latin-1")
+            encoded = quoprimime.body_encode(normal, _MAX_SIMPLE_LINE)
+            cte, body = "quoted-printable", _NEWLINES.sub(_LINESEP, encoded)
+    fields = (
+        f'Content-Type: text/{subtype}; charset="utf-8"{_LINESEP}'
+        f"Content-Transfer-Encoding: {cte}{_LINESEP}"
+    )
+    return _Part(fields, body)
+
+
+def _base64_body(data: bytes) -> str:
+    """RFC 2045 §6.8 base64 in lines of 76 characters, each ending in CRLF."""
+    encoded = binascii.b2a_base64(data, newline=False).decode("ascii")
+    return "".join(
+        encoded[i : i + _BASE64_LINE] + _LINESEP for i in range(0, len(encoded), _BASE64_LINE)
+    )
+
+
+def _attachment_part(att: Attachment) -> _Part | None:
+    if att.params or not _SIMPLE_FILENAME.fullmatch(att.filename):
+        return None
+    content_type = _field("Content-Type", f"{att.maintype}/{att.subtype}")
+    disposition = _field("Content-Disposition", f'attachment; filename="{att.filename}"')
+    if content_type is None or disposition is None:
+        return None
+    fields = f"{content_type}Content-Transfer-Encoding: base64{_LINESEP}{disposition}"
+    return _Part(fields, _base64_body(att.data))
+
+
+def _multipart(subtype: str, parts: Sequence[str]) -> _Part | None:
+    """A multipart of the parts' texts, with a random boundary as the email package draws
+    it; None in the one-in-a-lifetime case that a part holds the boundary."""
+    boundary = f"{'=' * 15}{random.randrange(sys.maxsize):0{_BOUNDARY_DIGITS}d}=="
+    delimiter = f"--{boundary}"
+    if any(delimiter in part for part in parts):
+        return None
+    separator = f"{_LINESEP}{delimiter}{_LINESEP}"
+    body = f"{delimiter}{_LINESEP}{separator.join(parts)}{_LINESEP}{delimiter}--{_LINESEP}"
+    field = f'Content-Type: multipart/{subtype}; boundary="{boundary}"'
+    if len(field) > _MAX_SIMPLE_LINE:  # folded before the parameter, as the email package does
+        field = f'Content-Type: multipart/{subtype};{_LINESEP} boundary="{boundary}"'
+    return _Part(field + _LINESEP, body)
+
+
+def _content(draft: Draft) -> _Part | None:
+    """The message's content: one text part, or text and html as multipart/alternative."""
+    if draft.text is not None and draft.html is not None:
+        plain, rich = _text_part(draft.text, "plain"), _text_part(draft.html, "html")
+        if plain is None or rich is None:
+            return None
+        return _multipart("alternative", [plain.text(), rich.text(mime_version=True)])
+    if draft.text is not None:
+        return _text_part(draft.text, "plain")
+    if draft.html is not None:
+        return _text_part(draft.html, "html")
+    return None
+
+
+def _build_simple(draft: Draft) -> bytes | None:
+    """`build` for the common shapes, byte for byte as the email package writes them (bar
+    the random MIME boundaries); None for anything else."""
+    fields = [_mailboxes("From", [draft.sender])]
+    if draft.to:
+        fields.append(_mailboxes("To", draft.to))
+    if draft.cc:
+        fields.append(_mailboxes("Cc", draft.cc))
+    if not draft.to and not draft.cc:
+        fields.append(f"To: undisclosed-recipients:;{_LINESEP}")
+    if draft.reply_to is not None:
+        fields.append(_mailboxes("Reply-To", [draft.reply_to]))
+    fields.append(_field("Subject", draft.subject))
+    fields.extend(_field(name, value) for name, value in draft.headers)
+    content = _content(draft)
+    if content is None or None in fields:
+        return None
+    head = "".join(f for f in fields if f is not None)
+    multipart = content.fields.startswith("Content-Type: multipart/")
+    if draft.attachments:
+        parts = [content.text()]
+        for att in draft.attachments:
+            part = _attachment_part(att)
+            if part is None:
+                return None
+            parts.append(part.text(mime_version=True))
+        mixed = _multipart("mixed", parts)
+        if mixed is None:
+            return None
+        content, multipart = mixed, True
+    # A single part carries MIME-Version after its Content-* fields, a multipart before them.
+    if multipart:
+        message = f"{head}{_MIME_VERSION}{content.text()}"
+    else:
+        message = f"{head}{content.text(mime_version=True)}"
+    return message.encode("ascii")
 
 
 def _check_folding(msg: EmailMessage) -> None:
