@@ -209,11 +209,17 @@ def _envelope(address: str) -> _Envelope:
 
 def _data_payload(message: bytes) -> bytes:
     """The message as sent after DATA: CRLF line ends, dot-stuffed, ended by CRLF.CRLF."""
-    # RFC 5321 §2.3.8: lines end in CRLF; §4.5.2: a leading "." is doubled.
-    body = re.sub(rb"\r\n|\r|\n", b"\r\n", message)
+    # RFC 5321 §2.3.8: lines end in CRLF; §4.5.2: a leading "." is doubled. Each pass only
+    # when it has something to change (most messages need neither).
+    crlf = message.count(b"\r\n")
+    if message.count(b"\n") != crlf or message.count(b"\r") != crlf:
+        body = re.sub(rb"\r\n|\r|\n", b"\r\n", message)
+    else:
+        body = message
     if not body.endswith(b"\r\n"):
         body += b"\r\n"
-    body = re.sub(rb"(?m)^\.", b"..", body)
+    if body.startswith(b".") or b"\n." in body:
+        body = re.sub(rb"(?m)^\.", b"..", body)
     return body + b".\r\n"
 
 

@@ -937,3 +937,26 @@ def test_tls_policy_internationalised_domains() -> None:
 def test_tls_policy_errors_name_the_entry(bad: str) -> None:
     with pytest.raises(ValueError, match="TLS policy entry"):
         parse_tls_policy(bad)
+
+
+def test_data_payload_ends_lines_in_crlf_and_doubles_leading_dots() -> None:
+    """RFC 5321 §2.3.8 and §4.5.2, checked against the two plain substitutions for random
+    bytes made of line ends and dots (the payload skips a pass that would change nothing)."""
+    import random
+    import re
+
+    from postbode.delivery.smtp_sender import _data_payload
+
+    def reference(message: bytes) -> bytes:
+        body = re.sub(rb"\r\n|\r|\n", b"\r\n", message)
+        if not body.endswith(b"\r\n"):
+            body += b"\r\n"
+        return re.sub(rb"(?m)^\.", b"..", body) + b".\r\n"
+
+    assert _data_payload(b"a\n.b\r.c\r\n..d") == b"a\r\n..b\r\n..c\r\n...d\r\n.\r\n"
+    assert _data_payload(b"Subject: x\r\n\r\nhi\r\n") == b"Subject: x\r\n\r\nhi\r\n.\r\n"
+    rng = random.Random(5321)
+    pieces = [b"a", b".", b"..", b"\r", b"\n", b"\r\n", b" "]
+    for _ in range(3000):
+        message = b"".join(rng.choices(pieces, k=rng.randint(0, 20)))
+        assert _data_payload(message) == reference(message), message
