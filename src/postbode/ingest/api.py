@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import binascii
 import contextlib
+import inspect
 import json
 import mimetypes
 import re
@@ -685,30 +686,39 @@ def _located(errors: list[Any], *prefix: str) -> list[Any]:
     return [{**e, "loc": (*prefix, *e.get("loc", ()))} for e in errors]
 
 
+async def _read_body(request: _CappedRequest) -> Any:
+    """The body as FastAPI's route takes it: parsed JSON, bytes if not JSON, or _NO_BODY."""
+    raw_body = await request.body()
+    if not raw_body:
+        return _NO_BODY
+    if _is_json(request.headers.get("content-type")):
+        return await request.json()
+    return raw_body
+
+
 async def _fast_send(request: _CappedRequest) -> Response:
     """POST /api/v1/messages as the FastAPI route answers it."""
     # FastAPI reads and parses the body before it solves dependencies: without a key,
     # answer 401 before taking tens of megabytes from a stranger.
     app_id = await caller_app_id(request)
-    raw_body = await request.body()
-    data: Any = _NO_BODY
-    if raw_body:
-        data = raw_body
-        if _is_json(request.headers.get("content-type")):
-            try:
-                data = await request.json()
-            except json.JSONDecodeError as exc:
-                return validation_error(
-                    [
-                        {
-                            "type": "json_invalid",
-                            "loc": ("body", exc.pos),
-                            "msg": "JSON decode error",
-                            "input": {},
-                            "ctx": {"error": exc.msg},
-                        }
-                    ]
-                )
+    try:
+        data = await _read_body(request)
+    except json.JSONDecodeError as exc:
+        return validation_error(
+            [
+                {
+                    "type": "json_invalid",
+                    "loc": ("body", exc.pos),
+                    "msg": "JSON decode error",
+                    "input": {},
+                    "ctx": {"error": exc.msg},
+                }
+            ]
+        )
+    except HTTPException:  # 413
+        raise
+    except Exception:  # not UTF-8, the client gone …: FastAPI's answer
+        raise HTTPException(400, "There was an error parsing the body") from None
     errors: list[Any] = []
     idempotency_key = request.headers.get("idempotency-key")
     if idempotency_key is not None:
@@ -732,15 +742,14 @@ async def _fast_send(request: _CappedRequest) -> Response:
     return Response(content, status_code=202, headers=headers, media_type="application/json")
 
 
-def _error_response(exc: ApiError | HTTPException) -> Response:
-    """What the app's exception handlers answer (postbode.web.errors)."""
-    if isinstance(exc, ApiError):
-        return JSONResponse(exc.body, status_code=exc.status)
-    if isinstance(exc.detail, dict) and "error" in exc.detail:
-        content = exc.detail
-    else:
-        content = error_body("error", str(exc.detail))
-    return JSONResponse(content, status_code=exc.status_code, headers=exc.headers)
+async def _error_response(app: FastAPI, request: Request, exc: Exception) -> Response:
+    """What the app's own exception handler for `exc` answers (postbode.web.errors)."""
+    for kind in type(exc).__mro__:
+        handler = app.exception_handlers.get(kind)
+        if handler is not None:
+            response = handler(request, exc)
+            return await response if inspect.isawaitable(response) else response
+    raise exc
 
 
 def fast_path(app: FastAPI, then: ASGIApp | None = None) -> ASGIApp:
@@ -755,7 +764,7 @@ def fast_path(app: FastAPI, then: ASGIApp | None = None) -> ASGIApp:
             try:
                 response = await _fast_send(request)
             except (ApiError, HTTPException) as exc:
-                response = _error_response(exc)
+                response = await _error_response(app, request, exc)
             await response(scope, receive, send)
             return
         await following(scope, receive, send)
