@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +20,43 @@ from postbode.config import Settings
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
+class WriterLock:
+    """Turns for SQLite's one writer among the threads and processes of an installation.
+
+    SQLite lets a writer that finds the database locked sleep and look again, up to 100 ms at
+    a time, so with two busy processes the lock often lies free while both sleep. Queueing on
+    an flock(2) of a file beside the database instead wakes the next writer as soon as the
+    lock is let go. SQLite's own lock still guards the data; this only orders the turns."""
+
+    def __init__(self, path: Path) -> None:
+        self._threads = threading.RLock()  # flock(2) does not exclude threads sharing the fd
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._depth = 0
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        with self._threads:
+            if self._depth == 0:
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+                if self._depth == 0:
+                    fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
 class Store:
     """One database: `write()` for transactions that change it, `read()` for queries."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, writer_lock: WriterLock | None = None) -> None:
         self.engine = engine
         self.dialect = engine.dialect.name  # "sqlite" | "postgresql"
+        self._writer_lock = writer_lock
 
     @property
     def is_sqlite(self) -> bool:
@@ -32,9 +66,10 @@ class Store:
     def write(self) -> Iterator[Connection]:
         """One write transaction; on SQLite it takes the write lock up front (BEGIN IMMEDIATE),
         so it waits on busy_timeout instead of failing when it would upgrade a read lock."""
-        connection = self.engine.connect().execution_options(postbode_immediate=True)
-        with connection as conn, conn.begin():
-            yield conn
+        with self._writer_lock.held() if self._writer_lock else nullcontext():
+            connection = self.engine.connect().execution_options(postbode_immediate=True)
+            with connection as conn, conn.begin():
+                yield conn
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
@@ -49,6 +84,9 @@ class Store:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        if self._writer_lock:
+            self._writer_lock.close()
+            self._writer_lock = None
 
 
 def _sqlite_engine(url: str) -> Engine:
@@ -87,8 +125,12 @@ def create_store(settings: Settings, *, pool: bool = True) -> Store:
     from postbode.store.migrate import ensure_migrated
 
     url = settings.sqlalchemy_url
+    writer_lock = None
     if url.startswith("sqlite"):
         engine = _sqlite_engine(url)
+        path = make_url(url).database
+        if path and path != ":memory:":
+            writer_lock = WriterLock(Path(f"{path}-writer.lock"))
     else:
         kwargs: dict[str, Any] = {"pool_pre_ping": True}
         if pool:
@@ -96,7 +138,7 @@ def create_store(settings: Settings, *, pool: bool = True) -> Store:
         else:
             kwargs["poolclass"] = NullPool
         engine = create_engine(url, **kwargs)
-    store = Store(engine)
+    store = Store(engine, writer_lock)
     ensure_migrated(store)
     if store.is_sqlite:
         # Fresh planner statistics, sampled (about 0.1 s at a million messages): without them
