@@ -180,11 +180,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def children(pid: int) -> list[int]:
-    """The direct child processes of `pid` (Linux /proc)."""
+def children(pid: int, command: str) -> list[int]:
+    """The direct child processes of `pid` running `postbode <command>` (Linux /proc)."""
     found: list[int] = []
     for task in Path(f"/proc/{pid}/task").iterdir():
-        found += [int(c) for c in (task / "children").read_text().split()]
+        for child in (task / "children").read_text().split():
+            if Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")[-2] == command.encode():
+                found.append(int(child))
     return found
 
 
@@ -201,6 +203,12 @@ def main() -> None:
     ap.add_argument("--dialect", choices=("sqlite", "postgresql"), default="sqlite")
     ap.add_argument(
         "--workers", type=int, default=None, help="POSTBODE_WORKERS for serve (default: its own)"
+    )
+    ap.add_argument(
+        "--listeners",
+        type=int,
+        default=None,
+        help="POSTBODE_LISTENERS for serve (default: its own); serve's CPU counts them all",
     )
     ap.add_argument("--starttls", action="store_true", help="clients use STARTTLS before AUTH")
     ap.add_argument("--timeout", type=float, default=600, help="give up after this many seconds")
@@ -235,6 +243,8 @@ def main() -> None:
     }
     if args.workers is not None:
         env["POSTBODE_WORKERS"] = str(args.workers)
+    if args.listeners is not None:
+        env["POSTBODE_LISTENERS"] = str(args.listeners)
     pg: tuple[str, Any] | None = None
     if args.dialect == "postgresql":
         pg = create_database()
@@ -259,9 +269,10 @@ def main() -> None:
             )
             time.sleep(1)  # py-spy attaches
 
-        workers = children(server.proc.pid)
+        workers = children(server.proc.pid, "worker")
+        listeners = [server.proc.pid, *children(server.proc.pid, "listen")]
         cpu_before = {
-            "serve": cpu_seconds(server.proc.pid),
+            "serve": sum(cpu_seconds(p) for p in listeners),
             "workers": sum(cpu_seconds(w) for w in workers),
             "sink": cpu_seconds(sink.pid or 0),
             "load generator": time.process_time(),
@@ -282,7 +293,7 @@ def main() -> None:
         while count.value < args.n and time.monotonic() < deadline:
             time.sleep(0.05)
         cpu_used = {
-            "serve": cpu_seconds(server.proc.pid) - cpu_before["serve"],
+            "serve": sum(cpu_seconds(p) for p in listeners) - cpu_before["serve"],
             "workers": sum(cpu_seconds(w) for w in workers) - cpu_before["workers"],
             "sink": cpu_seconds(sink.pid or 0) - cpu_before["sink"],
             "load generator": time.process_time() - cpu_before["load generator"],
@@ -318,6 +329,7 @@ def main() -> None:
         "size": args.size,
         "dialect": args.dialect,
         "workers": args.workers,
+        "listeners": args.listeners,
         "end_to_end_per_s": len(delivered) / (last_delivered - first_accept),
         "accept_per_s": len(accepted) / (accept_end - start),
         "latency_p50_ms": statistics.median(latencies) * 1000 if latencies else float("nan"),
@@ -331,7 +343,8 @@ def main() -> None:
     }
     print(
         f"{args.n} messages of {args.size} B over {args.c} connections, {args.dialect}, "
-        f"workers={'default' if args.workers is None else args.workers}"
+        f"workers={'default' if args.workers is None else args.workers}, "
+        f"listeners={'default' if args.listeners is None else args.listeners}"
     )
     print(
         f"end to end: {figures['end_to_end_per_s']:,.0f} msg/s "
