@@ -16,7 +16,9 @@ from email.headerregistry import Address
 from email.message import EmailMessage
 from email.policy import SMTP, SMTPUTF8
 
-from email_validator import EmailNotValidError, validate_email
+from email_validator import EmailNotValidError, ValidatedEmail, validate_email
+from email_validator.rfc_constants import CASE_INSENSITIVE_MAILBOX_NAMES
+from email_validator.rfc_constants import DOT_ATOM_TEXT as _ASCII_DOT_ATOM
 
 # RFC 5322 §2.1.1: a line is at most 998 octets; RFC 5322 §3.6.8: field-name = 1*ftext.
 MAX_HEADER_NAME = 76
@@ -58,6 +60,7 @@ _QUOTED = r'"(?:[^"\\\x00-\x08\x0a-\x1f\x7f]|\\[\x20-\x7e])*"'
 _CONTENT_TYPE = re.compile(rf"({_TOKEN})/({_TOKEN})((?:\s*;\s*{_TOKEN}=(?:{_TOKEN}|{_QUOTED}))*)")
 _PARAM = re.compile(rf"\s*;\s*({_TOKEN})=({_TOKEN}|{_QUOTED})")
 _NAME_ADDR = re.compile(r"(?s)(.*?)\s*<([^<>]*)>")
+_ASCII_HOSTNAME = re.compile(r"[A-Za-z0-9.-]+")
 _ENCODED_WORD = re.compile(r"=\?[^?\s]*\?[bBqQ]\?[^?\s]*\?=")  # RFC 2047 §2
 _LINESEP = "\r\n"
 
@@ -157,14 +160,47 @@ def parse_mailbox(value: str) -> Mailbox:
             raise MimeError(
                 "invalid_address", f"display name longer than {MAX_DISPLAY_NAME} characters"
             )
+    local_part, domain = _address(value)
+    return Mailbox(local_part, domain, display_name)
+
+
+def _validated(address: str) -> ValidatedEmail:
+    # .test stays allowed: the RFC 2606 test domain that transport maps route locally.
+    return validate_email(
+        address, allow_smtputf8=True, check_deliverability=False, test_environment=True
+    )
+
+
+def _address(value: str) -> tuple[str, str]:
+    """(local part, IDNA ASCII domain) of an address as email_validator finds them. A plain
+    ASCII local part (which it takes as it is) needs only its domain checked, and a domain
+    checked lately is not checked again: recipients differ, their domains mostly do not."""
+    local, _, domain = value.partition("@")
+    if (
+        _ASCII_DOT_ATOM.match(local)
+        and local.lower() not in CASE_INSENSITIVE_MAILBOX_NAMES
+        and _ASCII_HOSTNAME.fullmatch(domain)
+    ):
+        domains = _domain(domain)
+        # RFC 5321 §4.5.3.1.3 via email_validator's length checks, all three forms of it.
+        longest = max(len(d.encode("utf-8")) for d in (domain, *domains)) if domains else 0
+        if domains is not None and len(local) + 1 + longest <= 254:
+            return local, domains[1]
     try:
-        # .test stays allowed: the RFC 2606 test domain that transport maps route locally.
-        valid = validate_email(
-            value, allow_smtputf8=True, check_deliverability=False, test_environment=True
-        )
+        valid = _validated(value)
     except EmailNotValidError as exc:
         raise MimeError("invalid_address", str(exc)) from None
-    return Mailbox(valid.local_part, valid.ascii_domain, display_name)
+    return valid.local_part, valid.ascii_domain
+
+
+@functools.lru_cache(maxsize=1024)
+def _domain(domain: str) -> tuple[str, str] | None:
+    """(Unicode, ASCII) forms of a valid domain; None for one email_validator refuses."""
+    try:
+        valid = _validated(f"x@{domain}")
+    except EmailNotValidError:
+        return None
+    return valid.domain, valid.ascii_domain
 
 
 def check_header(name: str, value: str) -> None:

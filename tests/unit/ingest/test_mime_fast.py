@@ -10,6 +10,7 @@ from email.message import EmailMessage
 from email.policy import SMTP
 
 import pytest
+from email_validator import EmailNotValidError, validate_email
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -238,3 +239,67 @@ def _draft(draw: st.DrawFn) -> Draft:
 @given(draft=_draft())
 def test_fuzz_simple_build_is_the_email_packages(draft: Draft) -> None:
     assert_same_as_email_package(draft)
+
+
+# -- addresses: a domain checked once --------------------------------------------------------------
+
+
+def _reference(address: str) -> tuple[str, str] | str:
+    try:
+        valid = validate_email(
+            address, allow_smtputf8=True, check_deliverability=False, test_environment=True
+        )
+    except EmailNotValidError as exc:
+        return str(exc)
+    return valid.local_part, valid.ascii_domain
+
+
+def _fast(address: str) -> tuple[str, str] | str:
+    try:
+        return mime._address(address)
+    except MimeError as exc:
+        return exc.message
+
+
+_ATEXT = string.ascii_letters + string.digits + "!#$%&'*+/=?^_`{|}~-"
+_labels = st.one_of(
+    st.text(alphabet=string.ascii_letters + string.digits + "-", min_size=1, max_size=12),
+    st.sampled_from(["xn--bcher-kva", "xn--zz", "Test", "localhost", "invalid", "onion", "123"]),
+    st.text(alphabet=string.ascii_lowercase, min_size=60, max_size=70),
+)
+_domains = st.one_of(
+    st.lists(_labels, min_size=1, max_size=5).map(".".join),
+    st.sampled_from(["bench.test", "EXAMPLE.com", "a..b", ".x.test", "x.test.", "bücher.test"]),
+)
+_locals = st.one_of(
+    st.text(alphabet=_ATEXT + ".", min_size=0, max_size=20),
+    st.text(alphabet=_ATEXT, min_size=60, max_size=200),
+    st.sampled_from(["Postmaster", "ABUSE", "zoë", '"quoted"', "a b", "a@b"]),
+)
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "r1@bench.test",
+        "Postmaster@bench.test",
+        "a.b+c@xn--bcher-kva.test",
+        "zoë@bücher.test",
+        "x@localhost",
+        "x@123.456",
+        "a" * 64 + "@" + "b" * 63 + ".test",
+        "a" * 200 + "@" + "b" * 50 + ".test",
+        "a" * 250 + "@b.test",
+        "@bench.test",
+        "a..b@bench.test",
+        "a@",
+    ],
+)
+def test_addresses_are_email_validators(address: str) -> None:
+    assert _fast(address) == _reference(address)
+
+
+@settings(max_examples=1000, deadline=None, database=None)
+@given(address=st.tuples(_locals, st.sampled_from(["@", "@", "@@", ""]), _domains).map("".join))
+def test_fuzz_addresses_are_email_validators(address: str) -> None:
+    assert _fast(address) == _reference(address)
