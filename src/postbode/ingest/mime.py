@@ -14,7 +14,7 @@ from email.errors import HeaderParseError
 from email.header import decode_header
 from email.headerregistry import Address
 from email.message import EmailMessage
-from email.policy import SMTP, SMTPUTF8
+from email.policy import SMTP, SMTPUTF8, EmailPolicy
 
 from email_validator import EmailNotValidError, ValidatedEmail, validate_email
 from email_validator.rfc_constants import CASE_INSENSITIVE_MAILBOX_NAMES
@@ -253,15 +253,22 @@ def build(draft: Draft) -> bytes:
     return simple if simple is not None else build_with_email_package(draft)
 
 
-def build_with_email_package(draft: Draft) -> bytes:
-    """`build` by the email package: any message, headers folded and RFC 2047-encoded."""
+_ASCII_HEADERS = SMTP.clone(cte_type="7bit")
+_UTF8_HEADERS = SMTPUTF8.clone(cte_type="7bit")
+
+
+def _policy(draft: Draft) -> EmailPolicy[EmailMessage]:
+    """Bodies are 7bit, quoted-printable or base64 (no 8BITMIME needed); headers are
+    RFC 2047-encoded, unless an address needs SMTPUTF8 anyway (RFC 6532: UTF-8 headers)."""
     shown = [draft.sender, *draft.to, *draft.cc]
     if draft.reply_to is not None:
         shown.append(draft.reply_to)
-    # Bodies are 7bit, quoted-printable or base64 (no 8BITMIME needed); headers are
-    # RFC 2047-encoded, unless an address needs SMTPUTF8 anyway (RFC 6532: UTF-8 headers).
-    policy = SMTPUTF8 if any(m.needs_smtputf8 for m in shown) else SMTP
-    msg = EmailMessage(policy=policy.clone(cte_type="7bit"))
+    return _UTF8_HEADERS if any(m.needs_smtputf8 for m in shown) else _ASCII_HEADERS
+
+
+def build_with_email_package(draft: Draft) -> bytes:
+    """`build` by the email package: any message, headers folded and RFC 2047-encoded."""
+    msg = EmailMessage(policy=_policy(draft))
     msg["From"] = draft.sender.header()
     if draft.to:
         msg["To"] = [m.header() for m in draft.to]
@@ -319,10 +326,29 @@ def _field(name: str, value: str) -> str | None:
     return line + _LINESEP
 
 
-def _mailboxes(name: str, boxes: Sequence[Mailbox]) -> str | None:
-    if any(m.needs_smtputf8 or not m.display_name.isascii() for m in boxes):
+def _folded(policy: EmailPolicy[EmailMessage], name: str, value: str | list[Address]) -> str | None:
+    """A field as the email package writes it (folded, RFC 2047-encoded or, with SMTPUTF8,
+    in UTF-8): its header object folded alone, not a whole message of them; None unless
+    it is one field (see `_check_folding`) or if the email package fails on it."""
+    try:
+        folded = policy.fold(name, policy.header_factory(name, value))
+    except Exception:  # the full build meets it again and fails as it always did
         return None
-    return _field(name, ", ".join(str(m.header()) for m in boxes))
+    return folded if _is_one_field(name, folded) else None
+
+
+def _header(policy: EmailPolicy[EmailMessage], name: str, value: str) -> str | None:
+    return _field(name, value) or _folded(policy, name, value)
+
+
+def _mailboxes(
+    policy: EmailPolicy[EmailMessage], name: str, boxes: Sequence[Mailbox]
+) -> str | None:
+    if not any(m.needs_smtputf8 or not m.display_name.isascii() for m in boxes):
+        simple = _field(name, ", ".join(str(m.header()) for m in boxes))
+        if simple is not None:
+            return simple
+    return _folded(policy, name, [m.header() for m in boxes])
 
 
 @dataclass(frozen=True)
@@ -416,17 +442,18 @@ def _content(draft: Draft) -> _Part | None:
 def _build_simple(draft: Draft) -> bytes | None:
     """`build` for the common shapes, byte for byte as the email package writes them (bar
     the random MIME boundaries); None for anything else."""
-    fields = [_mailboxes("From", [draft.sender])]
+    policy = _policy(draft)
+    fields = [_mailboxes(policy, "From", [draft.sender])]
     if draft.to:
-        fields.append(_mailboxes("To", draft.to))
+        fields.append(_mailboxes(policy, "To", draft.to))
     if draft.cc:
-        fields.append(_mailboxes("Cc", draft.cc))
+        fields.append(_mailboxes(policy, "Cc", draft.cc))
     if not draft.to and not draft.cc:
         fields.append(f"To: undisclosed-recipients:;{_LINESEP}")
     if draft.reply_to is not None:
-        fields.append(_mailboxes("Reply-To", [draft.reply_to]))
-    fields.append(_field("Subject", draft.subject))
-    fields.extend(_field(name, value) for name, value in draft.headers)
+        fields.append(_mailboxes(policy, "Reply-To", [draft.reply_to]))
+    fields.append(_header(policy, "Subject", draft.subject))
+    fields.extend(_header(policy, name, value) for name, value in draft.headers)
     content = _content(draft)
     if content is None or None in fields:
         return None
@@ -448,7 +475,7 @@ def _build_simple(draft: Draft) -> bytes | None:
         message = f"{head}{_MIME_VERSION}{content.text()}"
     else:
         message = f"{head}{content.text(mime_version=True)}"
-    return message.encode("ascii")
+    return message.encode("utf-8" if policy.utf8 else "ascii")
 
 
 def _check_folding(msg: EmailMessage) -> None:
@@ -457,12 +484,15 @@ def _check_folding(msg: EmailMessage) -> None:
     header injection, whatever the stdlib decoded on the way."""
     for part in msg.walk():
         for name, value in part.raw_items():
-            folded = part.policy.fold(name, value)
-            lines = folded.split(_LINESEP)
-            if (
-                lines[-1] != ""
-                or not lines[0].lower().startswith(name.lower() + ":")
-                or any(line[:1] not in (" ", "\t") for line in lines[1:-1])
-                or any("\r" in line or "\n" in line for line in lines)
-            ):
+            if not _is_one_field(name, part.policy.fold(name, value)):
                 raise MimeError("header_injection", f"the {name} header would not be one field")
+
+
+def _is_one_field(name: str, folded: str) -> bool:
+    lines = folded.split(_LINESEP)
+    return not (
+        lines[-1] != ""
+        or not lines[0].lower().startswith(name.lower() + ":")
+        or any(line[:1] not in (" ", "\t") for line in lines[1:-1])
+        or any("\r" in line or "\n" in line for line in lines)
+    )

@@ -112,6 +112,12 @@ def test_common_shapes_take_the_simple_build() -> None:
             headers=[("X-Order", "1")],
             attachments=[Attachment("invoice.pdf", "application", "pdf", b"\x00" * 5000)],
         ),
+        # Fields to encode or fold are folded one by one, the rest of the message as above.
+        Draft(SHOP, "Ihre Bestellung bei Müller ist unterwegs", to=[ALICE], text="Hallo"),
+        Draft(parse_mailbox("Zoë <zoe@shop.test>"), "Hi", to=[ALICE], text="x", html="y"),
+        Draft(SHOP, "Hi", to=[parse_mailbox(f"r{i}@dest.test") for i in range(20)], text="x"),
+        Draft(SHOP, "Hi", to=[parse_mailbox("用户@dest.test")], text="x"),
+        Draft(SHOP, "x" * 200, to=[ALICE], text="x", headers=[("X-Long", "y " * 100)]),
     ]:
         assert assert_same_as_email_package(draft) is not None
 
