@@ -855,12 +855,13 @@ _SHOWN = {
 }
 
 
-def test_fuzz_send_bodies(sqlite_store: Store, tmp_path: Path) -> None:
+@pytest.mark.parametrize("fast", [False, True], ids=["route", "fast"])
+def test_fuzz_send_bodies(sqlite_store: Store, tmp_path: Path, fast: bool) -> None:
     url = sqlite_store.engine.url.render_as_string(hide_password=False)
     settings = Settings(data_dir=tmp_path, database_url=url, secret_key="test-secret-key")
     shop = make_app(sqlite_store, "shop", "shop.test")
 
-    with serve(settings, sqlite_store, shop.api_key) as client:
+    with serve(settings, sqlite_store, shop.api_key, fast=fast) as client:
 
         @hypothesis_settings(
             max_examples=200,
