@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 import string
-from email import message_from_bytes
+from email import message_from_bytes, quoprimime
 from email.message import EmailMessage
 from email.policy import SMTP
 
@@ -309,3 +309,29 @@ def test_addresses_are_email_validators(address: str) -> None:
 @given(address=st.tuples(_locals, st.sampled_from(["@", "@", "@@", ""]), _domains).map("".join))
 def test_fuzz_addresses_are_email_validators(address: str) -> None:
     assert _fast(address) == _reference(address)
+
+
+# -- quoted-printable: the email package's encoder, faster ----------------------------------------
+
+_latin1_lines = st.lists(
+    st.one_of(
+        st.text(alphabet=st.characters(max_codepoint=255), max_size=200),
+        st.sampled_from(["\r\n", "\n", "\r", " ", "\t", "=", "x" * 76 + "=", "x" * 75 + " "]),
+        st.text(alphabet="x= \t\xe9", min_size=70, max_size=90),
+    ),
+    max_size=12,
+).map("".join)
+
+
+@pytest.mark.parametrize(
+    "body",
+    ["", "a", "=", " ", "a \n", "x" * 77, "x" * 78, "x" * 79, "x" * 76 + "é", "x" * 77 + " "],
+)
+def test_quoted_printable_is_quoprimes(body: str) -> None:
+    assert mime._quoted_printable(body) == quoprimime.body_encode(body, 78)
+
+
+@settings(max_examples=2000, deadline=None, database=None)
+@given(body=_latin1_lines)
+def test_fuzz_quoted_printable_is_quoprimes(body: str) -> None:
+    assert mime._quoted_printable(body) == quoprimime.body_encode(body, 78)
