@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import logging
 import random
 import traceback
@@ -534,6 +535,7 @@ class _Plan:
 _INSERT_ATTEMPTS = insert(attempts)
 
 
+@functools.lru_cache(maxsize=1024)  # an app sends from a few addresses, over and over
 def _from_domain(mail_from: str, from_header: str) -> str:
     addresses = [a for _, a in email.utils.getaddresses([from_header]) if a]
     address = addresses[0] if addresses else mail_from
