@@ -343,10 +343,34 @@ def _mailboxes(
     policy: EmailPolicy[EmailMessage], name: str, boxes: Sequence[Mailbox]
 ) -> str | None:
     if not any(m.needs_smtputf8 or not m.display_name.isascii() for m in boxes):
-        simple = _field(name, ", ".join(str(m.header()) for m in boxes))
+        shown = [str(m.header()) for m in boxes]
+        simple = _field(name, ", ".join(shown)) or _address_lines(name, shown)
         if simple is not None:
             return simple
     return _folded(policy, name, [m.header() for m in boxes])
+
+
+def _address_lines(name: str, shown: list[str]) -> str | None:
+    """A list of plain ASCII addresses too long for one line, folded after the commas as the
+    email package folds it: as many whole addresses a line as fit in 78 characters. None
+    near the edges where its folding has quirks (a list that would fit on a line of its
+    own, an address that would fit on no line)."""
+    if (
+        sum(map(len, shown)) + 2 * (len(shown) - 1) <= _MAX_SIMPLE_LINE
+        or not all(map(_SIMPLE_VALUE.fullmatch, shown))
+        or max(map(len, shown)) > _MAX_SIMPLE_LINE - 4
+    ):
+        return None
+    lines = [f"{name}: {shown[0]}"]
+    if len(lines[0]) > _MAX_SIMPLE_LINE - 1:
+        return None
+    for address in shown[1:]:
+        if len(lines[-1]) + 2 + len(address) <= _MAX_SIMPLE_LINE:
+            lines[-1] += f", {address}"
+        else:
+            lines[-1] += ","
+            lines.append(f" {address}")
+    return _LINESEP.join(lines) + _LINESEP
 
 
 @dataclass(frozen=True)

@@ -335,3 +335,34 @@ def test_quoted_printable_is_quoprimes(body: str) -> None:
 @given(body=_latin1_lines)
 def test_fuzz_quoted_printable_is_quoprimes(body: str) -> None:
     assert mime._quoted_printable(body) == quoprimime.body_encode(body, 78)
+
+
+# -- address lists: folded after the commas --------------------------------------------------------
+
+
+@st.composite
+def _address_list(draw: st.DrawFn) -> list[Mailbox]:
+    boxes = []
+    for _ in range(draw(st.integers(1, 8))):
+        local = "x" * draw(st.integers(1, 70))
+        name = draw(
+            st.sampled_from(["", "", "Bob", "Bob Example", "Acme Inc.", 'Say "hi"', "a, b"])
+        )
+        boxes.append(Mailbox(local, draw(st.sampled_from(["ab.test", "example.test"])), name))
+    return boxes
+
+
+@settings(max_examples=3000, deadline=None, database=None)
+@given(boxes=_address_list(), name=st.sampled_from(["To", "Cc", "Reply-To"]))
+def test_fuzz_address_lists_fold_as_the_email_packages(boxes: list[Mailbox], name: str) -> None:
+    policy = mime._ASCII_HEADERS
+    expected = mime._folded(policy, name, [m.header() for m in boxes])
+    assert mime._mailboxes(policy, name, boxes) == expected
+
+
+def test_long_address_lists_fold_without_the_email_package() -> None:
+    shown = [f"recipient{i}@example.test" for i in range(10)]
+    folded = mime._address_lines("To", shown)
+    assert folded is not None and folded == mime._folded(
+        mime._ASCII_HEADERS, "To", [parse_mailbox(a).header() for a in shown]
+    )
