@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
-from typing import Self, TypeAlias
+from typing import Self, TypeAlias, cast
 
 __all__ = [
     "Delivered",
@@ -69,23 +70,12 @@ class Reply:
         The enhanced status is taken from the first line when its class matches the
         code's class (RFC 3463 §2); it is removed from every line that repeats it.
         """
-        lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-        enhanced: str | None = None
-        match = _ENHANCED.match(lines[0].lstrip())
-        if match and match.group(1) == str(code)[0]:
-            enhanced = match.group(0)
-            stripped = []
-            for line in lines:
-                line = line.strip()
-                if line == enhanced or line.startswith(enhanced + " "):
-                    line = line[len(enhanced) :].strip()
-                stripped.append(line)
-            lines = stripped
-        else:
-            lines = [line.strip() for line in lines]
-        while len(lines) > 1 and not lines[-1]:
-            lines.pop()
-        return cls(code=code, enhanced_status=enhanced, text="\n".join(lines))
+        # A server answers most commands with the same words every time ("250 2.0.0 OK"),
+        # and a Reply is immutable: parse each distinct reply once.
+        reply = _reply_from_parts(code, text)
+        if cls is not Reply:  # a subclass: its own instance
+            return cls(code=reply.code, enhanced_status=reply.enhanced_status, text=reply.text)
+        return cast(Self, reply)
 
     @classmethod
     def parse(cls, raw: str) -> Self:
@@ -116,6 +106,28 @@ class Reply:
             texts.append(match.group(3) or "")
         assert code is not None
         return cls.from_parts(int(code), "\n".join(texts))
+
+
+@functools.lru_cache(maxsize=1024)
+def _reply_from_parts(code: int, text: str) -> Reply:
+    """Reply.from_parts, uncached."""
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    enhanced: str | None = None
+    match = _ENHANCED.match(lines[0].lstrip())
+    if match and match.group(1) == str(code)[0]:
+        enhanced = match.group(0)
+        stripped = []
+        for line in lines:
+            line = line.strip()
+            if line == enhanced or line.startswith(enhanced + " "):
+                line = line[len(enhanced) :].strip()
+            stripped.append(line)
+        lines = stripped
+    else:
+        lines = [line.strip() for line in lines]
+    while len(lines) > 1 and not lines[-1]:
+        lines.pop()
+    return Reply(code=code, enhanced_status=enhanced, text="\n".join(lines))
 
 
 @dataclass(frozen=True, slots=True)
