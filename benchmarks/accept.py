@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import json
 import os
@@ -31,6 +30,7 @@ from postbode.config import Settings  # noqa: E402
 from postbode.store.engine import create_store  # noqa: E402
 from postbode.store.schema import messages  # noqa: E402
 from postbode.testing.process import PostbodeProcess, free_port  # noqa: E402
+from postbode.testing.smtp_client import SmtpSession  # noqa: E402
 
 PG_ADMIN_URL = os.environ.get(
     "POSTBODE_BENCH_PG_ADMIN", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -123,68 +123,6 @@ def api_body(size: int, number: int) -> dict[str, object]:
 # -- SMTP ----------------------------------------------------------------------------------------
 
 
-class SmtpSession:
-    """One SMTP session kept open for many messages, pipelining MAIL, RCPT and DATA as
-    RFC 2920 allows (what Postfix does): two round trips per message."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-
-    @classmethod
-    async def open(
-        cls, host: str, port: int, username: str, password: str, tls: bool
-    ) -> SmtpSession:
-        reader, writer = await asyncio.open_connection(host, port)
-        session = cls(reader, writer)
-        await session.expect(b"220")
-        await session.command(b"EHLO bench.test", b"250")
-        if tls:
-            await session.command(b"STARTTLS", b"220")
-            context = __import__("ssl").create_default_context()
-            context.check_hostname = False
-            context.verify_mode = 0  # ssl.CERT_NONE: the listener's certificate is self-signed
-            await writer.start_tls(context)
-            await session.command(b"EHLO bench.test", b"250")
-        login = base64.b64encode(f"\0{username}\0{password}".encode())
-        await session.command(b"AUTH PLAIN " + login, b"235")
-        return session
-
-    async def reply(self) -> bytes:
-        lines = []
-        while True:
-            line = await self.reader.readline()
-            if not line:
-                raise ConnectionError("the server closed the connection")
-            lines.append(line)
-            if line[3:4] != b"-":
-                return b"".join(lines)
-
-    async def expect(self, code: bytes) -> bytes:
-        answer = await self.reply()
-        if not answer.startswith(code):
-            raise RuntimeError(answer.decode(errors="replace").strip())
-        return answer
-
-    async def command(self, line: bytes, code: bytes) -> bytes:
-        self.writer.write(line + b"\r\n")
-        return await self.expect(code)
-
-    async def send(self, recipient: str, data: bytes) -> None:
-        self.writer.write(f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{recipient}>\r\nDATA\r\n".encode())
-        for code in (b"250", b"250", b"354"):
-            await self.expect(code)
-        # RFC 5321 §4.5.2: a line starting with "." gets another one
-        self.writer.write(data.replace(b"\r\n.", b"\r\n..") + b".\r\n")
-        await self.expect(b"250")
-
-    async def close(self) -> None:
-        with contextlib.suppress(Exception):
-            await self.command(b"QUIT", b"221")
-        self.writer.close()
-        with contextlib.suppress(Exception):
-            await self.writer.wait_closed()
-
-
 async def smtp_load(
     server: PostbodeProcess, app: tenancy.NewApp, n: int, c: int, size: int, tls: bool, run: Run
 ) -> Callable[[], Awaitable[None]]:
@@ -204,7 +142,7 @@ async def smtp_load(
         for i in counter:
             started = time.perf_counter()
             try:
-                await session.send(f"r{i}@{RECIPIENT_DOMAIN}", payloads[i % len(payloads)])
+                await session.send(SENDER, f"r{i}@{RECIPIENT_DOMAIN}", payloads[i % len(payloads)])
             except (RuntimeError, ConnectionError) as exc:
                 run.fail(str(exc))
                 continue

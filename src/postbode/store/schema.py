@@ -75,12 +75,15 @@ def new_id() -> uuid.UUID:
 
     Within one millisecond a process's ids still increase (RFC 9562 §6.2, method 2: the random
     part is incremented), so events written together keep their order."""
+    # The random bits are drawn before the lock is taken: os.urandom lets go of the GIL, and
+    # a thread waiting for the lock would then wait for the holder to get the GIL back.
+    fresh = int.from_bytes(os.urandom(10), "big") >> 8  # headroom for increments
     with _id_lock:
         ms = time.time_ns() // 1_000_000
         if ms <= _last_id[0]:
             ms, rand = _last_id[0], _last_id[1] + 1
         else:
-            rand = int.from_bytes(os.urandom(10), "big") >> 8  # headroom for increments
+            rand = fresh
         _last_id[0], _last_id[1] = ms, rand
     value = (ms & 0xFFFF_FFFF_FFFF) << 80 | rand & ((1 << 80) - 1)
     value = value & ~(0xF << 76) | 0x7 << 76  # version 7
