@@ -312,7 +312,11 @@ class Outgoing:
                 broken.append((job, traceback.format_exc(limit=5)))
         recorded: list[_Plan] = []
         with self.store.write() as conn:
-            if len(plans) > 1 and self._write_batch(conn, plans):
+            if (
+                len(plans) > 1
+                and not _counts_soft_bounces(plans)
+                and self._write_batch(conn, plans)
+            ):
                 recorded = plans
             else:
                 for plan in plans:
@@ -513,6 +517,18 @@ class Outgoing:
             "updated_at": now,
         }
         return _Plan(job=job, now=now, values=values)
+
+
+def _counts_soft_bounces(plans: list[_Plan]) -> bool:
+    """Whether a plan is a soft bounce: whether it suppresses the address depends on how many
+    of its deliveries bounced so far, counted from the deliveries rows, so those are recorded
+    one by one, each seeing the ones before it (and not the batch's later ones) as before."""
+    return any(
+        p.bounce_detail is not None
+        and p.job.classification is not None
+        and not p.job.classification.hard
+        for p in plans
+    )
 
 
 class _LeaseLost(Exception):

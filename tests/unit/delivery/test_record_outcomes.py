@@ -56,8 +56,11 @@ def _jobs(settings: Settings, store: Store, recipients: list[str]) -> tuple[Outg
         make_queued_message(store, app.app_id, [rcpt])
     rows = claim.claim(store, DELIVERIES, OWNER, len(recipients), timedelta(minutes=5))
     outgoing = Outgoing(settings, store, cast(Any, None), OWNER)
-    by_rcpt = {j.recipient: j for j in outgoing.load(rows)}
-    return outgoing, [by_rcpt[r] for r in recipients]
+    loaded = sorted(outgoing.load(rows), key=lambda j: j.id)  # ids follow queueing order
+    by_rcpt: dict[str, list[Job]] = {}
+    for job in loaded:
+        by_rcpt.setdefault(job.recipient, []).append(job)
+    return outgoing, [by_rcpt[r].pop(0) for r in recipients]
 
 
 def _mixed(settings: Settings, store: Store) -> tuple[Outgoing, list[Job]]:
@@ -263,3 +266,24 @@ def test_a_lost_lease_records_nothing_for_that_delivery_and_all_for_the_rest(
     assert snap["deliveries"][1:] == EXPECTED["deliveries"][1:]
     assert "a@dest.test" not in {e[0] for e in snap["events"]}
     assert ("delivery.delivered", 2, 0) in snap["counters"]
+
+
+def test_repeated_soft_bounces_in_one_batch_suppress_as_one_by_one(
+    settings: Settings, store: Store
+) -> None:
+    """Whether a soft bounce suppresses depends on how many came before it: the second of
+    three to one address (at a threshold of two) is the one that suppresses, as when each
+    was recorded in its own transaction."""
+    settings = settings.model_copy(update={"soft_bounce_suppress_count": 2})
+    outgoing, jobs = _jobs(settings, store, ["full@dest.test"] * 3)
+    full = Reply(552, "5.2.2", "mailbox full")
+    for job in jobs:
+        job.outcome, job.attempt = HardFail(reply=full, reason="mailbox full"), _attempt(full)
+    outgoing.record(jobs)
+    assert {j.classification.hard for j in jobs if j.classification} == {False}
+    with store.read() as conn:
+        (entry,) = conn.execute(select(suppressions)).all()
+        statuses = conn.execute(select(deliveries.c.status)).scalars().all()
+    assert statuses == ["bounced"] * 3
+    assert entry.message_id == jobs[1].row.message_id
+    assert (entry.detail or "").startswith("2 soft bounces")
