@@ -291,7 +291,9 @@ def _event_type(act: Action, previous: str) -> EventType:
         return EventType.DELIVERY_CANCELLED
     if previous == "held":  # out of a hold, whether by release or retry
         return EventType.DELIVERY_RELEASED
-    return EventType.DELIVERY_QUEUED  # back in the queue after a deferral or failure
+    # Back in the queue after a deferral or failure: not delivery.queued, which counts a
+    # recipient taken in, so a retried delivery is not counted twice in the statistics.
+    return EventType.DELIVERY_RETRIED
 
 
 def _wrong_state(act: Action, status: str) -> str:

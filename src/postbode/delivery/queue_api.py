@@ -202,8 +202,8 @@ _DOCS: dict[manage.ActionName, tuple[str, str]] = {
     "retry": (
         "Make due now",
         "A deferred, held or failed delivery is queued again and tried at once (a failed one "
-        "gets a fresh maximum age). Shaping still applies: a destination at its limit makes "
-        "it wait for a slot.",
+        "gets a fresh maximum age; event `delivery.retried`, or `delivery.released` for a held "
+        "one). Shaping still applies: a destination at its limit makes it wait for a slot.",
     ),
     "cancel": (
         "Cancel",

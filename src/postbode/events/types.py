@@ -15,6 +15,7 @@ class EventType(StrEnum):
     DELIVERY_SUPPRESSED = "delivery.suppressed"
     DELIVERY_HELD = "delivery.held"
     DELIVERY_RELEASED = "delivery.released"
+    DELIVERY_RETRIED = "delivery.retried"  # put back in the queue by hand, after a deferral
     DELIVERY_CANCELLED = "delivery.cancelled"
     MESSAGE_OPENED = "message.opened"
     MESSAGE_CLICKED = "message.clicked"

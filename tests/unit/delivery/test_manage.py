@@ -59,15 +59,14 @@ def test_retry_makes_a_deferred_delivery_due_now_with_its_event(store: Store) ->
     r = row(store, d)
     assert (r.status, r.lease_owner, r.lease_until) == ("queued", None, None)
     (event,) = events_of(store, d)
-    assert event.type == "delivery.queued"
+    assert event.type == "delivery.retried"
     assert event.data == {"action": "retry", "previous_status": "deferred", "by": "ops@shop.test"}
     with store.read() as conn:  # counted with the message's tag, in the same transaction
         counted = conn.execute(
-            select(stat_counters.c.tag, stat_counters.c.count).where(
-                stat_counters.c.event_type == "delivery.queued"
-            )
+            select(stat_counters.c.event_type, stat_counters.c.tag, stat_counters.c.count)
         ).all()
-    assert counted == [("welcome", 1)]
+    # counted as a retry, not as another recipient taken in (delivery.queued)
+    assert counted == [("delivery.retried", "welcome", 1)]
 
 
 def test_retry_gives_a_failed_delivery_a_fresh_max_age(store: Store) -> None:
