@@ -7,11 +7,12 @@ import contextlib
 import functools
 import re
 import ssl
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import TYPE_CHECKING, Literal, Self, cast
+from typing import TYPE_CHECKING, Any, Literal, Self, cast
 
 import idna
 from aiosmtplib.errors import (
@@ -19,7 +20,7 @@ from aiosmtplib.errors import (
     SMTPServerDisconnected,
     SMTPTimeoutError,
 )
-from aiosmtplib.protocol import SMTPProtocol
+from aiosmtplib.protocol import MAX_RESPONSE_LENGTH, SMTPProtocol
 from aiosmtplib.response import SMTPResponse
 
 from postbode.delivery.backoff import retry_hint
@@ -282,6 +283,55 @@ def _verifying_context() -> ssl.SSLContext:
     return ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
 
 
+class _Protocol(SMTPProtocol):
+    """aiosmtplib's protocol, keeping every reply that arrives: the replies to a pipelined
+    group of commands (RFC 2920) may come in one segment, and aiosmtplib's own keeps only the
+    first. Each `read_response` takes the oldest reply not yet taken."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._replies: deque[SMTPResponse | SMTPResponseException] = deque()
+        self._reading = False
+
+    def data_received(self, data: bytes) -> None:
+        if self._response_waiter is None:  # the connection is gone
+            return
+        self._buffer.extend(data)
+        try:
+            while (response := self._read_response_from_buffer()) is not None:
+                self._replies.append(response)
+            if len(self._buffer) > MAX_RESPONSE_LENGTH:
+                raise SMTPResponseException(500, "Response too long")
+        except SMTPResponseException as exc:
+            del self._buffer[:]
+            self._replies.append(exc)
+        waiter = self._response_waiter
+        if self._reading and self._replies and not waiter.done():
+            reply = self._replies.popleft()
+            if isinstance(reply, SMTPResponseException):
+                self._set_response_exception(waiter, reply)
+            else:
+                waiter.set_result(reply)
+
+    def forget_unsolicited(self) -> None:
+        """Drop what the server said unasked, before commands whose replies are to come
+        (as aiosmtplib does): it must not be taken for their replies."""
+        self._replies.clear()
+        del self._buffer[:]
+
+    async def read_response(self, timeout: float | None = None) -> SMTPResponse:
+        if self._replies:  # here already (before a drop, which is reported after them)
+            reply = self._replies.popleft()
+            if isinstance(reply, SMTPResponseException):
+                raise reply
+            return reply
+        self._reading = True
+        try:
+            return await super().read_response(timeout)
+        finally:
+            self._reading = False
+
+
 class SmtpSession:
     """One SMTP connection to one remote host, reused for several messages.
 
@@ -325,7 +375,7 @@ class SmtpSession:
         self.timeouts = timeouts or SmtpTimeouts()
         self._tls_context = tls_context
 
-        self._protocol: SMTPProtocol | None = None
+        self._protocol: _Protocol | None = None
         self._transport: asyncio.Transport | None = None  # the TLS one once upgraded
         self._raw_transport: asyncio.Transport | None = None
         self._aborted = False
@@ -338,6 +388,7 @@ class SmtpSession:
         self._failure: SoftFail | HardFail | None = None
         self._opened = False
         self._transactions = 0
+        self._unfinished = False  # a transaction was begun and not ended by its final reply
         self._lock = asyncio.Lock()
         self.tls_version: str | None = None
         self.tls_cipher: str | None = None
@@ -455,7 +506,7 @@ class SmtpSession:
     async def _connect_and_greet(self) -> None:
         loop = asyncio.get_running_loop()
         self._lost = asyncio.Event()
-        protocol = SMTPProtocol(loop=loop, connection_lost_callback=self._on_connection_lost)
+        protocol = _Protocol(loop=loop, connection_lost_callback=self._on_connection_lost)
         self._protocol = protocol  # before connecting: a drop may be reported at once
         self._note(f"connecting to {self.ip} port {self.port} ({self.target_host})")
         try:
@@ -592,6 +643,7 @@ class SmtpSession:
         if protocol is None or self._lost.is_set():
             raise _Broken(self._failure or _soft(None, "connection lost"))
         self._client(shown if shown is not None else line.decode("utf-8", "replace"))
+        protocol.forget_unsolicited()
         try:
             protocol.write(line + b"\r\n")
         except (SMTPServerDisconnected, OSError):
@@ -708,12 +760,6 @@ class SmtpSession:
                 )
             return
 
-        if self._transactions > 0:
-            # RFC 5321 §4.1.1.5: RSET starts the next transaction on a reused connection.
-            reply = await self._command(b"RSET", "RSET")
-            if not reply.is_positive:
-                raise _Broken(_negative(reply, "RSET"))
-
         params = b""
         if "SIZE" in self._extensions:
             params += b" SIZE=%d" % len(message)  # RFC 1870 §6
@@ -723,27 +769,51 @@ class SmtpSession:
             sender.needs_smtputf8 or any(e.needs_smtputf8 for e in envelopes.values())
         ):
             params += b" SMTPUTF8"  # RFC 6531 §3.4
-        reply = await self._command(b"MAIL FROM:<" + sender.wire + b">" + params, "MAIL FROM")
+        commands = [(b"MAIL FROM:<" + sender.wire + b">" + params, "MAIL FROM")]
+        commands += [(b"RCPT TO:<" + e.wire + b">", "RCPT TO") for e in envelopes.values()]
+        commands.append((b"DATA", "DATA"))
+        if self._unfinished:
+            # RFC 5321 §4.1.1.5: the last transaction on this connection was not finished by
+            # the reply to its end of data, so RSET clears it before the next one.
+            commands.insert(0, (b"RSET", "RSET"))
+        self._unfinished = True
+        # RFC 2920: where PIPELINING is offered, the whole group goes in one write and the
+        # replies are read after; otherwise each command waits for its reply.
+        replies = await self._pipeline(commands) if "PIPELINING" in self._extensions else None
+
+        async def reply_to(i: int) -> Reply:
+            return replies[i] if replies is not None else await self._command(*commands[i])
+
+        i = 0
+        if commands[0][0] == b"RSET":
+            reply = await reply_to(0)
+            if not reply.is_positive:
+                raise _Broken(_negative(reply, "RSET"))
+            i = 1
+        reply = await reply_to(i)
         state.final_reply = reply
         if not reply.is_positive:
             outcome = _negative(reply, "MAIL FROM")
             for rcpt in envelopes:
                 outcomes[rcpt] = outcome
+            await self._end_unwanted_data(replies)
             return
 
         accepted: list[str] = []
         try:
-            for rcpt, envelope in envelopes.items():
-                reply = await self._command(b"RCPT TO:<" + envelope.wire + b">", "RCPT TO")
+            for rcpt in envelopes:
+                i += 1
+                reply = await reply_to(i)
                 state.final_reply = reply
                 if reply.is_positive:
                     accepted.append(rcpt)
                 else:
                     outcomes[rcpt] = _negative(reply, "RCPT TO")
             if not accepted:
+                await self._end_unwanted_data(replies)
                 return
 
-            reply = await self._command(b"DATA", "DATA")
+            reply = await reply_to(i + 1)
             state.final_reply = reply
             if reply.code != 354:
                 outcome = _negative(reply, "DATA")
@@ -761,6 +831,7 @@ class SmtpSession:
                 raise _Broken(_soft(None, "connection lost sending the message")) from None
             # RFC 5321 §4.5.3.2.6: the reply to "." may take long (content scanning).
             reply = await self._read("reply to end of data", self.timeouts.data_termination)
+            self._unfinished = False
             state.final_reply = reply
             if reply.is_positive:
                 for rcpt in accepted:
@@ -774,6 +845,35 @@ class SmtpSession:
             for rcpt in envelopes:
                 outcomes.setdefault(rcpt, broken.outcome)
             raise
+
+    async def _pipeline(self, commands: list[tuple[bytes, str]]) -> list[Reply]:
+        """Send a group of commands in one write, then read one reply to each, in order."""
+        protocol = self._protocol
+        if protocol is None or self._lost.is_set():
+            raise _Broken(self._failure or _soft(None, "connection lost"))
+        for line, _ in commands:
+            self._client(line.decode("utf-8", "replace"))
+        protocol.forget_unsolicited()
+        try:
+            protocol.write(b"".join(line + b"\r\n" for line, _ in commands))
+        except (SMTPServerDisconnected, OSError):
+            raise _Broken(_soft(None, f"connection lost sending {commands[0][1]}")) from None
+        return [await self._read(f"reply to {what}", self.timeouts.command) for _, what in commands]
+
+    async def _end_unwanted_data(self, replies: list[Reply] | None) -> None:
+        """RFC 2920 §3.1: a pipelined DATA that was answered 354 although no recipient was
+        taken gets an empty message, which ends the transaction with nothing sent."""
+        if replies is None or replies[-1].code != 354:
+            return
+        protocol = self._protocol
+        assert protocol is not None
+        self._client(".")
+        try:
+            protocol.write(b".\r\n")
+        except (SMTPServerDisconnected, OSError):
+            raise _Broken(_soft(None, "connection lost ending an empty message")) from None
+        await self._read("reply to end of data", self.timeouts.data_termination)
+        self._unfinished = False
 
 
 @dataclass(slots=True)

@@ -403,6 +403,8 @@ class _Handler:
     ) -> list[str]:
         # An MX offers no AUTH; aiosmtpd would advertise it after STARTTLS.
         kept = [r[4:] for r in responses if not r[4:].upper().startswith("AUTH")]
+        if self._sink._pipelining:  # aiosmtpd reads commands in order, however they come
+            kept.insert(1, "PIPELINING")
         wire = [f"250-{line}" for line in kept[:-1]] + [f"250 {kept[-1]}"]
         reply, scripted = await self._decide(
             server, Stage.EHLO, hostname, [hostname], "\r\n".join(wire)
@@ -498,10 +500,12 @@ class SmtpSink:
         smtputf8: bool = True,
         data_size_limit: int | None = 32 * 1024 * 1024,
         session_timeout: float = 300.0,
+        pipelining: bool = False,
     ) -> None:
         """`port=0` binds a free port (read it from `.port`); `tls` offers STARTTLS with a
         self-signed certificate naming `hostname`, `tls_names`, "localhost" and the bound
-        address; `require_tls` refuses mail before STARTTLS (530, RFC 3207 §4)."""
+        address; `require_tls` refuses mail before STARTTLS (530, RFC 3207 §4); `pipelining`
+        offers PIPELINING (RFC 2920)."""
         self._host = host
         self._requested_port = port
         self._random_host = False
@@ -511,6 +515,7 @@ class SmtpSink:
         self._require_tls = require_tls
         self._tls_names = tuple(dict.fromkeys([hostname, *tls_names, "localhost"]))
         self._smtputf8 = smtputf8
+        self._pipelining = pipelining
         self._data_size_limit = data_size_limit
         self._session_timeout = session_timeout
 

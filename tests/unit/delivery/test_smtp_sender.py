@@ -396,10 +396,10 @@ def test_two_messages_share_one_connection() -> None:
     assert isinstance(first.outcomes["alice@dest.test"], Delivered)
     assert isinstance(second.outcomes["bob@dest.test"], Delivered)
     assert "RSET" not in lines(first, "C")
-    # RFC 5321 §4.1.1.5: RSET between transactions; the set-up is repeated for context.
+    # The first transaction ended with its reply to ".", so the next needs no RSET; the
+    # set-up is repeated for context.
     assert lines(second, "C") == [
         f"EHLO {HELO}",
-        "RSET",
         f"MAIL FROM:<{SENDER}> SIZE={len(MESSAGE)}",
         "RCPT TO:<bob@dest.test>",
         "DATA",
@@ -421,6 +421,80 @@ def test_connection_is_reused_after_a_rejected_message() -> None:
         assert sink.connections == 1
     assert isinstance(rejected.outcomes["gone@dest.test"], HardFail)
     assert isinstance(delivered.outcomes["alice@dest.test"], Delivered)
+    # RFC 5321 §4.1.1.5: the refused transaction was left open, so RSET clears it first
+    assert lines(delivered, "C")[1:3] == ["RSET", f"MAIL FROM:<{SENDER}> SIZE={len(MESSAGE)}"]
+
+
+# -- pipelining (RFC 2920) ----------------------------------------------------------------------
+
+
+def test_pipelining_sends_the_envelope_in_one_group() -> None:
+    async def scenario(sink: SmtpSink) -> list[SendResult]:
+        async with SmtpSession("sink.test", sink.host, sink.port, HELO, "none", FAST) as session:
+            return [
+                await session.send(SENDER, ["alice@dest.test", "gone@dest.test"], MESSAGE),
+                await session.send(SENDER, ["bob@dest.test"], MESSAGE),
+            ]
+
+    script = Script(Rule.rcpt("gone@dest.test", "550 5.1.1 No such user"))
+    with SmtpSink(script=script, pipelining=True) as sink:
+        first, second = run(scenario(sink))
+        assert sink.connections == 1
+        assert [m.rcpt_tos for m in sink.messages] == [("alice@dest.test",), ("bob@dest.test",)]
+    assert isinstance(first.outcomes["alice@dest.test"], Delivered)
+    refused = first.outcomes["gone@dest.test"]
+    assert isinstance(refused, HardFail) and refused.reply is not None
+    assert refused.reply.code == 550
+    assert isinstance(second.outcomes["bob@dest.test"], Delivered)
+    # the commands went before any reply to them came back, as the transcript shows
+    wire = [f"{line.direction}: {line.text}" for line in first.attempt.transcript]
+    group = wire.index(f"C: MAIL FROM:<{SENDER}> SIZE={len(MESSAGE)}")
+    assert wire[group + 1 : group + 3] == [
+        "C: RCPT TO:<alice@dest.test>",
+        "C: RCPT TO:<gone@dest.test>",
+    ]
+    assert wire[group + 3] == "C: DATA" and wire[group + 4].startswith("S: 250")
+    assert "RSET" not in lines(second, "C")
+
+
+def test_pipelined_data_accepted_without_recipients_sends_an_empty_message() -> None:
+    async def peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        writer.write(b"220 raw.test ESMTP\r\n")
+        await expect(reader, b"EHLO")
+        writer.write(b"250-raw.test\r\n250 PIPELINING\r\n")
+        for prefix in (b"MAIL", b"RCPT", b"DATA"):
+            await expect(reader, prefix)
+        # all three replies in one segment; a lax server says 354 to DATA regardless
+        writer.write(b"250 2.1.0 Ok\r\n550 5.1.1 No such user\r\n354 Go ahead\r\n")
+        assert await reader.readline() == b".\r\n"  # RFC 2920 §3.1: nothing but the end
+        writer.write(b"554 5.5.1 No valid recipients\r\n")
+        # that ended the transaction: the next one starts without RSET, in step
+        for prefix in (b"MAIL", b"RCPT", b"DATA"):
+            await expect(reader, prefix)
+        writer.write(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 Go ahead\r\n")
+        while await reader.readline() != b".\r\n":
+            pass
+        writer.write(b"250 2.0.0 Queued\r\n")
+        await expect(reader, b"QUIT")
+        writer.write(b"221 2.0.0 Bye\r\n")
+
+    async def scenario() -> list[SendResult]:
+        async with (
+            RawPeer(peer) as raw,
+            SmtpSession("raw.test", "127.0.0.1", raw.port, HELO, "none", FAST) as session,
+        ):
+            return [
+                await session.send(SENDER, ["gone@dest.test"], MESSAGE),
+                await session.send(SENDER, ["alice@dest.test"], MESSAGE),
+            ]
+
+    result, after = run(scenario())
+    assert isinstance(after.outcomes["alice@dest.test"], Delivered)
+    assert after.attempt.final_reply is not None and after.attempt.final_reply.code == 250
+    outcome = result.outcomes["gone@dest.test"]
+    assert isinstance(outcome, HardFail) and outcome.reply is not None
+    assert outcome.reply.code == 550
+    assert not result.message_sent
 
 
 def test_a_broken_session_fails_later_messages_without_raising() -> None:
