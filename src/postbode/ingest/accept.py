@@ -168,6 +168,7 @@ class _Prepared:
     track_clicks: bool
     recipients: list[str]
     received_at: datetime
+    compressed: bytes  # `raw`, zlib-compressed as it is stored
 
 
 _header_parser = BytesHeaderParser(policy=SMTP_POLICY)
@@ -331,7 +332,9 @@ class Acceptor:
         if "date" not in wanted:
             added.append(f"Date: {email.utils.format_datetime(now)}\r\n".encode())
         raw = b"".join(added) + b"".join(kept) + body
+        # Compressed here, on the way in: the store's write lock is not held for it.
         return _Prepared(
+            compressed=zlib.compress(raw),
             sub=sub,
             id=message_uuid,
             raw=raw,
@@ -407,8 +410,14 @@ class Acceptor:
         started = time.perf_counter()
         items = [p for p, _ in batch]
         try:
+            # Read before the write transaction, which holds SQLite's one write lock: a
+            # suppression that lands meanwhile is as if it landed just after this accept.
+            with self.store.read() as conn:
+                suppressed = _suppressed(conn, items)
             with self.store.write() as conn:
-                answers: list[Accepted | BaseException] = list(_store_batch(conn, items))
+                answers: list[Accepted | BaseException] = list(
+                    _store_batch(conn, items, suppressed)
+                )
         except Exception:
             if len(items) == 1:
                 log.exception("could not store message %s", items[0].id)
@@ -418,7 +427,7 @@ class Acceptor:
             for item in items:
                 try:
                     with self.store.write() as conn:
-                        answers.extend(_store_batch(conn, [item]))
+                        answers.extend(_store_batch(conn, [item], _suppressed(conn, [item])))
                 except Exception:
                     log.exception("could not store message %s", item.id)
                     answers.append(TemporaryAcceptError("the store is unavailable, try later"))
@@ -518,10 +527,10 @@ def _suppressed(conn: Connection, items: Sequence[_Prepared]) -> set[tuple[int, 
 
 
 def _store_batch(
-    conn: Connection, items: Sequence[_Prepared]
+    conn: Connection, items: Sequence[_Prepared], suppressed: set[tuple[int, str, str]]
 ) -> list[Accepted | IdempotencyConflict]:
-    """Write the batch's messages, deliveries and events in `conn`'s transaction."""
-    suppressed = _suppressed(conn, items)
+    """Write the batch's messages, deliveries and events in `conn`'s transaction; `suppressed`
+    holds the batch's recipients on suppression lists (see `_suppressed`)."""
     # The same Idempotency-Key twice in one batch: the second gets the first's answer.
     batch_keys: dict[tuple[int, str], tuple[str | None, Accepted]] = {}
     message_rows: list[dict[str, Any]] = []
@@ -565,7 +574,7 @@ def _store_batch(
                 "received_at": p.received_at,
             }
         )
-        raw_rows.append({"message_id": p.id, "compression": "zlib", "data": zlib.compress(p.raw)})
+        raw_rows.append({"message_id": p.id, "compression": "zlib", "data": p.compressed})
         common: dict[str, Any] = {
             "app_id": sub.app_id,
             "stream": sub.stream,
