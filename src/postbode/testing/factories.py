@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import uuid
 import zlib
+from collections.abc import Iterator
 from typing import Any
 
-from sqlalchemy import insert
+from sqlalchemy import insert, text
 
 from postbode import tenancy
 from postbode.store.engine import Store
@@ -56,3 +58,32 @@ def make_queued_message(
         if rows:
             conn.execute(insert(deliveries), rows)
     return message_id, [r["id"] for r in rows]
+
+
+@contextlib.contextmanager
+def events_refused_for(store: Store, recipient: str) -> Iterator[None]:
+    """A database trigger that fails every event insert for `recipient`: a stand-in for a bug
+    (or a bad row) that breaks the recording of one delivery's outcome."""
+    if store.is_sqlite:
+        create = [
+            f"CREATE TRIGGER poison BEFORE INSERT ON events WHEN NEW.recipient = '{recipient}' "
+            "BEGIN SELECT RAISE(ABORT, 'poisoned event'); END"
+        ]
+        drop = ["DROP TRIGGER IF EXISTS poison"]
+    else:
+        create = [
+            "CREATE FUNCTION poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            f"IF NEW.recipient = '{recipient}' THEN RAISE EXCEPTION 'poisoned event'; END IF; "
+            "RETURN NEW; END $$",
+            "CREATE TRIGGER poison BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION poison()",
+        ]
+        drop = ["DROP TRIGGER IF EXISTS poison ON events", "DROP FUNCTION IF EXISTS poison()"]
+    with store.write() as conn:
+        for statement in create:
+            conn.execute(text(statement))
+    try:
+        yield
+    finally:
+        with store.write() as conn:  # the store may be shared by other tests
+            for statement in drop:
+                conn.execute(text(statement))

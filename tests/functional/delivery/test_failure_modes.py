@@ -14,14 +14,14 @@ from email.message import EmailMessage
 from typing import Any
 
 import pytest
-from sqlalchemy import select, text, update
+from sqlalchemy import select, update
 
 from postbode import tenancy
 from postbode.config import Settings
 from postbode.store.engine import Store
 from postbode.store.schema import apps, attempts, deliveries, events, utcnow
 from postbode.testing.dns import LoopbackDNS
-from postbode.testing.factories import make_queued_message
+from postbode.testing.factories import events_refused_for, make_queued_message
 from postbode.testing.servers import PostbodeInProcess
 from postbode.testing.sink import DROP, STALL, Rule, SmtpSink, Stage
 
@@ -418,34 +418,6 @@ def test_starttls_required_but_not_offered_is_a_soft_fail(
 
 # -- a bug while recording one outcome -----------------------------------------------------------
 
-
-@contextlib.contextmanager
-def events_refused_for(store: Store, recipient: str) -> Iterator[None]:
-    """A database trigger that fails every event insert for `recipient`: a stand-in for a bug
-    (or a bad row) that breaks the recording of one delivery's outcome."""
-    if store.is_sqlite:
-        create = [
-            f"CREATE TRIGGER poison BEFORE INSERT ON events WHEN NEW.recipient = '{recipient}' "
-            "BEGIN SELECT RAISE(ABORT, 'poisoned event'); END"
-        ]
-        drop = ["DROP TRIGGER IF EXISTS poison"]
-    else:
-        create = [
-            "CREATE FUNCTION poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-            f"IF NEW.recipient = '{recipient}' THEN RAISE EXCEPTION 'poisoned event'; END IF; "
-            "RETURN NEW; END $$",
-            "CREATE TRIGGER poison BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION poison()",
-        ]
-        drop = ["DROP TRIGGER IF EXISTS poison ON events", "DROP FUNCTION IF EXISTS poison()"]
-    with store.write() as conn:
-        for statement in create:
-            conn.execute(text(statement))
-    try:
-        yield
-    finally:
-        with store.write() as conn:  # the store is shared by the session's other tests
-            for statement in drop:
-                conn.execute(text(statement))
 
 
 def test_a_failure_recording_one_outcome_parks_only_that_delivery(

@@ -9,7 +9,7 @@ from datetime import timedelta
 from typing import Any, cast
 
 import pytest
-from sqlalchemy import event, func, select, text, update
+from sqlalchemy import event, func, select, update
 
 from postbode.config import Settings
 from postbode.delivery.outcomes import Delivered, HardFail, Reply, SoftFail
@@ -28,7 +28,7 @@ from postbode.store.schema import (
     utcnow,
     webhook_requests,
 )
-from postbode.testing.factories import make_app, make_queued_message
+from postbode.testing.factories import events_refused_for, make_app, make_queued_message
 from postbode.webhooks import manage
 
 OWNER = "worker-under-test"
@@ -192,34 +192,6 @@ def test_a_batch_takes_one_statement_per_table_however_large(
         ).all()
     assert sorted(c for (c,) in delivered) == [3, 12]  # two apps: one counter row each
 
-
-@contextlib.contextmanager
-def events_refused_for(store: Store, recipient: str) -> Iterator[None]:
-    """A trigger failing every event insert for `recipient`: a stand-in for a bug (or a bad
-    row) that breaks the recording of one delivery's outcome."""
-    if store.is_sqlite:
-        create = [
-            f"CREATE TRIGGER poison BEFORE INSERT ON events WHEN NEW.recipient = '{recipient}' "
-            "BEGIN SELECT RAISE(ABORT, 'poisoned event'); END"
-        ]
-        drop = ["DROP TRIGGER IF EXISTS poison"]
-    else:
-        create = [
-            "CREATE FUNCTION poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-            f"IF NEW.recipient = '{recipient}' THEN RAISE EXCEPTION 'poisoned event'; END IF; "
-            "RETURN NEW; END $$",
-            "CREATE TRIGGER poison BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION poison()",
-        ]
-        drop = ["DROP TRIGGER IF EXISTS poison ON events", "DROP FUNCTION IF EXISTS poison()"]
-    with store.write() as conn:
-        for statement in create:
-            conn.execute(text(statement))
-    try:
-        yield
-    finally:
-        with store.write() as conn:
-            for statement in drop:
-                conn.execute(text(statement))
 
 
 def test_a_failing_outcome_parks_only_itself_and_the_batch_is_recorded_one_by_one(
