@@ -155,7 +155,10 @@ class Settings(BaseSettings):
 
     # -- processes --------------------------------------------------------------------------
     workers: int = Field(
-        1, description="Worker processes `postbode serve` starts beside the HTTP and SMTP roles."
+        2,
+        description="Worker processes `postbode serve` starts beside the HTTP and SMTP roles "
+        "(0: delivery runs in the serve process itself). Two keep a 2-core machine's cores busy "
+        "when mail comes in fast: each signs and sends on its own core.",
     )
     listeners: int = Field(
         1,

@@ -70,6 +70,7 @@ def test_several_listener_processes_share_the_ports_and_live_and_die_with_serve(
         env = {
             "POSTBODE_TRANSPORT_MAP": f"dest.test={sink.host}:{sink.port}",
             "POSTBODE_LISTENERS": "3",
+            "POSTBODE_WORKERS": "1",
         }
         server = PostbodeProcess(tmp_path, env).start()
         try:
