@@ -231,19 +231,26 @@ def test_killed_workers_deliveries_are_taken_over_after_its_lease(
     wait_sink(sink, MESSAGES // 3, workers, "a third of the mail")
 
     # Freeze the victim first, so what it holds cannot change while we read it: a claim it
-    # had not committed yet gives it nothing it could have sent.
-    os.kill(victim.proc.pid, signal.SIGSTOP)
-    with store.read() as conn:
-        in_flight = set(
-            conn.execute(
-                select(messages.c.message_id_header)
-                .join(deliveries, deliveries.c.message_id == messages.c.id)
-                .where(
-                    deliveries.c.status == "sending",
-                    deliveries.c.lease_owner.like(f"%:{victim.proc.pid}:%"),
-                )
-            ).scalars()
-        )
+    # had not committed yet gives it nothing it could have sent. Between two batches it may
+    # hold nothing; then it runs on a moment and is frozen again.
+    in_flight: set[str] = set()
+    for _ in range(50):
+        os.kill(victim.proc.pid, signal.SIGSTOP)
+        with store.read() as conn:
+            in_flight = set(
+                conn.execute(
+                    select(messages.c.message_id_header)
+                    .join(deliveries, deliveries.c.message_id == messages.c.id)
+                    .where(
+                        deliveries.c.status == "sending",
+                        deliveries.c.lease_owner.like(f"%:{victim.proc.pid}:%"),
+                    )
+                ).scalars()
+            )
+        if in_flight:
+            break
+        os.kill(victim.proc.pid, signal.SIGCONT)
+        time.sleep(0.01)
     victim.kill()  # SIGKILL: no goodbye, leases left behind
     assert in_flight, "the victim held deliveries when it died"
 
