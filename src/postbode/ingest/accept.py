@@ -20,7 +20,7 @@ from email.parser import BytesHeaderParser
 from email.policy import SMTP as SMTP_POLICY
 from typing import Any
 
-from sqlalchemy import Connection, delete, insert, or_, select
+from sqlalchemy import Connection, Dialect, delete, insert, or_, select
 
 from postbode.events.record import Event, record
 from postbode.events.types import EventType
@@ -31,6 +31,7 @@ from postbode.metrics import (
     ACCEPTED_RECIPIENTS,
     REJECTS,
 )
+from postbode.store.bulk import BulkInsert, PreparedRows
 from postbode.store.engine import Store
 from postbode.store.schema import (
     apps,
@@ -414,10 +415,17 @@ class Acceptor:
             # suppression that lands meanwhile is as if it landed just after this accept.
             with self.store.read() as conn:
                 suppressed = _suppressed(conn, items)
-            with self.store.write() as conn:
-                answers: list[Accepted | BaseException] = list(
-                    _store_batch(conn, items, suppressed)
-                )
+            answers: list[Accepted | BaseException]
+            if any(p.sub.idempotency_key for p in items):  # answers depend on the store
+                with self.store.write() as conn:
+                    answers = list(_store_batch(conn, items, suppressed))
+            else:
+                # Rows made and converted for the driver before the write lock is taken.
+                rows = _Rows()
+                answers = [rows.add(p, suppressed) for p in items]
+                ready = rows.prepare(self.store.engine.dialect)
+                with self.store.write() as conn:
+                    ready.write(conn)
         except Exception:
             if len(items) == 1:
                 log.exception("could not store message %s", items[0].id)
@@ -526,36 +534,19 @@ def _suppressed(conn: Connection, items: Sequence[_Prepared]) -> set[tuple[int, 
     return found
 
 
-def _store_batch(
-    conn: Connection, items: Sequence[_Prepared], suppressed: set[tuple[int, str, str]]
-) -> list[Accepted | IdempotencyConflict]:
-    """Write the batch's messages, deliveries and events in `conn`'s transaction; `suppressed`
-    holds the batch's recipients on suppression lists (see `_suppressed`)."""
-    # The same Idempotency-Key twice in one batch: the second gets the first's answer.
-    batch_keys: dict[tuple[int, str], tuple[str | None, Accepted]] = {}
-    message_rows: list[dict[str, Any]] = []
-    raw_rows: list[dict[str, Any]] = []
-    delivery_rows: list[dict[str, Any]] = []
-    event_rows: list[Event] = []
-    answers: list[Accepted | IdempotencyConflict] = []
-    for p in items:
+@dataclass
+class _Rows:
+    """The rows a batch of messages adds: messages, raw messages, deliveries and events."""
+
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    raw: list[dict[str, Any]] = field(default_factory=list)
+    deliveries: list[dict[str, Any]] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+
+    def add(self, p: _Prepared, suppressed: set[tuple[int, str, str]]) -> Accepted:
+        """Add one message's rows; returns the answer its client gets once they are stored."""
         sub = p.sub
-        if sub.idempotency_key:
-            idem = (sub.app_id, sub.idempotency_key)
-            try:
-                earlier = _earlier_answer(conn, sub)
-                if earlier is None and idem in batch_keys:
-                    first_hash, first_answer = batch_keys[idem]
-                    if first_hash != sub.request_hash:
-                        raise _conflict()
-                    earlier = replace(first_answer, replayed=True)
-            except IdempotencyConflict as conflict:
-                answers.append(conflict)
-                continue
-            if earlier is not None:
-                answers.append(earlier)
-                continue
-        message_rows.append(
+        self.messages.append(
             {
                 "id": p.id,
                 "app_id": sub.app_id,
@@ -574,14 +565,14 @@ def _store_batch(
                 "received_at": p.received_at,
             }
         )
-        raw_rows.append({"message_id": p.id, "compression": "zlib", "data": p.compressed})
+        self.raw.append({"message_id": p.id, "compression": "zlib", "data": p.compressed})
         common: dict[str, Any] = {
             "app_id": sub.app_id,
             "stream": sub.stream,
             "tag": sub.tag,
             "message_id": p.id,
         }
-        event_rows.append(
+        self.events.append(
             Event(
                 type=EventType.MESSAGE_RECEIVED,
                 at=p.received_at,
@@ -599,7 +590,7 @@ def _store_batch(
             ) in suppressed
             status = "suppressed" if is_suppressed else "queued"
             delivery_id = new_id()
-            delivery_rows.append(
+            self.deliveries.append(
                 {
                     "id": delivery_id,
                     "message_id": p.id,
@@ -614,7 +605,7 @@ def _store_batch(
                     "updated_at": p.received_at,
                 }
             )
-            event_rows.append(
+            self.events.append(
                 Event(
                     type=EventType.DELIVERY_SUPPRESSED
                     if is_suppressed
@@ -626,7 +617,68 @@ def _store_batch(
                 )
             )
             accepted.append(AcceptedRecipient(rcpt, delivery_id, status))
-        answer = Accepted(p.id, p.message_id_header, tuple(accepted))
+        return Accepted(p.id, p.message_id_header, tuple(accepted))
+
+    def prepare(self, dialect: Dialect) -> _ReadyRows:
+        return _ReadyRows(
+            [
+                insert.prepare(dialect, rows)
+                for insert, rows in (
+                    (_INSERT_MESSAGES, self.messages),
+                    (_INSERT_RAW, self.raw),
+                    (_INSERT_DELIVERIES, self.deliveries),
+                )
+            ],
+            self.events,
+        )
+
+
+_INSERT_MESSAGES = BulkInsert(messages)
+_INSERT_RAW = BulkInsert(raw_messages)
+_INSERT_DELIVERIES = BulkInsert(deliveries)
+
+
+@dataclass(frozen=True)
+class _ReadyRows:
+    """A batch's rows in the driver's values: what is left to do is to write them."""
+
+    inserts: list[PreparedRows]
+    events: list[Event]
+
+    def write(self, conn: Connection) -> None:
+        for prepared in self.inserts:
+            BulkInsert.execute(conn, prepared)
+        record(conn, self.events)
+
+
+def _store_batch(
+    conn: Connection, items: Sequence[_Prepared], suppressed: set[tuple[int, str, str]]
+) -> list[Accepted | IdempotencyConflict]:
+    """Write the batch's messages, deliveries and events in `conn`'s transaction, answering
+    requests with an Idempotency-Key used before with the earlier answer (or a conflict);
+    `suppressed` holds the batch's recipients on suppression lists (see `_suppressed`)."""
+    # The same Idempotency-Key twice in one batch: the second gets the first's answer.
+    batch_keys: dict[tuple[int, str], tuple[str | None, Accepted]] = {}
+    rows = _Rows()
+    answers: list[Accepted | IdempotencyConflict] = []
+    for p in items:
+        sub = p.sub
+        if sub.idempotency_key:
+            idem = (sub.app_id, sub.idempotency_key)
+            try:
+                earlier = _earlier_answer(conn, sub)
+                if earlier is None and idem in batch_keys:
+                    first_hash, first_answer = batch_keys[idem]
+                    if first_hash != sub.request_hash:
+                        raise _conflict()
+                    earlier = replace(first_answer, replayed=True)
+            except IdempotencyConflict as conflict:
+                answers.append(conflict)
+                continue
+            if earlier is not None:
+                answers.append(earlier)
+                continue
+        answer = rows.add(p, suppressed)
         if sub.idempotency_key:
             batch_keys[(sub.app_id, sub.idempotency_key)] = (sub.request_hash, answer)
             conn.execute(  # a key older than the window may be used again
@@ -644,11 +696,7 @@ def _store_batch(
                 )
             )
         answers.append(answer)
-    if message_rows:
-        conn.execute(insert(messages), message_rows)
-        conn.execute(insert(raw_messages), raw_rows)
-        conn.execute(insert(deliveries), delivery_rows)
-        record(conn, event_rows)
+    rows.prepare(conn.dialect).write(conn)
     return answers
 
 
