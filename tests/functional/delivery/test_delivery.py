@@ -164,7 +164,11 @@ def test_greylisted_twice_then_delivered_on_attempt_three(
     with store.read() as conn:
         types = conn.execute(select(events.c.type).order_by(events.c.id)).scalars().all()
         deferred = (
-            conn.execute(select(events.c.data).where(events.c.type == "delivery.deferred"))
+            conn.execute(
+                select(events.c.data)
+                .where(events.c.type == "delivery.deferred")
+                .order_by(events.c.id)
+            )
             .scalars()
             .all()
         )
