@@ -201,9 +201,14 @@ async def processes_role(rt: Runtime, stop: asyncio.Event) -> None:
                 if transport.get_write_buffer_size() < 64:  # a wake-up is already pending
                     child.stdin.write(b"\n")
 
+    def queued_in_a_child() -> None:
+        wake()
+        for listener in rt.on_wake:  # a worker role in this process too (workers = 0)
+            listener()
+
     children = [await spawn(kind) for kind in kinds]
     rt.acceptor.on_commit.append(wake)
-    _on_readable(notify_read, wake, lambda: None)
+    _on_readable(notify_read, queued_in_a_child, lambda: None)
     try:
         while not stop.is_set():
             waits = {asyncio.create_task(c.wait()) for c in children}

@@ -333,9 +333,7 @@ class Acceptor:
         if "date" not in wanted:
             added.append(f"Date: {email.utils.format_datetime(now)}\r\n".encode())
         raw = b"".join(added) + b"".join(kept) + body
-        # Compressed here, on the way in: the store's write lock is not held for it.
         return _Prepared(
-            compressed=zlib.compress(raw),
             sub=sub,
             id=message_uuid,
             raw=raw,
@@ -347,6 +345,8 @@ class Acceptor:
             track_clicks=info.track_clicks if track_clicks is None else track_clicks,
             recipients=recipients,
             received_at=now,
+            # compressed here, on the way in: the store's write lock is not held for it
+            compressed=zlib.compress(raw),
         )
 
     # -- accepting ----------------------------------------------------------------------------
