@@ -178,8 +178,8 @@ def sign(message: bytes, domain: str, selector: str, private_key_pem: bytes) -> 
         d_tag = _a_label(domain).encode("ascii")
         try:
             key = _parsed_key(private_key_pem)
-        except dkim.UnparsableKeyError as exc:
-            raise dkim.KeyFormatError(str(exc)) from exc
+        except (dkim.UnparsableKeyError, ValueError) as exc:  # binascii.Error: broken base64
+            raise dkim.KeyFormatError(f"unusable private key: {exc}") from exc
         relaxed = dkim.canonicalization.Relaxed
         body_hash = base64.b64encode(hashlib.sha256(relaxed.canonicalize_body(body)).digest())
         fields = [

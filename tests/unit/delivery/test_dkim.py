@@ -147,9 +147,20 @@ def test_message_without_from_is_refused() -> None:
         sign(b"To: a@dest.test\r\nSubject: x\r\n\r\nbody\r\n", "shop.test", "s1", private_pem)
 
 
-def test_bad_key_is_refused() -> None:
+@pytest.mark.parametrize(
+    "pem",
+    [
+        b"not a key",
+        # the PEM frame is there, the base64 inside it is broken (binascii.Error)
+        b"-----BEGIN RSA PRIVATE KEY-----\nMIIEow!\n-----END RSA PRIVATE KEY-----\n",
+        b"-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA\n-----END RSA PRIVATE KEY-----\n",
+    ],
+)
+def test_bad_key_is_refused(pem: bytes) -> None:
+    # DkimError, which the worker turns into sending unsigned with a note; any other error
+    # would park the whole connection's batch as a bug
     with pytest.raises(DkimError):
-        sign(MESSAGE, "shop.test", "s1", b"not a key")
+        sign(MESSAGE, "shop.test", "s1", pem)
 
 
 def test_small_keys_are_refused() -> None:
