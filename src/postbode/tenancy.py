@@ -227,16 +227,23 @@ def authenticate_api_key(store: Store, key: str) -> int | None:
     A key that checked out is remembered for a few seconds (the API's hot path reads the
     store once per key, not once per request); a revocation in another process takes effect
     within API_KEY_CACHE_SECONDS."""
+    cached = recently_authenticated(key)
+    if cached is not None:
+        return cached
     digest = _sha256(key)
-    cached = _api_keys.get(digest)
-    if cached is not None and cached[1] > time.monotonic():
-        return cached[0]
     app_id = _check_api_key(store, key)
     if app_id is not None:
         if len(_api_keys) > 10_000:
             _api_keys.clear()
         _api_keys[digest] = (app_id, time.monotonic() + API_KEY_CACHE_SECONDS)
     return app_id
+
+
+def recently_authenticated(key: str) -> int | None:
+    """The app id of an API key this process authenticated in the last few seconds (and did
+    not see revoked since), without reading the store; None otherwise."""
+    cached = _api_keys.get(_sha256(key))
+    return cached[0] if cached is not None and cached[1] > time.monotonic() else None
 
 
 def _check_api_key(store: Store, key: str) -> int | None:

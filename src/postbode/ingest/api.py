@@ -8,7 +8,6 @@ import inspect
 import json
 import mimetypes
 import re
-import time
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from email.message import Message as MimeHeaders
@@ -436,10 +435,9 @@ async def caller_app_id(request: Request) -> int:
     itself is a hash and a dict look-up; only a key not seen lately reads the store)."""
     scheme, _, key = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer" and key.strip():
-        # The cache tenancy.authenticate_api_key fills and revoke_credential clears.
-        cached = tenancy._api_keys.get(tenancy._sha256(key.strip()))
-        if cached is not None and cached[1] > time.monotonic():
-            return cached[0]
+        cached = tenancy.recently_authenticated(key.strip())
+        if cached is not None:
+            return cached
     return await api_app_id(request)
 
 
