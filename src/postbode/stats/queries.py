@@ -431,8 +431,30 @@ def sent_of(totals: dict[str, int]) -> int:
     return totals.get(QUEUED, 0) + totals.get(SUPPRESSED, 0)
 
 
+class _Counted:
+    """Totals per event type (people and bots; `bots` holds the bot part) and their rates,
+    as a summary and a tag's figures both have them."""
+
+    totals: dict[str, int]
+    bots: dict[str, int]
+    rates: Rates
+
+    @property
+    def sent(self) -> int:
+        """Recipients taken in: queued for delivery, or suppressed on the way in."""
+        return sent_of(self.totals)
+
+    def counts_json(self) -> dict[str, Any]:
+        return {
+            "sent": self.sent,
+            "totals": self.totals,
+            "bots": self.bots,
+            "rates": self.rates.__dict__,
+        }
+
+
 @dataclass(frozen=True)
-class Summary:
+class Summary(_Counted):
     """Totals per event type over a window (people and bots; `bots` holds the bot part), and
     the rates they give."""
 
@@ -446,20 +468,12 @@ class Summary:
     def human(self) -> dict[str, int]:
         return {t: n - self.bots.get(t, 0) for t, n in self.totals.items()}
 
-    @property
-    def sent(self) -> int:
-        """Recipients taken in: queued for delivery, or suppressed on the way in."""
-        return sent_of(self.totals)
-
     def as_json(self) -> dict[str, Any]:
         return {
             "since": self.since,
             "until": self.until,
-            "sent": self.sent,
-            "totals": self.totals,
+            **self.counts_json(),
             "human": self.human,
-            "bots": self.bots,
-            "rates": self.rates.__dict__,
         }
 
 
@@ -562,7 +576,7 @@ def series_and_summary(
 
 
 @dataclass(frozen=True)
-class TagStats:
+class TagStats(_Counted):
     """One tag's totals and rates over a window (`tag` "" is untagged mail)."""
 
     tag: str
@@ -570,18 +584,8 @@ class TagStats:
     bots: dict[str, int]
     rates: Rates
 
-    @property
-    def sent(self) -> int:
-        return sent_of(self.totals)
-
     def as_json(self) -> dict[str, Any]:
-        return {
-            "tag": self.tag,
-            "sent": self.sent,
-            "totals": self.totals,
-            "bots": self.bots,
-            "rates": self.rates.__dict__,
-        }
+        return {"tag": self.tag, **self.counts_json()}
 
 
 def tag_stats_of(cells: Iterable[_Cell]) -> dict[str, TagStats]:
