@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import smtplib
 import threading
 from collections.abc import Coroutine, Sequence
+from email.message import EmailMessage
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
+from postbode import tenancy
 from postbode.config import Settings
 from postbode.ingest.accept import Acceptor
 from postbode.store.engine import Store
@@ -106,3 +109,28 @@ class SmtpListener(PostbodeInProcess):
     delivery: what it accepts stays queued)."""
 
     run_worker = False
+
+
+def submit(
+    server: PostbodeInProcess,
+    app: tenancy.NewApp,
+    msg: EmailMessage,
+    to: Sequence[str] | None = None,
+) -> None:
+    """Hand `msg` to `server` over SMTP as the app's client does (AUTH, then the message; the
+    envelope recipients are `to`, or those of the message)."""
+    with smtplib.SMTP(server.host, server.port, timeout=30) as client:
+        client.login(app.smtp_username, app.smtp_password)
+        client.send_message(msg, to_addrs=to)
+
+
+def send(
+    server: PostbodeInProcess, app: tenancy.NewApp, to: str | Sequence[str], subject: str = "Hi"
+) -> None:
+    """Submit the tests' usual order mail from orders@shop.test to `to`."""
+    msg = EmailMessage()
+    msg["From"] = "Shop <orders@shop.test>"
+    msg["To"] = to if isinstance(to, str) else ", ".join(to)
+    msg["Subject"] = subject
+    msg.set_content("Your order has shipped.")
+    submit(server, app, msg)

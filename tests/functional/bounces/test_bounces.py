@@ -9,7 +9,6 @@ import re
 import smtplib
 import time
 from collections.abc import Callable, Iterator
-from email.message import EmailMessage
 from typing import Any
 
 import pytest
@@ -21,7 +20,7 @@ from postbode.config import Settings
 from postbode.store.engine import Store
 from postbode.store.schema import deliveries, events, suppressions
 from postbode.testing.postfix import Postfix, receiving_mx_config, relay_config
-from postbode.testing.servers import PostbodeInProcess
+from postbode.testing.servers import PostbodeInProcess, send
 from postbode.testing.sink import Rule, SmtpSink
 
 RETURN = "return.postbode.localhost"
@@ -49,19 +48,6 @@ def postbode_for(settings: Settings, store: Store, mx: str) -> Iterator[Postbode
     )
     with PostbodeInProcess(settings, store, local=[BounceIntake(settings, store)]) as server:
         yield server
-
-
-def send(
-    server: PostbodeInProcess, app: tenancy.NewApp, to: list[str], subject: str = "Hi"
-) -> None:
-    msg = EmailMessage()
-    msg["From"] = "Shop <orders@shop.test>"
-    msg["To"] = ", ".join(to)
-    msg["Subject"] = subject
-    msg.set_content("Your order has shipped.")
-    with smtplib.SMTP(server.host, server.port, timeout=30) as client:
-        client.login(app.smtp_username, app.smtp_password)
-        client.send_message(msg)
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> None:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import smtplib
 import time
 from collections.abc import Callable, Iterator
-from email.message import EmailMessage
 
 import dkim
 import dns.resolver
@@ -17,7 +15,7 @@ from postbode.config import Settings
 from postbode.store.engine import Store
 from postbode.store.schema import attempts, deliveries, events, suppressions, utcnow
 from postbode.testing.dns import LoopbackDNS
-from postbode.testing.servers import PostbodeInProcess
+from postbode.testing.servers import PostbodeInProcess, send
 from postbode.testing.sink import Rule, SmtpSink
 
 
@@ -53,19 +51,6 @@ def postbode(
     )
     with PostbodeInProcess(settings, store) as server:
         yield server
-
-
-def send(
-    server: PostbodeInProcess, app: tenancy.NewApp, to: list[str], subject: str = "Hi"
-) -> None:
-    msg = EmailMessage()
-    msg["From"] = "Shop <orders@shop.test>"
-    msg["To"] = ", ".join(to)
-    msg["Subject"] = subject
-    msg.set_content("Your order has shipped.")
-    with smtplib.SMTP(server.host, server.port) as client:
-        client.login(app.smtp_username, app.smtp_password)
-        client.send_message(msg)
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 15.0) -> None:

@@ -5,12 +5,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import random
-import smtplib
 import socket
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
-from email.message import EmailMessage
 from typing import Any
 
 import pytest
@@ -22,7 +20,7 @@ from postbode.store.engine import Store
 from postbode.store.schema import apps, attempts, deliveries, events, utcnow
 from postbode.testing.dns import LoopbackDNS
 from postbode.testing.factories import events_refused_for, make_queued_message
-from postbode.testing.servers import PostbodeInProcess
+from postbode.testing.servers import PostbodeInProcess, send
 from postbode.testing.sink import DROP, STALL, Rule, SmtpSink, Stage
 
 # Small client timeouts for the stall tests: long enough for a loaded CI machine to answer an
@@ -103,17 +101,6 @@ def refusing_address() -> Iterator[str]:
 
 
 # -- helpers --------------------------------------------------------------------------------
-
-
-def send(server: PostbodeInProcess, app: tenancy.NewApp, to: str, subject: str = "Hi") -> None:
-    msg = EmailMessage()
-    msg["From"] = "Shop <orders@shop.test>"
-    msg["To"] = to
-    msg["Subject"] = subject
-    msg.set_content("Your order has shipped.")
-    with smtplib.SMTP(server.host, server.port) as client:
-        client.login(app.smtp_username, app.smtp_password)
-        client.send_message(msg)
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:

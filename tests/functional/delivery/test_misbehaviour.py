@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import errno
 import random
-import smtplib
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from email.message import EmailMessage
@@ -21,7 +20,7 @@ from postbode.config import Settings
 from postbode.store.engine import Store
 from postbode.store.schema import attempts, deliveries, events
 from postbode.testing.dns import LoopbackDNS
-from postbode.testing.servers import LoopThread, PostbodeInProcess
+from postbode.testing.servers import LoopThread, PostbodeInProcess, submit
 from postbode.testing.sink import Rule, SmtpSink, Stage
 
 TIMEOUT = 1.0  # client timeouts for the silent peers: short, but ample for a loaded CI machine
@@ -206,14 +205,6 @@ def message(to: str, subject: str = "Hi") -> EmailMessage:
     return msg
 
 
-def send(
-    server: PostbodeInProcess, app: tenancy.NewApp, msg: EmailMessage, to: list[str] | None = None
-) -> None:
-    with smtplib.SMTP(server.host, server.port) as client:
-        client.login(app.smtp_username, app.smtp_password)
-        client.send_message(msg, to_addrs=to)
-
-
 def delivery(store: Store, recipient: str) -> dict[str, Any]:
     with store.read() as conn:
         row = conn.execute(select(deliveries).where(deliveries.c.recipient == recipient))
@@ -285,8 +276,8 @@ def test_multi_line_replies_are_read_whole(
             Rule.data("250-2.0.0 Queued\n250 2.0.0 as 1234", match="alice@dest.test"),
         )
         postbode = start_postbode()
-        send(postbode, shop, message("alice@dest.test"))
-        send(postbode, shop, message("gone@dest.test"))
+        submit(postbode, shop, message("alice@dest.test"))
+        submit(postbode, shop, message("gone@dest.test"))
         alice = wait_status(store, "alice@dest.test", "delivered")
         gone = wait_status(store, "gone@dest.test", "bounced")
         assert alice["last_reply"] == "250 2.0.0 Queued as 1234"
@@ -323,7 +314,7 @@ def test_malformed_reply_is_a_soft_fail(
     with RawMx(**answers) as raw:
         mx(dns_server, "dest.test", raw.host)
         postbode = start_postbode()
-        send(postbode, shop, message("alice@dest.test"))
+        submit(postbode, shop, message("alice@dest.test"))
         if reason is None:
             # RFC 5321 §4.2.1 wants one code per reply; a 2xx reply that changes its code
             # still accepted the message, and refusing it now would only cause a duplicate.
@@ -355,7 +346,7 @@ def test_reply_line_that_never_ends_is_a_soft_fail(
     with RawMx(EHLO=answer) as raw:
         mx(dns_server, "dest.test", raw.host)
         postbode = start_postbode()
-        send(postbode, shop, message("alice@dest.test"))
+        submit(postbode, shop, message("alice@dest.test"))
         row = wait_status(store, "alice@dest.test", "deferred")
         assert event_reason(store, "alice@dest.test", "delivery.deferred") == reason
         attempt = only_attempt(store, row["id"])
@@ -370,7 +361,7 @@ def test_banner_that_never_comes_times_out_and_the_next_mx_gets_the_mail(
     with RawMx(greeting=never_answer) as silent, SmtpSink.on_random_loopback() as backup:
         mx(dns_server, "dest.test", silent.host, backup.host)
         postbode = start_postbode()
-        send(postbode, shop, message("alice@dest.test"))
+        submit(postbode, shop, message("alice@dest.test"))
         (received,) = backup.wait_for_sync(1, timeout=15)
         row = wait_status(store, "alice@dest.test", "delivered")
         assert silent.connections == 1 and silent.lines == []
@@ -384,7 +375,7 @@ def test_banner_that_never_comes_from_the_only_mx_defers(
     with RawMx(greeting=never_answer) as silent:
         mx(dns_server, "dest.test", silent.host)
         postbode = start_postbode()
-        send(postbode, shop, message("alice@dest.test"))
+        submit(postbode, shop, message("alice@dest.test"))
         wait_status(store, "alice@dest.test", "deferred")
         assert event_reason(store, "alice@dest.test", "delivery.deferred") == (
             f"timed out after {TIMEOUT:g} s waiting for greeting"
@@ -401,7 +392,7 @@ def test_mx_that_is_an_ip_literal_is_used(
     with SmtpSink.on_random_loopback() as sink:
         dns_server.add_mx("dest.test", [(10, sink.host)])  # "MX 10 127.x.y.z." (RFC-wrong)
         postbode = start_postbode()
-        send(postbode, shop, message("alice@dest.test"))
+        submit(postbode, shop, message("alice@dest.test"))
         (received,) = sink.wait_for_sync(1, timeout=15)
         row = wait_status(store, "alice@dest.test", "delivered")
     attempt = only_attempt(store, row["id"])
@@ -418,7 +409,7 @@ def test_mx_that_is_a_cname_is_followed(
         dns_server.add_cname("mail.dest.test", "mx.hoster.test")  # RFC 2181 §10.3 says don't
         dns_server.add_a("mx.hoster.test", sink.host)
         postbode = start_postbode()
-        send(postbode, shop, message("alice@dest.test"))
+        submit(postbode, shop, message("alice@dest.test"))
         sink.wait_for_sync(1, timeout=15)
         row = wait_status(store, "alice@dest.test", "delivered")
     attempt = only_attempt(store, row["id"])
@@ -435,7 +426,7 @@ def test_idn_domain_goes_out_as_punycode_without_smtputf8(
         mx(dns_server, IDN_A_LABEL, sink.host)  # DNS holds the A-label
         postbode = start_postbode()
         # The header gives the address in ASCII, so the content needs no SMTPUTF8 of its own.
-        send(postbode, shop, message(f"anna@{IDN_A_LABEL}"), to=[f"anna@{IDN_DOMAIN}"])
+        submit(postbode, shop, message(f"anna@{IDN_A_LABEL}"), to=[f"anna@{IDN_DOMAIN}"])
         (received,) = sink.wait_for_sync(1, timeout=15)
         wait_status(store, f"anna@{IDN_DOMAIN}", "delivered")
     assert received.rcpt_tos == (f"anna@{IDN_A_LABEL}",)
@@ -450,7 +441,7 @@ def test_utf8_local_part_uses_smtputf8_when_offered(
     with SmtpSink.on_random_loopback(smtputf8=True) as sink:
         mx(dns_server, IDN_A_LABEL, sink.host)
         postbode = start_postbode()
-        send(postbode, shop, message(f"jürgen@{IDN_DOMAIN}"))
+        submit(postbode, shop, message(f"jürgen@{IDN_DOMAIN}"))
         (received,) = sink.wait_for_sync(1, timeout=15)
         wait_status(store, f"jürgen@{IDN_DOMAIN}", "delivered")
     assert "SMTPUTF8" in received.mail_options
@@ -463,7 +454,7 @@ def test_utf8_local_part_fails_hard_when_smtputf8_is_not_offered(
     with SmtpSink.on_random_loopback(smtputf8=False) as sink:
         mx(dns_server, IDN_A_LABEL, sink.host)
         postbode = start_postbode()
-        send(postbode, shop, message(f"jürgen@{IDN_DOMAIN}"))
+        submit(postbode, shop, message(f"jürgen@{IDN_DOMAIN}"))
         row = wait_status(store, f"jürgen@{IDN_DOMAIN}", "bounced")
         assert sink.replies(Stage.MAIL) == [], "nothing is sent that the server cannot take"
         assert row["attempts"] == 1

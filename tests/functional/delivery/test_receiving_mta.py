@@ -5,11 +5,9 @@ from __future__ import annotations
 import errno
 import random
 import re
-import smtplib
 import socket
 import time
 from collections.abc import Iterator
-from email.message import EmailMessage
 from typing import Any
 
 import dkim
@@ -23,7 +21,7 @@ from postbode.store.engine import Store
 from postbode.store.schema import attempts, deliveries
 from postbode.testing.dns import LoopbackDNS
 from postbode.testing.postfix import Postfix, receiving_mx_config
-from postbode.testing.servers import PostbodeInProcess
+from postbode.testing.servers import PostbodeInProcess, send
 from postbode.testing.sink import self_signed_certificate
 
 MX_NAME = "mx.dest.test"
@@ -104,17 +102,6 @@ def postbode(
     )
     with PostbodeInProcess(settings, store) as server:
         yield server
-
-
-def send(server: PostbodeInProcess, app: tenancy.NewApp, to: str, subject: str) -> None:
-    msg = EmailMessage()
-    msg["From"] = "Shop <orders@shop.test>"
-    msg["To"] = to
-    msg["Subject"] = subject
-    msg.set_content("Your order has shipped.")
-    with smtplib.SMTP(server.host, server.port) as client:
-        client.login(app.smtp_username, app.smtp_password)
-        client.send_message(msg)
 
 
 def wait_status(store: Store, recipient: str, status: str, timeout: float = 20.0) -> dict[str, Any]:
