@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import smtplib
 import threading
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from email.message import EmailMessage
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -109,6 +109,10 @@ class SmtpListener(PostbodeInProcess):
     delivery: what it accepts stays queued)."""
 
     run_worker = False
+
+
+# A test fixture's way to start Postbode in-process with settings overrides.
+StartPostbode = Callable[..., PostbodeInProcess]
 
 
 def submit(

@@ -20,12 +20,6 @@ from postbode.testing.sink import Rule, SmtpSink
 
 
 @pytest.fixture
-def dns_server() -> Iterator[LoopbackDNS]:
-    with LoopbackDNS() as server:
-        yield server
-
-
-@pytest.fixture
 def shop(store: Store, dns_server: LoopbackDNS) -> tuple[tenancy.NewApp, dict]:
     created = tenancy.create_app(store, "shop")
     domain = tenancy.add_domain(store, "shop", "shop.test")

@@ -15,19 +15,16 @@ import pytest
 from sqlalchemy import select, update
 
 from postbode import tenancy
-from postbode.config import Settings
 from postbode.store.engine import Store
 from postbode.store.schema import apps, attempts, deliveries, events, utcnow
 from postbode.testing.dns import LoopbackDNS
 from postbode.testing.factories import events_refused_for, make_queued_message
-from postbode.testing.servers import PostbodeInProcess, send
+from postbode.testing.servers import PostbodeInProcess, StartPostbode, send
 from postbode.testing.sink import DROP, STALL, Rule, SmtpSink, Stage
 
 # Small client timeouts for the stall tests: long enough for a loaded CI machine to answer an
 # EHLO, short enough that a stalled peer costs a test about a second.
 TIMEOUT = 1.0
-
-StartPostbode = Callable[..., PostbodeInProcess]
 
 # The UI shows last_reply as the reason a delivery is deferred; without a reply (drop, timeout,
 # refused TLS) the outcome's reason belongs there, not NULL.
@@ -35,49 +32,6 @@ WHY = "a deferral without an SMTP reply must still say why in last_reply"
 
 
 # -- peers and fixtures -----------------------------------------------------------------------
-
-
-@pytest.fixture
-def dns_server() -> Iterator[LoopbackDNS]:
-    with LoopbackDNS() as server:
-        yield server
-
-
-@pytest.fixture
-def shop(store: Store, dns_server: LoopbackDNS) -> tenancy.NewApp:
-    created = tenancy.create_app(store, "shop")
-    domain = tenancy.add_domain(store, "shop", "shop.test")
-    dns_server.add_txt(f"{domain['dkim_selector']}._domainkey.shop.test", domain["dkim_public_key"])
-    return created
-
-
-@pytest.fixture
-def start_postbode(
-    settings: Settings, store: Store, dns_server: LoopbackDNS
-) -> Iterator[StartPostbode]:
-    """Start Postbode in-process with settings overrides (timeouts, TLS policy)."""
-    with contextlib.ExitStack() as stack:
-
-        def start(**overrides: Any) -> PostbodeInProcess:
-            changed = settings.model_copy(
-                update={
-                    "dns_nameservers": dns_server.nameserver,
-                    "smtp_hostname": "mta.postbode.test",
-                    **overrides,
-                }
-            )
-            return stack.enter_context(PostbodeInProcess(changed, store))
-
-        yield start
-
-
-@pytest.fixture
-def mx_sink(dns_server: LoopbackDNS) -> Iterator[SmtpSink]:
-    """The only MX of dest.test: a sink on a random 127.x.y.z port 25, offering STARTTLS."""
-    with SmtpSink.on_random_loopback(tls=True) as sink:
-        dns_server.add_mx("dest.test", [(10, "mx1.dest.test")])
-        dns_server.add_a("mx1.dest.test", sink.host)
-        yield sink
 
 
 @contextlib.contextmanager

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from email.message import EmailMessage
 from types import TracebackType
 from typing import Any
@@ -16,18 +15,15 @@ import pytest
 from sqlalchemy import select
 
 from postbode import tenancy
-from postbode.config import Settings
 from postbode.store.engine import Store
 from postbode.store.schema import attempts, deliveries, events
 from postbode.testing.dns import LoopbackDNS
-from postbode.testing.servers import LoopThread, PostbodeInProcess, submit
+from postbode.testing.servers import LoopThread, PostbodeInProcess, StartPostbode, submit
 from postbode.testing.sink import Rule, SmtpSink, Stage
 
 TIMEOUT = 1.0  # client timeouts for the silent peers: short, but ample for a loaded CI machine
 IDN_DOMAIN = "bücher.test"
 IDN_A_LABEL = "xn--bcher-kva.test"
-
-StartPostbode = Callable[..., PostbodeInProcess]
 
 
 # -- a raw SMTP peer that can misbehave more than aiosmtpd allows ---------------------------------
@@ -152,40 +148,18 @@ class RawMx:
 
 
 @pytest.fixture
-def dns_server() -> Iterator[LoopbackDNS]:
-    with LoopbackDNS() as server:
-        yield server
+def start_postbode(start_postbode: StartPostbode) -> StartPostbode:
+    """Postbode in-process with small client timeouts (and any other overrides)."""
 
+    def start(**overrides: Any) -> PostbodeInProcess:
+        timeouts = {
+            "smtp_connect_timeout": TIMEOUT,
+            "smtp_command_timeout": TIMEOUT,
+            "smtp_data_timeout": TIMEOUT,
+        }
+        return start_postbode(**{**timeouts, **overrides})
 
-@pytest.fixture
-def shop(store: Store, dns_server: LoopbackDNS) -> tenancy.NewApp:
-    created = tenancy.create_app(store, "shop")
-    domain = tenancy.add_domain(store, "shop", "shop.test")
-    dns_server.add_txt(f"{domain['dkim_selector']}._domainkey.shop.test", domain["dkim_public_key"])
-    return created
-
-
-@pytest.fixture
-def start_postbode(
-    settings: Settings, store: Store, dns_server: LoopbackDNS
-) -> Iterator[StartPostbode]:
-    """Start Postbode in-process, with small client timeouts and any other overrides."""
-    with contextlib.ExitStack() as stack:
-
-        def start(**overrides: Any) -> PostbodeInProcess:
-            changed = settings.model_copy(
-                update={
-                    "dns_nameservers": dns_server.nameserver,
-                    "smtp_hostname": "mta.postbode.test",
-                    "smtp_connect_timeout": TIMEOUT,
-                    "smtp_command_timeout": TIMEOUT,
-                    "smtp_data_timeout": TIMEOUT,
-                    **overrides,
-                }
-            )
-            return stack.enter_context(PostbodeInProcess(changed, store))
-
-        yield start
+    return start
 
 
 def mx(dns_server: LoopbackDNS, domain: str, *hosts: str) -> None:

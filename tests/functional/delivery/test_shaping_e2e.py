@@ -3,60 +3,25 @@ and everything is delivered; a busy MX host makes deliveries wait for a connecti
 
 from __future__ import annotations
 
-import contextlib
 import smtplib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from email.message import EmailMessage
 from typing import Any
 
-import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy import select
 
 from postbode import tenancy
-from postbode.config import Settings
 from postbode.delivery import manage
 from postbode.store.engine import Store
 from postbode.store.schema import attempts, deliveries, events
 from postbode.testing.dns import LoopbackDNS
 from postbode.testing.factories import make_app, make_queued_message
-from postbode.testing.servers import PostbodeInProcess
+from postbode.testing.servers import StartPostbode
 from postbode.testing.sink import STALL, Rule, SmtpSink, Stage
 
 THROTTLED = "421 4.7.0 Too many connections, slow down"
-Start = Callable[..., PostbodeInProcess]
-
-
-@pytest.fixture
-def dns_server() -> Iterator[LoopbackDNS]:
-    with LoopbackDNS() as server:
-        yield server
-
-
-@pytest.fixture
-def mx_sink(dns_server: LoopbackDNS) -> Iterator[SmtpSink]:
-    with SmtpSink.on_random_loopback(tls=True) as sink:
-        dns_server.add_mx("dest.test", [(10, "mx1.dest.test")])
-        dns_server.add_a("mx1.dest.test", sink.host)
-        yield sink
-
-
-@pytest.fixture
-def start(settings: Settings, store: Store, dns_server: LoopbackDNS) -> Iterator[Start]:
-    with contextlib.ExitStack() as stack:
-
-        def run(**overrides: Any) -> PostbodeInProcess:
-            configured = settings.model_copy(
-                update={
-                    "dns_nameservers": dns_server.nameserver,
-                    "smtp_hostname": "mta.postbode.test",
-                    **overrides,
-                }
-            )
-            return stack.enter_context(PostbodeInProcess(configured, store))
-
-        yield run
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
@@ -83,7 +48,7 @@ def waits(domain: str, limit: str) -> float:
 
 
 def test_421_slows_the_destination_down_and_the_waiting_deliveries_say_why(
-    start: Start, store: Store, mx_sink: SmtpSink, dns_server: LoopbackDNS
+    start_postbode: StartPostbode, store: Store, mx_sink: SmtpSink, dns_server: LoopbackDNS
 ) -> None:
     shop = tenancy.create_app(store, "shop")
     domain = tenancy.add_domain(store, "shop", "shop.test")
@@ -92,7 +57,7 @@ def test_421_slows_the_destination_down_and_the_waiting_deliveries_say_why(
     mx_sink.script.add(Rule.connect(THROTTLED, "220 mx1.dest.test ESMTP"))
     before = slowdowns("dest.test"), waits("dest.test", "rate")
     # 120/min, one at a time: after halving, one a second.
-    postbode = start(shaping_rules="dest.test=rate:120,burst:1")
+    postbode = start_postbode(shaping_rules="dest.test=rate:120,burst:1")
     recipients = [f"{name}@dest.test" for name in ("ann", "bob", "cat", "dan")]
 
     msg = EmailMessage()
@@ -157,7 +122,7 @@ def test_421_slows_the_destination_down_and_the_waiting_deliveries_say_why(
 
 
 def test_a_busy_mx_host_makes_deliveries_wait_for_a_connection(
-    start: Start, store: Store, mx_sink: SmtpSink
+    start_postbode: StartPostbode, store: Store, mx_sink: SmtpSink
 ) -> None:
     # Two apps' mail for one domain is sent by two tasks at once; the MX host takes one
     # connection from us. The first connection stalls at the greeting until our 1 s timeout,
@@ -166,7 +131,7 @@ def test_a_busy_mx_host_makes_deliveries_wait_for_a_connection(
     _, (first,) = make_queued_message(store, one.app_id, ["a@dest.test"])
     _, (second,) = make_queued_message(store, two.app_id, ["b@dest.test"])
     mx_sink.script.add(Rule.connect(STALL, "220 mx1.dest.test ESMTP"))
-    postbode = start(
+    postbode = start_postbode(
         shaping_rules="dest.test=conn:1",
         shaping_max_wait_seconds=0.0,
         smtp_command_timeout=1.0,
