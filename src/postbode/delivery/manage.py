@@ -14,13 +14,12 @@ from sqlalchemy import ColumnElement, Connection, Row, func, literal_column, sel
 from postbode.events.record import Event, record
 from postbode.events.types import EventType
 from postbode.store.engine import Store
-from postbode.store.schema import deliveries, messages, utcnow
+from postbode.store.schema import DELIVERY_STATUSES, deliveries, messages, utcnow
 
 __all__ = [
     "ACTIONS",
     "CHUNK",
     "QUEUE_STATUSES",
-    "STATUSES",
     "BadFilter",
     "DeliveryFilter",
     "ManageError",
@@ -36,17 +35,6 @@ __all__ = [
     "retry",
 ]
 
-STATUSES = (
-    "queued",
-    "sending",
-    "deferred",
-    "delivered",
-    "bounced",
-    "failed",
-    "suppressed",
-    "held",
-    "cancelled",
-)
 QUEUE_STATUSES = ("queued", "deferred", "sending", "held")  # what the queue view shows by default
 CHUNK = 500  # rows changed per transaction in bulk, so no transaction holds the queue for long
 REPLY_CHARS = 100  # last replies are grouped by their first characters (times, ids differ after)
@@ -374,7 +362,7 @@ def list_deliveries(
     cursor for the next page (None on the last). `status` defaults to QUEUE_STATUSES."""
     statuses = tuple(status) if status else QUEUE_STATUSES
     for name in statuses:
-        if name not in STATUSES:
+        if name not in DELIVERY_STATUSES:
             raise BadFilter(f"unknown status {name!r}", "status")
     query = _viewed().where(
         deliveries.c.app_id == app_id,

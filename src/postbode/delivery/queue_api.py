@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, TypeVar
 from uuid import UUID
 
 from fastapi import APIRouter, Query, Request
@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from postbode.delivery import manage
 from postbode.store.engine import Store
+from postbode.store.schema import DeliveryStatus
 from postbode.web.auth import ApiApp
 from postbode.web.errors import ApiError
 
@@ -20,18 +21,6 @@ MAX_PAGE_SIZE = 500
 MAX_IDS = 10_000
 
 T = TypeVar("T")
-
-DeliveryStatus = Literal[
-    "queued",
-    "sending",
-    "deferred",
-    "delivered",
-    "bounced",
-    "failed",
-    "suppressed",
-    "held",
-    "cancelled",
-]
 
 
 class ErrorDetail(BaseModel):

@@ -48,7 +48,7 @@ from postbode.ingest.accept import (
     request_hash,
 )
 from postbode.store.engine import Store
-from postbode.store.schema import attempts, deliveries, events, messages
+from postbode.store.schema import DeliveryStatus, attempts, deliveries, events, messages
 from postbode.web.auth import api_app_id
 from postbode.web.errors import ApiError, error_body
 
@@ -68,18 +68,6 @@ _PENDING = ("queued", "deferred", "sending")
 _MIME_TYPES = mimetypes.MimeTypes()  # the built-in table only: the same guess on every machine
 
 _BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
-
-DeliveryStatus = Literal[
-    "queued",
-    "sending",
-    "delivered",
-    "deferred",
-    "bounced",
-    "failed",
-    "suppressed",
-    "held",
-    "cancelled",
-]
 
 
 def body_limit(settings: Settings) -> int:

@@ -7,7 +7,7 @@ import threading
 import time
 import uuid
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal, get_args
 
 from sqlalchemy import (
     JSON,
@@ -224,6 +224,20 @@ raw_messages = Table(
     Column("compression", String(8), nullable=False, default="zlib"),
     Column("data", LargeBinary, nullable=False),
 )
+
+# What a delivery's `status` may be: one list for the API, the UI and queue management.
+DeliveryStatus = Literal[
+    "queued",
+    "sending",
+    "deferred",
+    "delivered",
+    "bounced",
+    "failed",
+    "suppressed",
+    "held",
+    "cancelled",
+]
+DELIVERY_STATUSES: tuple[str, ...] = get_args(DeliveryStatus)
 
 deliveries = Table(
     "deliveries",

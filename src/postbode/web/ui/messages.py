@@ -25,7 +25,7 @@ from postbode.bounces import suppression
 from postbode.delivery import manage
 from postbode.ingest.api import _load_message
 from postbode.store.engine import Store
-from postbode.store.schema import deliveries, messages, raw_messages
+from postbode.store.schema import DELIVERY_STATUSES, deliveries, messages, raw_messages
 from postbode.web.errors import ApiError
 from postbode.web.ui import search
 from postbode.web.ui.core import (
@@ -109,7 +109,7 @@ async def message_log(request: Request, viewer: SignedIn, cursor: str | None = N
             "page": page,
             "form": form,
             "filters": filters,
-            "statuses": search.STATUSES,
+            "statuses": DELIVERY_STATUSES,
             "ranges": list(RANGES),
             "app_names": names,
             "next_url": url("/messages", viewer, **filters, cursor=page.next_cursor.encode())

@@ -17,20 +17,9 @@ from postbode.csvcells import csv_cell
 from postbode.ingest.accept import AcceptError
 from postbode.ingest.api import _address_forms
 from postbode.store.engine import Store
-from postbode.store.schema import deliveries, messages
+from postbode.store.schema import DELIVERY_STATUSES, deliveries, messages
 from postbode.web.errors import ApiError
 
-STATUSES = (
-    "queued",
-    "sending",
-    "delivered",
-    "deferred",
-    "bounced",
-    "failed",
-    "suppressed",
-    "held",
-    "cancelled",
-)
 PAGE_SIZE = 50
 # At most this many messages (newest first, through an index) are looked at per page for the
 # filters no index serves (subject, sender, status, metadata, part of an address); a page that
@@ -243,7 +232,7 @@ def _scanned(q: MessageQuery, m: Any) -> list[ColumnElement[bool]]:
 
 def check(q: MessageQuery) -> None:
     """SearchError for a filter that cannot be used."""
-    if q.status is not None and q.status not in STATUSES:
+    if q.status is not None and q.status not in DELIVERY_STATUSES:
         raise SearchError("status", f"unknown status {q.status!r}")
     if q.recipient and _whole_address(q.recipient):
         _recipient_forms(q.recipient)
