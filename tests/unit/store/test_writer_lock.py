@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import threading
@@ -17,16 +18,16 @@ from postbode.store.schema import system_values
 def test_a_second_holder_waits_until_the_first_lets_go(tmp_path: Path) -> None:
     first, second = WriterLock(tmp_path / "w.lock"), WriterLock(tmp_path / "w.lock")
     order: list[str] = []
-    entered = threading.Event()
 
     def other() -> None:
         with second.held():
             order.append("second")
 
+    thread = threading.Thread(target=other)
     with first.held(), first.held():  # the same thread may nest
-        thread = threading.Thread(target=other)
         thread.start()
-        entered.wait(0.2)  # give it the chance to barge in
+        thread.join(0.2)
+        assert thread.is_alive(), "the second holder must wait"
         order.append("first")
     thread.join(5)
     assert order == ["first", "second"]
@@ -43,24 +44,31 @@ from postbode.store.engine import create_store
 from postbode.store.schema import system_values
 
 store = create_store(Settings(data_dir=Path(sys.argv[1])))
-for i in range(100):
-    with store.write() as conn:
-        conn.execute(insert(system_values).values(name=f"{sys.argv[2]}-{i}", value="x"))
+with store.write() as conn:
+    conn.execute(insert(system_values).values(name="written", value="x"))
 store.dispose()
 """
 
 
-def test_processes_writing_at_once_all_get_their_turn(tmp_path: Path) -> None:
-    create_store(Settings(data_dir=tmp_path)).dispose()  # migrated before they start
-    procs = [
-        subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), f"p{n}"])
-        for n in range(3)
-    ]
-    assert [p.wait(60) for p in procs] == [0, 0, 0]
-    store = create_store(Settings(data_dir=tmp_path))
-    with store.read() as conn:
-        count = conn.execute(
-            select(func.count()).where(system_values.c.name.like("p_-%"))
-        ).scalar_one()
+def test_another_process_writes_only_once_the_lock_is_let_go(tmp_path: Path) -> None:
+    store = create_store(Settings(data_dir=tmp_path))  # migrated before the writer starts
+    path = Path(str(store.engine.url.database) + "-writer.lock")
+
+    def written() -> int:
+        with store.read() as conn:
+            return int(
+                conn.execute(
+                    select(func.count()).where(system_values.c.name == "written")
+                ).scalar_one()
+            )
+
+    held = WriterLock(path)
+    with held.held():
+        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)])
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            writer.wait(3)
+        assert writer.returncode is None and written() == 0, "it must wait for its turn"
+    assert writer.wait(60) == 0
+    assert written() == 1
+    held.close()
     store.dispose()
-    assert count == 300
