@@ -21,11 +21,11 @@ from sqlalchemy import func, select, text
 
 from postbode import demo
 from postbode.config import Settings
-from postbode.ingest.api import list_messages
 from postbode.stats import queries, rollup
 from postbode.store.engine import Store, create_store
 from postbode.store.migrate import head_revision
 from postbode.store.schema import apps, deliveries
+from postbode.web.api.messages import list_messages
 from postbode.web.ui.search import MessageQuery, search
 
 CACHE = Path(tempfile.gettempdir()) / "postbode-bench-ui"

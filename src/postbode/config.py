@@ -6,7 +6,7 @@ import os
 import tomllib
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import Field, SecretStr
 from pydantic.fields import FieldInfo
@@ -15,9 +15,6 @@ from pydantic_settings import (
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
-
-if TYPE_CHECKING:
-    from postbode.store.engine import Store
 
 
 class _TomlSource(PydanticBaseSettingsSource):
@@ -263,15 +260,3 @@ def describe() -> list[tuple[str, str, str, str]]:
         )
     return rows
 
-
-def secret_key(settings: Settings, store: Store) -> bytes:
-    """The installation's signing key: the setting, or one generated once and kept in the store
-    (so every process on every machine signs and checks with the same key)."""
-    import secrets
-
-    from postbode.store.engine import system_value
-
-    configured = settings.secret_key.get_secret_value()
-    if configured:
-        return configured.encode()
-    return system_value(store, "secret_key", lambda: secrets.token_urlsafe(48)).encode()

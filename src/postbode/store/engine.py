@@ -4,20 +4,35 @@ from __future__ import annotations
 
 import fcntl
 import os
+import secrets
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import Connection, Engine, create_engine, event, insert, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
-from postbode.config import Settings
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+class _Secret(Protocol):
+    def get_secret_value(self) -> str: ...
+
+
+class StoreSettings(Protocol):
+    """What the store reads of the settings (the store does not import the settings schema:
+    settings know no database, and the database knows settings only by this shape)."""
+
+    @property
+    def sqlalchemy_url(self) -> str: ...
+
+    @property
+    def secret_key(self) -> _Secret: ...
 
 
 class WriterLock:
@@ -120,7 +135,7 @@ def _sqlite_engine(url: str) -> Engine:
     return engine
 
 
-def create_store(settings: Settings, *, pool: bool = True) -> Store:
+def create_store(settings: StoreSettings, *, pool: bool = True) -> Store:
     """The store the settings name, migrated to the newest schema on first use."""
     from postbode.store.migrate import ensure_migrated
 
@@ -168,3 +183,12 @@ def system_value(store: Store, name: str, make: Callable[[], str]) -> str:
             value = make()
             conn.execute(insert(system_values).values(name=name, value=value))
     return str(value)
+
+
+def secret_key(settings: StoreSettings, store: Store) -> bytes:
+    """The installation's signing key: the setting, or one generated once and kept in the store
+    (so every process on every machine signs and checks with the same key)."""
+    configured = settings.secret_key.get_secret_value()
+    if configured:
+        return configured.encode()
+    return system_value(store, "secret_key", lambda: secrets.token_urlsafe(48)).encode()

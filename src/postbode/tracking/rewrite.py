@@ -18,8 +18,8 @@ from html.parser import HTMLParser
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from postbode.config import Settings, secret_key
-from postbode.store.engine import Store
+from postbode.config import Settings
+from postbode.store.engine import Store, secret_key
 from postbode.tracking import tokens
 from postbode.tracking.tokens import Token
 

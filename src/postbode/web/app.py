@@ -12,22 +12,22 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
 from postbode import __version__
-from postbode.bounces.api import router as suppressions_router
 from postbode.config import Settings
-from postbode.delivery.queue_api import router as queue_router
-from postbode.events.api import router as events_router
 from postbode.ingest.accept import Acceptor
-from postbode.ingest.api import fast_path as send_fast_path
-from postbode.ingest.api import router as messages_router
 from postbode.metrics import update_queue_gauges
-from postbode.stats.api import router as stats_router
 from postbode.store.engine import Store
 from postbode.tracking.endpoints import fast_path
 from postbode.tracking.endpoints import router as tracking_router
+from postbode.web.api.events import router as events_router
+from postbode.web.api.messages import fast_path as send_fast_path
+from postbode.web.api.messages import router as messages_router
+from postbode.web.api.queue import router as queue_router
+from postbode.web.api.stats import router as stats_router
+from postbode.web.api.suppressions import router as suppressions_router
+from postbode.web.api.webhooks import router as webhooks_router
 from postbode.web.errors import install_error_handlers
 from postbode.web.ui import router as ui_router
 from postbode.web.ui import static_files
-from postbode.webhooks.api import router as webhooks_router
 
 
 def create_app(settings: Settings, store: Store, acceptor: Acceptor | None = None) -> FastAPI:

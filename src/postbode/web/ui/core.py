@@ -22,8 +22,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import Message, Receive
 
 from postbode import __version__
-from postbode.config import Settings, secret_key
-from postbode.store.engine import Store
+from postbode.config import Settings
+from postbode.store.engine import Store, secret_key
 from postbode.store.schema import apps, audit_log, memberships, organizations, users
 from postbode.web.ui import tokens
 

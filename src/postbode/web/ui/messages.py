@@ -23,9 +23,9 @@ from starlette.concurrency import run_in_threadpool
 
 from postbode.bounces import suppression
 from postbode.delivery import manage
-from postbode.ingest.api import _load_message
 from postbode.store.engine import Store
 from postbode.store.schema import DELIVERY_STATUSES, deliveries, messages, raw_messages
+from postbode.web.api.messages import load_message
 from postbode.web.errors import ApiError
 from postbode.web.ui import search
 from postbode.web.ui.core import (
@@ -232,7 +232,7 @@ def _detail(store: Store, viewer: Viewer, message_id: uuid.UUID) -> dict[str, An
     app_id = _owned_app(store, viewer, message_id)
     with store.read() as conn:
         try:
-            detail = _load_message(conn, app_id, message_id)
+            detail = load_message(conn, app_id, message_id)
         except ApiError:
             raise UiError(404, f"No message {message_id}.") from None
         purged = conn.execute(

@@ -15,9 +15,9 @@ from sqlalchemy import ColumnElement, Connection, and_, func, or_, select
 
 from postbode.csvcells import csv_cell
 from postbode.ingest.accept import AcceptError
-from postbode.ingest.api import _address_forms
 from postbode.store.engine import Store
 from postbode.store.schema import DELIVERY_STATUSES, deliveries, messages
+from postbode.web.api.messages import address_forms
 from postbode.web.errors import ApiError
 
 PAGE_SIZE = 50
@@ -82,7 +82,7 @@ def _recipient_forms(value: str) -> list[str]:
     """The address in lower case, its domain in IDNA and Unicode form: compared with
     lower(recipient), which the (app_id, lower(recipient)) index serves."""
     try:
-        forms = _address_forms(value)
+        forms = address_forms(value)
     except (ApiError, AcceptError):
         raise SearchError("recipient", "not an e-mail address") from None
     return list(dict.fromkeys(f.lower() for f in forms))

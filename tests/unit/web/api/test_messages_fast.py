@@ -16,13 +16,13 @@ from fastapi.testclient import TestClient
 
 from postbode import tenancy
 from postbode.config import Settings
-from postbode.ingest import api
 from postbode.ingest.accept import Acceptor
 from postbode.store.engine import Store
+from postbode.web.api import messages as api
 from postbode.web.app import create_app, serving_app
 
-from .test_api import BODY, JSON, MINIMAL, _Unavailable, count, make_app, raw_message
-from .test_api import _fast_tenancy as _fast_tenancy
+from .test_messages import BODY, JSON, MINIMAL, _Unavailable, count, make_app, raw_message
+from .test_messages import _fast_tenancy as _fast_tenancy
 
 # The headers an answer's meaning may depend on (Date and Server come from the HTTP server).
 _COMPARED = ("content-type", "www-authenticate", "retry-after", "idempotent-replayed", "location")

@@ -13,11 +13,11 @@ import pytest
 from fastapi import FastAPI
 
 from postbode import tenancy
-from postbode.bounces import api as suppressions_api
 from postbode.bounces.suppression import suppress
 from postbode.config import Settings
 from postbode.store.engine import Store
 from postbode.store.schema import utcnow
+from postbode.web.api import suppressions as suppressions_api
 from postbode.web.app import create_app
 
 with warnings.catch_warnings():

@@ -777,7 +777,7 @@ def _message_fields(row: Any) -> dict[str, Any]:
     }
 
 
-def _load_message(conn: Connection, app_id: int, id: UUID) -> dict[str, Any]:
+def load_message(conn: Connection, app_id: int, id: UUID) -> dict[str, Any]:
     msg = conn.execute(
         select(messages).where(messages.c.id == id, messages.c.app_id == app_id)
     ).first()
@@ -867,7 +867,7 @@ def get_message(id: UUID, request: Request, app_id: Caller) -> dict[str, Any]:
     transcript) and every event, oldest first."""
     store: Store = request.app.state.store
     with store.read() as conn:
-        return _load_message(conn, app_id, id)
+        return load_message(conn, app_id, id)
 
 
 # -- GET /messages --------------------------------------------------------------------------------
@@ -879,7 +879,7 @@ def _utc(at: datetime | None) -> datetime | None:
     return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
 
 
-def _address_forms(value: str) -> list[str]:
+def address_forms(value: str) -> list[str]:
     """A recipient as it may be stored: normalised, with the domain in IDNA and Unicode form."""
     try:
         address = normalise_address(value)
@@ -932,7 +932,7 @@ def list_messages(
     if recipient is not None:
         # Local parts are matched without regard to case, as people type them. The address's
         # own index finds its few messages first (an EXISTS per message would scan them all).
-        forms = [f.lower() for f in _address_forms(recipient)]
+        forms = [f.lower() for f in address_forms(recipient)]
         wanted = select(deliveries.c.message_id).where(
             deliveries.c.app_id == app_id, func.lower(deliveries.c.recipient).in_(forms)
         )

@@ -1,0 +1,1 @@
+"""The HTTP API's routers: sending, messages, queue, suppressions, events, statistics, webhooks."""
