@@ -23,7 +23,7 @@ from postbode.bounces.classify import Classification, classify, load_rules
 from postbode.bounces.effects import after_smtp_bounce
 from postbode.config import Settings
 from postbode.delivery import dkim
-from postbode.delivery.backoff import next_attempt_delay, retry_hint
+from postbode.delivery.backoff import retry_hint
 from postbode.delivery.mx import DnsFailure, DnsHardFail, MxLookup, Target
 from postbode.delivery.outcomes import Delivered, HardFail, Held, Outcome, Reply, SoftFail
 from postbode.delivery.shaping import Shaper, Wait, is_throttling
@@ -31,6 +31,7 @@ from postbode.delivery.smtp_sender import Attempt, SmtpSession, SmtpTimeouts, Tl
 from postbode.events.record import Event, Tally, record
 from postbode.events.types import EventType
 from postbode.metrics import DELIVERIES, IN_FLIGHT, SHAPING_WAITS
+from postbode.runner.backoff import next_attempt_delay
 from postbode.store.claim import DELIVERIES as DELIVERY_QUEUE
 from postbode.store.claim import release_in, release_many
 from postbode.store.engine import Store

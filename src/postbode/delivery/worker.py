@@ -6,9 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import secrets
-import socket
 import traceback
 from collections import defaultdict
 from collections.abc import Sequence
@@ -20,6 +17,7 @@ from sqlalchemy import Row, select
 from postbode.config import Settings
 from postbode.delivery.mx import MxLookup, MxResolver
 from postbode.delivery.outgoing import Outgoing
+from postbode.runner.owner import worker_name
 from postbode.store import claim
 from postbode.store.claim import DELIVERIES
 from postbode.store.engine import Store
@@ -31,11 +29,6 @@ IDLE_POLL_SECONDS = 0.25  # how often an idle worker looks for mail other proces
 SWEEP_SECONDS = 30.0  # how often expired leases (a dead worker's) are returned to the queue
 MAX_PER_CONNECTION = 50  # deliveries sent over one SMTP connection before a fresh one
 STOP_GRACE_SECONDS = 30.0  # on SIGTERM: how long deliveries in hand may take to finish
-
-
-def worker_name() -> str:
-    """A lease owner name unique to this process."""
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
 class DeliveryWorker:

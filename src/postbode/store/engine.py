@@ -16,7 +16,6 @@ from sqlalchemy import Connection, Engine, create_engine, event, insert, select,
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
-
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 

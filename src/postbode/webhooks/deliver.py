@@ -22,8 +22,8 @@ from sqlalchemy import Connection, Row, func, insert, select, update
 
 from postbode import __version__
 from postbode.config import Settings
-from postbode.delivery.backoff import next_attempt_delay
-from postbode.delivery.worker import worker_name
+from postbode.runner.backoff import next_attempt_delay
+from postbode.runner.owner import worker_name
 from postbode.store import claim
 from postbode.store.claim import WEBHOOK_REQUESTS
 from postbode.store.engine import Store

@@ -9,13 +9,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from postbode.delivery.backoff import (
+from postbode.delivery.backoff import is_expired, retry_hint
+from postbode.runner.backoff import (
     BASE_DELAY,
     DEFAULT_CAP,
     JITTER,
-    is_expired,
     next_attempt_delay,
-    retry_hint,
 )
 
 
