@@ -107,8 +107,22 @@ def listen() -> None:
 
 
 @app.command()
-def worker() -> None:
-    """Run the queue workers (delivery, webhooks, periodic duties)."""
+def worker(
+    list_: Annotated[
+        bool, typer.Option("--list", help="Print the queue runners and periodic tasks, and exit.")
+    ] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Run the queue runners (deliveries, webhooks …) and the periodic tasks."""
+    if list_:
+        from postbode.work import registry
+
+        entries = registry(get_settings()).describe()
+        if as_json:
+            _print_json(entries)
+        else:
+            _print_table(entries, ["kind", "name", "every", "does"])
+        return
     _require_role("worker")
     _run(["worker"])
 

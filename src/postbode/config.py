@@ -164,6 +164,11 @@ class Settings(BaseSettings):
         "one share the ports (SO_REUSEPORT) so that taking mail in uses more cores; the ports "
         "must then be fixed (not 0).",
     )
+    runner_poll_seconds: float = Field(
+        0.25,
+        description="How often an idle queue runner looks for work no wake-up announced "
+        "(work queued by a process that cannot wake it, retries coming due).",
+    )
     log_level: str = Field("info", description="Log level: debug, info, warning or error.")
 
     # -- webhooks and tracking --------------------------------------------------------------
@@ -182,6 +187,11 @@ class Settings(BaseSettings):
     webhook_disable_after_seconds: int = Field(
         3 * 24 * 3600,
         description="An endpoint failing without one success for this long is disabled.",
+    )
+    dns_check_every_seconds: int = Field(
+        3600,
+        description="How often every domain's DNS records are looked up again (a change is a "
+        "domain.dns_changed event).",
     )
     tracking_bot_window_seconds: float = Field(
         10.0,

@@ -100,34 +100,24 @@ async def smtp_role(rt: Runtime, stop: asyncio.Event) -> None:
 
 
 async def worker_role(rt: Runtime, stop: asyncio.Event) -> None:
-    from postbode.delivery.worker import DeliveryWorker
-    from postbode.webhooks.deliver import WebhookWorker
+    """Every queue runner and periodic task of the registry (postbode/work.py), woken by
+    commits in this process, by `serve` when a sibling process queued work, and on
+    PostgreSQL by NOTIFY from any process on any node."""
+    from postbode.runner.periodic import PeriodicRunner
+    from postbode.runner.wakeup import Listener, channel
+    from postbode.work import registry
 
-    worker = DeliveryWorker(rt.settings, rt.store)
-    webhooks = WebhookWorker(rt.settings, rt.store)
-    for wake in (worker.notify, webhooks.notify):
-        rt.acceptor.on_commit.append(wake)
-        rt.on_wake.append(wake)
-    await asyncio.gather(worker.run(stop), webhooks.run(stop), _compact_statistics(rt, stop))
-
-
-COMPACT_EVERY_SECONDS = 300.0
-
-
-async def _compact_statistics(rt: Runtime, stop: asyncio.Event) -> None:
-    """Merge aged statistics rows now and then (safe from several processes at once), so
-    long dashboards read thousands of rows, not millions."""
-    from postbode.stats.rollup import compact
-
-    while not stop.is_set():
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), COMPACT_EVERY_SECONDS)
-        if stop.is_set():
-            break
-        try:
-            await asyncio.to_thread(compact, rt.store)
-        except Exception:  # the store hiccuped: the next round catches up
-            log.exception("compacting statistics failed")
+    reg = registry(rt.settings)
+    runners = {spec.table: spec.make(rt.store) for spec in reg.runners}
+    for runner in runners.values():
+        rt.acceptor.on_commit.append(runner.notify)
+        rt.on_wake.append(runner.notify)
+    duties = [r.run(stop) for r in runners.values()]
+    duties.append(PeriodicRunner(rt.store, reg.tasks).run(stop))
+    if not rt.store.is_sqlite:
+        listener = Listener(rt.store, {channel(t): r.notify for t, r in runners.items()})
+        duties.append(listener.run(stop))
+    await asyncio.gather(*duties)
 
 
 CHILD_ENV = "POSTBODE_CHILD_OF_SERVE"

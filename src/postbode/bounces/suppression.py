@@ -180,6 +180,32 @@ def is_suppressed(
     )
 
 
+def reasons_for(
+    conn: Connection, pairs: Iterable[tuple[int, str]], now: datetime | None = None
+) -> dict[tuple[int, str, str], tuple[str, str]]:
+    """The entries in force for (app, address) pairs, in one query per app:
+    {(app, address lower-cased, stream or 'all'): (reason, source)}."""
+    by_app: dict[int, set[str]] = {}
+    for app_id, email in pairs:
+        by_app.setdefault(app_id, set()).add(email.lower())
+    found: dict[tuple[int, str, str], tuple[str, str]] = {}
+    for app_id, emails in by_app.items():
+        rows = conn.execute(
+            select(
+                suppressions.c.email,
+                suppressions.c.stream,
+                suppressions.c.reason,
+                suppressions.c.source,
+            ).where(
+                suppressions.c.app_id == app_id,
+                suppressions.c.email.in_(emails),
+                active(now),
+            )
+        )
+        found.update(((app_id, r.email, r.stream), (r.reason, r.source)) for r in rows)
+    return found
+
+
 def unsuppress(conn: Connection, app_id: int, email: str, stream: str | None = None) -> int:
     """Take an address off the app's list (one stream, or every stream); returns how many."""
     stmt = delete(suppressions).where(

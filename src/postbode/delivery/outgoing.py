@@ -1,6 +1,6 @@
 """The outgoing processor: for a batch of deliveries to one domain, a checklist of steps, each
-returning or recording an outcome: check_app_active, fail_if_expired, wait_if_rate_limited,
-sign, resolve_route, send, record."""
+returning or recording an outcome: end_if_suppressed, check_app_active, fail_if_expired,
+wait_if_rate_limited, sign, resolve_route, send, record."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Row, insert, select
 
+from postbode.bounces import suppression
 from postbode.bounces.classify import Classification, classify, load_rules
 from postbode.bounces.effects import after_smtp_bounce
 from postbode.config import Settings
@@ -58,6 +59,8 @@ class Job:
     events: list[Event] = field(default_factory=list)
     slot: float = 0.0  # when shaping lets it go (on the shaper's clock)
     wait: Wait | None = None  # not attempted: waiting for a shaping slot until wait.until
+    # suppressed since it was queued: (reason, source) of the entry; ended without an attempt
+    suppressed: tuple[str, str] | None = None
 
     @property
     def id(self) -> uuid.UUID:
@@ -131,19 +134,26 @@ class Outgoing:
                     )
                 )
             }
+            # Checked before every attempt, not only at accept: an address suppressed while
+            # its delivery waited for a retry must not be mailed again.
+            entries = suppression.reasons_for(conn, {(r.app_id, r.recipient) for r in rows})
         jobs = []
         for row in rows:
             app = app_rows[row.app_id]
             raw = raws.get(row.message_id)
+            message = msgs[row.message_id]
+            key = row.recipient.lower()
             jobs.append(
                 Job(
                     row=row,
-                    message=msgs[row.message_id],
+                    message=message,
                     raw=zlib.decompress(raw) if raw is not None else b"",
                     app_status=app.status,
                     max_age=float(
                         app.max_message_age_seconds or self.settings.max_message_age_seconds
                     ),
+                    suppressed=entries.get((row.app_id, key, "all"))
+                    or entries.get((row.app_id, key, message.stream)),
                 )
             )
         return jobs
@@ -167,7 +177,13 @@ class Outgoing:
 
     async def process(self, domain: str, jobs: list[Job]) -> None:
         """Deliver `jobs` (all to `domain`, claimed by this worker) and record the outcomes."""
-        pending = [j for j in jobs if not self.check_app_active(j) and not self.fail_if_expired(j)]
+        pending = [
+            j
+            for j in jobs
+            if not self.end_if_suppressed(j)
+            and not self.check_app_active(j)
+            and not self.fail_if_expired(j)
+        ]
         pending = self.wait_if_rate_limited(domain, pending)
         if pending:
             keys = await asyncio.to_thread(self.signing_keys, pending)
@@ -178,6 +194,10 @@ class Outgoing:
             if targets is not None:
                 await self.send(targets, [j for j in pending if j.outcome is None])
         await asyncio.to_thread(self.record, jobs)
+
+    def end_if_suppressed(self, job: Job) -> bool:
+        """The address went on the app's suppression list while this delivery waited."""
+        return job.suppressed is not None
 
     def check_app_active(self, job: Job) -> bool:
         if job.app_status != "active":
@@ -333,7 +353,7 @@ class Outgoing:
         for plan in recorded:
             if plan.event is None and plan.job.wait is not None:
                 SHAPING_WAITS.labels(plan.job.row.recipient_domain, plan.job.wait.limit).inc()
-            else:
+            elif plan.outcome:  # an attempt's outcome (a suppression made no attempt)
                 DELIVERIES.labels(plan.outcome).inc()
 
     def _write_batch(self, conn: Connection, plans: list[_Plan]) -> bool:
@@ -384,6 +404,8 @@ class Outgoing:
 
     def _plan(self, job: Job, now: datetime) -> _Plan:
         """What recording `job` writes: the delivery's new columns, its attempt and event."""
+        if job.suppressed is not None:
+            return self._plan_suppressed(job, job.suppressed, now)
         if job.outcome is None and job.wait is not None:
             return self._plan_wait(job, job.wait, now)
         outcome = job.outcome or SoftFail(reply=None, retry_after=None, reason="not attempted")
@@ -501,6 +523,32 @@ class Outgoing:
             ),
             bounce_detail=bounce_detail,
             outcome=type(outcome).__name__,
+        )
+
+    def _plan_suppressed(self, job: Job, entry: tuple[str, str], now: datetime) -> _Plan:
+        """Ended as suppressed, without an attempt: the address was suppressed after the
+        delivery was queued (a bounce, complaint or unsubscribe from another message)."""
+        reason, source = entry
+        row = job.row
+        return _Plan(
+            job=job,
+            now=now,
+            values={
+                "status": "suppressed",
+                "last_reply": f"suppressed: {reason}",
+                "updated_at": now,
+            },
+            event=Event(
+                type=EventType.DELIVERY_SUPPRESSED,
+                at=now,
+                data={"reason": reason, "source": source, "when": "before_attempt"},
+                app_id=row.app_id,
+                stream=job.message.stream,
+                tag=job.message.tag,
+                message_id=row.message_id,
+                delivery_id=row.id,
+                recipient=row.recipient,
+            ),
         )
 
     def _plan_wait(self, job: Job, wait: Wait, now: datetime) -> _Plan:

@@ -24,11 +24,36 @@ class Queue:
     claimed: str
     # where a swept row goes back to (its lease expired: the worker died mid-flight)
     swept: str
+    # where a row goes when a bug broke its handling, and the column that keeps the error for
+    # the UI (which can retry it): out of the queue, never silently dropped
+    parked: str
+    error_column: str
 
 
-DELIVERIES = Queue(deliveries, due=("queued", "deferred"), claimed="sending", swept="deferred")
-WEBHOOK_REQUESTS = Queue(webhook_requests, due=("pending",), claimed="sending", swept="pending")
-INBOUND = Queue(inbound_messages, due=("pending",), claimed="sending", swept="pending")
+DELIVERIES = Queue(
+    deliveries,
+    due=("queued", "deferred"),
+    claimed="sending",
+    swept="deferred",
+    parked="held",
+    error_column="error",
+)
+WEBHOOK_REQUESTS = Queue(
+    webhook_requests,
+    due=("pending",),
+    claimed="sending",
+    swept="pending",
+    parked="failed",
+    error_column="last_error",
+)
+INBOUND = Queue(
+    inbound_messages,
+    due=("pending",),
+    claimed="sending",
+    swept="pending",
+    parked="failed",
+    error_column="last_error",
+)
 
 
 def claim(
@@ -118,6 +143,45 @@ def release_many(
         else:  # the driver cannot count an executemany: one statement each
             released += sum(conn.execute(statement, p).rowcount for p in params_list)
     return released
+
+
+def park(store: Store, queue: Queue, owner: str, ids: Sequence[Any], error: str) -> int:
+    """Rows of `ids` still leased to `owner` leave the queue for its parked status, keeping
+    `error` for the UI; returns how many. Rows already released are left as they are."""
+    if not ids:
+        return 0
+    t = queue.table
+    with store.write() as conn:
+        result = conn.execute(
+            update(t)
+            .where(_held_by(queue, owner), t.c.id.in_(list(ids)))
+            .values(
+                {
+                    t.c.status: queue.parked,
+                    t.c[queue.error_column]: error,
+                    t.c.lease_owner: None,
+                    t.c.lease_until: None,
+                }
+            )
+        )
+        return result.rowcount
+
+
+def hand_back(store: Store, queue: Queue, owner: str, ids: Sequence[Any]) -> int:
+    """Rows of `ids` still leased to `owner` go back to the queue, due now (a worker stopping
+    with work in hand); returns how many. Rows already released are left as they are."""
+    if not ids:
+        return 0
+    t = queue.table
+    with store.write() as conn:
+        result = conn.execute(
+            update(t)
+            .where(_held_by(queue, owner), t.c.id.in_(list(ids)))
+            .values(
+                status=queue.swept, lease_owner=None, lease_until=None, next_attempt_at=utcnow()
+            )
+        )
+        return result.rowcount
 
 
 @functools.cache

@@ -419,6 +419,8 @@ stat_counters = Table(
     Index(None, "app_id", "bucket"),
 )
 
+# Periodic tasks' turns (runner/periodic.py): one row per task, leased by whichever process
+# runs it, so each runs once per period across every process and node.
 worker_roles = Table(
     "worker_roles",
     metadata,
@@ -426,6 +428,11 @@ worker_roles = Table(
     Column("owner", String(64)),
     Column("lease_until", UTCDateTime),
     Column("last_run_at", UTCDateTime),
+    Column("next_run_at", UTCDateTime),
+    Column("last_error", Text),
+    Column("last_duration_ms", Integer),
+    Column("runs", Integer, nullable=False, server_default="0"),
+    Column("failures", Integer, nullable=False, server_default="0"),
 )
 
 idempotency_keys = Table(

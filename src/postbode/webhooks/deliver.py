@@ -4,7 +4,6 @@ signed JSON to each endpoint, logs every attempt, retries with backoff, disables
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import random
@@ -23,7 +22,9 @@ from sqlalchemy import Connection, Row, func, insert, select, update
 from postbode import __version__
 from postbode.config import Settings
 from postbode.runner.backoff import next_attempt_delay
+from postbode.runner.batch import BatchWriter
 from postbode.runner.owner import worker_name
+from postbode.runner.queue import QueueRunner, RunnerOptions
 from postbode.store import claim
 from postbode.store.claim import WEBHOOK_REQUESTS
 from postbode.store.engine import Store
@@ -42,8 +43,6 @@ from postbode.webhooks.signing import signed_headers
 
 log = logging.getLogger(__name__)
 
-IDLE_POLL_SECONDS = 0.25  # how often an idle worker looks for requests other processes queued
-SWEEP_SECONDS = 30.0  # how often expired leases (a dead worker's) go back to the queue
 LEASE = timedelta(minutes=5)  # far above the request timeout: a lease never needs renewing
 BATCH_SIZE = 200  # requests claimed per claim at most
 BODY_LOG_BYTES = 1024  # of each response body, kept in the attempt log
@@ -108,7 +107,10 @@ def open_session(timeout: float, pool_size: int) -> aiohttp.ClientSession:
 
 
 class WebhookWorker:
-    """One process's webhook loop: at most `webhook_concurrency` requests in flight."""
+    """One process's webhook loop: the webhook_requests queue under a queue runner, at most
+    `webhook_concurrency` requests in flight, their attempts recorded in batches."""
+
+    queue = WEBHOOK_REQUESTS
 
     def __init__(
         self,
@@ -123,67 +125,50 @@ class WebhookWorker:
         self.store = store
         self.owner = owner or worker_name()
         self.concurrency = max(1, settings.webhook_concurrency)
-        self._session = session
-        self.wakeup = asyncio.Event()
-        self._held: set[Any] = set()  # ids leased to this worker and not yet recorded
-        self._sent: set[Any] = set()  # of those, the ones whose attempt is over
-        self._results: list[Result] = []
-        self._result_ready = asyncio.Event()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._given_session = session
+        self._session: aiohttp.ClientSession | None = session
+        self._recorder: BatchWriter[Result] = BatchWriter(self._record)
+        self.runner: QueueRunner[Job] = QueueRunner(
+            "webhook_requests",
+            store,
+            self,
+            RunnerOptions(
+                concurrency=self.concurrency,
+                batch_size=BATCH_SIZE,
+                lease=LEASE,
+                poll_seconds=settings.runner_poll_seconds,
+                stop_grace_seconds=STOP_GRACE_SECONDS,
+            ),
+            owner=self.owner,
+        )
 
     def notify(self) -> None:
-        """Requests were queued in this process: look now instead of at the next poll."""
-        self.wakeup.set()
+        """Requests were queued: look now instead of at the next poll."""
+        self.runner.notify()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and send until `stop` is set; then finish (or hand back) what is in hand."""
-        session = self._session or open_session(self.settings.webhook_timeout, self.concurrency)
-        recorder = asyncio.create_task(self._record_forever())
-        housekeeping = asyncio.create_task(self._housekeeping(stop))
+        if self._session is None:
+            self._session = open_session(self.settings.webhook_timeout, self.concurrency)
         try:
-            while not stop.is_set():
-                free = self.concurrency - len(self._held)
-                if free <= 0:
-                    await self._wait(stop, timeout=IDLE_POLL_SECONDS)
-                    continue
-                jobs = await asyncio.to_thread(self._claim_and_load, min(free, BATCH_SIZE))
-                if not jobs:
-                    self.wakeup.clear()
-                    await self._wait(stop, timeout=IDLE_POLL_SECONDS)
-                    continue
-                for job in jobs:
-                    self._held.add(job.row.id)
-                    task = asyncio.create_task(self._send(session, job))
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
+            await self.runner.run(stop)
+            await self._recorder.flush()
         finally:
-            await self._finish()
-            recorder.cancel()
-            housekeeping.cancel()
-            for task in (recorder, housekeeping):
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            if self._results:  # what finished while stopping is still written down
-                await asyncio.to_thread(self._record, self._take_results())
-            if session is not self._session:
-                await session.close()  # waits for its connections to close
+            if self._session is not self._given_session:
+                await self._session.close()  # waits for its connections to close
+            self._session = self._given_session
 
-    # -- claiming and preparing (in a thread) ----------------------------------------------
+    # -- the runner's handler -------------------------------------------------------------
 
-    def _claim_and_load(self, limit: int) -> list[Job]:
-        with self.store.read() as conn:  # a cheap look first: idle polls take no write lock
-            due = conn.execute(
-                select(webhook_requests.c.id)
-                .where(
-                    webhook_requests.c.status.in_(WEBHOOK_REQUESTS.due),
-                    webhook_requests.c.next_attempt_at <= utcnow(),
-                )
-                .limit(1)
-            ).first()
-        if due is None:
-            return []
-        rows = claim.claim(self.store, WEBHOOK_REQUESTS, self.owner, limit, LEASE)
-        return self.prepare(rows) if rows else []
+    def ids(self, unit: Job) -> list[Any]:
+        return [unit.row.id]
+
+    async def handle(self, unit: Job) -> None:
+        """Send one request, then record its attempt with others that finished meanwhile."""
+        assert self._session is not None, "handle() runs only inside run()"
+        result = await self._send(self._session, unit)
+        log_attempt(result)
+        await self._recorder.submit(result)
 
     def prepare(self, rows: Sequence[Row[Any]]) -> list[Job]:
         """The body and signed headers of each claimed request."""
@@ -245,7 +230,7 @@ class WebhookWorker:
 
     # -- sending -----------------------------------------------------------------------------
 
-    async def _send(self, session: aiohttp.ClientSession, job: Job) -> None:
+    async def _send(self, session: aiohttp.ClientSession, job: Job) -> Result:
         result = Result(job=job, started_at=utcnow())
         if job.fail_reason is None and job.hook is not None and job.headers is not None:
             started = time.perf_counter()
@@ -271,57 +256,36 @@ class WebhookWorker:
                 log.exception("webhook request %s failed", job.row.id)
                 result.error = f"{type(exc).__name__}: {exc}"
             result.duration_ms = int((time.perf_counter() - started) * 1000)
-        self._sent.add(job.row.id)
-        self._results.append(result)
-        self._result_ready.set()
+        return result
 
     # -- recording (in a thread, one transaction per batch of results) -------------------------
 
-    def _take_results(self) -> list[Result]:
-        batch, self._results = self._results, []
-        self._result_ready.clear()
-        return batch
-
-    async def _record_forever(self) -> None:
-        while True:
-            await self._result_ready.wait()
-            batch = self._take_results()
-            try:
-                await asyncio.to_thread(self._record, batch)
-            finally:
-                ids = {r.job.row.id for r in batch}
-                self._held -= ids
-                self._sent -= ids
-                self.wakeup.set()  # slots are free again
-
-    def _record(self, batch: list[Result]) -> None:
-        now = utcnow()
+    def _record(self, batch: list[Result]) -> list[BaseException | None] | None:
+        """One transaction for the batch; should it fail, one per result, so one bad result
+        does not lose the others (its own error goes to its handler: the runner parks it)."""
         try:
-            with self.store.write() as conn:
-                delivered = [r for r in batch if r.ok and r.job.fail_reason is None]
-                self._record_delivered(conn, delivered, now)
-                for result in batch:
-                    if not (result.ok and result.job.fail_reason is None):
-                        self._record_one(conn, result, now)
-        except Exception:
+            self._write(batch)
+        except Exception as exc:
             if len(batch) == 1:
-                log.exception("recording webhook request %s failed", batch[0].job.row.id)
-                self._park(batch[0], traceback.format_exc(limit=5))
-                return
-            # One bad result must not lose the others: write them one by one.
+                return [exc]
+            errors: list[BaseException | None] = []
             for result in batch:
-                self._record([result])
+                try:
+                    self._write([result])
+                    errors.append(None)
+                except Exception as one:
+                    errors.append(one)
+            return errors
+        return None
 
-    def _park(self, result: Result, error: str) -> None:
-        with contextlib.suppress(Exception), self.store.write() as conn:
-            claim.release_in(
-                conn,
-                WEBHOOK_REQUESTS,
-                self.owner,
-                result.job.row.id,
-                status="failed",
-                last_error=error,
-            )
+    def _write(self, batch: list[Result]) -> None:
+        now = utcnow()
+        with self.store.write() as conn:
+            delivered = [r for r in batch if r.ok and r.job.fail_reason is None]
+            self._record_delivered(conn, delivered, now)
+            for result in batch:
+                if not (result.ok and result.job.fail_reason is None):
+                    self._record_one(conn, result, now)
 
     def _record_delivered(self, conn: Connection, results: list[Result], now: datetime) -> None:
         """Successes, the common case, a few statements for the whole batch."""
@@ -441,44 +405,22 @@ class WebhookWorker:
         if disable_reason is not None and disable(conn, hook, disable_reason, now):
             log.warning("disabled webhook %s (%s): %s", hook.id, hook.url, disable_reason)
 
-    # -- housekeeping --------------------------------------------------------------------------
 
-    async def _housekeeping(self, stop: asyncio.Event) -> None:
-        """Return the requests of dead workers (expired leases) to the queue."""
-        while not stop.is_set():
-            await self._wait(stop, timeout=SWEEP_SECONDS, wakeup=False)
-            swept = await asyncio.to_thread(claim.sweep, self.store, WEBHOOK_REQUESTS)
-            if swept:
-                log.warning("returned %d webhook requests with expired leases to the queue", swept)
-
-    async def _finish(self) -> None:
-        """Let requests in hand finish for a while; what does not is handed back."""
-        if not self._tasks:
-            return
-        _, pending = await asyncio.wait(self._tasks, timeout=STOP_GRACE_SECONDS)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        unsent = list(self._held - self._sent)
-        if unsent:
-            await asyncio.to_thread(self._hand_back, unsent)
-
-    def _hand_back(self, ids: list[Any]) -> None:
-        with self.store.write() as conn:
-            for row_id in ids:
-                claim.release_in(
-                    conn, WEBHOOK_REQUESTS, self.owner, row_id, next_attempt_at=utcnow()
-                )
-
-    async def _wait(self, stop: asyncio.Event, timeout: float, wakeup: bool = True) -> None:
-        """Until stop, new requests (if `wakeup`) or the timeout."""
-        waiters = {asyncio.create_task(stop.wait())}
-        if wakeup:
-            waiters.add(asyncio.create_task(self.wakeup.wait()))
-        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        for w in waiters:
-            w.cancel()
-        await asyncio.gather(*waiters, return_exceptions=True)
+def log_attempt(result: Result) -> None:
+    """One structured log line per webhook request attempt (or request failed unsent)."""
+    job = result.job
+    log.info(
+        "webhook.attempt request=%s webhook=%s event=%s url=%s status=%s error=%s "
+        "duration_ms=%d attempt=%d",
+        job.row.id,
+        job.row.webhook_id,
+        job.row.event_id,
+        job.hook.url if job.hook is not None else "-",
+        result.status_code if result.status_code is not None else "-",
+        json.dumps(result.error or job.fail_reason) if (result.error or job.fail_reason) else "-",
+        result.duration_ms,
+        job.row.attempts + 1,
+    )
 
 
 async def _read_start(response: aiohttp.ClientResponse) -> str:

@@ -7,6 +7,7 @@ import errno
 import random
 import socket
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
@@ -21,6 +22,7 @@ from postbode.testing.dns import LoopbackDNS
 from postbode.testing.factories import events_refused_for, make_queued_message
 from postbode.testing.servers import PostbodeInProcess, StartPostbode, send
 from postbode.testing.sink import DROP, STALL, Rule, SmtpSink, Stage
+from postbode.web.app import create_app
 
 # Small client timeouts for the stall tests: long enough for a loaded CI machine to answer an
 # EHLO, short enough that a stalled peer costs a test about a second.
@@ -389,3 +391,46 @@ def test_a_failure_recording_one_outcome_parks_only_that_delivery(
         f"one delivery's recording failure parked the whole batch: alice is {alice['status']}"
     )
     assert [t for t, _ in events_of(store, "alice@dest.test")][-1] == "delivery.delivered"
+
+
+# -- suppressed while it waited -------------------------------------------------------------------
+
+
+def test_a_deferred_delivery_to_an_address_suppressed_since_ends_suppressed_unsent(
+    start_postbode: StartPostbode,
+    shop: tenancy.NewApp,
+    mx_sink: SmtpSink,
+    store: Store,
+) -> None:
+    mx_sink.script.add(Rule.rcpt("gone@dest.test", "451 4.2.0 Mailbox busy, try again later"))
+    postbode = start_postbode()
+    send(postbode, shop, "gone@dest.test")
+    wait_status(store, "gone@dest.test", "deferred")
+    assert len(rcpt_replies(mx_sink, "gone@dest.test")) == 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Starlette's TestClient prefers httpx2
+        from fastapi.testclient import TestClient
+
+    web = create_app(postbode.settings, store)
+    with TestClient(web) as client:
+        answer = client.post(
+            "/api/v1/suppressions",
+            json={"suppressions": [{"email": "gone@dest.test", "reason": "manual"}]},
+            headers={"Authorization": f"Bearer {shop.api_key}"},
+        )
+        assert client.portal is not None
+        client.portal.call(web.state.acceptor.close)
+    assert answer.status_code in (200, 201), answer.text
+
+    retry_now(postbode)
+    row = wait_status(store, "gone@dest.test", "suppressed")
+    assert row["last_reply"] == "suppressed: manual"
+    assert row["attempts"] == 1  # no second attempt was made
+    assert len(rcpt_replies(mx_sink, "gone@dest.test")) == 1, "nothing more reached the MX"
+    assert [t for t, _ in events_of(store, "gone@dest.test")] == [
+        "delivery.queued",
+        "delivery.deferred",
+        "delivery.suppressed",
+    ]
+    assert events_of(store, "gone@dest.test")[-1][1]["when"] == "before_attempt"

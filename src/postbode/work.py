@@ -1,0 +1,98 @@
+"""Every queue runner and periodic task of this build: the one list worker processes start and
+`postbode worker --list` prints. Pipeline packages provide the handlers; this module only
+names them and their schedules."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from postbode.config import Settings
+from postbode.runner.periodic import PeriodicTask
+from postbode.runner.registry import Registry, Runnable, RunnerSpec
+from postbode.store import claim
+from postbode.store.engine import Store
+
+SWEEP_EVERY_SECONDS = 30.0  # the longest a dead worker's rows wait past their lease
+COMPACT_STATISTICS_EVERY_SECONDS = 300.0
+
+
+def registry(settings: Settings) -> Registry:
+    reg = Registry()
+
+    def deliveries(store: Store) -> Runnable:
+        from postbode.delivery.worker import DeliveryWorker
+
+        return DeliveryWorker(settings, store)
+
+    def webhook_requests(store: Store) -> Runnable:
+        from postbode.webhooks.deliver import WebhookWorker
+
+        return WebhookWorker(settings, store)
+
+    reg.add_runner(
+        RunnerSpec(
+            "deliveries",
+            "Sends queued mail to the recipients' MX hosts (DKIM, shaping, retries).",
+            deliveries,
+        )
+    )
+    reg.add_runner(
+        RunnerSpec(
+            "webhook_requests",
+            "POSTs signed events to the apps' webhook endpoints (retries, disabling).",
+            webhook_requests,
+        )
+    )
+
+    for queue, every in (
+        (claim.DELIVERIES, min(SWEEP_EVERY_SECONDS, settings.delivery_lease_seconds / 3)),
+        (claim.WEBHOOK_REQUESTS, SWEEP_EVERY_SECONDS),
+        (claim.INBOUND, SWEEP_EVERY_SECONDS),
+    ):
+        reg.add_task(
+            PeriodicTask(
+                f"sweep.{queue.table.name}",
+                every,
+                _sweeper(queue),
+                f"Returns {queue.table.name} whose lease expired (a dead worker's) to the queue.",
+            )
+        )
+    reg.add_task(
+        PeriodicTask(
+            "stats.compact",
+            COMPACT_STATISTICS_EVERY_SECONDS,
+            _compact_statistics,
+            "Merges aged statistics rows into coarser buckets, so long charts read few rows.",
+        )
+    )
+    reg.add_task(
+        PeriodicTask(
+            "domains.dns_check",
+            float(settings.dns_check_every_seconds),
+            lambda store: _check_domains(store, settings),
+            "Looks up every domain's SPF, DKIM, return-path and DMARC records again; a change "
+            "is a domain.dns_changed event.",
+            delay_first=True,
+        )
+    )
+    return reg
+
+
+def _sweeper(queue: claim.Queue) -> Any:
+    def sweep(store: Store) -> int:
+        return claim.sweep(store, queue)
+
+    return sweep
+
+
+def _compact_statistics(store: Store) -> None:
+    from postbode.stats.rollup import compact
+
+    compact(store)
+
+
+def _check_domains(store: Store, settings: Settings) -> None:
+    from postbode import dnscheck
+
+    asyncio.run(dnscheck.check_all(store, settings))
