@@ -135,3 +135,19 @@ def test_serve_answers_healthz_and_metrics_and_stops_on_sigterm(
         assert "postbode_accepted_messages_total" in metrics.text
     finally:
         assert server.stop() == 0, server.log()
+
+
+def test_worker_list_names_every_queue_runner_and_periodic_task(tmp_path: Path) -> None:
+    result = postbode(tmp_path, "worker", "--list", "--json")
+    assert result.returncode == 0, result.stderr
+    listed = {(e["kind"], e["name"]): e for e in json.loads(result.stdout)}
+    assert {("queue", "deliveries"), ("queue", "webhook_requests")} <= set(listed)
+    assert {
+        ("task", "sweep.deliveries"),
+        ("task", "sweep.webhook_requests"),
+        ("task", "stats.compact"),
+        ("task", "domains.dns_check"),
+    } <= set(listed)
+    assert all(e["does"] for e in listed.values())
+    table = postbode(tmp_path, "worker", "--list")
+    assert table.returncode == 0 and "sweep.deliveries" in table.stdout
