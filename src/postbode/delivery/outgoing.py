@@ -36,6 +36,7 @@ from postbode.runner.backoff import next_attempt_delay
 from postbode.store.claim import DELIVERIES as DELIVERY_QUEUE
 from postbode.store.claim import release_in, release_many
 from postbode.store.engine import Store
+from postbode.store.retry import is_transient, retrying
 from postbode.store.schema import apps, attempts, domains, messages, raw_messages, utcnow
 from postbode.tracking.rewrite import track
 
@@ -331,7 +332,22 @@ class Outgoing:
             except Exception:  # a bug: park this delivery where the UI shows it
                 log.exception("recording delivery %s failed", job.id)
                 broken.append((job, traceback.format_exc(limit=5)))
+        # The mail may already be at the MX: a store that is away for a moment (a restart, a
+        # dropped connection) is waited for rather than the outcome lost.
+        recorded = retrying(
+            lambda: self._write(plans, broken), f"recording {len(jobs)} delivery outcomes"
+        )
+        for plan in recorded:
+            if plan.event is None and plan.job.wait is not None:
+                SHAPING_WAITS.labels(plan.job.row.recipient_domain, plan.job.wait.limit).inc()
+            elif plan.outcome:  # an attempt's outcome (a suppression made no attempt)
+                DELIVERIES.labels(plan.outcome).inc()
+
+    def _write(self, plans: list[_Plan], broken: list[tuple[Job, str]]) -> list[_Plan]:
+        """One transaction for the outcomes; returns the plans recorded (a lost lease's are
+        not). Plans that fail one by one are parked with their traceback."""
         recorded: list[_Plan] = []
+        parked = list(broken)
         with self.store.write() as conn:
             if (
                 len(plans) > 1
@@ -345,16 +361,14 @@ class Outgoing:
                         with conn.begin_nested():
                             if self._write_one(conn, plan):
                                 recorded.append(plan)
-                    except Exception:
+                    except Exception as exc:
+                        if is_transient(exc):
+                            raise  # the whole transaction is tried again
                         log.exception("recording delivery %s failed", plan.job.id)
-                        broken.append((plan.job, traceback.format_exc(limit=5)))
-            for job, error in broken:
+                        parked.append((plan.job, traceback.format_exc(limit=5)))
+            for job, error in parked:
                 release_in(conn, DELIVERY_QUEUE, self.owner, job.id, status="held", error=error)
-        for plan in recorded:
-            if plan.event is None and plan.job.wait is not None:
-                SHAPING_WAITS.labels(plan.job.row.recipient_domain, plan.job.wait.limit).inc()
-            elif plan.outcome:  # an attempt's outcome (a suppression made no attempt)
-                DELIVERIES.labels(plan.outcome).inc()
+        return recorded
 
     def _write_batch(self, conn: Connection, plans: list[_Plan]) -> bool:
         """All the plans with one statement per table, in a savepoint; False (and nothing
@@ -377,6 +391,8 @@ class Outgoing:
         except _LeaseLost:
             return False  # one by one, to tell which lease was lost
         except Exception as exc:
+            if is_transient(exc):
+                raise  # the whole transaction is tried again
             log.warning("recording %d outcomes at once failed (%s); one by one", len(plans), exc)
             return False
         return True

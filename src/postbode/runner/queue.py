@@ -18,6 +18,7 @@ from postbode.runner.owner import worker_name
 from postbode.store import claim
 from postbode.store.claim import Queue
 from postbode.store.engine import Store
+from postbode.store.retry import is_transient
 from postbode.store.schema import utcnow
 
 log = logging.getLogger(__name__)
@@ -175,7 +176,18 @@ class QueueRunner(Generic[U]):
             # Stopping: what was not recorded goes back to the queue for another worker.
             await asyncio.shield(self._hand_back(ids))
             raise
-        except Exception:
+        except Exception as exc:
+            if is_transient(exc):
+                # The store was away (a restart, a dropped connection): not the rows' fault.
+                # They go back to the queue for the next try.
+                log.warning(
+                    "%s: the store failed while handling %d rows (%s); handing them back",
+                    self.name,
+                    len(ids),
+                    exc,
+                )
+                await self._hand_back(ids)
+                return
             # A bug, not a failure of the work itself (handlers record those as outcomes):
             # park the unit's rows with the traceback where the UI shows them (the "shunt").
             log.exception("%s: handling %d rows failed", self.name, len(ids))
@@ -301,7 +313,3 @@ async def wait_any(
         for task in made:
             task.cancel()
         await asyncio.gather(*made, return_exceptions=True)
-
-
-
-

@@ -40,9 +40,17 @@ class PostbodeProcess:
     """`postbode <command>` as a child process; `http_url` once it answers /healthz."""
 
     def __init__(
-        self, data_dir: Path, env: Mapping[str, str] | None = None, command: str = "serve"
+        self,
+        data_dir: Path,
+        env: Mapping[str, str] | None = None,
+        command: str = "serve",
+        *,
+        new_session: bool = False,
     ) -> None:
+        """`new_session`: in a process group of its own (so it and its children can be
+        signalled together)."""
         self.data_dir = data_dir
+        self.new_session = new_session
         self.http_port = free_port()
         self.smtp_port = free_port()
         self.command = command
@@ -69,6 +77,7 @@ class PostbodeProcess:
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
+            start_new_session=self.new_session,
         )
         log.close()
         if self.command in ("serve", "web"):

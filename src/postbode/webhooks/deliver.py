@@ -28,6 +28,7 @@ from postbode.runner.queue import QueueRunner, RunnerOptions
 from postbode.store import claim
 from postbode.store.claim import WEBHOOK_REQUESTS
 from postbode.store.engine import Store
+from postbode.store.retry import is_transient, retrying
 from postbode.store.schema import (
     apps,
     events,
@@ -263,15 +264,16 @@ class WebhookWorker:
     def _record(self, batch: list[Result]) -> list[BaseException | None] | None:
         """One transaction for the batch; should it fail, one per result, so one bad result
         does not lose the others (its own error goes to its handler: the runner parks it)."""
+        what = f"recording {len(batch)} webhook attempts"
         try:
-            self._write(batch)
+            retrying(lambda: self._write(batch), what)
         except Exception as exc:
-            if len(batch) == 1:
-                return [exc]
+            if len(batch) == 1 or is_transient(exc):
+                return [exc] * len(batch)
             errors: list[BaseException | None] = []
             for result in batch:
                 try:
-                    self._write([result])
+                    retrying(lambda result=result: self._write([result]), what)  # type: ignore[misc]
                     errors.append(None)
                 except Exception as one:
                     errors.append(one)

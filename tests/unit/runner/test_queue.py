@@ -265,3 +265,24 @@ def test_batch_writer_gives_each_submitter_its_own_result() -> None:
     assert isinstance(results[13], ValueError)
     assert sorted(i for batch in written for i in batch) == list(range(20))
     assert len(written) < 20  # submitted together, written together
+
+
+def test_a_store_outage_while_handling_hands_the_rows_back_instead_of_parking(
+    store: Store,
+) -> None:
+    fill(store, ["r@dest.test"])
+    flaky = FlakyStore(store)
+
+    class StoreGoesAway(Recording):
+        tries = 0
+
+        def _record(self, unit: Row[Any]) -> None:
+            self.tries += 1
+            if self.tries == 1:
+                flaky.failures = 1  # the database restarts just as we record
+            super()._record(unit)
+
+    handler = StoreGoesAway(flaky)
+    asyncio.run(run_until(runner_for(flaky, handler), lambda: handler.handled == ["r@dest.test"]))
+    assert handler.tries == 2  # handed back, claimed again, recorded
+    assert statuses(store)["r@dest.test"] == ("delivered", None, None)
