@@ -319,11 +319,10 @@ def _settle(
 
 def _final_counts(store: Store) -> dict[str, int]:
     with store.read() as conn:
-        return dict(
-            conn.execute(select(deliveries.c.status, func.count()).group_by(deliveries.c.status))
-            .tuples()
-            .all()
-        )
+        rows = conn.execute(
+            select(deliveries.c.status, func.count()).group_by(deliveries.c.status)
+        ).all()
+        return {status: count for status, count in rows}
 
 
 def run(
