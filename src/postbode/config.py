@@ -193,6 +193,12 @@ class Settings(BaseSettings):
         description="How often every domain's DNS records are looked up again (a change is a "
         "domain.dns_changed event).",
     )
+    webhook_allow_private: str = Field(
+        "",
+        description="Private destinations webhooks may reach anyway: comma-separated CIDRs, "
+        "addresses and host names (e.g. `10.1.2.0/24,hooks.corp.example`); every other "
+        "loopback, private, link-local or reserved address is refused.",
+    )
     tracking_bot_window_seconds: float = Field(
         10.0,
         description="Opens and clicks this soon after delivery are counted as bots (scanners).",

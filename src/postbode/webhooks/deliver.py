@@ -16,6 +16,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 
 import aiohttp
+from aiohttp.abc import AbstractResolver
 from prometheus_client import Counter
 from sqlalchemy import Connection, Row, func, insert, select, update
 
@@ -39,6 +40,13 @@ from postbode.store.schema import (
     webhooks,
 )
 from postbode.webhooks import formats
+from postbode.webhooks.destinations import (
+    EXCERPT_CHARS,
+    DestinationPolicy,
+    describe_failure,
+    excerpt,
+    guarded_connector,
+)
 from postbode.webhooks.manage import disable, secrets_in_force
 from postbode.webhooks.signing import signed_headers
 
@@ -46,7 +54,7 @@ log = logging.getLogger(__name__)
 
 LEASE = timedelta(minutes=5)  # far above the request timeout: a lease never needs renewing
 BATCH_SIZE = 200  # requests claimed per claim at most
-BODY_LOG_BYTES = 1024  # of each response body, kept in the attempt log
+BODY_LOG_BYTES = 4 * EXCERPT_CHARS  # read of each response body, for its excerpt
 STOP_GRACE_SECONDS = 15.0
 CONNECTION_IDLE_SECONDS = 300.0  # a keep-alive connection is closed after this long unused
 USER_AGENT = f"Postbode-Webhooks/{__version__}"
@@ -86,14 +94,24 @@ class Result:
         return self.status_code is not None and 200 <= self.status_code < 300
 
 
-def open_session(timeout: float, pool_size: int) -> aiohttp.ClientSession:
+def open_session(
+    timeout: float,
+    pool_size: int,
+    policy: DestinationPolicy | None = None,
+    resolver: AbstractResolver | None = None,
+) -> aiohttp.ClientSession:
     """The worker's HTTP client: one keep-alive pool for every endpoint, `pool_size`
     connections at most, reused per origin (scheme, host, port); must be made on the loop.
 
-    Certificates are checked against the system's CAs (`ssl=True`); the endpoint's URL alone
-    says where a request goes (no proxies from the environment); no cookie is kept, so one
-    app's endpoint never sees another's."""
-    connector = aiohttp.TCPConnector(
+    It connects only where `policy` allows (public addresses, plus the operator's
+    allow-list), checking every address a name resolves to and every address it opens a
+    socket to, so a name that resolves inward after registration is refused. Certificates
+    are checked against the system's CAs (`ssl=True`); the endpoint's URL alone says where a
+    request goes (no proxies from the environment); no cookie is kept, so one app's endpoint
+    never sees another's. `resolver` (default: the system's) answers the names."""
+    connector = guarded_connector(
+        policy or DestinationPolicy(),
+        resolver,
         limit=pool_size,
         ssl=True,
         keepalive_timeout=CONNECTION_IDLE_SECONDS,
@@ -150,7 +168,11 @@ class WebhookWorker:
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and send until `stop` is set; then finish (or hand back) what is in hand."""
         if self._session is None:
-            self._session = open_session(self.settings.webhook_timeout, self.concurrency)
+            self._session = open_session(
+                self.settings.webhook_timeout,
+                self.concurrency,
+                DestinationPolicy.from_settings(self.settings),
+            )
         try:
             await self.runner.run(stop)
             await self._recorder.flush()
@@ -426,9 +448,10 @@ def log_attempt(result: Result) -> None:
 
 
 async def _read_start(response: aiohttp.ClientResponse) -> str:
-    """The first BODY_LOG_BYTES of a response body (decompressed if the endpoint compressed
-    it), as text. The rest is never read: a connection left with unread body is closed, not
-    reused."""
+    """A short, sanitised excerpt of the response body (decompressed if the endpoint
+    compressed it): the first BODY_LOG_BYTES only are read, so a large answer costs nothing
+    and the log cannot carry back what an endpoint serves. A connection left with unread
+    body is closed, not reused."""
     chunks: list[bytes] = []
     size = 0
     while size < BODY_LOG_BYTES:
@@ -437,28 +460,14 @@ async def _read_start(response: aiohttp.ClientResponse) -> str:
             break
         chunks.append(chunk)
         size += len(chunk)
-    text = b"".join(chunks).decode("utf-8", "replace")
-    return text.replace("\x00", "\ufffd")  # PostgreSQL text holds no NUL
+    return excerpt(b"".join(chunks))
 
 
 def describe_error(exc: aiohttp.ClientError) -> str:
-    """An attempt's error for the log, named by what went wrong rather than by the HTTP
-    library's class: ConnectError (no connection, TLS refused), RemoteProtocolError (the
-    endpoint hung up or answered something other than HTTP), NetworkError (the connection
-    failed mid-exchange); anything else by its class."""
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        kind = "ConnectError"
-    elif isinstance(
-        exc,
-        aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError | aiohttp.ClientResponseError,
-    ):
-        kind = "RemoteProtocolError"
-    elif isinstance(exc, aiohttp.ClientOSError | aiohttp.ClientConnectionResetError):
-        kind = "NetworkError"
-    else:
-        kind = type(exc).__name__
-    detail = str(exc)
-    return f"{kind}: {detail}" if detail else kind
+    """An attempt's error as the tenant sees it: one text per failure class (destination not
+    allowed, certificate refused, no HTTP answer), never the library's detail, which would
+    tell a closed port from one open to another protocol."""
+    return describe_failure(exc)
 
 
 def _retry_after(value: str | None) -> float | None:

@@ -23,6 +23,7 @@ from postbode.store.schema import (
     webhooks,
 )
 from postbode.webhooks import formats
+from postbode.webhooks.destinations import DestinationPolicy, excerpt, url_refusal
 from postbode.webhooks.signing import generate_secret
 
 ROTATION_GRACE = timedelta(hours=24)  # how long a rotated-out secret still signs
@@ -55,8 +56,11 @@ class WebhookError(ValueError):
 # -- validation -----------------------------------------------------------------------------
 
 
-def check_url(url: str) -> str:
-    """An absolute http or https URL with a host."""
+STRICT = DestinationPolicy()  # public destinations only
+
+
+def check_url(url: str, policy: DestinationPolicy = STRICT) -> str:
+    """An absolute http or https URL with a host the destination policy allows."""
     url = url.strip()
     if len(url) > MAX_URL_LENGTH:
         raise WebhookError(f"the URL is longer than {MAX_URL_LENGTH} characters", field="url")
@@ -71,6 +75,15 @@ def check_url(url: str) -> str:
         raise WebhookError("the URL has no host", field="url")
     if any(c.isspace() or ord(c) < 0x20 for c in url):
         raise WebhookError("the URL contains white space or control characters", field="url")
+    if parts.username is not None or parts.password is not None:
+        raise WebhookError("the URL must not carry a user name or password", field="url")
+    refusal = url_refusal(url, policy)
+    if refusal is not None:
+        raise WebhookError(
+            f"this destination is not allowed ({refusal}): webhooks go to public addresses",
+            code="destination_not_allowed",
+            field="url",
+        )
     return url
 
 
@@ -120,11 +133,13 @@ def create_webhook(
     *,
     enabled: bool = True,
     format: str = "native",
+    policy: DestinationPolicy = STRICT,
 ) -> dict[str, Any]:
-    """A new endpoint; the result carries its secret, shown this once."""
+    """A new endpoint; the result carries its secret, shown this once. The URL must lead
+    where `policy` allows (the operator's allow-list; by default public addresses only)."""
     values = {
         "app_id": app_id,
-        "url": check_url(url),
+        "url": check_url(url, policy),
         "event_types": check_event_types(event_types),
         "format": check_format(format),
         "enabled": enabled,
@@ -152,12 +167,19 @@ def get_webhook(store: Store, app_id: int, hook_id: int) -> dict[str, Any]:
         return public(_get(conn, app_id, hook_id))
 
 
-def update_webhook(store: Store, app_id: int, hook_id: int, **changes: Any) -> dict[str, Any]:
+def update_webhook(
+    store: Store,
+    app_id: int,
+    hook_id: int,
+    *,
+    policy: DestinationPolicy = STRICT,
+    **changes: Any,
+) -> dict[str, Any]:
     """Change url, event_types, format or enabled; enabling a disabled endpoint clears why it
     was disabled and its failure clock."""
     values: dict[str, Any] = {}
     if changes.get("url") is not None:
-        values["url"] = check_url(changes["url"])
+        values["url"] = check_url(changes["url"], policy)
     if changes.get("event_types") is not None:
         values["event_types"] = check_event_types(changes["event_types"])
     if changes.get("format") is not None:
@@ -255,7 +277,7 @@ def list_requests(
     limit: int = 50,
 ) -> tuple[list[dict[str, Any]], uuid.UUID | None]:
     """The endpoint's requests, newest first, each with its attempts (oldest first):
-    time, HTTP status, response time and the first 1 KB of the response body."""
+    time, HTTP status, response time and a short excerpt of the response body."""
     r = webhook_requests
     query = select(
         r.c.id,
@@ -295,6 +317,8 @@ def list_requests(
                 .order_by(a.c.started_at, a.c.id)
             ):
                 entry = dict(att._mapping)
+                if entry["response_body"] is not None:  # kept in full before excerpts were
+                    entry["response_body"] = excerpt(entry["response_body"].encode())
                 log[entry.pop("request_id")].append(entry)
     out = []
     for row in page:

@@ -1,4 +1,5 @@
-"""Peers for the webhook tests: a webhook receiver on loopback and a WebhookWorker on its loop."""
+"""Peers for the webhook tests: a webhook receiver on loopback and a WebhookWorker on its loop;
+the settings allow loopback destinations, as an operator allows an internal receiver."""
 
 from __future__ import annotations
 
@@ -19,6 +20,22 @@ from postbode.store.engine import Store
 from postbode.testing.servers import LoopThread
 from postbode.testing.sink import self_signed_certificate
 from postbode.webhooks.deliver import WebhookWorker
+from postbode.webhooks.destinations import DestinationPolicy
+
+LOOPBACK_ALLOWED = "127.0.0.0/8,::1,localhost"
+LOOPBACK = DestinationPolicy.parse(LOOPBACK_ALLOWED)
+
+
+@pytest.fixture
+def settings(store: Store, tmp_path: Path) -> Settings:
+    """The root `settings`, allowing webhooks to the loopback receivers."""
+    url = store.engine.url.render_as_string(hide_password=False)
+    return Settings(
+        data_dir=tmp_path,
+        database_url=url,
+        secret_key="test-secret-key",
+        webhook_allow_private=LOOPBACK_ALLOWED,
+    )
 
 
 @dataclass(frozen=True)

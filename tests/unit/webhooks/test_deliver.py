@@ -6,6 +6,7 @@ import asyncio
 from datetime import timedelta
 from email.utils import format_datetime
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -15,6 +16,7 @@ from postbode.store.engine import Store
 from postbode.store.schema import utcnow
 from postbode.webhooks import deliver
 from postbode.webhooks.deliver import WebhookWorker, _retry_after, describe_error
+from postbode.webhooks.destinations import BLOCKED_TEXT, CONNECTION_TEXT, BlockedDestination
 
 
 def test_retry_after_in_seconds_or_as_a_date() -> None:
@@ -28,22 +30,22 @@ def test_retry_after_in_seconds_or_as_a_date() -> None:
         assert _retry_after(unusable) is None, unusable
 
 
-def test_errors_are_named_by_what_went_wrong() -> None:
-    assert describe_error(aiohttp.ServerDisconnectedError()) == (
-        "RemoteProtocolError: Server disconnected"
-    )
-    assert describe_error(aiohttp.ClientPayloadError("Response payload is not completed")) == (
-        "RemoteProtocolError: Response payload is not completed"
-    )
-    assert describe_error(aiohttp.ClientOSError(104, "Connection reset by peer")) == (
-        "NetworkError: [Errno 104] Connection reset by peer"
-    )
-    assert describe_error(
-        aiohttp.ClientConnectionResetError("Cannot write to closing transport")
-    ) == ("NetworkError: Cannot write to closing transport")
-    assert describe_error(aiohttp.InvalidUrlClientError("ftp:/x")) == (
-        "InvalidUrlClientError: ftp:/x"
-    )
+def test_errors_are_one_text_per_failure_class() -> None:
+    """A closed port, a port open to another protocol and a reset connection read alike: the
+    log must not help map a network."""
+    conn_key = aiohttp.client_reqrep.ConnectionKey("127.0.0.1", 1, False, True, None, None, None)
+    same = {
+        describe_error(aiohttp.ServerDisconnectedError()),
+        describe_error(aiohttp.ClientPayloadError("Response payload is not completed")),
+        describe_error(aiohttp.ClientOSError(104, "Connection reset by peer")),
+        describe_error(aiohttp.ClientConnectionResetError("Cannot write to closing transport")),
+        describe_error(aiohttp.ClientConnectorError(conn_key, ConnectionRefusedError(111, "x"))),
+        describe_error(aiohttp.ClientResponseError(None, (), message="Invalid status line")),  # type: ignore[arg-type]
+        describe_error(aiohttp.InvalidUrlClientError("ftp:/x")),
+    }
+    assert same == {CONNECTION_TEXT}
+    blocked = aiohttp.ClientConnectorError(conn_key, BlockedDestination(BLOCKED_TEXT))
+    assert describe_error(blocked) == BLOCKED_TEXT
 
 
 @pytest.fixture
@@ -76,8 +78,8 @@ def test_the_worker_closes_the_session_it_made(
     made: list[aiohttp.ClientSession] = []
     real = deliver.open_session
 
-    def recording(timeout: float, pool_size: int) -> aiohttp.ClientSession:
-        made.append(real(timeout, pool_size))
+    def recording(timeout: float, pool_size: int, *args: Any) -> aiohttp.ClientSession:
+        made.append(real(timeout, pool_size, *args))
         return made[-1]
 
     monkeypatch.setattr(deliver, "open_session", recording)

@@ -16,6 +16,7 @@ from postbode.store.engine import Store
 from postbode.web.auth import ApiApp
 from postbode.web.errors import ApiError
 from postbode.webhooks import manage
+from postbode.webhooks.destinations import DestinationPolicy
 
 PAGE_SIZE = 50
 MAX_PAGE_SIZE = 100
@@ -76,7 +77,10 @@ class AttemptOut(BaseModel):
     status_code: int | None
     duration_ms: int = Field(description="Response time")
     error: str | None
-    response_body: str | None = Field(description="The first 1 KB of the response body")
+    response_body: str | None = Field(
+        description="The start of the response body: one line of printable text, 200 "
+        "characters at most"
+    )
 
 
 class RequestOut(BaseModel):
@@ -111,6 +115,11 @@ class ReplayOut(BaseModel):
     created_at: datetime
 
 
+def _policy(request: Request) -> DestinationPolicy:
+    """Where webhooks may go: public addresses, and what the operator allows."""
+    return DestinationPolicy.from_settings(request.app.state.settings)
+
+
 async def _call(request: Request, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run a store function off the event loop; its WebhookError becomes the JSON error."""
     store: Store = request.app.state.store
@@ -131,6 +140,7 @@ async def create_webhook(body: WebhookIn, request: Request, app_id: ApiApp) -> d
         [str(t) for t in body.event_types],
         enabled=body.enabled,
         format=body.format,
+        policy=_policy(request),
     )
 
 
@@ -152,7 +162,9 @@ async def update_webhook(
     changes = body.model_dump(exclude_unset=True)
     if changes.get("event_types") is not None:
         changes["event_types"] = [str(t) for t in changes["event_types"]]
-    return await _call(request, manage.update_webhook, app_id, webhook_id, **changes)
+    return await _call(
+        request, manage.update_webhook, app_id, webhook_id, policy=_policy(request), **changes
+    )
 
 
 @router.delete("/{webhook_id}", status_code=204)
@@ -178,7 +190,7 @@ async def list_requests(
     cursor: Annotated[UUID | None, Query(description="`next_cursor` of the previous page")] = None,
 ) -> dict[str, Any]:
     """The delivery log: requests newest first, each with every attempt (time, HTTP status,
-    response time, the first 1 KB of the response body)."""
+    response time, a short excerpt of the response body)."""
     data, next_cursor = await _call(
         request,
         manage.list_requests,

@@ -32,6 +32,7 @@ from postbode.web.ui.core import (
     url,
 )
 from postbode.webhooks import manage as webhooks
+from postbode.webhooks.destinations import DestinationPolicy
 
 router = APIRouter(route_class=UiRoute, include_in_schema=False)
 
@@ -293,6 +294,7 @@ async def create_webhook(request: Request, viewer: CanChange, name: str) -> Resp
             values["url"],
             values["event_types"],
             enabled=values["enabled"],
+            policy=DestinationPolicy.from_settings(settings_of(request)),
         )
     except webhooks.WebhookError as exc:
         return redirect(request, back, exc.message, "error")
@@ -364,7 +366,10 @@ async def _hook_change(
     try:
         if action == "update":
             values = _hook_form(form)
-            await run_in_threadpool(webhooks.update_webhook, store, app.id, hook_id, **values)
+            policy = DestinationPolicy.from_settings(settings_of(request))
+            await run_in_threadpool(
+                webhooks.update_webhook, store, app.id, hook_id, policy=policy, **values
+            )
             await run_in_threadpool(
                 audit_now, store, viewer, request, "webhook.update", target, values
             )
