@@ -59,6 +59,12 @@ class Settings(BaseSettings):
     # -- listeners --------------------------------------------------------------------------
     http_host: str = Field("127.0.0.1", description="Address the HTTP API and web UI listen on.")
     http_port: int = Field(8025, description="Port the HTTP API and web UI listen on.")
+    http_max_body_bytes: int = Field(
+        1024 * 1024,
+        ge=1024,
+        description="Largest request body of an HTTP route, refused with 413 as it streams in "
+        "(the send API takes twice smtp_max_message_size, CSV imports 10 MiB).",
+    )
     smtp_host: str = Field("127.0.0.1", description="Address the SMTP listener binds to.")
     smtp_port: int = Field(2525, description="Port of the SMTP listener (submission and bounces).")
     smtp_hostname: str = Field(

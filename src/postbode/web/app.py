@@ -19,15 +19,19 @@ from postbode.store.engine import Store
 from postbode.tracking.endpoints import fast_path
 from postbode.tracking.endpoints import router as tracking_router
 from postbode.web.api.events import router as events_router
+from postbode.web.api.messages import SEND_PATH, body_limit
 from postbode.web.api.messages import fast_path as send_fast_path
 from postbode.web.api.messages import router as messages_router
 from postbode.web.api.queue import router as queue_router
 from postbode.web.api.stats import router as stats_router
+from postbode.web.api.suppressions import MAX_IMPORT_BYTES
 from postbode.web.api.suppressions import router as suppressions_router
 from postbode.web.api.webhooks import router as webhooks_router
 from postbode.web.errors import install_error_handlers
+from postbode.web.limits import BodyLimit
 from postbode.web.ui import router as ui_router
 from postbode.web.ui import static_files
+from postbode.web.ui.core import MAX_UPLOAD_BYTES
 
 
 def create_app(settings: Settings, store: Store, acceptor: Acceptor | None = None) -> FastAPI:
@@ -75,7 +79,17 @@ def create_app(settings: Settings, store: Store, acceptor: Acceptor | None = Non
     app.include_router(ui_router)
     app.mount("/static", static_files(), name="static")
     install_error_handlers(app)
+    app.add_middleware(BodyLimit, default=settings.http_max_body_bytes, limits=_limits(settings))
     return app
+
+
+def _limits(settings: Settings) -> dict[str, int]:
+    """Paths whose bodies may be larger than `http_max_body_bytes`: the send API, uploads."""
+    return {
+        SEND_PATH: body_limit(settings),
+        "/api/v1/suppressions/import": MAX_IMPORT_BYTES,
+        "/suppressions/import": MAX_UPLOAD_BYTES,
+    }
 
 
 def serving_app(
@@ -84,4 +98,7 @@ def serving_app(
     """The ASGI app a Postbode process serves: `create_app` with its hot paths (tracking
     links, POST /api/v1/messages) answered before FastAPI's router."""
     app = create_app(settings, store, acceptor)
-    return send_fast_path(app, fast_path(app))
+    # The limit again in front of the hot paths, which answer before FastAPI's middleware.
+    return BodyLimit(
+        send_fast_path(app, fast_path(app)), settings.http_max_body_bytes, _limits(settings)
+    )

@@ -14,12 +14,12 @@ from starlette.concurrency import run_in_threadpool
 from postbode.events.types import EventType
 from postbode.store.engine import Store
 from postbode.store.schema import events
-from postbode.web.auth import ApiApp
+from postbode.web.auth import ApiApp, AuthenticatedRoute
 
 PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 
-router = APIRouter(prefix="/api/v1", tags=["events"])
+router = APIRouter(prefix="/api/v1", tags=["events"], route_class=AuthenticatedRoute)
 
 
 class EventOut(BaseModel):

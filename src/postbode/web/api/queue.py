@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from postbode.delivery import manage
 from postbode.store.engine import Store
 from postbode.store.schema import DeliveryStatus
-from postbode.web.auth import ApiApp
+from postbode.web.auth import ApiApp, AuthenticatedRoute
 from postbode.web.errors import ApiError
 
 MAX_PAGE_SIZE = 500
@@ -114,7 +114,9 @@ class QueueSummary(BaseModel):
     held: Waiting
 
 
-router = APIRouter(prefix="/api/v1", tags=["queue"], responses=_errors(401, 422))
+router = APIRouter(
+    prefix="/api/v1", tags=["queue"], responses=_errors(401, 422), route_class=AuthenticatedRoute
+)
 
 
 async def _call(request: Request, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -11,10 +11,10 @@ from pydantic import BaseModel, Field
 from postbode.stats import queries
 from postbode.stats.queries import StatsError
 from postbode.store.engine import Store
-from postbode.web.auth import ApiApp
+from postbode.web.auth import ApiApp, AuthenticatedRoute
 from postbode.web.errors import ApiError
 
-router = APIRouter(prefix="/api/v1", tags=["stats"])
+router = APIRouter(prefix="/api/v1", tags=["stats"], route_class=AuthenticatedRoute)
 
 Stream = Literal["transactional", "broadcast"]
 

@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from postbode.bounces import suppression
 from postbode.bounces.suppression import Entry, SuppressionError
 from postbode.store.engine import Store
-from postbode.web.auth import ApiApp
+from postbode.web.auth import ApiApp, AuthenticatedRoute
 from postbode.web.errors import ApiError
 
 PAGE_SIZE = 100
@@ -27,7 +27,9 @@ IMPORT_CHUNK = 1000
 
 Stream = Literal["all", "transactional", "broadcast"]
 
-router = APIRouter(prefix="/api/v1/suppressions", tags=["suppressions"])
+router = APIRouter(
+    prefix="/api/v1/suppressions", tags=["suppressions"], route_class=AuthenticatedRoute
+)
 
 
 class SuppressionIn(BaseModel):

@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from postbode.events.types import EventType
 from postbode.store.engine import Store
-from postbode.web.auth import ApiApp
+from postbode.web.auth import ApiApp, AuthenticatedRoute
 from postbode.web.errors import ApiError
 from postbode.webhooks import manage
 from postbode.webhooks.destinations import DestinationPolicy
@@ -22,7 +22,7 @@ PAGE_SIZE = 50
 MAX_PAGE_SIZE = 100
 T = TypeVar("T")
 
-router = APIRouter(prefix="/api/v1/webhooks", tags=["webhooks"])
+router = APIRouter(prefix="/api/v1/webhooks", tags=["webhooks"], route_class=AuthenticatedRoute)
 
 
 class WebhookIn(BaseModel):
