@@ -64,4 +64,3 @@ class BodyLimit:
             await send(message)
 
         await self.app(scope, capped, closing)
-

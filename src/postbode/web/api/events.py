@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from postbode.events.types import EventType
 from postbode.store.engine import Store
 from postbode.store.schema import events
+from postbode.web.api.fields import Instant
 from postbode.web.auth import ApiApp, AuthenticatedRoute
 
 PAGE_SIZE = 50
@@ -104,9 +105,9 @@ async def list_events(
         str | None, Query(max_length=320, description="Only events of deliveries to this address")
     ] = None,
     since: Annotated[
-        datetime | None, Query(description="At or after (ISO 8601; UTC if no zone)")
+        Instant | None, Query(description="At or after (ISO 8601; UTC if no zone)")
     ] = None,
-    until: Annotated[datetime | None, Query(description="Before")] = None,
+    until: Annotated[Instant | None, Query(description="Before")] = None,
     cursor: Annotated[UUID | None, Query(description="`next_cursor` of the previous page")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = PAGE_SIZE,
     order: Annotated[

@@ -49,6 +49,7 @@ from postbode.ingest.accept import (
 )
 from postbode.store.engine import Store
 from postbode.store.schema import DeliveryStatus, attempts, deliveries, events, messages
+from postbode.web.api.fields import Instant
 from postbode.web.auth import api_app_id
 from postbode.web.errors import ApiError, error_body
 
@@ -911,9 +912,9 @@ def list_messages(
     ] = None,
     tag: Annotated[str | None, Query(max_length=100)] = None,
     since: Annotated[
-        datetime | None, Query(description="Received at or after (ISO 8601; UTC if no zone)")
+        Instant | None, Query(description="Received at or after (ISO 8601; UTC if no zone)")
     ] = None,
-    until: Annotated[datetime | None, Query(description="Received before")] = None,
+    until: Annotated[Instant | None, Query(description="Received before")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = PAGE_SIZE,
     cursor: Annotated[UUID | None, Query(description="`next_cursor` of the previous page")] = None,
 ) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from postbode.delivery import manage
 from postbode.store.engine import Store
 from postbode.store.schema import DeliveryStatus
+from postbode.web.api.fields import MAX_SECONDS
 from postbode.web.auth import ApiApp, AuthenticatedRoute
 from postbode.web.errors import ApiError
 
@@ -75,7 +76,11 @@ class BulkFilter(BaseModel):
     recipient_domain: str | None = Field(None, max_length=253)
     tag: str | None = Field(None, max_length=100)
     older_than_seconds: float | None = Field(
-        None, ge=0, description="Queued at least this many seconds ago"
+        None,
+        ge=0,
+        le=MAX_SECONDS,
+        allow_inf_nan=False,
+        description="Queued at least this many seconds ago",
     )
     ids: list[UUID] | None = Field(None, max_length=MAX_IDS)
 

@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field
 from postbode.stats import queries
 from postbode.stats.queries import StatsError
 from postbode.store.engine import Store
+from postbode.web.api.fields import Instant
 from postbode.web.auth import ApiApp, AuthenticatedRoute
 from postbode.web.errors import ApiError
 
@@ -82,9 +83,9 @@ RangeParam = Annotated[
     Query(alias="range", description="A named range ending now; default 24h"),
 ]
 SinceParam = Annotated[
-    datetime | None, Query(description="Instead of range: from (ISO 8601; UTC if no zone)")
+    Instant | None, Query(description="Instead of range: from (ISO 8601; UTC if no zone)")
 ]
-UntilParam = Annotated[datetime | None, Query(description="With since: until (default now)")]
+UntilParam = Annotated[Instant | None, Query(description="With since: until (default now)")]
 
 
 def _types(values: list[str] | None) -> list[str] | None:

@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from postbode.events.types import EventType
 from postbode.store.engine import Store
+from postbode.web.api.fields import RowId
 from postbode.web.auth import ApiApp, AuthenticatedRoute
 from postbode.web.errors import ApiError
 from postbode.webhooks import manage
@@ -150,13 +151,13 @@ async def list_webhooks(request: Request, app_id: ApiApp) -> dict[str, Any]:
 
 
 @router.get("/{webhook_id}", response_model=WebhookOut)
-async def get_webhook(webhook_id: int, request: Request, app_id: ApiApp) -> dict[str, Any]:
+async def get_webhook(webhook_id: RowId, request: Request, app_id: ApiApp) -> dict[str, Any]:
     return await _call(request, manage.get_webhook, app_id, webhook_id)
 
 
 @router.patch("/{webhook_id}", response_model=WebhookOut)
 async def update_webhook(
-    webhook_id: int, body: WebhookPatch, request: Request, app_id: ApiApp
+    webhook_id: RowId, body: WebhookPatch, request: Request, app_id: ApiApp
 ) -> dict[str, Any]:
     """Change the URL, event types, format, or enable / disable the endpoint."""
     changes = body.model_dump(exclude_unset=True)
@@ -168,13 +169,13 @@ async def update_webhook(
 
 
 @router.delete("/{webhook_id}", status_code=204)
-async def delete_webhook(webhook_id: int, request: Request, app_id: ApiApp) -> Response:
+async def delete_webhook(webhook_id: RowId, request: Request, app_id: ApiApp) -> Response:
     await _call(request, manage.delete_webhook, app_id, webhook_id)
     return Response(status_code=204)
 
 
 @router.post("/{webhook_id}/rotate-secret", response_model=RotatedSecret)
-async def rotate_secret(webhook_id: int, request: Request, app_id: ApiApp) -> dict[str, Any]:
+async def rotate_secret(webhook_id: RowId, request: Request, app_id: ApiApp) -> dict[str, Any]:
     """A new secret. For 24 hours every request is signed with both the new and the previous
     secret (`webhook-signature: v1,<new> v1,<previous>`), so the receiver can switch at leisure."""
     return await _call(request, manage.rotate_secret, app_id, webhook_id)
@@ -182,7 +183,7 @@ async def rotate_secret(webhook_id: int, request: Request, app_id: ApiApp) -> di
 
 @router.get("/{webhook_id}/requests", response_model=RequestList)
 async def list_requests(
-    webhook_id: int,
+    webhook_id: RowId,
     request: Request,
     app_id: ApiApp,
     status: Annotated[Literal["pending", "sending", "delivered", "failed"] | None, Query()] = None,
@@ -205,7 +206,7 @@ async def list_requests(
 
 @router.post("/{webhook_id}/replay", status_code=202, response_model=ReplayOut)
 async def replay(
-    webhook_id: int, body: ReplayIn, request: Request, app_id: ApiApp
+    webhook_id: RowId, body: ReplayIn, request: Request, app_id: ApiApp
 ) -> dict[str, Any]:
     """Send an event to the endpoint again, as a new request."""
     return await _call(request, manage.replay, app_id, webhook_id, body.event_id)
