@@ -65,6 +65,12 @@ class Settings(BaseSettings):
         description="Largest request body of an HTTP route, refused with 413 as it streams in "
         "(the send API takes twice smtp_max_message_size, CSV imports 10 MiB).",
     )
+    trusted_proxies: str = Field(
+        "",
+        description="Comma-separated addresses or CIDRs of reverse proxies whose "
+        "X-Forwarded-For and X-Forwarded-Proto headers are believed; empty: none, the peer "
+        "address is the client's.",
+    )
     smtp_host: str = Field("127.0.0.1", description="Address the SMTP listener binds to.")
     smtp_port: int = Field(2525, description="Port of the SMTP listener (submission and bounces).")
     smtp_hostname: str = Field(

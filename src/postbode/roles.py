@@ -57,6 +57,10 @@ async def web_role(rt: Runtime, stop: asyncio.Event) -> None:
         log_level=settings.log_level,
         access_log=False,
         lifespan="on",
+        # Forwarding headers only from the operator's proxies (uvicorn trusts 127.0.0.1 by
+        # default, which would let anyone on the host pick the client address).
+        proxy_headers=bool(settings.trusted_proxies.strip()),
+        forwarded_allow_ips=settings.trusted_proxies.strip() or [],
     )
     server = _Server(config)
     sockets = None

@@ -437,6 +437,16 @@ def create_user(
     return int(user_id)
 
 
+def set_password(store: Store, user_id: int, password: str) -> str:
+    """Give a user a new password; returns its hash."""
+    if len(password) < 8:
+        raise TenancyError("password too short: use at least 8 characters")
+    hashed = _hasher.hash(password)
+    with store.write() as conn:
+        conn.execute(update(users).where(users.c.id == user_id).values(password_hash=hashed))
+    return hashed
+
+
 def verify_user(store: Store, email: str, password: str) -> int | None:
     """The user id for a correct e-mail and password, or None."""
     with store.read() as conn:

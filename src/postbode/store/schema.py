@@ -476,3 +476,16 @@ login_attempts = Table(
     Column("at", Float, nullable=False),  # epoch seconds
     Index(None, "key", "at"),
 )
+
+web_sessions = Table(
+    "web_sessions",
+    metadata,
+    # The SHA-256 of the token the browser's cookie carries: a copy of this table signs no one in.
+    Column("id", String(64), primary_key=True),
+    Column("user_id", ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False),
+    Column("ip", String(45)),
+    _created(),
+    Index(None, "user_id"),
+    Index(None, "expires_at"),
+)

@@ -167,3 +167,33 @@ def test_static_files_are_not_sniffed(owner: Browser) -> None:
     assert response.status_code == 200
     assert response.headers["x-content-type-options"] == "nosniff"
     assert "javascript" in response.headers["content-type"]
+
+
+def test_the_pre_login_token_is_refused_while_signed_in(
+    ui: tuple[Store, Org, Callable], admin: Browser
+) -> None:
+    """A token bound to a pre-login visit (which another site can obtain and plant) never
+    stands in for the session's own."""
+    _, _, browser = ui
+    stranger: Browser = browser()
+    stranger.get("/login")
+    admin.client.cookies.set("pb_pre", stranger.client.cookies["pb_pre"])
+    refused = admin.client.post(
+        "/settings/apps",
+        data={"csrf_token": stranger.token, "name": "planted"},
+        follow_redirects=False,
+    )
+    assert refused.status_code == 403
+    # The session's own token still works.
+    assert admin.post("/settings/apps", {"name": "mine"}).status_code == 200  # its secrets
+
+
+def test_a_post_without_any_session_is_refused_before_its_body_is_read(
+    ui: tuple[Store, Org, Callable],
+) -> None:
+    _, _, browser = ui
+    b: Browser = browser()
+    response = b.client.post(
+        "/users", data={"csrf_token": "x", "email": "a@b.test"}, follow_redirects=False
+    )
+    assert response.status_code == 403

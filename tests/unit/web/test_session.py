@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
 from postbode import tenancy
 from postbode.store.engine import Store
 from postbode.store.schema import audit_log, login_attempts, users
+from postbode.web.app import create_app
+from postbode.web.ui import session
 
 from .conftest import PASSWORD, Browser, Org
 
@@ -91,24 +94,24 @@ def test_wrong_password_is_refused_and_counted(ui: tuple[Store, Org, Callable]) 
     assert "do not match" in response.text and "pb_session" not in b.client.cookies
     with store.read() as conn:
         keys = sorted(conn.execute(select(login_attempts.c.key)).scalars())
-    assert keys == ["email:admin@org.test", "ip:testclient"]
+    assert keys == ["ip:testclient", "pair:admin@org.test|testclient"]
 
 
-def test_five_failures_per_address_lock_it_for_a_while(ui: tuple[Store, Org, Callable]) -> None:
+def test_failures_of_an_address_from_one_place_back_off(ui: tuple[Store, Org, Callable]) -> None:
     store, _, browser = ui
     b: Browser = browser()
     b.get("/login")
-    for _ in range(5):
+    for _ in range(session.FREE_FAILURES_PER_PAIR):
         assert b.post("/login", {"email": "admin@org.test", "password": "nope"}).status_code == 401
-    locked = b.post("/login", {"email": "admin@org.test", "password": PASSWORD})
-    assert locked.status_code == 429 and "Too many failed sign-ins" in locked.text
-    assert 0 < int(locked.headers["retry-after"]) <= 15 * 60
+    waiting = b.post("/login", {"email": "admin@org.test", "password": PASSWORD})
+    assert waiting.status_code == 429 and "Too many failed sign-ins" in waiting.text
+    assert int(waiting.headers["retry-after"]) == session.BASE_DELAY
     assert "pb_session" not in b.client.cookies  # even the right password waits
-    # Another address from the same place is still let in (the IP limit is higher).
+    # Another address from the same place is still let in (the IP allows more).
     assert b.post("/login", {"email": "viewer@org.test", "password": PASSWORD}).status_code == 303
-    # Failures older than the window no longer count.
+    # Once the wait is over, the right password signs in.
     with store.write() as conn:
-        conn.execute(update(login_attempts).values(at=login_attempts.c.at - 16 * 60))
+        conn.execute(update(login_attempts).values(at=login_attempts.c.at - session.BASE_DELAY))
     other: Browser = browser()
     other.get("/login")
     assert (
@@ -116,11 +119,18 @@ def test_five_failures_per_address_lock_it_for_a_while(ui: tuple[Store, Org, Cal
     )
 
 
-def test_ten_failures_from_one_address_lock_the_ip(ui: tuple[Store, Org, Callable]) -> None:
+def test_the_wait_doubles_with_each_failure_up_to_a_cap() -> None:
+    free = session.FREE_FAILURES_PER_PAIR
+    assert session.backoff(free - 1, free) == 0
+    assert [session.backoff(free + i, free) for i in range(4)] == [2, 4, 8, 16]
+    assert session.backoff(free + 1000, free) == session.MAX_DELAY
+
+
+def test_many_failures_from_one_ip_slow_that_ip(ui: tuple[Store, Org, Callable]) -> None:
     _, _, browser = ui
     b: Browser = browser()
     b.get("/login")
-    for i in range(10):
+    for i in range(session.FREE_FAILURES_PER_IP):
         b.post("/login", {"email": f"nobody{i}@org.test", "password": "nope"})
     response = b.post("/login", {"email": "owner@org.test", "password": PASSWORD})
     assert response.status_code == 429
@@ -164,3 +174,111 @@ def test_a_user_without_an_organization_cannot_sign_in(ui: tuple[Store, Org, Cal
     b: Browser = browser()
     b.get("/login")
     assert b.post("/login", {"email": "viewer@org.test", "password": PASSWORD}).status_code == 403
+
+
+# -- sessions kept in the store: revocable ---------------------------------------------------
+
+
+def _replay(browser: Callable[..., Browser], cookie: str) -> int:
+    """Status of /dashboard for a new browser carrying a saved session cookie."""
+    thief: Browser = browser()
+    thief.client.cookies.set("pb_session", cookie)
+    return int(thief.get("/dashboard", follow_redirects=False).status_code)
+
+
+def test_a_saved_cookie_stops_working_after_logout(ui: tuple[Store, Org, Callable]) -> None:
+    _, _, browser = ui
+    b: Browser = browser()
+    b.login("admin@org.test")
+    saved = b.client.cookies["pb_session"]
+    assert _replay(browser, saved) == 200
+    b.post("/logout")
+    assert _replay(browser, saved) == 303
+
+
+def test_signing_out_everywhere_ends_every_session(ui: tuple[Store, Org, Callable]) -> None:
+    _, _, browser = ui
+    laptop: Browser = browser()
+    laptop.login("admin@org.test")
+    phone: Browser = browser()
+    phone.login("admin@org.test")
+    assert "2 browsers" in phone.get("/account").text
+    response = phone.post("/account/sessions/end")
+    assert response.headers["location"] == "/login"
+    assert laptop.get("/dashboard", follow_redirects=False).status_code == 303
+    assert phone.get("/dashboard", follow_redirects=False).status_code == 303
+
+
+def test_changing_the_password_ends_the_other_sessions(ui: tuple[Store, Org, Callable]) -> None:
+    store, _, browser = ui
+    laptop: Browser = browser()
+    laptop.login("admin@org.test")
+    phone: Browser = browser()
+    phone.login("admin@org.test")
+    phone.get("/account")
+    wrong = phone.post(
+        "/account/password",
+        {
+            "current_password": "not it",
+            "password": "a new password",
+            "password_confirm": "a new password",
+        },
+    )
+    assert "not right" in phone.flash(wrong)
+    changed = phone.post(
+        "/account/password",
+        {
+            "current_password": PASSWORD,
+            "password": "a new password",
+            "password_confirm": "a new password",
+        },
+    )
+    assert "Password changed" in phone.flash(changed)
+    assert phone.get("/dashboard", follow_redirects=False).status_code == 200  # this one stays
+    assert laptop.get("/dashboard", follow_redirects=False).status_code == 303
+    assert tenancy.verify_user(store, "admin@org.test", "a new password") is not None
+    with store.read() as conn:
+        actions = set(conn.execute(select(audit_log.c.action)).scalars())
+    assert "user.password" in actions
+
+
+def test_removing_a_user_ends_their_sessions(
+    ui: tuple[Store, Org, Callable], owner: Browser
+) -> None:
+    _, org, browser = ui
+    admin: Browser = browser()
+    admin.login("admin@org.test")
+    owner.get("/users")
+    removed = owner.post(f"/users/{org.admin_id}/remove")
+    assert "removed and signed out" in owner.flash(removed)
+    assert admin.get("/dashboard", follow_redirects=False).status_code == 303
+    again: Browser = browser()
+    again.get("/login")
+    assert (
+        again.post("/login", {"email": "admin@org.test", "password": PASSWORD}).status_code == 401
+    )
+    # The last owner stays; no one removes themselves.
+    assert owner.post(f"/users/{org.owner_id}/remove").status_code == 409
+
+
+def test_a_stranger_far_away_does_not_lock_the_owner_out(
+    ui: tuple[Store, Org, Callable], make_ui: Callable, sqlite_store: Store
+) -> None:
+    settings, _ = make_ui(sqlite_store)
+
+    app = create_app(settings, sqlite_store)
+    attacker = Browser(TestClient(app, client=("203.0.113.7", 40000)))
+    attacker.get("/login")
+    for _ in range(30):
+        attacker.post("/login", {"email": "owner@org.test", "password": "guess"})
+    assert (
+        attacker.post("/login", {"email": "owner@org.test", "password": PASSWORD}).status_code
+        == 429
+    )
+    at_home = Browser(TestClient(app, client=("198.51.100.20", 40000)))
+    at_home.get("/login")
+    assert (
+        at_home.post("/login", {"email": "owner@org.test", "password": PASSWORD}).status_code == 303
+    )
+    attacker.client.close()
+    at_home.client.close()

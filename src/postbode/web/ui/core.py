@@ -3,6 +3,8 @@ pages), who is signed in with which role, flash notices and the audit log."""
 
 from __future__ import annotations
 
+import hashlib
+import secrets
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
@@ -17,14 +19,22 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.routing import APIRoute
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from markupsafe import Markup
-from sqlalchemy import Connection, func, insert, select
+from sqlalchemy import Connection, delete, func, insert, select
 from starlette.concurrency import run_in_threadpool
 from starlette.types import Message, Receive
 
 from postbode import __version__
 from postbode.config import Settings
 from postbode.store.engine import Store, secret_key
-from postbode.store.schema import apps, audit_log, memberships, organizations, users
+from postbode.store.schema import (
+    apps,
+    audit_log,
+    memberships,
+    organizations,
+    users,
+    utcnow,
+    web_sessions,
+)
 from postbode.web.ui import tokens
 
 SESSION_COOKIE = "pb_session"
@@ -227,11 +237,90 @@ def set_cookie(request: Request, response: Response, name: str, value: str, max_
     )
 
 
-def start_session(request: Request, response: Response, user_id: int, org_id: int, pw: str) -> None:
-    """Sign the user in: a fresh nonce (a session never inherits a pre-login value)."""
+def _session_id(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def create_session(store: Store, user_id: int, ip: str | None) -> str:
+    """A new server-side session for the user; returns the token its cookie carries. Expired
+    sessions of anyone are forgotten on the way."""
+    token = secrets.token_urlsafe(32)
+    now = utcnow()
+    with store.write() as conn:
+        conn.execute(delete(web_sessions).where(web_sessions.c.expires_at <= now))
+        conn.execute(
+            insert(web_sessions).values(
+                id=_session_id(token),
+                user_id=user_id,
+                expires_at=now + timedelta(seconds=SESSION_MAX_AGE),
+                ip=ip,
+                created_at=now,
+            )
+        )
+    return token
+
+
+def session_alive(conn: Connection, token: object, user_id: object) -> bool:
+    """Whether the session `token` names is still on record for `user_id`, unexpired."""
+    if not isinstance(token, str) or not token:
+        return False
+    owner = conn.execute(
+        select(web_sessions.c.user_id).where(
+            web_sessions.c.id == _session_id(token), web_sessions.c.expires_at > utcnow()
+        )
+    ).scalar()
+    return owner is not None and owner == user_id
+
+
+def end_session(store: Store, token: object) -> None:
+    """Sign one browser out: its session is gone on every node at once."""
+    if isinstance(token, str) and token:
+        with store.write() as conn:
+            conn.execute(delete(web_sessions).where(web_sessions.c.id == _session_id(token)))
+
+
+def end_user_sessions(conn: Connection, user_id: int) -> int:
+    """Sign a user out everywhere (in the caller's transaction); returns how many sessions."""
+    return int(conn.execute(delete(web_sessions).where(web_sessions.c.user_id == user_id)).rowcount)
+
+
+async def live_session(request: Request) -> dict[str, Any] | None:
+    """The request's session when its cookie is valid and the session is still on record
+    (not signed out, not ended by a password change or by removing the user)."""
+    payload = session_payload(request)
+    if payload is None:
+        return None
+
+    def alive() -> bool:
+        with store_of(request).read() as conn:
+            return session_alive(conn, payload.get("s"), payload.get("u"))
+
+    return payload if await run_in_threadpool(alive) else None
+
+
+async def start_session(
+    request: Request,
+    response: Response,
+    user_id: int,
+    org_id: int,
+    pw: str,
+    token: str | None = None,
+) -> None:
+    """Sign the user in: a new server-side session (or the given one, for switching
+    organization) and a fresh nonce (a session never inherits a pre-login value)."""
+    if token is None:
+        token = await run_in_threadpool(
+            create_session, store_of(request), user_id, client_ip(request)
+        )
     value = tokens.sign(
         keys(request).session,
-        {"u": user_id, "o": org_id, "n": tokens.new_nonce(), "pv": tokens.fingerprint(pw)},
+        {
+            "u": user_id,
+            "o": org_id,
+            "s": token,
+            "n": tokens.new_nonce(),
+            "pv": tokens.fingerprint(pw),
+        },
         time.time(),
     )
     set_cookie(request, response, SESSION_COOKIE, value, SESSION_MAX_AGE)
@@ -256,6 +345,7 @@ class Viewer:
     nonce: str
     csrf: str
     apps: list[AppRef]
+    session: str = ""  # the token of the server-side session
     organizations: list[dict[str, Any]] = field(default_factory=list)
     app: AppRef | None = None  # the app picked with ?app=…; None: every app of the organization
 
@@ -288,6 +378,8 @@ def _load_viewer(store: Store, payload: dict[str, Any], app_name: str | None) ->
         ).first()
         if user is None or payload.get("pv") != tokens.fingerprint(user.password_hash):
             return None
+        if not session_alive(conn, payload.get("s"), user_id):
+            return None
         orgs = conn.execute(
             select(organizations.c.id, organizations.c.name, memberships.c.role)
             .join(memberships, memberships.c.organization_id == organizations.c.id)
@@ -313,6 +405,7 @@ def _load_viewer(store: Store, payload: dict[str, Any], app_name: str | None) ->
         nonce=nonce,
         csrf="",
         apps=app_refs,
+        session=str(payload.get("s")),
         organizations=[{"id": o.id, "name": o.name, "role": o.role} for o in orgs],
         app=next((a for a in app_refs if a.name == app_name), None),
     )
@@ -460,9 +553,14 @@ def safe_next(value: str | None) -> str:
 def _to_login(request: Request) -> Response:
     target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
     location = url("/login", None, next=target if request.method in SAFE_METHODS else None)
+    response: Response
     if request.headers.get("hx-request"):
-        return Response(status_code=204, headers={"HX-Redirect": location})
-    return RedirectResponse(location, status_code=303)
+        response = Response(status_code=204, headers={"HX-Redirect": location})
+    else:
+        response = RedirectResponse(location, status_code=303)
+    if SESSION_COOKIE in request.cookies:  # a session that ended: its cookie goes too
+        response.delete_cookie(SESSION_COOKIE, path="/")
+    return response
 
 
 def error_page(request: Request, exc: UiError) -> Response:
@@ -508,10 +606,26 @@ def same_origin(request: Request) -> bool:
 
 
 async def check_csrf(request: Request) -> None:
-    """A POST must carry the CSRF token of this browser's session (or pre-login visit), in the
-    form field `csrf_token` or the `X-CSRF-Token` header (htmx); else 403."""
+    """A POST must carry the CSRF token of this browser's session in the form field
+    `csrf_token` or the `X-CSRF-Token` header (htmx); else 403. While a session is alive only
+    its token counts; the pre-login visit's token counts only when no one is signed in (the
+    login and first-run forms). Without either, the body is not even read."""
     if not same_origin(request):
         raise UiError(403, "This request came from another site and was refused.")
+    refused = UiError(
+        403,
+        "The form was missing its security token or it expired. Reload the page and try again.",
+        title="Request refused",
+    )
+    k = keys(request)
+    session = await live_session(request)
+    if session is not None:
+        nonce = str(session.get("n", ""))
+    else:
+        pre = tokens.unsign(k.session, request.cookies.get(PRE_COOKIE), PRE_MAX_AGE, time.time())
+        nonce = str(pre.get("n", "")) if pre is not None else ""
+    if not nonce:
+        raise refused
     token = request.headers.get("x-csrf-token")
     if token is None:
         ctype = request.headers.get("content-type", "")
@@ -519,19 +633,8 @@ async def check_csrf(request: Request) -> None:
             form = await request.form(max_files=1, max_fields=2000)
             value = form.get("csrf_token")
             token = value if isinstance(value, str) else None
-    k = keys(request)
-    nonces = []
-    if (session := session_payload(request)) is not None:
-        nonces.append(str(session.get("n", "")))
-    pre = tokens.unsign(k.session, request.cookies.get(PRE_COOKIE), PRE_MAX_AGE, time.time())
-    if pre is not None:
-        nonces.append(str(pre.get("n", "")))
-    if not any(tokens.csrf_ok(k.csrf, n, token) for n in nonces):
-        raise UiError(
-            403,
-            "The form was missing its security token or it expired. Reload the page and try again.",
-            title="Request refused",
-        )
+    if not tokens.csrf_ok(k.csrf, nonce, token):
+        raise refused
 
 
 def security_headers(request: Request, response: Response) -> None:

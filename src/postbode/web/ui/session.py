@@ -1,8 +1,10 @@
 """Signing in and out: the login form with throttling, the first-run page, the organization
-switch; the session cookie itself is made in core.py."""
+switch, the account page (password, signing out everywhere); sessions themselves are made in
+core.py."""
 
 from __future__ import annotations
 
+import math
 import time
 
 from fastapi import APIRouter, Request, Response
@@ -11,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from postbode import tenancy
 from postbode.store.engine import Store
-from postbode.store.schema import login_attempts, memberships, users, utcnow
+from postbode.store.schema import login_attempts, memberships, users, utcnow, web_sessions
 from postbode.web.ui import tokens
 from postbode.web.ui.core import (
     PRE_COOKIE,
@@ -23,56 +25,72 @@ from postbode.web.ui.core import (
     any_user,
     audit,
     client_ip,
+    end_session,
+    end_user_sessions,
     keys,
+    live_session,
     redirect,
     render,
     safe_next,
-    session_payload,
     set_cookie,
     start_session,
     store_of,
+    url,
 )
 
-THROTTLE_WINDOW = 15 * 60  # seconds over which failed sign-ins are counted
-MAX_FAILURES_PER_EMAIL = 5  # then that address is refused for the rest of the window
-MAX_FAILURES_PER_IP = 10  # more than per address: colleagues behind one NAT make typos too
+THROTTLE_WINDOW = 3600  # seconds over which failed sign-ins are counted
+FREE_FAILURES_PER_PAIR = 3  # failures of one address from one IP before waits begin
+FREE_FAILURES_PER_IP = 20  # failures from one IP, over every address, before waits begin
+BASE_DELAY = 2.0  # seconds of the first wait; each further failure doubles it
+MAX_DELAY = 15 * 60  # the longest wait: a slowdown, never a lockout of the real owner
 MAX_FIELD = 320
 
 router = APIRouter(route_class=UiRoute, include_in_schema=False)
 
 
 # -- throttling ---------------------------------------------------------------------------------
+# Counted per (address, IP) and per IP, never per address alone: a stranger who guesses at an
+# address from elsewhere slows down only their own attempts, not the owner's. The counters
+# are rows in the store, so every process on every node sees the same ones.
 
 
 def throttle_keys(ip: str | None, email: str) -> list[tuple[str, int]]:
-    """The counters a sign-in attempt is checked against, with their limits."""
-    found = [(f"email:{email.strip().lower()[:MAX_FIELD]}", MAX_FAILURES_PER_EMAIL)]
-    if ip:
-        found.append((f"ip:{ip}", MAX_FAILURES_PER_IP))
-    return found
+    """The counters a sign-in attempt is checked against, with their free failures."""
+    address = email.strip().lower()[:MAX_FIELD]
+    where = ip or "unknown"
+    return [
+        (f"pair:{address}|{where}", FREE_FAILURES_PER_PAIR),
+        (f"ip:{where}", FREE_FAILURES_PER_IP),
+    ]
+
+
+def backoff(failures: int, free: int) -> float:
+    """Seconds to wait after the last of `failures` failures: none for the first `free`, then
+    BASE_DELAY doubling with each failure, at most MAX_DELAY."""
+    if failures < free:
+        return 0.0
+    return min(float(MAX_DELAY), BASE_DELAY * float(2 ** min(failures - free, 32)))
 
 
 def retry_after(store: Store, counters: list[tuple[str, int]], now: float) -> int | None:
-    """Seconds until another attempt is allowed, when a counter is at its limit; else None."""
+    """Seconds until another attempt is allowed, when a counter asks for a wait; else None."""
     since = now - THROTTLE_WINDOW
-    wait: int | None = None
+    wait = 0.0
     with store.read() as conn:
-        for key, limit in counters:
+        for key, free in counters:
             times = (
                 conn.execute(
                     select(login_attempts.c.at)
                     .where(login_attempts.c.key == key, login_attempts.c.at > since)
                     .order_by(login_attempts.c.at.desc())
-                    .limit(limit)
+                    .limit(64)
                 )
                 .scalars()
                 .all()
             )
-            if len(times) >= limit:
-                # Allowed again once the oldest of the last `limit` failures leaves the window.
-                seconds = int(min(times) + THROTTLE_WINDOW - now) + 1
-                wait = max(wait or 0, seconds)
-    return wait
+            if times:
+                wait = max(wait, max(times) + backoff(len(times), free) - now)
+    return math.ceil(wait) if wait > 0 else None
 
 
 def record_failure(store: Store, counters: list[tuple[str, int]], now: float) -> None:
@@ -88,8 +106,8 @@ def record_failure(store: Store, counters: list[tuple[str, int]], now: float) ->
 
 
 def _signed_in(store: Store, user_id: int, email_key: str) -> tuple[int, str] | None:
-    """After a correct password: forget the address's failures, note the time; returns the
-    user's first organization and password hash (None if they belong to none)."""
+    """After a correct password: forget the failures of this address from this IP, note the
+    time; returns the user's first organization and password hash (None if in none)."""
     with store.write() as conn:
         conn.execute(delete(login_attempts).where(login_attempts.c.key == email_key))
         conn.execute(update(users).where(users.c.id == user_id).values(last_login_at=utcnow()))
@@ -136,7 +154,7 @@ async def login_form(request: Request, next: str = "/") -> Response:
     store = store_of(request)
     if not await run_in_threadpool(any_user, store):
         return redirect(request, "/setup")
-    if session_payload(request) is not None:
+    if await live_session(request) is not None:
         return redirect(request, safe_next(next))
     return _login_page(request, next=safe_next(next))
 
@@ -159,7 +177,7 @@ async def login(request: Request) -> Response:
             {
                 "email": email,
                 "next": target,
-                "error": f"Too many failed sign-ins. Try again in {max(1, wait // 60)} min.",
+                "error": f"Too many failed sign-ins. Try again in {_wait_text(wait)}.",
             },
             status=429,
             headers={"Retry-After": str(wait)},
@@ -188,8 +206,12 @@ async def login(request: Request) -> Response:
 
     await run_in_threadpool(log)
     signed = redirect(request, target)
-    start_session(request, signed, user_id, org_id, password_hash)
+    await start_session(request, signed, user_id, org_id, password_hash)
     return signed
+
+
+def _wait_text(seconds: int) -> str:
+    return f"{seconds} s" if seconds < 60 else f"{math.ceil(seconds / 60)} min"
 
 
 @router.post("/logout")
@@ -200,8 +222,73 @@ async def logout(request: Request, viewer: SignedIn) -> Response:
         with store.write() as conn:
             audit(conn, viewer, request, "session.logout", viewer.email)
 
+    await run_in_threadpool(end_session, store, viewer.session)
     await run_in_threadpool(log)
     response = redirect(request, "/login", "You are signed out.")
+    response.delete_cookie(SESSION_COOKIE, path="/")
+    return response
+
+
+# -- the account page ---------------------------------------------------------------------------
+
+
+@router.get("/account")
+async def account_page(request: Request, viewer: SignedIn) -> Response:
+    def count() -> int:
+        with store_of(request).read() as conn:
+            return int(
+                conn.execute(
+                    select(func.count()).where(
+                        web_sessions.c.user_id == viewer.user_id,
+                        web_sessions.c.expires_at > utcnow(),
+                    )
+                ).scalar_one()
+            )
+
+    return render(request, "account.html", {"sessions": await run_in_threadpool(count)})
+
+
+@router.post("/account/password")
+async def change_password(request: Request, viewer: SignedIn) -> Response:
+    """A new password ends every session of the user, this one too, and signs this browser
+    in again."""
+    form = await request.form()
+    current = str(form.get("current_password", ""))[:1024]
+    new = str(form.get("password", ""))[:1024]
+    back = url("/account", viewer)
+    if new != str(form.get("password_confirm", ""))[:1024]:
+        return redirect(request, back, "The two new passwords differ.", "error")
+    store = store_of(request)
+    if await run_in_threadpool(tenancy.verify_user, store, viewer.email, current) is None:
+        return redirect(request, back, "The current password is not right.", "error")
+
+    def change() -> str:
+        hashed = tenancy.set_password(store, viewer.user_id, new)
+        with store.write() as conn:
+            ended = end_user_sessions(conn, viewer.user_id)
+            audit(conn, viewer, request, "user.password", viewer.email, {"sessions_ended": ended})
+        return hashed
+
+    try:
+        hashed = await run_in_threadpool(change)
+    except tenancy.TenancyError as exc:
+        return redirect(request, back, str(exc), "error")
+    response = redirect(request, back, "Password changed; every other session is signed out.")
+    await start_session(request, response, viewer.user_id, viewer.org_id, hashed)
+    return response
+
+
+@router.post("/account/sessions/end")
+async def sign_out_everywhere(request: Request, viewer: SignedIn) -> Response:
+    store = store_of(request)
+
+    def end() -> None:
+        with store.write() as conn:
+            ended = end_user_sessions(conn, viewer.user_id)
+            audit(conn, viewer, request, "session.logout_all", viewer.email, {"sessions": ended})
+
+    await run_in_threadpool(end)
+    response = redirect(request, "/login", "You are signed out everywhere.")
     response.delete_cookie(SESSION_COOKIE, path="/")
     return response
 
@@ -224,9 +311,8 @@ async def switch_organization(request: Request, viewer: SignedIn) -> Response:
             )
 
     response = redirect(request, "/", f"Switched to {org['name']}.")
-    start_session(
-        request, response, viewer.user_id, org["id"], await run_in_threadpool(password_hash)
-    )
+    hashed = await run_in_threadpool(password_hash)
+    await start_session(request, response, viewer.user_id, org["id"], hashed, viewer.session)
     return response
 
 
@@ -265,7 +351,7 @@ async def setup(request: Request) -> Response:
         page = render(request, "setup.html", {"email": email, "error": error}, status=422)
         return _with_pre(request, page)
     response = redirect(request, "/", "Welcome to Postbode. Create an app to start sending.")
-    start_session(request, response, user_id, org_id, password_hash)
+    await start_session(request, response, user_id, org_id, password_hash)
     return response
 
 

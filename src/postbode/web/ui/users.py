@@ -1,5 +1,5 @@
-"""The users page (owners only): the organization's members, adding a user with a role, and
-changing roles."""
+"""The users page (owners only): the organization's members, adding a user with a role,
+changing roles, and removing a member (which signs them out everywhere)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import secrets
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from starlette.concurrency import run_in_threadpool
 
 from postbode import tenancy
@@ -19,6 +19,7 @@ from postbode.web.ui.core import (
     UiRoute,
     audit,
     audit_now,
+    end_user_sessions,
     redirect,
     render,
     store_of,
@@ -130,3 +131,46 @@ async def set_role(request: Request, viewer: IsOwner, user_id: int) -> Response:
         audit_now, store, viewer, request, "user.role", email, {"from": old, "to": role}
     )
     return redirect(request, url("/users", viewer), f"{email} is now {role}.")
+
+
+def remove_member(store: Store, org_id: int, user_id: int) -> str:
+    """Take a user out of the organization and end every session of theirs; a user left in
+    no organization is deleted. Returns their e-mail address. The last owner stays."""
+    with store.write() as conn:
+        row = conn.execute(
+            select(memberships.c.role, users.c.email)
+            .join(users, users.c.id == memberships.c.user_id)
+            .where(memberships.c.user_id == user_id, memberships.c.organization_id == org_id)
+        ).first()
+        if row is None:
+            raise UiError(404, "No such member of this organization.")
+        if row.role == "owner":
+            owners = conn.execute(
+                select(func.count()).where(
+                    memberships.c.organization_id == org_id, memberships.c.role == "owner"
+                )
+            ).scalar_one()
+            if owners <= 1:
+                raise UiError(409, "The organization needs an owner: make someone else one first.")
+        conn.execute(
+            delete(memberships).where(
+                memberships.c.user_id == user_id, memberships.c.organization_id == org_id
+            )
+        )
+        end_user_sessions(conn, user_id)
+        others = conn.execute(
+            select(func.count()).where(memberships.c.user_id == user_id)
+        ).scalar_one()
+        if not others:
+            conn.execute(delete(users).where(users.c.id == user_id))
+    return str(row.email)
+
+
+@router.post("/users/{user_id}/remove")
+async def remove_user(request: Request, viewer: IsOwner, user_id: int) -> Response:
+    if user_id == viewer.user_id:
+        raise UiError(409, "You cannot remove yourself; another owner can.")
+    store = store_of(request)
+    email = await run_in_threadpool(remove_member, store, viewer.org_id, user_id)
+    await run_in_threadpool(audit_now, store, viewer, request, "user.remove", email)
+    return redirect(request, url("/users", viewer), f"{email} is removed and signed out.")
