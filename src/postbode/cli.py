@@ -35,13 +35,31 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a 
 
 
 def _fail(message: str) -> NoReturn:
-    err.print(f"[red]error:[/red] {message}")
+    err.print(f"[red]error:[/red] {message}", soft_wrap=True)  # one line, however long
     raise typer.Exit(2)
 
 
-def _store() -> Store:
+InitFlag = Annotated[
+    bool,
+    typer.Option(
+        "--init",
+        help="Start a new installation even though an empty or missing database file lies "
+        "beside an earlier one's files (a new secret key: links already sent stop working).",
+    ),
+]
+
+
+def _store(init: bool = False) -> Store:
+    from postbode.store.engine import LostStore
+
     try:
-        return create_store(get_settings())
+        return create_store(get_settings(), init=init)
+    except LostStore as exc:
+        _fail(
+            f"{exc}: refusing to start a new installation over it (a new secret key would "
+            "break every tracking and unsubscribe link already sent); restore the database, "
+            "or pass --init to start afresh"
+        )
     except Exception as exc:  # bad URL, database down: one clear line, not a traceback
         _fail(f"cannot open the store: {exc}")
 
@@ -60,14 +78,14 @@ def _print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
     out.print(table)
 
 
-def _run(roles: list[str]) -> None:
+def _run(roles: list[str], init: bool = False) -> None:
     from postbode.roles import run_roles
 
     settings = get_settings()
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
-    store = _store()
+    store = _store(init)
     with contextlib.suppress(ImportError):  # libuv's loop: the same asyncio, less CPU per I/O
         import uvloop
 
@@ -79,31 +97,31 @@ def _run(roles: list[str]) -> None:
 
 
 @app.command()
-def serve() -> None:
+def serve(init: InitFlag = False) -> None:
     """Run every role in one command: HTTP API and UI, SMTP listener, delivery workers."""
     from postbode.roles import serve_roles
 
-    _run(serve_roles(get_settings()))
+    _run(serve_roles(get_settings()), init)
 
 
 @app.command()
-def web() -> None:
+def web(init: InitFlag = False) -> None:
     """Run the HTTP API and web UI."""
-    _run(["web"])
+    _run(["web"], init)
 
 
 @app.command()
-def smtp() -> None:
+def smtp(init: InitFlag = False) -> None:
     """Run the SMTP listener (submission, bounces, inbound)."""
     _require_role("smtp")
-    _run(["smtp"])
+    _run(["smtp"], init)
 
 
 @app.command()
-def listen() -> None:
+def listen(init: InitFlag = False) -> None:
     """Run the HTTP API and UI and the SMTP listener in one process (as `serve` does, without
     its worker processes)."""
-    _run(["web", "smtp"])
+    _run(["web", "smtp"], init)
 
 
 @app.command()
@@ -112,6 +130,7 @@ def worker(
         bool, typer.Option("--list", help="Print the queue runners and periodic tasks, and exit.")
     ] = False,
     as_json: JsonFlag = False,
+    init: InitFlag = False,
 ) -> None:
     """Run the queue runners (deliveries, webhooks …) and the periodic tasks."""
     if list_:
@@ -124,7 +143,7 @@ def worker(
             _print_table(entries, ["kind", "name", "every", "does"])
         return
     _require_role("worker")
-    _run(["worker"])
+    _run(["worker"], init)
 
 
 def _require_role(name: str) -> None:
@@ -135,11 +154,11 @@ def _require_role(name: str) -> None:
 
 
 @app.command()
-def migrate() -> None:
+def migrate(init: InitFlag = False) -> None:
     """Apply database migrations (every command also does this on first use)."""
     from postbode.store.migrate import current_revision
 
-    store = _store()
+    store = _store(init)
     out.print(f"schema at revision {current_revision(store)}")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import os
 import secrets
+import shutil
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -17,6 +18,19 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+PROBE_TIMEOUT_SECONDS = 2.0  # how long the health probe waits for the write lock
+MIN_FREE_BYTES = 1024 * 1024  # less free disk than this beside a SQLite store: not writable
+# Files an earlier run leaves beside the SQLite database.
+_SQLITE_COMPANIONS = ("-wal", "-shm", "-writer.lock", ".migrate.lock")
+
+
+class StoreNotWritable(Exception):
+    """The store does not take writes now (disk full, database locked, read-only)."""
+
+
+class LostStore(Exception):
+    """The SQLite database file is empty or gone while an earlier installation's files remain:
+    starting afresh would make a new secret key (breaking every link already sent)."""
 
 
 class _Secret(Protocol):
@@ -96,6 +110,57 @@ class Store:
         with self.engine.connect() as conn:
             return conn.execute(text("SELECT 1")).scalar() == 1
 
+    def probe_write(self, timeout: float = PROBE_TIMEOUT_SECONDS) -> None:
+        """Write one row now, waiting at most `timeout` for the lock: raises StoreNotWritable
+        when the disk is full, the database is locked or read-only. Cheap: one small upsert."""
+        from postbode.store.schema import utcnow
+
+        now = utcnow().isoformat()
+        upsert = (
+            "INSERT INTO system_values (name, value) VALUES ('health_probe', {0}) "
+            "ON CONFLICT (name) DO UPDATE SET value = excluded.value"
+        )
+        try:
+            if self.is_sqlite:
+                self._probe_sqlite(upsert.format("?"), now, timeout)
+            else:
+                ms = int(timeout * 1000)
+                with self.engine.connect() as conn, conn.begin():
+                    conn.exec_driver_sql(f"SET LOCAL lock_timeout = {ms}")
+                    conn.exec_driver_sql(f"SET LOCAL statement_timeout = {ms}")
+                    conn.exec_driver_sql(upsert.format("%s"), (now,))
+        except StoreNotWritable:
+            raise
+        except Exception as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise StoreNotWritable(first) from exc
+
+    def _probe_sqlite(self, upsert: str, now: str, timeout: float) -> None:
+        database = self.engine.url.database or ""
+        if database and database != ":memory:":
+            free = shutil.disk_usage(Path(database).parent).free
+            if free < MIN_FREE_BYTES:
+                raise StoreNotWritable(f"{free} bytes free on the store's disk")
+        # On the driver's connection: not through the writer lock, and not waiting SQLite's
+        # usual 30 s for the lock.
+        raw = self.engine.raw_connection()
+        try:
+            cursor = raw.cursor()
+            cursor.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
+            try:
+                cursor.execute("BEGIN IMMEDIATE")
+                try:
+                    cursor.execute(upsert, (now,))
+                    cursor.execute("COMMIT")
+                except Exception:
+                    cursor.execute("ROLLBACK")
+                    raise
+            finally:
+                cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+                cursor.close()
+        finally:
+            raw.close()
+
     def dispose(self) -> None:
         self.engine.dispose()
         if self._writer_lock:
@@ -134,12 +199,33 @@ def _sqlite_engine(url: str) -> Engine:
     return engine
 
 
-def create_store(settings: StoreSettings, *, pool: bool = True) -> Store:
-    """The store the settings name, migrated to the newest schema on first use."""
-    from postbode.store.migrate import ensure_migrated
+def lost_store(path: Path) -> str | None:
+    """Why the SQLite database at `path` looks lost, or None: an empty file, or no file
+    while the files an earlier run leaves beside it are there."""
+    companions = [path.with_name(path.name + suffix) for suffix in _SQLITE_COMPANIONS]
+    if path.exists() and path.stat().st_size == 0:
+        return f"{path} is empty"
+    if not path.exists() and any(c.exists() for c in companions):
+        return f"{path} is missing but an earlier installation's files are beside it"
+    return None
 
+
+def create_store(settings: StoreSettings, *, pool: bool = True, init: bool = False) -> Store:
+    """The store the settings name, migrated to the newest schema on first use.
+
+    A SQLite database that looks lost (`lost_store`) raises LostStore, unless `init`: then
+    it is started afresh, deliberately."""
     url = settings.sqlalchemy_url
     writer_lock = None
+    database = make_url(url).database if url.startswith("sqlite") else None
+    if database and database != ":memory:":
+        file = Path(database)
+        why = lost_store(file)
+        if why is not None and not init:
+            raise LostStore(why)
+        if why is not None:
+            for leftover in (file, *(file.with_name(file.name + s) for s in ("-wal", "-shm"))):
+                leftover.unlink(missing_ok=True)
     if url.startswith("sqlite"):
         engine = _sqlite_engine(url)
         path = make_url(url).database
@@ -152,6 +238,8 @@ def create_store(settings: StoreSettings, *, pool: bool = True) -> Store:
         else:
             kwargs["poolclass"] = NullPool
         engine = create_engine(url, **kwargs)
+    from postbode.store.migrate import ensure_migrated
+
     store = Store(engine, writer_lock)
     ensure_migrated(store)
     if store.is_sqlite:
