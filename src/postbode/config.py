@@ -216,6 +216,14 @@ class Settings(BaseSettings):
         description="Opens and clicks this soon after delivery are counted as bots (scanners).",
     )
 
+    tracking_click_window_seconds: float = Field(
+        60.0,
+        ge=0,
+        description="A recipient's clicks on one link within this many seconds of the last "
+        "one counted are kept as raw hits (event data `repeat: true`), neither counted nor "
+        "sent to webhooks.",
+    )
+
     # -- bounces ----------------------------------------------------------------------------
     bounce_rules_path: Path | None = Field(
         None,

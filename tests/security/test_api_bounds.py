@@ -48,3 +48,33 @@ def test_instants_out_of_range_are_refused(api: TestClient, path: str, since: st
     answer = api.get(path, params={"since": since})
     assert answer.status_code == 422, answer.text
     assert answer.json()["error"]["field"] == "since"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/api/v1/stats/compare?a=x%00&b=y",
+        "/api/v1/messages?tag=%00",
+        "/api/v1/suppressions?email=a%00@b.test",
+        "/api/v1/events?recipient=%00",
+    ],
+)
+def test_nul_in_a_url_is_refused(api: TestClient, url: str) -> None:
+    answer = api.get(url)
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["error"]["code"] == "invalid"
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/api/v1/suppressions", {"suppressions": [{"email": "a\u0000@b.test"}]}),
+        ("/api/v1/suppressions", {"suppressions": [{"email": "a@b.test", "reason": "\u0000"}]}),
+        ("/api/v1/deliveries/cancel", {"tag": "\u0000"}),
+        ("/api/v1/deliveries/cancel", {"recipient_domain": "a\u0000.test"}),
+        ("/api/v1/webhooks", {"url": "https://hooks.example.com/\u0000"}),
+    ],
+)
+def test_nul_in_a_json_body_is_refused(api: TestClient, path: str, body: object) -> None:
+    answer = api.post(path, json=body)
+    assert answer.status_code == 422, answer.text

@@ -31,6 +31,9 @@ class Event:
     recipient: str | None = None
     data: dict[str, Any] = field(default_factory=dict)
     bot: bool = False  # an open or click made by a machine (counted apart)
+    # False: kept as a record only (a raw hit, such as a repeated click), neither counted in
+    # the statistics nor sent to webhooks.
+    counted: bool = True
     at: datetime = field(default_factory=utcnow)
     id: uuid.UUID = field(default_factory=new_id)
 
@@ -130,9 +133,10 @@ def record(conn: Connection, items: Sequence[Event] | Event, counters: Tally | N
             for e in batch
         ],
     )
-    _queue_webhooks(conn, batch)
+    told = [e for e in batch if e.counted]
+    _queue_webhooks(conn, told)
     tally = counters if counters is not None else Tally()
-    tally.add(batch)
+    tally.add(told)
     if counters is None:
         tally.bump(conn)
     for event_type, n in Counter(str(e.type) for e in batch).items():
@@ -140,6 +144,8 @@ def record(conn: Connection, items: Sequence[Event] | Event, counters: Tally | N
 
 
 def _queue_webhooks(conn: Connection, batch: Sequence[Event]) -> None:
+    if not batch:
+        return
     app_ids = sorted({e.app_id for e in batch})
     hooks = conn.execute(_ENABLED_HOOKS, {"app_ids": app_ids}).all()
     if not hooks:

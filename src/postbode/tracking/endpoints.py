@@ -61,9 +61,15 @@ class Hit:
 # -- recording -------------------------------------------------------------------------------------
 
 
-def write_hits(conn: Connection, hits: Sequence[Hit], window: float) -> list[Event]:
+def write_hits(
+    conn: Connection, hits: Sequence[Hit], window: float, click_window: float = 0.0
+) -> list[Event]:
     """Record `message.opened` / `message.clicked` events for hits (in `conn`'s transaction),
-    each judged for bots; returns the events. Hits on deliveries no longer stored are dropped."""
+    each judged for bots; returns the events. Hits on deliveries no longer stored are dropped.
+
+    A click on a link the same recipient clicked (and had counted) less than `click_window`
+    seconds before is a repeat: recorded as a raw hit (`repeat: true`) that is neither
+    counted nor sent to webhooks, so a reload or a double click is one click."""
     ids = {h.token.delivery_id for h in hits}
     found = {
         row.id: row
@@ -113,6 +119,7 @@ def write_hits(conn: Connection, hits: Sequence[Hit], window: float) -> list[Eve
             link = (row.data or {}).get("link")
             if isinstance(link, int):
                 recent.setdefault(row.delivery_id, []).append((row.created_at, link))
+    counted_clicks = _counted_clicks(conn, hits, click_window)
     batch: list[Event] = []
     for hit in hits:
         d = found.get(hit.token.delivery_id)
@@ -137,6 +144,7 @@ def write_hits(conn: Connection, hits: Sequence[Hit], window: float) -> list[Eve
             hit.kind, hit.user_agent, hit.ip, since, window, all_links_clicked=all_links
         )
         data: dict[str, Any] = {}
+        counted = True
         if hit.kind == "open":
             first = not verdict.bot and d.id not in opened
             if first:
@@ -144,6 +152,12 @@ def write_hits(conn: Connection, hits: Sequence[Hit], window: float) -> list[Eve
             data["first"] = first
         else:
             data.update(url=hit.token.url, link=hit.token.link)
+            times = counted_clicks.setdefault((d.id, hit.token.link), [])
+            counted = not any(0 <= (hit.at - at).total_seconds() < click_window for at in times)
+            if counted:
+                times.append(hit.at)
+            else:
+                data["repeat"] = True
         data.update(
             bot=verdict.bot,
             bot_reason=verdict.reason,
@@ -162,10 +176,34 @@ def write_hits(conn: Connection, hits: Sequence[Hit], window: float) -> list[Eve
                 data=data,
                 bot=verdict.bot,
                 at=hit.at,
+                counted=counted,
             )
         )
     record(conn, batch)
     return batch
+
+
+def _counted_clicks(
+    conn: Connection, hits: Sequence[Hit], click_window: float
+) -> dict[tuple[Any, int], list[datetime]]:
+    """When each (delivery, link) of the click hits was last counted, within the window (the
+    store's events, so every process and node sees the same)."""
+    clicks = [h for h in hits if h.kind == "click"]
+    found: dict[tuple[Any, int], list[datetime]] = {}
+    if not clicks or click_window <= 0:
+        return found
+    since = min(h.at for h in clicks) - timedelta(seconds=click_window)
+    for row in conn.execute(
+        select(events.c.delivery_id, events.c.created_at, events.c.data).where(
+            events.c.delivery_id.in_({h.token.delivery_id for h in clicks}),
+            events.c.type == str(EventType.MESSAGE_CLICKED),
+            events.c.created_at >= since,
+        )
+    ):
+        data = row.data or {}
+        if isinstance(data.get("link"), int) and not data.get("repeat"):
+            found.setdefault((row.delivery_id, data["link"]), []).append(row.created_at)
+    return found
 
 
 class HitRecorder:
@@ -217,7 +255,12 @@ class HitRecorder:
 
     def _commit(self, batch: list[Hit]) -> None:
         with self.store.write() as conn:
-            write_hits(conn, batch, self.settings.tracking_bot_window_seconds)
+            write_hits(
+                conn,
+                batch,
+                self.settings.tracking_bot_window_seconds,
+                self.settings.tracking_click_window_seconds,
+            )
 
     async def close(self) -> None:
         """Write what is pending, then stop."""

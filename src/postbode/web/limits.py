@@ -1,8 +1,10 @@
-"""The ceiling on every HTTP request body, enforced at the ASGI level while the body streams
-in (Content-Length or chunked), before any route reads it."""
+"""What any HTTP request may carry, enforced at the ASGI level before a route sees it: a body
+no larger than its path's limit (while it streams in, Content-Length or chunked), and no NUL
+character in the path or query (no text column of PostgreSQL holds one)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 
 from fastapi import HTTPException
@@ -36,6 +38,9 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if "\x00" in scope["path"] or b"%00" in scope.get("query_string", b""):
+            await _answer(send, 422, "invalid", "the URL must not contain NUL characters")
+            return
         limit = self.limits.get(scope["path"], self.default)
         headers = dict(scope["headers"])
         declared = headers.get(b"content-length", b"")
@@ -64,3 +69,18 @@ class BodyLimit:
             await send(message)
 
         await self.app(scope, capped, closing)
+
+
+async def _answer(send: Send, status: int, code: str, message: str) -> None:
+    body = json.dumps(error_body(code, message)).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -10,17 +10,26 @@ from typing import Any
 
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from postbode.config import Settings
 from postbode.store.engine import Store
-from postbode.store.schema import deliveries, events, messages, stat_counters, suppressions, utcnow
+from postbode.store.schema import (
+    deliveries,
+    events,
+    messages,
+    stat_counters,
+    suppressions,
+    utcnow,
+    webhook_requests,
+)
 from postbode.testing.factories import make_app, make_queued_message
 from postbode.tracking import tokens
 from postbode.tracking.endpoints import PIXEL, fast_path
 from postbode.tracking.rewrite import tracking_key
 from postbode.tracking.tokens import Token
 from postbode.web.app import create_app
+from postbode.webhooks import manage
 
 with warnings.catch_warnings():
     # Starlette's TestClient asks for httpx2 and warns when it runs on httpx.
@@ -92,6 +101,44 @@ def test_click_redirects_and_records(tracked: Tracked) -> None:
         "user_agent": CHROME,
         "ip": "203.0.113.0",  # the last octet is never stored
     }
+
+
+def test_a_repeated_click_counts_once_and_keeps_its_raw_hits(tracked: Tracked) -> None:
+    """A click and five reloads of it: six raw hits, one click in the statistics and the
+    webhooks; another link, or the same one after the window, counts again."""
+    manage.create_webhook(tracked.store, tracked.app.app_id, "https://hooks.example.com/in")
+    first = tracked.token("click", "https://shop.test/a", 0, 2)
+    for _ in range(6):
+        assert tracked.get(f"/t/c/{first}").status_code == 302
+    tracked.get(f"/t/c/{tracked.token('click', 'https://shop.test/b', 1, 2)}")
+    clicks = tracked.events("message.clicked")
+    assert len(clicks) == 7
+    assert [bool(e["data"].get("repeat")) for e in clicks] == [False, *[True] * 5, False]
+    assert counted_clicks(tracked.store) == 2
+    with tracked.store.read() as conn:
+        told = conn.execute(
+            select(func.count())
+            .select_from(webhook_requests)
+            .join(events, events.c.id == webhook_requests.c.event_id)
+            .where(events.c.type == "message.clicked")
+        ).scalar_one()
+    assert told == 2
+    with tracked.store.write() as conn:  # the window passes
+        conn.execute(update(events).values(created_at=utcnow() - timedelta(minutes=2)))
+    tracked.get(f"/t/c/{first}")
+    assert not tracked.events("message.clicked")[-1]["data"].get("repeat")
+    assert counted_clicks(tracked.store) == 3
+
+
+def counted_clicks(store: Store) -> int:
+    with store.read() as conn:
+        return int(
+            conn.execute(
+                select(func.coalesce(func.sum(stat_counters.c.count), 0)).where(
+                    stat_counters.c.event_type == "message.clicked"
+                )
+            ).scalar_one()
+        )
 
 
 def test_tampered_click_token_is_404_without_redirect(tracked: Tracked) -> None:

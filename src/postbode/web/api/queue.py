@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from postbode.delivery import manage
 from postbode.store.engine import Store
 from postbode.store.schema import DeliveryStatus
-from postbode.web.api.fields import MAX_SECONDS
+from postbode.web.api.fields import MAX_SECONDS, ApiInput
 from postbode.web.auth import ApiApp, AuthenticatedRoute
 from postbode.web.errors import ApiError
 
@@ -65,7 +65,7 @@ class DeliveryList(BaseModel):
     next_cursor: UUID | None = Field(description="Pass as `cursor` for the next page")
 
 
-class BulkFilter(BaseModel):
+class BulkFilter(ApiInput):
     """Which deliveries to change; every field given must match, at least one must be given."""
 
     model_config = ConfigDict(extra="forbid")  # a misspelt field must not widen a bulk cancel

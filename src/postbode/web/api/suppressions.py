@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from postbode.bounces import suppression
 from postbode.bounces.suppression import Entry, SuppressionError
 from postbode.store.engine import Store
+from postbode.web.api.fields import ApiInput
 from postbode.web.auth import ApiApp, AuthenticatedRoute
 from postbode.web.errors import ApiError
 
@@ -32,7 +33,7 @@ router = APIRouter(
 )
 
 
-class SuppressionIn(BaseModel):
+class SuppressionIn(ApiInput):
     model_config = ConfigDict(extra="forbid")
 
     email: str = Field(max_length=suppression.MAX_EMAIL)
@@ -40,7 +41,7 @@ class SuppressionIn(BaseModel):
     stream: Stream = Field("all", description="The stream it applies to; `all`: every stream")
 
 
-class SuppressionsIn(BaseModel):
+class SuppressionsIn(ApiInput):
     model_config = ConfigDict(extra="forbid")
 
     suppressions: list[SuppressionIn] = Field(min_length=1, max_length=MAX_POST_ENTRIES)

@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from postbode.events.types import EventType
 from postbode.store.engine import Store
-from postbode.web.api.fields import RowId
+from postbode.web.api.fields import ApiInput, RowId
 from postbode.web.auth import ApiApp, AuthenticatedRoute
 from postbode.web.errors import ApiError
 from postbode.webhooks import manage
@@ -26,7 +26,7 @@ T = TypeVar("T")
 router = APIRouter(prefix="/api/v1/webhooks", tags=["webhooks"], route_class=AuthenticatedRoute)
 
 
-class WebhookIn(BaseModel):
+class WebhookIn(ApiInput):
     model_config = ConfigDict(extra="forbid")
 
     url: str = Field(max_length=manage.MAX_URL_LENGTH, description="http:// or https:// URL")
@@ -37,7 +37,7 @@ class WebhookIn(BaseModel):
     format: Literal["native"] = "native"
 
 
-class WebhookPatch(BaseModel):
+class WebhookPatch(ApiInput):
     model_config = ConfigDict(extra="forbid")
 
     url: str | None = Field(None, max_length=manage.MAX_URL_LENGTH)
@@ -103,7 +103,7 @@ class RequestList(BaseModel):
     next_cursor: UUID | None = Field(description="Pass as `cursor` for the next page")
 
 
-class ReplayIn(BaseModel):
+class ReplayIn(ApiInput):
     model_config = ConfigDict(extra="forbid")
 
     event_id: UUID
