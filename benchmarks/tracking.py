@@ -33,6 +33,7 @@ from postbode.tracking.rewrite import tracking_key
 from postbode.tracking.tokens import Token
 from postbode.webhooks import manage
 from postbode.webhooks.deliver import WebhookWorker
+from postbode.webhooks.destinations import DestinationPolicy
 
 SECRET = "benchmark-secret-key"
 WRK_SCRIPT = """
@@ -281,10 +282,12 @@ def webhooks(args: argparse.Namespace, tmp: Path) -> None:
             database_url=url,
             secret_key=SECRET,
             webhook_concurrency=args.webhook_concurrency,
+            webhook_allow_private="127.0.0.0/8",  # the receiver runs on loopback
         )
         store = create_store(settings)
         app = make_app(store, "bench")
-        manage.create_webhook(store, app.app_id, f"http://127.0.0.1:{port}/hooks")
+        policy = DestinationPolicy.from_settings(settings)
+        manage.create_webhook(store, app.app_id, f"http://127.0.0.1:{port}/hooks", policy=policy)
         message_id, (delivery_id,) = make_queued_message(store, app.app_id, ["alice@dest.test"])
         for start in range(0, args.webhooks, 1000):
             batch = [
