@@ -29,19 +29,21 @@ def test_forwarded_for_counts_only_from_a_trusted_proxy(
     store = create_store(Settings(data_dir=tmp_path))
     tenancy.create_user(store, "owner@org.test", "a long password", admin=True)
     env = {"POSTBODE_TRUSTED_PROXIES": trusted} if trusted else {}
-    with (
-        PostbodeProcess(tmp_path, env, command="web") as web,
-        httpx.Client(base_url=web.http_url) as client,
-    ):
-        page = client.get("/login")
-        token = _CSRF.search(page.text)
-        assert token is not None
-        answer = client.post(
-            "/login",
-            data={"csrf_token": token.group(1), "email": "owner@org.test", "password": "no"},
-            headers={"X-Forwarded-For": "203.0.113.9"},
-        )
-        assert answer.status_code == 401
+    # A generous wait for start-up: a loaded machine takes long to start.
+    web = PostbodeProcess(tmp_path, env, command="web").start(timeout=180)
+    try:
+        with httpx.Client(base_url=web.http_url) as client:
+            page = client.get("/login")
+            token = _CSRF.search(page.text)
+            assert token is not None
+            answer = client.post(
+                "/login",
+                data={"csrf_token": token.group(1), "email": "owner@org.test", "password": "no"},
+                headers={"X-Forwarded-For": "203.0.113.9"},
+            )
+            assert answer.status_code == 401
+    finally:
+        web.stop()
     with store.read() as conn:
         keys = set(conn.execute(select(login_attempts.c.key)).scalars())
     store.dispose()

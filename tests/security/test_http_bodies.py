@@ -72,8 +72,12 @@ def server(tmp_path: Path) -> Iterator[tuple[PostbodeProcess, str]]:
     store = create_store(Settings(data_dir=tmp_path))
     key = tenancy.create_app(store, "shop").api_key
     store.dispose()
-    with PostbodeProcess(tmp_path, {"POSTBODE_WORKERS": "1"}) as running:
+    # A generous wait for start-up: a loaded machine takes long to start three processes.
+    running = PostbodeProcess(tmp_path, {"POSTBODE_WORKERS": "1"}).start(timeout=180)
+    try:
         yield running, key
+    finally:
+        running.stop()
 
 
 def test_ten_strangers_pushing_200_mb_each_cost_no_memory(
