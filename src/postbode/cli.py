@@ -399,7 +399,9 @@ def domain_check(domain: str, as_json: JsonFlag = False) -> None:
         raise typer.Exit(1)
 
 
-demo_cmd = typer.Typer(no_args_is_help=True, help="Demo data, to try the web interface.")
+demo_cmd = typer.Typer(
+    no_args_is_help=True, help="Demo data and a demo mailbox, to try Postbode on one machine."
+)
 app.add_typer(demo_cmd, name="demo")
 
 
@@ -474,6 +476,37 @@ def demo_seed(
         )
         by_status = ", ".join(f"{k} {v:,}" for k, v in report.statuses.items())
         out.print(f"deliveries by status: {by_status}")
+
+
+@demo_cmd.command("sink")
+def demo_sink(
+    smtp: Annotated[
+        str, typer.Option(help="Where it takes mail (route domains here with the transport map).")
+    ] = "127.0.0.1:2626",
+    http: Annotated[str, typer.Option(help="Where its page lists what arrived.")] = (
+        "127.0.0.1:8026"
+    ),
+) -> None:
+    """A local catch-all mailbox: takes every message for every address and lists it on a
+    page, so a first delivery succeeds without DNS or the internet. Start Postbode with
+    POSTBODE_TRANSPORT_MAP='*=127.0.0.1:2626' to send all mail here."""
+    from postbode import demo_sink as sink
+
+    try:
+        smtp_host, smtp_port = _host_port(smtp)
+        http_host, http_port = _host_port(http)
+    except ValueError as exc:
+        _fail(str(exc))
+    out.print(f"demo sink: SMTP on {smtp}, messages at http://{http}/ (Ctrl-C stops it)")
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(sink.run(smtp_host, smtp_port, http_host, http_port))
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{value!r} is not host:port")
+    return host.strip("[]"), int(port)
 
 
 def main() -> None:
