@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from postbode import tenancy
+from postbode import __version__, tenancy
 from postbode.config import Settings, describe, get_settings
 from postbode.store.engine import Store, create_store
 
@@ -32,6 +32,24 @@ err = Console(stderr=True)
 out = Console()
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"postbode {__version__}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version."
+        ),
+    ] = False,
+) -> None:
+    """Postbode: transactional mail."""
 
 
 def _fail(message: str) -> NoReturn:

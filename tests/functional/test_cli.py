@@ -151,3 +151,10 @@ def test_worker_list_names_every_queue_runner_and_periodic_task(tmp_path: Path) 
     assert all(e["does"] for e in listed.values())
     table = postbode(tmp_path, "worker", "--list")
     assert table.returncode == 0 and "sweep.deliveries" in table.stdout
+
+
+def test_version(tmp_path: Path) -> None:
+    from postbode import __version__
+
+    result = postbode(tmp_path, "--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"postbode {__version__}"
