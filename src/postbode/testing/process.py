@@ -15,6 +15,10 @@ from types import TracebackType
 
 import httpx
 
+# How long a test waits for a started `postbode` to answer: a second or two on a quiet machine;
+# a loaded CI machine (other suites on the same cores) has been seen to take half a minute.
+START_TIMEOUT = 120.0
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A port that was free a moment ago (for child processes that cannot report theirs)."""
@@ -69,7 +73,7 @@ class PostbodeProcess:
     def http_url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
-    def start(self, timeout: float = 30.0) -> PostbodeProcess:
+    def start(self, timeout: float = START_TIMEOUT) -> PostbodeProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it open
         self.proc = subprocess.Popen(
@@ -89,7 +93,7 @@ class PostbodeProcess:
                 raise
         return self
 
-    def wait_healthy(self, timeout: float = 30.0) -> float:
+    def wait_healthy(self, timeout: float = START_TIMEOUT) -> float:
         """Seconds until /healthz answered 200; raises with the process's log if it never does."""
         started = time.monotonic()
         while time.monotonic() - started < timeout:
@@ -104,7 +108,7 @@ class PostbodeProcess:
             time.sleep(0.05)
         raise TimeoutError(f"postbode not healthy after {timeout}s:\n{self.log()}")
 
-    def wait_listeners(self, timeout: float = 30.0) -> None:
+    def wait_listeners(self, timeout: float = START_TIMEOUT) -> None:
         """Until every listener process (POSTBODE_LISTENERS) listens on both ports."""
         if self.command != "serve":
             return
