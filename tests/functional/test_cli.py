@@ -126,7 +126,7 @@ def test_serve_answers_healthz_and_metrics_and_stops_on_sigterm(
     if dialect == "postgresql":
         env["POSTBODE_DATABASE_URL"] = request.getfixturevalue("pg_url")
     server = PostbodeProcess(tmp_path, env)
-    server.start(timeout=30)
+    server.start()
     try:
         health = httpx.get(f"{server.http_url}/healthz")
         assert health.status_code == 200 and health.json()["status"] == "ok"

@@ -9,7 +9,7 @@ import pytest
 
 from postbode.testing import drill
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
 def test_every_acknowledged_message_arrives_through_a_node_kill_and_a_database_restart(

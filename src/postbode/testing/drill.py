@@ -358,7 +358,7 @@ def run(
             Node("w", workdir / "worker", env, "worker"),
         ]
         for node in nodes:
-            node.process.start(timeout=60)
+            node.process.start()
             stack.callback(_stop, node)
         load = Load(app, nodes, messages)
         started = time.monotonic()
@@ -383,7 +383,7 @@ def run(
             await asyncio.to_thread(cluster.restart)
             phase("PostgreSQL is back")
             await _until(lambda: len(load.acks) >= messages * 0.7 or loading.done())
-            await asyncio.to_thread(victim.process.start, 60)
+            await asyncio.to_thread(victim.process.start)
             phase("node a is back")
             await loading
             phase(f"all {messages} messages acknowledged")

@@ -49,7 +49,7 @@ def server(
             "POSTBODE_DNS_NAMESERVERS": f"127.0.0.1:{free_port()}",
         },
     )
-    process.start(timeout=60)
+    process.start()
     try:
         yield process, app.api_key, store
     finally:
