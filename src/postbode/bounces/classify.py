@@ -1,9 +1,10 @@
-"""Bounce reason classification: ordered rules kept as data (rules.toml), first match wins."""
+"""Bounce reason classification: an explicit order of evidence over rules kept as data."""
 
 from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -25,6 +26,10 @@ CATEGORIES: tuple[str, ...] = (
     "unknown",
 )
 
+# The SMTP command a refusal answered (RFC 5321 §3.3): "rcpt" refusals are about the
+# recipient, "data" refusals about the message (the recipient was accepted at RCPT).
+STAGES: tuple[str, ...] = ("connect", "mail", "rcpt", "data")
+
 # RFC 3463 §2: class.subject.detail; detail may have up to three digits.
 _STATUS_RE = re.compile(r"(?<![\w.])([245])\.(\d{1,3})\.(\d{1,3})(?!\.?\d)")
 # URL query strings and fragments are opaque tokens (they can spell anything, e.g. a
@@ -35,6 +40,13 @@ _ADDR_RE = re.compile(
     r"(?<![\w.!#$%&'*+/=?^`{|}~-])[\w.!#$%&'*+/=?^`{|}~-]{1,64}@[\w-]{1,63}(?:\.[\w-]{1,63}){1,8}"
 )
 _SPACE_RE = re.compile(r"\s+")
+
+# Where a rule stands in the order of evidence (see docs/bounces.md):
+#   code     an RFC 3463 enhanced status code decides, text may refine within `refine`
+#   text     a phrase that names one cause
+#   generic  a phrase that says little ("mailbox unavailable"): only when nothing else does
+#   reply    the basic RFC 5321 reply code, with the SMTP stage where known
+TIERS: tuple[str, ...] = ("code", "text", "generic", "reply")
 
 
 class RulesError(ValueError):
@@ -52,7 +64,7 @@ class Classification:
 
 @dataclass(frozen=True, slots=True)
 class Rule:
-    """One ordered rule: every given condition must hold."""
+    """One rule: every given condition must hold."""
 
     name: str
     category: str
@@ -60,8 +72,14 @@ class Rule:
     status: re.Pattern[str] | None
     reply_codes: frozenset[int]
     reply_class: frozenset[str]
+    tier: str = "text"
+    stages: frozenset[str] = frozenset()
+    refine: frozenset[str] = frozenset()  # code tier: categories the text may choose instead
+    families: frozenset[str] = frozenset()  # corpus families the rule was checked against
 
-    def matches(self, status: str | None, reply_code: int | None, text: str) -> bool:
+    def matches(
+        self, status: str | None, reply_code: int | None, text: str, stage: str | None = None
+    ) -> bool:
         if self.status is not None and (status is None or not self.status.match(status)):
             return False
         if self.reply_codes and reply_code not in self.reply_codes:
@@ -70,16 +88,44 @@ class Rule:
             klass = status[0] if status else (str(reply_code)[0] if reply_code else None)
             if klass is not None and klass not in self.reply_class:
                 return False
+        if self.stages and (stage or "unknown") not in self.stages:
+            return False
         return self.text is None or self.text.search(text) is not None
 
 
 @dataclass(frozen=True, slots=True)
 class Rules:
-    """A compiled, ordered rule set."""
+    """A compiled rule set, split by tier (each tier keeps its file order)."""
 
     rules: tuple[Rule, ...]
     hard_categories: frozenset[str]
     source: str
+    hedges: re.Pattern[str] | None = None
+
+    def tier(self, name: str) -> tuple[Rule, ...]:
+        return _tiers(self)[name]
+
+    def without_families(self, families: Iterable[str]) -> Rules:
+        """The rule set less every rule checked against one of `families` (for leave-one-
+        family-out evaluation: what the rules would be had those samples not been seen)."""
+        drop = frozenset(families)
+        kept = tuple(r for r in self.rules if not (r.families & drop))
+        source = f"{self.source} without {sorted(drop)}"
+        return Rules(kept, self.hard_categories, source, self.hedges)
+
+
+_TIER_CACHE: dict[int, tuple[Rules, dict[str, tuple[Rule, ...]]]] = {}
+
+
+def _tiers(rules: Rules) -> dict[str, tuple[Rule, ...]]:
+    cached = _TIER_CACHE.get(id(rules))
+    if cached is not None and cached[0] is rules:
+        return cached[1]
+    split = {t: tuple(r for r in rules.rules if r.tier == t) for t in TIERS}
+    if len(_TIER_CACHE) > 64:
+        _TIER_CACHE.clear()
+    _TIER_CACHE[id(rules)] = (rules, split)
+    return split
 
 
 def _status_glob(pattern: str) -> str:
@@ -87,7 +133,16 @@ def _status_glob(pattern: str) -> str:
     parts = pattern.strip().split(".")
     if len(parts) not in (1, 2, 3):
         raise RulesError(f"bad status pattern {pattern!r}")
-    fields = [r"\d{1,3}" if p in ("*", "x", "X") else re.escape(str(int(p))) for p in parts]
+    fields = []
+    for p in parts:
+        if p in ("*", "x", "X"):
+            fields.append(r"\d{1,3}")
+        elif p and all(c.isdigit() or c == "?" for c in p) and "?" in p:
+            fields.append(p.replace("?", r"\d"))  # "5??": one digit per "?"
+        elif p.isdigit():
+            fields.append(re.escape(str(int(p))))
+        else:
+            raise RulesError(f"bad status pattern {pattern!r}")
     return r"\.".join(fields) + (r"$" if len(parts) == 3 else r"\.")
 
 
@@ -102,35 +157,67 @@ def _lower_pattern(pattern: str) -> str:
     return "".join(out)
 
 
+def _strings(raw: dict[str, Any], key: str) -> list[str]:
+    value = raw.get(key) or []
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list):
+        raise RulesError(f"{key} must be a string or a list")
+    return [str(v) for v in value]
+
+
+def _compile_text(name: str, texts: list[str]) -> re.Pattern[str] | None:
+    if not texts:
+        return None
+    try:
+        return re.compile("|".join(f"(?:{_lower_pattern(t)})" for t in texts))
+    except re.error as exc:
+        raise RulesError(f"{name}: bad regular expression: {exc}") from exc
+
+
 def _compile_rule(index: int, raw: dict[str, Any]) -> Rule:
     name = str(raw.get("name") or f"rule-{index}")
     category = raw.get("category")
     if category not in CATEGORIES:
         raise RulesError(f"{name}: unknown category {category!r}")
-    texts = raw.get("text") or []
-    statuses = raw.get("status") or []
+    texts = _strings(raw, "text")
+    statuses = _strings(raw, "status")
     codes = raw.get("reply_code") or []
-    klass = raw.get("class") or []
-    if isinstance(texts, str):
-        texts = [texts]
-    if isinstance(statuses, str):
-        statuses = [statuses]
+    klass = _strings(raw, "class")
+    stages = _strings(raw, "stage")
+    refine = _strings(raw, "refine")
     if not (texts or statuses or codes):
         raise RulesError(f"{name}: a rule needs text, status or reply_code")
-    try:
-        text_re = re.compile("|".join(f"(?:{_lower_pattern(t)})" for t in texts)) if texts else None
-    except re.error as exc:
-        raise RulesError(f"{name}: bad regular expression: {exc}") from exc
+    if bad := set(stages) - set(STAGES) - {"unknown"}:
+        raise RulesError(f"{name}: unknown stage {sorted(bad)}")
+    if "*" in refine:
+        refine = list(CATEGORIES)
+    if bad := set(refine) - set(CATEGORIES):
+        raise RulesError(f"{name}: unknown category in refine {sorted(bad)}")
+    tier = raw.get("tier")
+    if tier is None:
+        if statuses and not texts:
+            tier = "code"
+        elif codes and not statuses:
+            tier = "reply"
+        else:
+            tier = "text"
+    if tier not in TIERS:
+        raise RulesError(f"{name}: unknown tier {tier!r}")
     status_re = (
         re.compile("(?:" + "|".join(_status_glob(s) for s in statuses) + ")") if statuses else None
     )
     return Rule(
         name=name,
         category=str(category),
-        text=text_re,
+        text=_compile_text(name, texts),
         status=status_re,
         reply_codes=frozenset(int(c) for c in codes),
-        reply_class=frozenset(str(k) for k in klass),
+        reply_class=frozenset(klass),
+        tier=str(tier),
+        stages=frozenset(stages),
+        refine=frozenset(refine),
+        families=frozenset(_strings(raw, "families")),
     )
 
 
@@ -144,7 +231,8 @@ def parse_rules(data: dict[str, Any], source: str = "<data>") -> Rules:
     if unknown:
         raise RulesError(f"{source}: unknown hard categories {sorted(unknown)}")
     rules = tuple(_compile_rule(i, r) for i, r in enumerate(raw_rules))
-    return Rules(rules=rules, hard_categories=frozenset(hard), source=source)
+    hedges = _compile_text("hedges", _strings(data, "hedges"))
+    return Rules(rules=rules, hard_categories=frozenset(hard), source=source, hedges=hedges)
 
 
 @lru_cache(maxsize=1)
@@ -171,12 +259,41 @@ def normalize_text(text: str) -> str:
     return _SPACE_RE.sub(" ", text).strip().lower()
 
 
+def rule_tier(name: str | None, rules: Rules | None = None) -> str | None:
+    """The tier of the rule called `name` ("code", "text", "generic", "reply"), if any."""
+    if name is None:
+        return None
+    ruleset = rules if rules is not None else _default_rules()
+    return next((r.tier for r in ruleset.rules if r.name == name), None)
+
+
 def find_status(text: str) -> str | None:
     """The first RFC 3463 enhanced status code in text, normalised (no leading zeros)."""
     m = _STATUS_RE.search(text)
     if m is None:
         return None
     return f"{m.group(1)}.{int(m.group(2))}.{int(m.group(3))}"
+
+
+def find_statuses(text: str) -> list[str]:
+    """Every RFC 3463 enhanced status code in text, in order, normalised."""
+    return [f"{a}.{int(b)}.{int(c)}" for a, b, c in _STATUS_RE.findall(text)]
+
+
+def _pick(
+    candidates: Iterable[Rule], allowed: frozenset[str] | None, hedged: bool, hard: frozenset[str]
+) -> Rule | None:
+    fitting = [r for r in candidates if allowed is None or r.category in allowed]
+    if not fitting:
+        return None
+    if hedged:
+        # A text that names two causes ("may not exist or may be disabled") proves
+        # neither: prefer the cause that does not suppress the address, since a wrong
+        # hard call stops mail to a good address for good.
+        soft = [r for r in fitting if r.category not in hard]
+        if soft:
+            return soft[0]
+    return fitting[0]
 
 
 def classify(
@@ -186,17 +303,65 @@ def classify(
     rules: Rules | None = None,
     *,
     normalized: bool = False,
+    stage: str | None = None,
 ) -> Classification:
-    """Classify one failure (a DSN record or a synchronous SMTP reply); never raises."""
+    """Classify one failure (a DSN record or a synchronous SMTP reply); never raises.
+
+    The order of evidence (docs/bounces.md): the enhanced status code's class.subject.detail
+    (RFC 3463) decides, and a phrase may only refine it to a category the code allows; with
+    no code (or a bare X.0.0) a phrase naming one cause decides; then a generic phrase; then
+    the basic reply code (RFC 5321 §4.2.2) with the SMTP stage; `unknown` only when nothing
+    applies. `stage` is the command the refusal answered ("rcpt", "data", …) when known.
+    """
     ruleset = rules if rules is not None else _default_rules()
     if status is not None:
         status = find_status(status)
     if status is None and text:
         status = find_status(text)
     body = text if normalized else normalize_text(text)
-    for rule in ruleset.rules:
-        if rule.matches(status, reply_code, body):
-            return Classification(
-                rule.category, rule.category in ruleset.hard_categories, rule.name
-            )
-    return Classification("unknown", False, None)
+    hard = ruleset.hard_categories
+    hedged = ruleset.hedges is not None and ruleset.hedges.search(body) is not None
+
+    def done(rule: Rule | None, category: str | None = None) -> Classification:
+        if rule is None:
+            return Classification("unknown", False, None)
+        cat = category or rule.category
+        return Classification(cat, cat in hard, rule.name)
+
+    texts = [r for r in ruleset.tier("text") if r.matches(status, reply_code, body, stage)]
+    code_rule = None
+    if status is not None and not status.endswith(".0.0"):
+        code_rule = next(
+            (r for r in ruleset.tier("code") if r.matches(status, reply_code, body, stage)), None
+        )
+    if code_rule is not None:
+        allowed = code_rule.refine | {code_rule.category}
+        found = _pick(texts, allowed, hedged, hard)
+        if found is None and len(code_rule.refine) >= len(CATEGORIES) - 1:
+            # An "other" detail (X.Y.0): the code names the subject only; a generic
+            # phrase may still say more than it.
+            generic = [
+                r for r in ruleset.tier("generic") if r.matches(status, reply_code, body, stage)
+            ]
+            found = _pick(generic, allowed, hedged, hard)
+        return _after_data(done(found or code_rule), status, stage, hard)
+    found = _pick(texts, None, hedged, hard)
+    if found is None:
+        generic = [r for r in ruleset.tier("generic") if r.matches(status, reply_code, body, stage)]
+        found = _pick(generic, None, hedged, hard)
+    if found is None:
+        found = next(
+            (r for r in ruleset.tier("reply") if r.matches(status, reply_code, body, stage)), None
+        )
+    return _after_data(done(found), status, stage, hard)
+
+
+def _after_data(
+    found: Classification, status: str | None, stage: str | None, hard: frozenset[str]
+) -> Classification:
+    if stage == "data" and found.category == "user_unknown" and (status or "")[1:4] != ".1.":
+        # The server took RCPT TO and refused only after DATA, without an addressing code
+        # (RFC 3463 §3.2, X.1.*): the mailbox exists (RFC 5321 §3.3, recipients are
+        # verified at RCPT), so a content filter answered "user unknown".
+        return Classification("blocked", "blocked" in hard, "user-unknown-after-data")
+    return found

@@ -16,6 +16,7 @@ from postbode.bounces.classify import (
     Rules,
     classify,
     find_status,
+    rule_tier,
 )
 
 # Hostile-input bounds: what a bounce needs to say sits at the top (RFC 3464 §2: the
@@ -293,10 +294,88 @@ def _clean_addr(value: str) -> str | None:
 
 
 _SPACES_RE = re.compile(r"\s+")
-_AFTER_DATA_RE = re.compile(
-    r"(?i)(?:>>> ?DATA\s*\n\s*<<< ?5|after (?:end of )?data\b|smtp command\W+data\b|"
-    r"did not like our (?:final )?data|in reply to (?:end of )?data)"
+# The SMTP command a quoted reply answered (RFC 5321 §3.3): Postfix "(in reply to RCPT TO
+# command)", Exim "SMTP error from remote mail server after RCPT TO:<a>", sendmail's
+# ">>> RCPT To:<a>" / "<<< 550 …" transcript, qmail "… does not like recipient".
+_STAGE_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    (
+        "data",
+        re.compile(
+            r"(?i)in reply to (?:end of )?data\b|after (?:end of )?data\b|"
+            r"smtp command\W+(?:end of )?data\b|did not like our (?:final )?data|"
+            r">>> ?(?:data|\.)\s*\n\s*<<< ?[45]|failed after i sent the message|"
+            r"remote host said: [45]\d\d[^\n]{0,200}\n?[^\n]{0,40}\bdata\b"
+        ),
+    ),
+    (
+        "rcpt",
+        re.compile(
+            r"(?i)in reply to rcpt to\b|after rcpt to\b|smtp command\W+rcpt\b|"
+            r">>> ?rcpt to:[^\n]*\n\s*<<< ?[45]|does not like recipient|"
+            r"error (?:in|at|after) rcpt\b|rcpt to:<[^>\n]*>[^\n]*\n?\s*<<<"
+        ),
+    ),
+    (
+        "mail",
+        re.compile(
+            r"(?i)in reply to mail from\b|after mail from\b|smtp command\W+mail\b|"
+            r">>> ?mail from:[^\n]*\n\s*<<< ?[45]|does not like sender"
+        ),
+    ),
+    (
+        "connect",
+        re.compile(
+            r"(?i)refused to talk to me|after initial connection|in reply to (?:the )?initial "
+            r"greeting|smtp greeting|banner|"
+            # a greeting that turns into a refusal: "220-mx.example 421 4.2.1 …" (RFC 5321 §4.3.1)
+            r"(?:^|\s)220[ -]\S+\s+[45]\d\d[ -]"
+        ),
+    ),
 )
+
+
+def smtp_stage(text: str) -> str | None:
+    """The SMTP command a failure answered, when the report says ("rcpt", "data", …)."""
+    found: tuple[int, str] | None = None
+    for stage, pattern in _STAGE_PATTERNS:
+        m = pattern.search(text)
+        if m is not None and (found is None or m.start() < found[0]):
+            found = (m.start(), stage)
+    return found[1] if found else None
+
+
+# A reply code quoted inside a wrapper: "5.3.0 - Other mail system problem 550-'Unknown
+# user'", "smtp; 550 5.1.1 …", "Remote Server returned '550 5.1.1 …'".
+_QUOTED_REPLY_RE = re.compile(r"(?<![\w.])([245][0-5]\d)(?:[ -]|$)\W{0,2}(\d\.\d{1,3}\.\d{1,3})?")
+
+
+def remote_status(diagnostic: str) -> tuple[str | None, int | None]:
+    """The remote server's own enhanced status and reply code in a diagnostic, preferring a
+    reply quoted after a relay's wrapper code over the wrapper (the relay only passes on
+    what the remote server said)."""
+    wrapper = find_status(diagnostic)
+    replies = [
+        (m.start(), int(m.group(1)), find_status(m.group(2)) if m.group(2) else None)
+        for m in _QUOTED_REPLY_RE.finditer(diagnostic[: MAX_DIAGNOSTIC * 4])
+    ]
+    if not replies:
+        return wrapper, None
+    # The last quoted reply with a code is the innermost (relays prepend their own).
+    with_status = [r for r in replies if r[2]]
+    if with_status:
+        pos, code, status = with_status[-1]
+        return status, code
+    pos, code, _ = replies[-1]
+    if wrapper is not None:
+        wpos = _STATUS_POS_RE.search(diagnostic)
+        if wpos is not None and wpos.start() < pos and wrapper.split(".")[2] == "0":
+            # A generic wrapper code (X.Y.0) before a quoted reply without one: the
+            # remote's reply code and text speak, not the relay's catch-all.
+            return None, code
+    return wrapper, code
+
+
+_STATUS_POS_RE = re.compile(r"(?<![\w.])[245]\.\d{1,3}\.\d{1,3}(?!\.?\d)")
 
 
 def _first_reply_code(text: str) -> int | None:
@@ -323,27 +402,25 @@ def _make_record(
 ) -> BounceRecord:
     diagnostic = diagnostic[: MAX_DIAGNOSTIC * 4]
     diag = _SPACES_RE.sub(" ", diagnostic).strip()[:MAX_DIAGNOSTIC]
+    quoted_status, quoted_code = remote_status(diagnostic)
     if reply_code is None:
-        reply_code = _first_reply_code(diagnostic)
+        reply_code = quoted_code
     if status is None:
-        status = find_status(diagnostic) or find_status(extra_text[:MAX_CONTEXT])
-    cls: Classification = classify(status, reply_code, diag, rules)
+        status = quoted_status or find_status(extra_text[:MAX_CONTEXT])
+    stage = smtp_stage(diagnostic + "\n" + context[:MAX_CONTEXT])
+    cls: Classification = classify(status, reply_code, diag, rules, stage=stage)
     if cls.category == "unknown" and extra_text:
-        cls = classify(status, reply_code, extra_text[:MAX_CONTEXT], rules)
-    if action == "delayed" and cls.category in ("unknown", "system_error"):
-        # RFC 3464 §2.3.3: "delayed" means the MTA is still retrying; without a more
-        # specific reason, for the sender the message has not arrived in time.
-        cls = Classification("expired", False, "action-delayed")
-    if (
-        cls.category == "user_unknown"
-        and not (status or "").partition(".")[2].startswith("1.")
-        and _AFTER_DATA_RE.search(diagnostic + "\n" + context)
+        cls = classify(status, reply_code, extra_text[:MAX_CONTEXT], rules, stage=stage)
+    gave_up = action == "delayed" or (action == "failed" and (status or "").startswith("4"))
+    if gave_up and (
+        cls.category == "unknown"
+        or (cls.category == "system_error" and rule_tier(cls.rule, rules) != "text")
     ):
-        # The server took RCPT TO and refused only after DATA, without an addressing
-        # status (RFC 3463 §3.2, X.1.*): the mailbox exists (RFC 5321 §3.3, recipients
-        # are verified at RCPT) and a content filter answered "user unknown".
-        cls = Classification("blocked", False, "user-unknown-after-data")
-    category = cls.category
+        # RFC 3464 §2.3.3: "delayed" means the MTA is still retrying, and "failed" with a
+        # transient (4.X.X) status means it stopped retrying: with no more specific cause,
+        # for the sender the message has not arrived in time.
+        cls = Classification("expired", False, "transient-then-gave-up")
+    klass = None
     if status is None:
         # No RFC 3463 code anywhere: keep at least the class (the reply code's, or
         # 4 for a delay report, else 5: the report says delivery failed).
@@ -358,7 +435,7 @@ def _make_record(
         status=status,
         reply_code=reply_code,
         diagnostic=diag,
-        category=category,
+        category=cls.category,
         hard=cls.hard,
         remote_mta=remote_mta,
         action=action,
@@ -437,12 +514,19 @@ def _recipient_lines(report: str, exclude: set[str]) -> list[tuple[str, int]]:
         pos += len(line) + 1
         if "@" not in line or _NON_RCPT_LINE_RE.match(line):
             continue
-        for m in _ADDR_RE.finditer(line):
+        matches = list(_ADDR_RE.finditer(line))
+        if len(matches) > 1:
+            # "a@x <b@y>: malformed address" names one recipient per line (Exim): the
+            # address the error text follows, not each address the line mentions.
+            tagged = [m for m in matches if re.match(r">?\s*:", line[m.end() :])]
+            matches = tagged[:1] or matches[:1]
+        for m in matches:
             addr = m.group(0).lower().rstrip(".")
             if addr in exclude or addr in seen:
                 continue
             before = line[: m.start()]
-            lead = before.strip(_DECOR)
+            # "a@x <b@y>: …" leads with addresses: they are not words before the recipient.
+            lead = (_ADDR_RE.sub("", before) if m.start() else before).strip(_DECOR)
             # "Recipient: <a>", "* a", ">>> a", "<a>:", "a: 550 …", "a [User unknown]",
             # "a on <date>", "554 <a>... reason" (sendmail transcript lines).
             at_start = (
@@ -743,7 +827,8 @@ def _dsn_records(
             None,
             (comment + " " + diagnostic).strip(),
             rules,
-            extra_text=block or report,
+            # With several recipients the shared text may be about another one.
+            extra_text=block or (report if len(groups) == 1 else ""),
             action=action,
             remote_mta=remote.strip() or None,
             context=block or (report if len(groups) == 1 else ""),

@@ -348,9 +348,7 @@ def csv_row(entry: dict[str, Any]) -> str:
         [
             ""
             if entry.get(c) is None
-            else csv_cell(
-                entry[c].isoformat() if isinstance(entry[c], datetime) else str(entry[c])
-            )
+            else csv_cell(entry[c].isoformat() if isinstance(entry[c], datetime) else str(entry[c]))
             for c in CSV_COLUMNS
         ]
     )
