@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import tomllib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -76,6 +76,7 @@ class Rule:
     stages: frozenset[str] = frozenset()
     refine: frozenset[str] = frozenset()  # code tier: categories the text may choose instead
     families: frozenset[str] = frozenset()  # corpus families the rule was checked against
+    patterns: tuple[str, ...] = ()  # the text alternatives as written (lower-cased)
 
     def matches(
         self, status: str | None, reply_code: int | None, text: str, stage: str | None = None
@@ -101,17 +102,41 @@ class Rules:
     hard_categories: frozenset[str]
     source: str
     hedges: re.Pattern[str] | None = None
+    hedge_patterns: tuple[str, ...] = ()
 
     def tier(self, name: str) -> tuple[Rule, ...]:
         return _tiers(self)[name]
 
-    def without_families(self, families: Iterable[str]) -> Rules:
-        """The rule set less every rule checked against one of `families` (for leave-one-
-        family-out evaluation: what the rules would be had those samples not been seen)."""
+    def patterns(self) -> list[tuple[str, str]]:
+        """Every (rule name, text alternative) pair; hedges count as rule "hedges"."""
+        pairs = [(r.name, p) for r in self.rules for p in r.patterns]
+        return pairs + [("hedges", p) for p in self.hedge_patterns]
+
+    def without(
+        self, families: Iterable[str] = (), patterns: Iterable[tuple[str, str]] = ()
+    ) -> Rules:
+        """The rule set less every rule checked against one of `families` and less the
+        given (rule name, text alternative) pairs: what the rules would be had those
+        samples never been seen (leave-one-family-out evaluation)."""
         drop = frozenset(families)
-        kept = tuple(r for r in self.rules if not (r.families & drop))
-        source = f"{self.source} without {sorted(drop)}"
-        return Rules(kept, self.hard_categories, source, self.hedges)
+        gone = frozenset(patterns)
+        kept: list[Rule] = []
+        for rule in self.rules:
+            if rule.families & drop:
+                continue
+            left = tuple(p for p in rule.patterns if (rule.name, p) not in gone)
+            if left == rule.patterns:
+                kept.append(rule)
+            elif left:
+                kept.append(replace(rule, text=_compile_text(rule.name, list(left)), patterns=left))
+        hedges = tuple(p for p in self.hedge_patterns if ("hedges", p) not in gone)
+        return Rules(
+            tuple(kept),
+            self.hard_categories,
+            f"{self.source} (restricted)",
+            _compile_text("hedges", list(hedges)),
+            hedges,
+        )
 
 
 _TIER_CACHE: dict[int, tuple[Rules, dict[str, tuple[Rule, ...]]]] = {}
@@ -175,12 +200,27 @@ def _compile_text(name: str, texts: list[str]) -> re.Pattern[str] | None:
         raise RulesError(f"{name}: bad regular expression: {exc}") from exc
 
 
-def _compile_rule(index: int, raw: dict[str, Any]) -> Rule:
+_WORD_REF_RE = re.compile(r"\{([a-z_]+)\}")
+
+
+def _expand(name: str, pattern: str, words: dict[str, str]) -> str:
+    """Replace {group} by the [words] table's alternatives (regex quantifiers like {0,4}
+    have digits and are left alone)."""
+
+    def one(m: re.Match[str]) -> str:
+        if m.group(1) not in words:
+            raise RulesError(f"{name}: unknown word group {{{m.group(1)}}}")
+        return f"(?:{words[m.group(1)]})"
+
+    return _WORD_REF_RE.sub(one, pattern)
+
+
+def _compile_rule(index: int, raw: dict[str, Any], words: dict[str, str] | None = None) -> Rule:
     name = str(raw.get("name") or f"rule-{index}")
     category = raw.get("category")
     if category not in CATEGORIES:
         raise RulesError(f"{name}: unknown category {category!r}")
-    texts = _strings(raw, "text")
+    texts = [_expand(name, t, words or {}) for t in _strings(raw, "text")]
     statuses = _strings(raw, "status")
     codes = raw.get("reply_code") or []
     klass = _strings(raw, "class")
@@ -218,6 +258,7 @@ def _compile_rule(index: int, raw: dict[str, Any]) -> Rule:
         stages=frozenset(stages),
         refine=frozenset(refine),
         families=frozenset(_strings(raw, "families")),
+        patterns=tuple(texts),
     )
 
 
@@ -230,9 +271,18 @@ def parse_rules(data: dict[str, Any], source: str = "<data>") -> Rules:
     unknown = set(hard) - set(CATEGORIES)
     if unknown:
         raise RulesError(f"{source}: unknown hard categories {sorted(unknown)}")
-    rules = tuple(_compile_rule(i, r) for i, r in enumerate(raw_rules))
-    hedges = _compile_text("hedges", _strings(data, "hedges"))
-    return Rules(rules=rules, hard_categories=frozenset(hard), source=source, hedges=hedges)
+    words = data.get("words", {})
+    if not isinstance(words, dict) or not all(isinstance(v, str) for v in words.values()):
+        raise RulesError(f"{source}: [words] must map names to regular expressions")
+    rules = tuple(_compile_rule(i, r, words) for i, r in enumerate(raw_rules))
+    hedge_list = [_expand("hedges", h, words) for h in _strings(data, "hedges")]
+    return Rules(
+        rules=rules,
+        hard_categories=frozenset(hard),
+        source=source,
+        hedges=_compile_text("hedges", hedge_list),
+        hedge_patterns=tuple(hedge_list),
+    )
 
 
 @lru_cache(maxsize=1)
@@ -255,7 +305,9 @@ def normalize_text(text: str) -> str:
     if "://" in text:
         text = _URL_TAIL_RE.sub(r"\1", text)
     if "@" in text:
-        text = _ADDR_RE.sub("<address>", text)
+        # "<@>", not a word: a placeholder such as "<address>" would itself match phrases
+        # about addresses.
+        text = _ADDR_RE.sub("<@>", text)
     return _SPACE_RE.sub(" ", text).strip().lower()
 
 
@@ -359,9 +411,14 @@ def classify(
 def _after_data(
     found: Classification, status: str | None, stage: str | None, hard: frozenset[str]
 ) -> Classification:
-    if stage == "data" and found.category == "user_unknown" and (status or "")[1:4] != ".1.":
+    if (
+        stage == "data"
+        and found.category in ("user_unknown", "domain_invalid")
+        and (status or "")[1:4] != ".1."
+    ):
         # The server took RCPT TO and refused only after DATA, without an addressing code
         # (RFC 3463 §3.2, X.1.*): the mailbox exists (RFC 5321 §3.3, recipients are
-        # verified at RCPT), so a content filter answered "user unknown".
+        # verified at RCPT), so a content filter answered "user unknown" (or spoke of
+        # another address, such as the sender's).
         return Classification("blocked", "blocked" in hard, "user-unknown-after-data")
     return found

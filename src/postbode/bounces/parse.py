@@ -312,7 +312,8 @@ _STAGE_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
         re.compile(
             r"(?i)in reply to rcpt to\b|after rcpt to\b|smtp command\W+rcpt\b|"
             r">>> ?rcpt to:[^\n]*\n\s*<<< ?[45]|does not like recipient|"
-            r"error (?:in|at|after) rcpt\b|rcpt to:<[^>\n]*>[^\n]*\n?\s*<<<"
+            r"error (?:in|at|after) rcpt\b|rcpt to:<[^>\n]*>[^\n]*\n?\s*<<<|"
+            r"most progress was rcpt to"
         ),
     ),
     (
@@ -1018,9 +1019,23 @@ def parse(raw: bytes, rules: Rules | None = None) -> BounceReport:
         return NOT_BOUNCE
 
 
-def parse_for_scoring(raw: bytes) -> dict[str, Any]:
+def message_text(raw: bytes) -> str:
+    """Everything a classification rule could read in a message: the subject and every text
+    part, decoded (for evaluation tools that ask which phrases a sample contains)."""
+    try:
+        msg = _load(raw)
+    except Exception:
+        return ""
+    texts = [_subject(msg)]
+    for part in msg.parts:
+        if part.ctype.startswith("text/") or part.ctype.startswith("message/"):
+            texts.append(_html_to_text(part.text) if part.ctype == "text/html" else part.text)
+    return "\n".join(texts)
+
+
+def parse_for_scoring(raw: bytes, rules: Rules | None = None) -> dict[str, Any]:
     """The dict shape the bounce corpus scorer (shared/bounce-corpus/score.py) expects."""
-    report = parse(raw)
+    report = parse(raw, rules)
     primary = report.primary
     records = [
         {"recipient": r.recipient, "status": r.status, "reason": r.category, "hard": r.hard}
