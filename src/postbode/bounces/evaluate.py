@@ -107,9 +107,16 @@ def leave_one_family_out(
     dropped: dict[str, int] = {}
     for family, members in sorted(by_family.items()):
         held_out, dropped[family] = held_out_rules(base, family, seen)
-        results += _run(scorer, members, lambda raw, r=held_out: parse_for_scoring(raw, r))
+        results += _run(scorer, members, _parser(held_out))
     report, errors = scorer.score(labels, results)
     return report, errors, dropped
+
+
+def _parser(rules: Rules) -> Callable[[bytes], dict[str, Any]]:
+    def parse(raw: bytes) -> dict[str, Any]:
+        return parse_for_scoring(raw, rules)
+
+    return parse
 
 
 def headline(report: dict[str, Any]) -> dict[str, float | None]:
