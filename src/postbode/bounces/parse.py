@@ -313,7 +313,9 @@ _STAGE_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
             r"(?i)in reply to rcpt to\b|after rcpt to\b|smtp command\W+rcpt\b|"
             r">>> ?rcpt to:[^\n]*\n\s*<<< ?[45]|does not like recipient|"
             r"error (?:in|at|after) rcpt\b|rcpt to:<[^>\n]*>[^\n]*\n?\s*<<<|"
-            r"most progress was rcpt to"
+            r"most progress was rcpt to|"
+            # Postfix smtpd(8) names the restriction's stage in its reply text.
+            r"recipient address rejected"
         ),
     ),
     (
@@ -421,6 +423,17 @@ def _make_record(
         # transient (4.X.X) status means it stopped retrying: with no more specific cause,
         # for the sender the message has not arrived in time.
         cls = Classification("expired", False, "transient-then-gave-up")
+    if (
+        cls.category == "user_unknown"
+        and stage is None
+        and reply_code is not None
+        and (status or "")[1:4] != ".1."
+    ):
+        # A relay quotes a remote "no such user" without an addressing code (RFC 3463
+        # X.1.*) and without saying which command it answered: RFC 5321 §4.3.2 lets 550
+        # answer DATA too, and filtering gateways refuse after DATA in these words. That is
+        # no proof the address is bad, so the address is not suppressed for it.
+        cls = Classification("blocked", False, "quoted-user-unknown-without-stage")
     klass = None
     if status is None:
         # No RFC 3463 code anywhere: keep at least the class (the reply code's, or
