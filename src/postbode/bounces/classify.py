@@ -42,7 +42,9 @@ _ADDR_RE = re.compile(
 _SPACE_RE = re.compile(r"\s+")
 # Reply codes inside a text ("550-5.7.1 …" on every line of a multi-line reply, RFC 5321
 # §4.2.1) split phrases; the codes are read separately, so phrase matching drops them.
-_REPLY_PREFIX_RE = re.compile(r"(?<![\w.])[245]\d\d(?:-|(?= [245]\.\d))(?: ?[245]\.\d{1,3}\.\d{1,3}\b)?")
+_REPLY_PREFIX_RE = re.compile(
+    r"(?<![\w.])[245]\d\d(?:-|(?= [245]\.\d))(?: ?[245]\.\d{1,3}\.\d{1,3}\b)?"
+)
 
 # Where a rule stands in the order of evidence (see docs/bounces.md):
 #   code     an RFC 3463 enhanced status code decides, text may refine within `refine`
