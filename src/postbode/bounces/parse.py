@@ -8,6 +8,7 @@ import codecs
 import json
 import quopri
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -378,6 +379,8 @@ def remote_status(diagnostic: str) -> tuple[str | None, int | None]:
     return wrapper, code
 
 
+# RFC 5321 §4.3.2: the replies DATA may give (551 and 553 answer only MAIL and RCPT).
+_DATA_REPLY_CODES = frozenset({450, 451, 452, 550, 552, 554})
 _STATUS_POS_RE = re.compile(r"(?<![\w.])[245]\.\d{1,3}\.\d{1,3}(?!\.?\d)")
 
 
@@ -426,7 +429,7 @@ def _make_record(
     if (
         cls.category == "user_unknown"
         and stage is None
-        and reply_code is not None
+        and reply_code in _DATA_REPLY_CODES
         and (status or "")[1:4] != ".1."
     ):
         # A relay quotes a remote "no such user" without an addressing code (RFC 3463
@@ -788,6 +791,11 @@ def _dsn_records(
     if text is None:
         return None
     per_message, groups = _dsn_groups(text)
+    everyone = [
+        a
+        for g in groups
+        if (a := _addr_field(g.get("final-recipient")) or _addr_field(g.get("original-recipient")))
+    ]
     failed: list[BounceRecord] = []
     ok: list[BounceRecord] = []
     for g in groups:
@@ -812,7 +820,7 @@ def _dsn_records(
             status is None or diag_status[0] == status[0] or status.endswith(".0.0")
         ):
             status = diag_status
-        block = _recipient_block(report, recipient) if recipient else ""
+        block = _recipient_block(report, recipient, everyone) if recipient else ""
         if not diag_text and block:
             text_status = find_status(block)
             if text_status and (status is None or status.endswith(".0.0")):
@@ -854,8 +862,9 @@ def _dsn_records(
     return failed, ok, reporting
 
 
-def _recipient_block(report: str, recipient: str) -> str:
-    """The part of a text report about one recipient: from its mention to the next address line."""
+def _recipient_block(report: str, recipient: str, others: Sequence[str] = ()) -> str:
+    """The part of a text report about one recipient: from its mention to the next line that
+    names another recipient of the report (or a line that is only an address)."""
     if not report:
         return ""
     low = report.lower()
@@ -863,9 +872,18 @@ def _recipient_block(report: str, recipient: str) -> str:
     if i < 0:
         return ""
     line_start = low.rfind("\n", 0, i) + 1
-    nxt = [m.start() for m in re.finditer(r"\n\s*<?[\w.+-]+@[\w.-]+>?:?\s*\n", low[i:])]
-    end = i + nxt[0] if nxt else len(report)
-    return report[line_start:end][:4000]
+    line_end = low.find("\n", i)
+    line_end = len(low) if line_end < 0 else line_end
+    ends = [m.start() for m in re.finditer(r"\n\s*<?[\w.+-]+@[\w.-]+>?:?\s*\n", low[i:])]
+    end = i + ends[0] if ends else len(report)
+    for other in others:
+        if other == recipient:
+            continue
+        j = low.find(other, line_end)
+        if j >= 0:
+            # cut at the start of the line that names the other recipient
+            end = min(end, low.rfind("\n", 0, j) + 1)
+    return report[line_start:max(end, line_end)][:4000]
 
 
 def _text_records(

@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 import tomllib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
@@ -77,9 +77,7 @@ class Refusal:
 def load_refusals(path: Path = REPLIES) -> list[Refusal]:
     data = tomllib.loads(path.read_text(encoding="utf-8"))
     return [
-        Refusal(
-            r["name"], r["stage"], r["reply"], r["category"], bool(r["hard"]), r["source"]
-        )
+        Refusal(r["name"], r["stage"], r["reply"], r["category"], bool(r["hard"]), r["source"])
         for r in data["reply"]
     ]
 
@@ -93,6 +91,10 @@ def published_texts(path: Path = REPLIES) -> list[str]:
 class Mta(Protocol):
     name: str
     port: int
+    # Whether the MTA's bounce for mail it gave up on quotes the remote server's last
+    # (4xx) reply; if not, "expired" is all such a bounce can tell.
+    quotes_last_reply: bool
+    stages: frozenset[str]  # the refusal stages it turns into bounces
 
     def start(self) -> None: ...
 
@@ -101,8 +103,10 @@ class Mta(Protocol):
     def kick(self) -> None: ...
 
 
-def _run(cmd: Sequence[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(cmd), capture_output=True, text=True, timeout=120, check=False, **kwargs)  # type: ignore[call-overload, no-any-return]
+def _run(cmd: Sequence[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        list(cmd), capture_output=True, text=True, timeout=120, check=False, cwd=cwd
+    )
 
 
 def fetch_packages(names: Sequence[str], root: Path) -> Path:
@@ -110,7 +114,7 @@ def fetch_packages(names: Sequence[str], root: Path) -> Path:
     DEB_CACHE.mkdir(parents=True, exist_ok=True)
     missing = [n for n in names if not list(DEB_CACHE.glob(f"{n}_*.deb"))]
     if missing:
-        got = _run(["apt-get", "download", *missing], cwd=str(DEB_CACHE))
+        got = _run(["apt-get", "download", *missing], cwd=DEB_CACHE)
         if got.returncode != 0:
             raise RuntimeError(f"apt-get download {missing}: {got.stderr[-2000:]}")
     for name in names:
@@ -126,7 +130,17 @@ def _system_user(name: str) -> pwd.struct_passwd:
     try:
         return pwd.getpwnam(name)
     except KeyError:
-        _run(["useradd", "--system", "--user-group", "--no-create-home", "--shell", "/usr/sbin/nologin", name])
+        _run(
+            [
+                "useradd",
+                "--system",
+                "--user-group",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                name,
+            ]
+        )
         return pwd.getpwnam(name)
 
 
@@ -140,6 +154,8 @@ class PostfixMta:
     """A private Postfix instance that relays by a transport map and gives up at once."""
 
     name = "postfix"
+    quotes_last_reply = True
+    stages = frozenset({"connect", "mail", "rcpt", "data"})
 
     def __init__(self, routes: dict[str, int]) -> None:
         transport = {d: f"smtp:[127.0.0.1]:{p}" for d, p in routes.items()}
@@ -217,6 +233,8 @@ class EximMta:
     """Exim from Debian's packages, run from a scratch directory."""
 
     name = "exim"
+    quotes_last_reply = True
+    stages = frozenset({"connect", "mail", "rcpt", "data"})
 
     def __init__(self, routes: dict[str, int]) -> None:
         self.routes = routes
@@ -235,18 +253,13 @@ class EximMta:
         (self.dir / "ports").write_text("".join(f"{d}: {p}\n" for d, p in self.routes.items()))
         conf = self.dir / "exim.conf"
         conf.write_text(_EXIM_CONF.format(root=self.root, d=self.dir, port=self.port))
-        self.proc = subprocess.Popen(
-            [str(self.root / "usr/sbin/exim4"), "-C", str(conf), "-bdf", "-q1s"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        _wait_for_smtp(self.port, self.proc, self.log)
-
-    def log(self) -> str:
-        path = self.dir / "log" / "mainlog"
-        panic = self.dir / "log" / "paniclog"
-        text = path.read_text(errors="replace") if path.exists() else ""
-        return text + (panic.read_text(errors="replace") if panic.exists() else "")
+        with open(self.dir / "stderr", "wb") as err:
+            self.proc = subprocess.Popen(
+                [str(self.root / "usr/sbin/exim4"), "-C", str(conf), "-bdf", "-q1s"],
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
+        _wait_for_smtp(self.port, self.proc, self.dir / "stderr")
 
     def stop(self) -> None:
         _terminate(self.proc)
@@ -257,7 +270,7 @@ class EximMta:
 
 
 _OPENSMTPD_CONF = """\
-queue ttl 4s
+queue ttl 3s
 listen on 127.0.0.1 port {port}
 {actions}
 """
@@ -268,6 +281,10 @@ class OpenSmtpdMta:
     control socket paths are compiled in) with scratch directories over those paths."""
 
     name = "opensmtpd"
+    # smtpd's bounce for an expired envelope says "Envelope expired" and nothing of the
+    # last reply; a 5xx greeting keeps the mail queued (the host counts as unavailable).
+    quotes_last_reply = False
+    stages = frozenset({"mail", "rcpt", "data"})
 
     def __init__(self, routes: dict[str, int]) -> None:
         self.routes = routes
@@ -278,7 +295,10 @@ class OpenSmtpdMta:
 
     def start(self) -> None:
         fetch_packages(OPENSMTPD_PACKAGES, self.root)
-        for user in ("_smtpd", "_smtpq"):  # privilege separation (Debian's postinst makes them)
+        for user in (
+            "opensmtpd",
+            "opensmtpq",
+        ):  # privilege separation (Debian's postinst makes them)
             _system_user(user)
         actions = []
         for i, (domain, port) in enumerate(sorted(self.routes.items())):
@@ -288,25 +308,37 @@ class OpenSmtpdMta:
         conf.write_text(_OPENSMTPD_CONF.format(port=self.port, actions="\n".join(actions)))
         conf.chmod(0o644)
         script = (
-            "set -e; mount -t tmpfs tmpfs /var/spool; mkdir -p /var/spool/smtpd; "
+            "set -e; mount -t tmpfs tmpfs /var/spool; mkdir -m 711 /var/spool/smtpd; "
             "mount -t tmpfs tmpfs /run; mkdir -p /var/lib; mount -t tmpfs tmpfs /var/lib; "
             "mkdir -p /var/lib/opensmtpd/empty; "
             f"exec {self.root}/usr/sbin/smtpd -d -f {conf}"
         )
-        self.proc = subprocess.Popen(
-            ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        _wait_for_smtp(self.port, self.proc, lambda: "")
+        with open(self.dir / "stderr", "wb") as err:
+            self.proc = subprocess.Popen(
+                ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
+        _wait_for_smtp(self.port, self.proc, self.dir / "stderr")
 
     def kick(self) -> None:
         # Retry every queued envelope now: OpenSMTPD's own schedule waits minutes.
         if self.proc is None:
             return
-        smtpd = _child_pid(self.proc.pid)
-        if smtpd is not None:
-            _run(["nsenter", "-t", str(smtpd), "-m", str(self.root / "usr/sbin/smtpctl"), "schedule", "all"])
+        # `unshare` and `sh -c` exec'd smtpd: its parent process has the namespace's pid.
+        smtpd = self.proc.pid
+        if smtpd:
+            _run(
+                [
+                    "nsenter",
+                    "-t",
+                    str(smtpd),
+                    "-m",
+                    str(self.root / "usr/sbin/smtpctl"),
+                    "schedule",
+                    "all",
+                ]
+            )
 
     def stop(self) -> None:
         _terminate(self.proc)
@@ -316,18 +348,13 @@ class OpenSmtpdMta:
 MTAS = {"postfix": PostfixMta, "exim": EximMta, "opensmtpd": OpenSmtpdMta}
 
 
-def _child_pid(pid: int) -> int | None:
-    """The process `pid` became (sh exec'd smtpd, so it is the same pid) or its child."""
-    return pid
-
-
 def _wait_for_smtp(
-    port: int, proc: subprocess.Popen[bytes], log: object, timeout: float = 20.0
+    port: int, proc: subprocess.Popen[bytes], stderr: Path, timeout: float = 20.0
 ) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+            err = stderr.read_text(errors="replace")
             raise RuntimeError(f"MTA exited {proc.returncode}: {err[-3000:]}")
         with contextlib.suppress(OSError), smtplib.SMTP("127.0.0.1", port, timeout=2) as s:
             s.noop()
@@ -391,19 +418,24 @@ def _rules(cases: Sequence[Case]) -> list[Rule]:
     return rules
 
 
-def generate(mta_name: str, out: Path, refusals: Sequence[Refusal], timeout: float = 90.0) -> list[dict[str, object]]:
+def generate(
+    mta_name: str, out: Path, refusals: Sequence[Refusal], timeout: float = 90.0
+) -> list[dict[str, object]]:
     """Make `mta_name` bounce every planned case; write eml/<mta>/<case>.eml under `out`
     and return the label records (score.py's labels.jsonl format)."""
-    cases = plan(refusals)
+    mta_class = MTAS[mta_name]
+    cases = plan([r for r in refusals if r.stage in mta_class.stages])
     with contextlib.ExitStack() as stack:
         main = stack.enter_context(SmtpSink(script=Script(*_rules(cases))))
         routes = {RCPT_DOMAIN: main.port, SENDER_DOMAIN: main.port}
         for case in cases:
             for rcpt, r in case.recipients.items():
                 if r.stage == "connect":
-                    greet = stack.enter_context(SmtpSink(script=Script(Rule.connect(r.text(rcpt, case.sender)))))
+                    greet = stack.enter_context(
+                        SmtpSink(script=Script(Rule.connect(r.text(rcpt, case.sender))))
+                    )
                     routes[rcpt.partition("@")[2]] = greet.port
-        mta = MTAS[mta_name](routes)
+        mta = mta_class(routes)
         mta.start()
         stack.callback(mta.stop)
         for case in cases:
@@ -425,11 +457,15 @@ def generate(mta_name: str, out: Path, refusals: Sequence[Refusal], timeout: flo
             continue  # the test reports missing bounces
         path = folder / f"{case.name}.eml"
         path.write_bytes(raw)
-        labels.append(_label(f"{mta_name}/{case.name}.eml", mta_name, case))
+        labels.append(
+            _label(f"{mta_name}/{case.name}.eml", mta_name, case, mta_class.quotes_last_reply)
+        )
     return labels
 
 
-def _wait_for_bounces(sink: SmtpSink, mta: Mta, senders: set[str], timeout: float) -> dict[str, bytes]:
+def _wait_for_bounces(
+    sink: SmtpSink, mta: Mta, senders: set[str], timeout: float
+) -> dict[str, bytes]:
     found: dict[str, bytes] = {}
     deadline = time.monotonic() + timeout
     next_kick = time.monotonic() + 6
@@ -447,22 +483,31 @@ def _wait_for_bounces(sink: SmtpSink, mta: Mta, senders: set[str], timeout: floa
     return found
 
 
-def _label(file: str, family: str, case: Case) -> dict[str, object]:
-    records = [
-        {
-            "recipient": rcpt,
-            "recipient_alternatives": [],
-            "status": r.status,
-            "status_is_sisimai_pseudo": False,
-            "replycode": int(r.reply[:3]),
-            "reason": r.category,
-            "category": r.category,
-            "hard_bounce": r.hard,
-            "feedback_type": None,
-            "reply": r.name,
-        }
-        for rcpt, r in case.recipients.items()
-    ]
+def _expected(r: Refusal, quotes_last_reply: bool) -> tuple[str, bool, str | None]:
+    """Category, hard, status a bounce of this refusal must be classified as."""
+    if r.reply.startswith("4") and not quotes_last_reply:
+        return "expired", False, None
+    return r.category, r.hard, r.status
+
+
+def _label(file: str, family: str, case: Case, quotes_last_reply: bool) -> dict[str, object]:
+    records = []
+    for rcpt, r in case.recipients.items():
+        category, hard, status = _expected(r, quotes_last_reply)
+        records.append(
+            {
+                "recipient": rcpt,
+                "recipient_alternatives": [],
+                "status": status,
+                "status_is_sisimai_pseudo": False,
+                "replycode": int(r.reply[:3]),
+                "reason": category,
+                "category": category,
+                "hard_bounce": hard,
+                "feedback_type": None,
+                "reply": r.name,
+            }
+        )
     first = records[0]
     return {
         "file": file,
@@ -482,11 +527,14 @@ def _label(file: str, family: str, case: Case) -> dict[str, object]:
         "hard_bounce": first["hard_bounce"],
         "permanent": str(first["status"] or "")[:1] == "5",
         "records": records,
-        "label_source": "generated: " + ", ".join(sorted({r.source for r in case.recipients.values()})),
+        "label_source": "generated: "
+        + ", ".join(sorted({r.source for r in case.recipients.values()})),
     }
 
 
-def write_corpus(out: Path, mtas: Sequence[str], refusals: Sequence[Refusal] | None = None) -> dict[str, int]:
+def write_corpus(
+    out: Path, mtas: Sequence[str], refusals: Sequence[Refusal] | None = None
+) -> dict[str, int]:
     """Generate bounces with every MTA in `mtas` into `out` (eml/ + labels.jsonl)."""
     refusals = list(refusals or load_refusals())
     out.mkdir(parents=True, exist_ok=True)
