@@ -396,9 +396,9 @@ def classify(
     if code_rule is not None:
         allowed = code_rule.refine | {code_rule.category}
         found = _pick(texts, allowed, hedged, hard)
-        if found is None and len(code_rule.refine) >= len(CATEGORIES) - 1:
+        if found is None and status.endswith(".0"):
             # An "other" detail (X.Y.0): the code names the subject only; a generic
-            # phrase may still say more than it.
+            # phrase may still say more than it (a specific detail says more than one).
             generic = [
                 r for r in ruleset.tier("generic") if r.matches(status, reply_code, body, stage)
             ]
@@ -418,6 +418,9 @@ def classify(
 def _after_data(
     found: Classification, status: str | None, stage: str | None, hard: frozenset[str]
 ) -> Classification:
+    if found.category in ("user_unknown", "domain_invalid") and stage == "mail":
+        # RFC 5321 §3.3: MAIL FROM names the sender; an address refused there is ours.
+        return Classification("blocked", "blocked" in hard, "address-refused-at-mail-from")
     if (
         stage == "data"
         and found.category in ("user_unknown", "domain_invalid")

@@ -86,9 +86,7 @@ def published_phrases(rules: Rules, published: Iterable[str]) -> set[tuple[str, 
     an RFC's own words): they owe nothing to the corpus."""
     texts = [normalize_text(t) for t in published]
     return {
-        pair
-        for pair in rules.patterns()
-        if any(re.search(_lower(pair[1]), text) for text in texts)
+        pair for pair in rules.patterns() if any(re.search(_lower(pair[1]), text) for text in texts)
     }
 
 

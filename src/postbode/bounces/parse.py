@@ -883,7 +883,7 @@ def _recipient_block(report: str, recipient: str, others: Sequence[str] = ()) ->
         if j >= 0:
             # cut at the start of the line that names the other recipient
             end = min(end, low.rfind("\n", 0, j) + 1)
-    return report[line_start:max(end, line_end)][:4000]
+    return report[line_start : max(end, line_end)][:4000]
 
 
 def _text_records(

@@ -83,8 +83,11 @@ def load_refusals(path: Path = REPLIES) -> list[Refusal]:
 
 
 def published_texts(path: Path = REPLIES) -> list[str]:
-    """The reply texts alone (published evidence for the leave-one-family-out evaluation)."""
-    return [r.text("user@dest.test", "sender@shop.test") for r in load_refusals(path)]
+    """The reply and notice texts alone (published evidence for the leave-one-family-out
+    evaluation)."""
+    data = tomllib.loads(path.read_text(encoding="utf-8"))
+    notices = [n["text"] for n in data.get("notice", [])]
+    return [r.text("user@dest.test", "sender@shop.test") for r in load_refusals(path)] + notices
 
 
 # -------------------------------------------------------------------------------- the MTAs
