@@ -396,7 +396,7 @@ def classify(
     if code_rule is not None:
         allowed = code_rule.refine | {code_rule.category}
         found = _pick(texts, allowed, hedged, hard)
-        if found is None and status.endswith(".0"):
+        if found is None and (status or "").endswith(".0"):
             # An "other" detail (X.Y.0): the code names the subject only; a generic
             # phrase may still say more than it (a specific detail says more than one).
             generic = [
