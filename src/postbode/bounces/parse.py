@@ -314,6 +314,7 @@ _STAGE_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
             r"(?i)in reply to rcpt to\b|after rcpt to\b|smtp command\W+rcpt\b|"
             r">>> ?rcpt to:[^\n]*\n\s*<<< ?[45]|does not like recipient|"
             r"error (?:in|at|after) rcpt\b|rcpt to:<[^>\n]*>[^\n]*\n?\s*<<<|"
+            r"(?:in:|>>>)\s*rcpt to:[^\n]*\n\s*(?:out:|<<<)\s*[45]|"
             r"most progress was rcpt to|"
             # Postfix smtpd(8) names the restriction's stage in its reply text.
             r"recipient address rejected"
@@ -350,7 +351,7 @@ def smtp_stage(text: str) -> str | None:
 
 # A reply code quoted inside a wrapper: "5.3.0 - Other mail system problem 550-'Unknown
 # user'", "smtp; 550 5.1.1 …", "Remote Server returned '550 5.1.1 …'".
-_QUOTED_REPLY_RE = re.compile(r"(?<![\w.])([245][0-5]\d)(?:[ -]|$)\W{0,2}(\d\.\d{1,3}\.\d{1,3})?")
+_QUOTED_REPLY_RE = re.compile(r"(?<![\w.])([45][0-5]\d)(?:[ -]|$)\W{0,2}([45]\.\d{1,3}\.\d{1,3})?")
 
 
 def remote_status(diagnostic: str) -> tuple[str | None, int | None]:
@@ -363,13 +364,14 @@ def remote_status(diagnostic: str) -> tuple[str | None, int | None]:
         for m in _QUOTED_REPLY_RE.finditer(diagnostic[: MAX_DIAGNOSTIC * 4])
     ]
     if not replies:
-        return wrapper, None
-    # The last quoted reply with a code is the innermost (relays prepend their own).
+        return wrapper, _first_reply_code(diagnostic)
+    # The first reply with its own enhanced code is the remote server's (a relay's wrapper
+    # code stands alone; later replies in a transcript answer later commands).
     with_status = [r for r in replies if r[2]]
     if with_status:
-        pos, code, status = with_status[-1]
+        pos, code, status = with_status[0]
         return status, code
-    pos, code, _ = replies[-1]
+    pos, code, _ = replies[0]
     if wrapper is not None:
         wpos = _STATUS_POS_RE.search(diagnostic)
         if wpos is not None and wpos.start() < pos and wrapper.split(".")[2] == "0":
@@ -414,9 +416,13 @@ def _make_record(
     if status is None:
         status = quoted_status or find_status(extra_text[:MAX_CONTEXT])
     stage = smtp_stage(diagnostic + "\n" + context[:MAX_CONTEXT])
-    cls: Classification = classify(status, reply_code, diag, rules, stage=stage)
+    code = status
+    if code and quoted_code and quoted_status is None and code.endswith(".0"):
+        if find_status(diagnostic) == code:
+            code = None  # a relay's catch-all code before the remote's code-less reply
+    cls: Classification = classify(code, reply_code, diag, rules, stage=stage)
     if cls.category == "unknown" and extra_text:
-        cls = classify(status, reply_code, extra_text[:MAX_CONTEXT], rules, stage=stage)
+        cls = classify(code, reply_code, extra_text[:MAX_CONTEXT], rules, stage=stage)
     gave_up = action == "delayed" or (action == "failed" and (status or "").startswith("4"))
     if gave_up and (
         cls.category == "unknown"
@@ -813,13 +819,17 @@ def _dsn_records(
             diag_text = diag_field
         diag_text = diag_text.strip()
         status = find_status(status_field)
-        diag_status = find_status(diag_text)
-        # The remote server's own code is more precise than a generic field (x.0.0) or
-        # than what the reporting MTA mapped it to.
+        diag_status, _ = remote_status(diag_text)
+        # The remote server's own code is more precise than a generic field (x.0.0), a
+        # relay's "other" detail (x.y.0) or what the reporting MTA mapped it to.
         if diag_status and (
-            status is None or diag_status[0] == status[0] or status.endswith(".0.0")
+            status is None or diag_status[0] == status[0] or status.endswith(".0")
         ):
             status = diag_status
+        elif diag_status is None and (status is None or status.endswith(".0.0")):
+            # The relay's own code before a code-less remote reply still says more than
+            # X.0.0 (it is reported, though the classification sets it aside).
+            status = find_status(diag_text) or status
         block = _recipient_block(report, recipient, everyone) if recipient else ""
         if not diag_text and block:
             text_status = find_status(block)
@@ -1020,6 +1030,11 @@ def parse_message(raw: bytes, rules: Rules | None = None, *, _nested: bool = Fal
             or any(_LOCAL_DAEMON_RE.match(a.split("@")[0]) for a in _addr_list(sender))
             or not _addr_list(sender)
         )
+    if not bounce_like and _TRANSCRIPT_REFUSAL_RE.search(report):
+        # An SMTP transcript in which RCPT TO was refused (a Postfix postmaster copy, a
+        # gateway's notice naming the recipient only in the transcript): a delivery
+        # failure report whatever its sender or subject says.
+        bounce_like = True
     if bounce_like and dsn is None and not _nested and "x-failed-recipients" not in msg.headers:
         # Some gateways wrap the real DSN in a message/rfc822 part of an otherwise empty
         # notice: when the outer text names nobody, read the wrapped report (one level).
@@ -1037,9 +1052,56 @@ def parse_message(raw: bytes, rules: Rules | None = None, *, _nested: bool = Fal
         ):
             rec = _make_record(None, None, None, report, rules, extra_text=subject)
             return BounceReport("bounce", (rec,), message_id)
+    if not bounce_like and not _nested:
+        forwarded = _forwarded_report(msg, rules)
+        if forwarded is not None:
+            return forwarded
     if _is_auto_reply(msg, subject, report):
         return BounceReport("auto_reply", (), message_id)
     return BounceReport("not_bounce", (), None)
+
+
+# "In:  RCPT TO:<a>" / "Out: 550 …" (Postfix's postmaster notices), ">>> RCPT To:<a>" /
+# "<<< 550 …" (sendmail): a client's RCPT TO answered by a refusal on the next line.
+_TRANSCRIPT_REFUSAL_RE = re.compile(
+    r"(?im)^[ \t]*(?:in:|>>>|->|c:)?[ \t]*rcpt to:[ \t]*<[^>\n]{1,300}>[^\n]{0,200}\n"
+    r"[ \t]*(?:out:|<<<|<-|s:)?[ \t]*[45]\d\d[ -]"
+)
+# Where a person's mail client starts a forwarded message (Gmail, Apple Mail, Outlook,
+# Thunderbird; English, German, French, Spanish).
+_FORWARD_MARK_RE = re.compile(
+    r"(?im)^[ \t>]*(?:-{2,}[ \t]*(?:forwarded message|original message|weitergeleitete nachricht|"
+    r"message transf[ée]r[ée]|mensaje reenviado|urspr[üu]ngliche nachricht)[ \t]*-{2,}|"
+    r"begin forwarded message:|-{2,}[ \t]*forwarded by [^\n]{1,200})[ \t]*$"
+)
+_QUOTE_PREFIX_RE = re.compile(r"(?m)^> ?")
+
+
+def _forwarded_report(msg: _Message, rules: Rules | None) -> BounceReport | None:
+    """A bounce a person forwarded: attached as a message, or inline after the mail client's
+    "Forwarded message" line with the bounce's own header lines (read one level deep)."""
+    for part in msg.parts:
+        if part.ctype in ("message/rfc822", "message/global"):
+            inner = parse_message(part.text.encode("utf-8", "replace"), rules, _nested=True)
+            if inner.kind == "bounce":
+                return inner
+    for part in msg.parts:
+        if not part.ctype.startswith("text/") or part.ctype == "text/html":
+            continue
+        text = part.text[:MAX_PART_TEXT]
+        m = _FORWARD_MARK_RE.search(text)
+        if m is None:
+            continue
+        inner_text = text[m.end() :].lstrip("\n")
+        if inner_text.startswith(">"):
+            inner_text = _QUOTE_PREFIX_RE.sub("", inner_text)
+        head, _ = _split_head(inner_text)
+        if "from" not in head or "subject" not in head:
+            continue
+        inner = parse_message(inner_text.encode("utf-8", "replace"), rules, _nested=True)
+        if inner.kind == "bounce":
+            return inner
+    return None
 
 
 def parse(raw: bytes, rules: Rules | None = None) -> BounceReport:
