@@ -417,9 +417,14 @@ def _make_record(
         status = quoted_status or find_status(extra_text[:MAX_CONTEXT])
     stage = smtp_stage(diagnostic + "\n" + context[:MAX_CONTEXT])
     code = status
-    if code and quoted_code and quoted_status is None and code.endswith(".0"):
-        if find_status(diagnostic) == code:
-            code = None  # a relay's catch-all code before the remote's code-less reply
+    if (
+        code
+        and quoted_code
+        and quoted_status is None
+        and code.endswith(".0")
+        and find_status(diagnostic) == code
+    ):
+        code = None  # a relay's catch-all code before the remote's code-less reply
     cls: Classification = classify(code, reply_code, diag, rules, stage=stage)
     if cls.category == "unknown" and extra_text:
         cls = classify(code, reply_code, extra_text[:MAX_CONTEXT], rules, stage=stage)
