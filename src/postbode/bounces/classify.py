@@ -395,6 +395,9 @@ def classify(
         )
     if code_rule is not None:
         allowed = code_rule.refine | {code_rule.category}
+        if hedged and any(r.category == code_rule.category for r in texts):
+            # Two causes named, one of them the code's: the code decides between them.
+            allowed = frozenset({code_rule.category})
         found = _pick(texts, allowed, hedged, hard)
         if found is None and (status or "").endswith(".0"):
             # An "other" detail (X.Y.0): the code names the subject only; a generic

@@ -145,3 +145,117 @@ def test_packaged_rules_use_only_known_categories() -> None:
     assert rules.rules
     assert {r.category for r in rules.rules} <= set(CATEGORIES)
     assert rules.hard_categories == {"user_unknown", "domain_invalid"}
+
+
+# -- the order of evidence (docs/bounces.md) --------------------------------------------------
+
+
+def test_the_enhanced_code_decides_and_a_phrase_refines_only_within_it() -> None:
+    # X.2.2 allows no reputation block: the code wins over the phrase.
+    assert classify("5.2.2", 552, "552 5.2.2 blocked using zen.spamhaus.org").category == (
+        "mailbox_full"
+    )
+    # X.1.1 allows "disabled": the phrase refines the code.
+    found = classify("5.1.1", 550, "550 5.1.1 This account has been disabled")
+    assert (found.category, found.hard) == ("mailbox_inactive", False)
+
+
+def test_an_other_detail_lets_any_phrase_decide() -> None:
+    assert classify("5.7.0", 554, "554 5.7.0 Reject, id=123 - spam message").category == (
+        "content_rejected"
+    )
+    assert classify(
+        "5.5.0", 550, "550 Requested action not taken: mailbox unavailable"
+    ).category == ("user_unknown")
+
+
+def test_a_generic_phrase_yields_to_the_cause_that_follows_it() -> None:
+    text = "550 <a@dest.test>: Recipient address rejected: Mailbox is full"
+    assert classify(None, 550, text).category == "mailbox_full"
+
+
+def test_the_basic_reply_code_and_stage_decide_when_nothing_else_does() -> None:
+    assert classify(None, 553, "553 sorry", stage="rcpt").category == "user_unknown"
+    assert classify(None, 552, "552 sorry", stage="data").category == "message_too_large"
+    assert classify(None, 552, "552 sorry", stage="rcpt").category == "mailbox_full"
+    assert classify(None, 554, "554 sorry").category == "blocked"
+    assert classify(None, 421, "421 sorry").category == "system_error"
+
+
+def test_unknown_only_when_nothing_applies() -> None:
+    assert classify(None, None, "").category == "unknown"
+    assert classify(None, 550, "550 whatever", stage="rcpt").category != "unknown"
+
+
+def test_two_cause_texts_lean_to_the_cause_that_does_not_suppress() -> None:
+    text = "550 The mailbox may not exist, or it may be disabled"
+    assert (classify(None, 550, text).category, classify(None, 550, text).hard) == (
+        "mailbox_inactive",
+        False,
+    )
+    # ... unless the code says which.
+    assert classify("5.1.1", 550, "550 5.1.1 " + text[4:]).category == "user_unknown"
+
+
+def test_the_smtp_stage_moves_an_address_refusal_to_the_right_party() -> None:
+    # After DATA the recipient had been accepted: a content filter's words.
+    assert classify(None, 550, "550 No such user", stage="data").category == "blocked"
+    # At MAIL FROM an address is the sender's.
+    assert classify(None, 550, "550 Unroutable sender address", stage="mail").category == (
+        "blocked"
+    )
+    # At RCPT it is the recipient's.
+    found = classify(None, 550, "550 No such user", stage="rcpt")
+    assert (found.category, found.hard) == ("user_unknown", True)
+
+
+def test_multi_line_reply_codes_do_not_split_phrases() -> None:
+    text = (
+        "552-5.7.0 This message was blocked because its content presents a potential\n"
+        "552-5.7.0 security issue."
+    )
+    assert classify(None, 552, text).category == "content_rejected"
+
+
+def test_word_groups_expand_and_unknown_groups_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "rules.toml"
+    path.write_text(
+        "[words]\nbox = 'mailbox|inbox'\n[[rule]]\nname = 'full'\ncategory = 'mailbox_full'\n"
+        "text = ['{box} is stuffed']\n",
+        encoding="utf-8",
+    )
+    assert classify(None, 552, "your inbox is stuffed", load_rules(path)).category == (
+        "mailbox_full"
+    )
+    path.write_text(
+        "[[rule]]\nname = 'x'\ncategory = 'blocked'\ntext = ['{nosuch}']\n", encoding="utf-8"
+    )
+    with pytest.raises(RulesError):
+        load_rules(path)
+
+
+def test_rules_without_a_family_or_phrase_drop_just_those() -> None:
+    rules = load_rules(None)
+    pair = ("mailbox-full", "inbox is full")
+    assert pair in rules.patterns()
+    fewer = rules.without(patterns=[pair])
+    assert pair not in fewer.patterns()
+    assert len(fewer.patterns()) == len(rules.patterns()) - 1
+    tagged = {r.name for r in rules.rules if r.families}
+    assert tagged, "the corpus-only rules name their families"
+    family = next(iter(next(r for r in rules.rules if r.families).families))
+    assert not {r.name for r in rules.without([family]).rules} & {
+        r.name for r in rules.rules if family in r.families
+    }
+
+
+def test_every_packaged_rule_cites_its_source() -> None:
+    import tomllib
+    from importlib import resources
+
+    data = tomllib.loads(
+        resources.files("postbode.bounces").joinpath("rules.toml").read_text("utf-8")
+    )
+    assert all(rule.get("source") for rule in data["rule"]), [
+        rule["name"] for rule in data["rule"] if not rule.get("source")
+    ]

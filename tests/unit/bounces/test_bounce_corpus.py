@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from postbode.bounces import evaluate
 from postbode.bounces.parse import parse_for_scoring
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -46,27 +47,68 @@ def report() -> dict[str, Any]:
     return rep
 
 
+def _published_texts() -> list[str]:
+    path = REPO_ROOT / "tests" / "functional" / "bounces" / "mta_bounces.py"
+    spec = importlib.util.spec_from_file_location("mta_bounces", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, module)
+    spec.loader.exec_module(module)
+    texts: list[str] = module.published_texts()
+    return texts
+
+
+@pytest.fixture(scope="module")
+def held_out() -> dict[str, Any]:
+    rep, _errors, _dropped = evaluate.leave_one_family_out(CORPUS, published=_published_texts())
+    assert isinstance(rep, dict)
+    return rep
+
+
+@pytest.fixture(scope="module")
+def held_out_strict() -> dict[str, Any]:
+    rep, _errors, _dropped = evaluate.leave_one_family_out(CORPUS)
+    assert isinstance(rep, dict)
+    return rep
+
+
+# The figures before the order-of-evidence classifier (issue 17): none may drop.
 def test_detection_meets_the_floors(report: dict[str, Any]) -> None:
     assert report["crashes"] == 0
-    assert report["detection"]["precision"] >= 0.98
-    assert report["detection"]["recall"] >= 0.95
+    assert report["detection"]["precision"] == 1.0
+    assert report["detection"]["recall"] == 1.0
 
 
 def test_recipient_accuracy_meets_the_floor(report: dict[str, Any]) -> None:
-    assert report["accuracy"]["recipient"]["accuracy"] >= 0.95
+    assert report["accuracy"]["recipient"]["accuracy"] >= 0.996
 
 
 def test_reason_accuracy_meets_the_floor(report: dict[str, Any]) -> None:
-    assert report["accuracy"]["reason"]["accuracy"] >= 0.85
+    assert report["accuracy"]["reason"]["accuracy"] >= 0.916
     # Without the samples whose address names the reason: the parser must not lean on them.
-    assert report["accuracy"]["reason_unhinted"]["accuracy"] >= 0.85
+    assert report["accuracy"]["reason_unhinted"]["accuracy"] >= 0.912
 
 
 def test_hard_soft_accuracy_meets_the_floor(report: dict[str, Any]) -> None:
-    assert report["accuracy"]["hard"]["accuracy"] >= 0.90
+    assert report["accuracy"]["hard"]["accuracy"] >= 0.930
 
 
 def test_no_complaint_auto_reply_or_success_report_counts_as_a_bounce(
     report: dict[str, Any],
 ) -> None:
     assert report["detection"]["false_positives_by_kind"] == {}
+
+
+def test_leaving_each_family_out_keeps_reason_and_hard_soft_above_the_floors(
+    held_out: dict[str, Any],
+) -> None:
+    # Every family scored with the rules less each phrase only its own samples contain
+    # (unless a published reply backs it): what the rules owe to the families they saw.
+    assert held_out["accuracy"]["reason"]["accuracy"] >= 0.85
+    assert held_out["accuracy"]["hard"]["accuracy"] >= 0.92
+
+
+def test_leaving_each_family_out_strictly_stays_close(held_out_strict: dict[str, Any]) -> None:
+    # Strictly: every phrase only the left-out family contains goes, published or not.
+    assert held_out_strict["accuracy"]["reason"]["accuracy"] >= 0.80
+    assert held_out_strict["accuracy"]["hard"]["accuracy"] >= 0.90
