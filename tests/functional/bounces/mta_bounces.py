@@ -43,7 +43,8 @@ from postbode.testing.sink import Rule, Script, SmtpSink
 
 HERE = Path(__file__).resolve().parent
 REPLIES = HERE / "replies.toml"
-DEB_CACHE = Path(tempfile.gettempdir()) / "postbode-mta-debs"
+# .ci/run downloads the packages here (tests reach nothing but loopback).
+DEB_CACHE = Path(os.environ.get("POSTBODE_TEST_DEBS", "/var/cache/postbode-test-debs"))
 EXIM_PACKAGES = ("exim4-daemon-light", "exim4-base", "exim4-config")
 OPENSMTPD_PACKAGES = ("opensmtpd",)
 SENDER_DOMAIN = "shop.test"
@@ -113,18 +114,18 @@ def _run(cmd: Sequence[str], cwd: Path | None = None) -> subprocess.CompletedPro
 
 
 def fetch_packages(names: Sequence[str], root: Path) -> Path:
-    """Download Debian packages (kept in DEB_CACHE) and extract them under root."""
-    DEB_CACHE.mkdir(parents=True, exist_ok=True)
-    missing = [n for n in names if not list(DEB_CACHE.glob(f"{n}_*.deb"))]
-    if missing:
-        got = _run(["apt-get", "download", *missing], cwd=DEB_CACHE)
-        if got.returncode != 0:
-            raise RuntimeError(f"apt-get download {missing}: {got.stderr[-2000:]}")
+    """Extract the Debian packages `.ci/run` downloaded into DEB_CACHE under root."""
     for name in names:
-        deb = sorted(DEB_CACHE.glob(f"{name}_*.deb"))[-1]
-        done = _run(["dpkg-deb", "-x", str(deb), str(root)])
+        debs = sorted(DEB_CACHE.glob(f"{name}_*.deb"))
+        if not debs:
+            raise RuntimeError(
+                f"{name} not in {DEB_CACHE}: `mkdir -p {DEB_CACHE} && cd {DEB_CACHE} && "
+                f"apt-get download {' '.join(EXIM_PACKAGES + OPENSMTPD_PACKAGES)}` "
+                "(.ci/run does this)"
+            )
+        done = _run(["dpkg-deb", "-x", str(debs[-1]), str(root)])
         if done.returncode != 0:
-            raise RuntimeError(f"dpkg-deb -x {deb}: {done.stderr}")
+            raise RuntimeError(f"dpkg-deb -x {debs[-1]}: {done.stderr}")
     return root
 
 
