@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import re
 import tomllib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from importlib import resources
@@ -82,6 +83,18 @@ class Rule:
     refine: frozenset[str] = frozenset()  # code tier: categories the text may choose instead
     families: frozenset[str] = frozenset()  # corpus families the rule was checked against
     patterns: tuple[str, ...] = ()  # the text alternatives as written (lower-cased)
+    required: frozenset[str] | None = None  # a match contains one of these (a prefilter)
+
+    @property
+    def text_only(self) -> bool:
+        """Only a text condition: matching is one regular-expression search."""
+        return (
+            self.text is not None
+            and self.status is None
+            and not self.reply_codes
+            and not self.reply_class
+            and not self.stages
+        )
 
     def matches(
         self, status: str | None, reply_code: int | None, text: str, stage: str | None = None
@@ -133,7 +146,14 @@ class Rules:
             if left == rule.patterns:
                 kept.append(rule)
             elif left:
-                kept.append(replace(rule, text=_compile_text(rule.name, list(left)), patterns=left))
+                kept.append(
+                    replace(
+                        rule,
+                        text=_compile_text(rule.name, list(left)),
+                        patterns=left,
+                        required=_rule_required(list(left)),
+                    )
+                )
         hedges = tuple(p for p in self.hedge_patterns if ("hedges", p) not in gone)
         return Rules(
             tuple(kept),
@@ -205,6 +225,59 @@ def _compile_text(name: str, texts: list[str]) -> re.Pattern[str] | None:
         raise RulesError(f"{name}: bad regular expression: {exc}") from exc
 
 
+# The standard library's own regular-expression parser, only read (never changed), to find
+# the literal strings a pattern needs; without it (another Python) there is no prefilter.
+try:
+    _sre_parse: Any = importlib.import_module("re._parser")
+    _sre: Any = importlib.import_module("re._constants")
+except ImportError:  # pragma: no cover
+    _sre_parse = _sre = None
+
+
+def _required(pattern: str) -> frozenset[str] | None:
+    """Literal strings of which every match of `pattern` contains one (None: no such set
+    found). A cheap `in` test on them skips most rules before their regular expression."""
+    if _sre_parse is None:  # pragma: no cover
+        return None
+    try:
+        tree = _sre_parse.parse(pattern)
+    except (re.error, RecursionError, ValueError):  # pragma: no cover - compiled already
+        return None
+    found = _sequence_required(list(tree))
+    if found is None or min(len(x) for x in found) < 2:
+        return None
+    return found
+
+
+def _sequence_required(items: list[Any]) -> frozenset[str] | None:
+    candidates: list[frozenset[str]] = []
+    run: list[str] = []
+    for op, av in items:
+        if op is _sre.LITERAL:
+            run.append(chr(av))
+            continue
+        if run:
+            candidates.append(frozenset({"".join(run)}))
+            run = []
+        sub: frozenset[str] | None = None
+        if op is _sre.SUBPATTERN:
+            sub = _sequence_required(list(av[-1]))
+        elif op is _sre.BRANCH:
+            branches = [_sequence_required(list(b)) for b in av[1]]
+            if all(b is not None for b in branches):
+                sub = frozenset().union(*(b for b in branches if b is not None))
+        elif op in (_sre.MAX_REPEAT, _sre.MIN_REPEAT) and av[0] >= 1:
+            sub = _sequence_required(list(av[2]))
+        if sub:
+            candidates.append(sub)
+    if run:
+        candidates.append(frozenset({"".join(run)}))
+    if not candidates:
+        return None
+    # The most selective: the set whose shortest literal is longest.
+    return max(candidates, key=lambda c: (min(len(x) for x in c), -len(c)))
+
+
 _WORD_REF_RE = re.compile(r"\{([a-z_]+)\}")
 
 
@@ -264,7 +337,17 @@ def _compile_rule(index: int, raw: dict[str, Any], words: dict[str, str] | None 
         refine=frozenset(refine),
         families=frozenset(_strings(raw, "families")),
         patterns=tuple(texts),
+        required=_rule_required(texts),
     )
+
+
+def _rule_required(texts: list[str]) -> frozenset[str] | None:
+    if not texts:
+        return None
+    parts = [_required(_lower_pattern(t)) for t in texts]
+    if any(p is None for p in parts):
+        return None
+    return frozenset().union(*(p for p in parts if p is not None))
 
 
 def parse_rules(data: dict[str, Any], source: str = "<data>") -> Rules:
@@ -323,7 +406,29 @@ def rule_tier(name: str | None, rules: Rules | None = None) -> str | None:
     if name is None:
         return None
     ruleset = rules if rules is not None else _default_rules()
-    return next((r.tier for r in ruleset.rules if r.name == name), None)
+    return _by_name(ruleset).get(name)
+
+
+_DERIVED: dict[int, tuple[Rules, dict[str, str], frozenset[str]]] = {}
+
+
+def _derived(rules: Rules) -> tuple[dict[str, str], frozenset[str]]:
+    cached = _DERIVED.get(id(rules))
+    if cached is None or cached[0] is not rules:
+        if len(_DERIVED) > 64:
+            _DERIVED.clear()
+        tiers = {r.name: r.tier for r in rules.rules}
+        simple = frozenset(r.name for r in rules.rules if r.text_only)
+        cached = _DERIVED[id(rules)] = (rules, tiers, simple)
+    return cached[1], cached[2]
+
+
+def _by_name(rules: Rules) -> dict[str, str]:
+    return _derived(rules)[0]
+
+
+def _text_only(rules: Rules) -> frozenset[str]:
+    return _derived(rules)[1]
 
 
 def find_status(text: str) -> str | None:
@@ -340,19 +445,28 @@ def find_statuses(text: str) -> list[str]:
 
 
 def _pick(
-    candidates: Iterable[Rule], allowed: frozenset[str] | None, hedged: bool, hard: frozenset[str]
+    candidates: Iterable[Rule],
+    allowed: frozenset[str] | None,
+    hedged: bool,
+    hard: frozenset[str],
+    match: Callable[[Rule], bool],
 ) -> Rule | None:
-    fitting = [r for r in candidates if allowed is None or r.category in allowed]
-    if not fitting:
-        return None
-    if hedged:
+    """The first candidate in `allowed` whose conditions hold (tested lazily, in order)."""
+    first: Rule | None = None
+    for rule in candidates:
+        if allowed is not None and rule.category not in allowed:
+            continue
+        if first is not None and rule.category in hard:
+            continue
+        if not match(rule):
+            continue
+        if not hedged or rule.category not in hard:
+            return rule
         # A text that names two causes ("may not exist or may be disabled") proves
-        # neither: prefer the cause that does not suppress the address, since a wrong
-        # hard call stops mail to a good address for good.
-        soft = [r for r in fitting if r.category not in hard]
-        if soft:
-            return soft[0]
-    return fitting[0]
+        # neither: look on for the cause that does not suppress the address, since a
+        # wrong hard call stops mail to a good address for good.
+        first = first or rule
+    return first
 
 
 def classify(
@@ -378,6 +492,41 @@ def classify(
     if status is None and text:
         status = find_status(text)
     body = text if normalized else normalize_text(text)
+    # Bounces repeat: one provider's reply for many recipients, the same after addresses are
+    # taken out. The result depends on these four values and the rules only.
+    memo = _memo(ruleset)
+    key = (status, reply_code, body, stage)
+    found = memo.get(key)
+    if found is None:
+        if len(memo) >= MEMO_SIZE:
+            memo.clear()
+        found = memo[key] = _classify(status, reply_code, body, ruleset, stage)
+    return found
+
+
+MEMO_SIZE = 4096
+_MEMOS: dict[
+    int, tuple[Rules, dict[tuple[str | None, int | None, str, str | None], Classification]]
+] = {}
+
+
+def _memo(rules: Rules) -> dict[tuple[str | None, int | None, str, str | None], Classification]:
+    cached = _MEMOS.get(id(rules))
+    if cached is None or cached[0] is not rules:
+        if len(_MEMOS) > 64:
+            _MEMOS.clear()
+        cached = _MEMOS[id(rules)] = (rules, {})
+    return cached[1]
+
+
+def clear_memo() -> None:
+    """Forget remembered classifications (benchmarks measure the work itself)."""
+    _MEMOS.clear()
+
+
+def _classify(
+    status: str | None, reply_code: int | None, body: str, ruleset: Rules, stage: str | None
+) -> Classification:
     hard = ruleset.hard_categories
     hedged = ruleset.hedges is not None and ruleset.hedges.search(body) is not None
 
@@ -387,34 +536,35 @@ def classify(
         cat = category or rule.category
         return Classification(cat, cat in hard, rule.name)
 
-    texts = [r for r in ruleset.tier("text") if r.matches(status, reply_code, body, stage)]
+    text_only = _text_only(ruleset)
+
+    def match(rule: Rule) -> bool:
+        if rule.required is not None and not any(lit in body for lit in rule.required):
+            return False
+        if rule.name in text_only and rule.text is not None:
+            return rule.text.search(body) is not None
+        return rule.matches(status, reply_code, body, stage)
+
+    texts = ruleset.tier("text")
     code_rule = None
     if status is not None and not status.endswith(".0.0"):
-        code_rule = next(
-            (r for r in ruleset.tier("code") if r.matches(status, reply_code, body, stage)), None
-        )
+        code_rule = next((r for r in ruleset.tier("code") if match(r)), None)
     if code_rule is not None:
         allowed = code_rule.refine | {code_rule.category}
-        if hedged and any(r.category == code_rule.category for r in texts):
+        if hedged and any(match(r) for r in texts if r.category == code_rule.category):
             # Two causes named, one of them the code's: the code decides between them.
             allowed = frozenset({code_rule.category})
-        found = _pick(texts, allowed, hedged, hard)
+        found = _pick(texts, allowed, hedged, hard, match)
         if found is None and (status or "").endswith(".0"):
             # An "other" detail (X.Y.0): the code names the subject only; a generic
             # phrase may still say more than it (a specific detail says more than one).
-            generic = [
-                r for r in ruleset.tier("generic") if r.matches(status, reply_code, body, stage)
-            ]
-            found = _pick(generic, allowed, hedged, hard)
+            found = _pick(ruleset.tier("generic"), allowed, hedged, hard, match)
         return _after_data(done(found or code_rule), status, stage, hard)
-    found = _pick(texts, None, hedged, hard)
+    found = _pick(texts, None, hedged, hard, match)
     if found is None:
-        generic = [r for r in ruleset.tier("generic") if r.matches(status, reply_code, body, stage)]
-        found = _pick(generic, None, hedged, hard)
+        found = _pick(ruleset.tier("generic"), None, hedged, hard, match)
     if found is None:
-        found = next(
-            (r for r in ruleset.tier("reply") if r.matches(status, reply_code, body, stage)), None
-        )
+        found = next((r for r in ruleset.tier("reply") if match(r)), None)
     return _after_data(done(found), status, stage, hard)
 
 

@@ -31,6 +31,7 @@ MAX_REPORT_TEXT = 24_000
 MAX_RECORDS = 100
 MAX_DIAGNOSTIC = 1_000
 MAX_CONTEXT = 3_000
+MAX_STAGE_CONTEXT = 1_200
 
 KINDS = ("bounce", "complaint", "auto_reply", "delivered", "not_bounce")
 
@@ -339,14 +340,36 @@ _STAGE_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
 )
 
 
+# One pass over the lower-cased text finds the earliest mention of any stage.
+_STAGE_RE = re.compile(
+    "|".join(f"(?P<{stage}>{p.pattern.removeprefix('(?i)')})" for stage, p in _STAGE_PATTERNS)
+)
+# Every stage pattern above contains one of these: most texts are ruled out by `in` tests.
+_STAGE_WORDS = (
+    "in reply to",
+    "after ",
+    "smtp command",
+    "did not like",
+    ">>>",
+    "failed after",
+    "remote host said",
+    "does not like",
+    "rcpt",
+    "recipient address rejected",
+    "refused to talk",
+    "greeting",
+    "banner",
+    "220",
+)
+
+
 def smtp_stage(text: str) -> str | None:
     """The SMTP command a failure answered, when the report says ("rcpt", "data", …)."""
-    found: tuple[int, str] | None = None
-    for stage, pattern in _STAGE_PATTERNS:
-        m = pattern.search(text)
-        if m is not None and (found is None or m.start() < found[0]):
-            found = (m.start(), stage)
-    return found[1] if found else None
+    low = text.lower()
+    if not any(word in low for word in _STAGE_WORDS):
+        return None
+    m = _STAGE_RE.search(low)
+    return m.lastgroup if m is not None else None
 
 
 # A reply code quoted inside a wrapper: "5.3.0 - Other mail system problem 550-'Unknown
@@ -415,7 +438,9 @@ def _make_record(
         reply_code = quoted_code
     if status is None:
         status = quoted_status or find_status(extra_text[:MAX_CONTEXT])
-    stage = smtp_stage(diagnostic + "\n" + context[:MAX_CONTEXT])
+    # The reply's own words first; the report's text about this recipient only if they
+    # do not say (a transcript or "in reply to …" sits next to the reply).
+    stage = smtp_stage(diagnostic) or (smtp_stage(context[:MAX_STAGE_CONTEXT]) if context else None)
     code = status
     if (
         code
@@ -827,9 +852,7 @@ def _dsn_records(
         diag_status, _ = remote_status(diag_text)
         # The remote server's own code is more precise than a generic field (x.0.0), a
         # relay's "other" detail (x.y.0) or what the reporting MTA mapped it to.
-        if diag_status and (
-            status is None or diag_status[0] == status[0] or status.endswith(".0")
-        ):
+        if diag_status and (status is None or diag_status[0] == status[0] or status.endswith(".0")):
             status = diag_status
         elif diag_status is None and (status is None or status.endswith(".0.0")):
             # The relay's own code before a code-less remote reply still says more than
