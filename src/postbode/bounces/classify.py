@@ -447,7 +447,7 @@ def find_statuses(text: str) -> list[str]:
 def _pick(
     candidates: Iterable[Rule],
     allowed: frozenset[str] | None,
-    hedged: bool,
+    hedged: Callable[[], bool],
     hard: frozenset[str],
     match: Callable[[Rule], bool],
 ) -> Rule | None:
@@ -460,7 +460,7 @@ def _pick(
             continue
         if not match(rule):
             continue
-        if not hedged or rule.category not in hard:
+        if rule.category not in hard or not hedged():
             return rule
         # A text that names two causes ("may not exist or may be disabled") proves
         # neither: look on for the cause that does not suppress the address, since a
@@ -528,7 +528,12 @@ def _classify(
     status: str | None, reply_code: int | None, body: str, ruleset: Rules, stage: str | None
 ) -> Classification:
     hard = ruleset.hard_categories
-    hedged = ruleset.hedges is not None and ruleset.hedges.search(body) is not None
+    seen: list[bool] = []
+
+    def hedged() -> bool:  # asked only when a hard cause is about to win
+        if not seen:
+            seen.append(ruleset.hedges is not None and ruleset.hedges.search(body) is not None)
+        return seen[0]
 
     def done(rule: Rule | None, category: str | None = None) -> Classification:
         if rule is None:
@@ -551,7 +556,7 @@ def _classify(
         code_rule = next((r for r in ruleset.tier("code") if match(r)), None)
     if code_rule is not None:
         allowed = code_rule.refine | {code_rule.category}
-        if hedged and any(match(r) for r in texts if r.category == code_rule.category):
+        if hedged() and any(match(r) for r in texts if r.category == code_rule.category):
             # Two causes named, one of them the code's: the code decides between them.
             allowed = frozenset({code_rule.category})
         found = _pick(texts, allowed, hedged, hard, match)

@@ -340,9 +340,35 @@ _STAGE_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
 )
 
 
-# One pass over the lower-cased text finds the earliest mention of any stage.
-_STAGE_RE = re.compile(
-    "|".join(f"(?P<{stage}>{p.pattern.removeprefix('(?i)')})" for stage, p in _STAGE_PATTERNS)
+def _alternatives(pattern: str) -> list[str]:
+    """The top-level alternatives of a regular expression."""
+    out, depth, start, escaped, in_class = [], 0, 0, False, False
+    for n, ch in enumerate(pattern):
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif in_class:
+            in_class = ch != "]"
+        elif ch == "[":
+            in_class = True
+        elif ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        elif ch == "|" and depth == 0:
+            out.append(pattern[start:n])
+            start = n + 1
+    out.append(pattern[start:])
+    return out
+
+
+# One small expression per alternative, most starting with a literal, which the regular
+# expression engine finds fast; the earliest mention of any stage wins.
+_STAGE_ALTERNATIVES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
+    (stage, re.compile(alt))
+    for stage, p in _STAGE_PATTERNS
+    for alt in _alternatives(p.pattern.removeprefix("(?i)"))
 )
 # Every stage pattern above contains one of these: most texts are ruled out by `in` tests.
 _STAGE_WORDS = (
@@ -368,8 +394,12 @@ def smtp_stage(text: str) -> str | None:
     low = text.lower()
     if not any(word in low for word in _STAGE_WORDS):
         return None
-    m = _STAGE_RE.search(low)
-    return m.lastgroup if m is not None else None
+    best: tuple[int, int, str] | None = None
+    for order, (stage, pattern) in enumerate(_STAGE_ALTERNATIVES):
+        m = pattern.search(low)
+        if m is not None and (best is None or (m.start(), order) < best[:2]):
+            best = (m.start(), order, stage)
+    return best[2] if best else None
 
 
 # A reply code quoted inside a wrapper: "5.3.0 - Other mail system problem 550-'Unknown
@@ -381,27 +411,26 @@ def remote_status(diagnostic: str) -> tuple[str | None, int | None]:
     """The remote server's own enhanced status and reply code in a diagnostic, preferring a
     reply quoted after a relay's wrapper code over the wrapper (the relay only passes on
     what the remote server said)."""
-    wrapper = find_status(diagnostic)
-    replies = [
-        (m.start(), int(m.group(1)), find_status(m.group(2)) if m.group(2) else None)
-        for m in _QUOTED_REPLY_RE.finditer(diagnostic[: MAX_DIAGNOSTIC * 4])
-    ]
-    if not replies:
-        return wrapper, _first_reply_code(diagnostic)
-    # The first reply with its own enhanced code is the remote server's (a relay's wrapper
-    # code stands alone; later replies in a transcript answer later commands).
-    with_status = [r for r in replies if r[2]]
-    if with_status:
-        pos, code, status = with_status[0]
-        return status, code
-    pos, code, _ = replies[0]
-    if wrapper is not None:
-        wpos = _STATUS_POS_RE.search(diagnostic)
-        if wpos is not None and wpos.start() < pos and wrapper.split(".")[2] == "0":
-            # A generic wrapper code (X.Y.0) before a quoted reply without one: the
-            # remote's reply code and text speak, not the relay's catch-all.
-            return None, code
-    return wrapper, code
+    first: tuple[int, int] | None = None
+    for m in _QUOTED_REPLY_RE.finditer(diagnostic, 0, MAX_DIAGNOSTIC * 4):
+        if m.group(2):
+            # The first reply with its own enhanced code is the remote server's (a relay's
+            # wrapper code stands alone; later replies in a transcript answer later commands).
+            return find_status(m.group(2)), int(m.group(1))
+        if first is None:
+            first = (m.start(), int(m.group(1)))
+    wrapper = _STATUS_POS_RE.search(diagnostic)
+    if first is None:
+        return (find_status(wrapper.group(0)) if wrapper else None), _first_reply_code(diagnostic)
+    pos, code = first
+    if wrapper is None:
+        return None, code
+    status = find_status(wrapper.group(0))
+    if wrapper.start() < pos and status is not None and status.endswith(".0"):
+        # A generic wrapper code (X.Y.0) before a quoted reply without one: the remote's
+        # reply code and text speak, not the relay's catch-all.
+        return None, code
+    return status, code
 
 
 # RFC 5321 §4.3.2: the replies DATA may give (551 and 553 answer only MAIL and RCPT).
