@@ -101,6 +101,8 @@ class Attachment:
     subtype: str
     data: bytes
     params: dict[str, str] = field(default_factory=dict)
+    # An inline part (RFC 2392 `cid:` URLs in the HTML refer to it), not an attachment.
+    content_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -291,6 +293,18 @@ def build_with_email_package(draft: Draft) -> bytes:
     else:
         msg.set_content("")
     for att in draft.attachments:
+        if att.content_id is not None:
+            # RFC 2392: Content-ID is a msg-id, `<id>`; RFC 2183 inline disposition.
+            msg.add_attachment(
+                att.data,
+                att.maintype,
+                att.subtype,
+                filename=att.filename,
+                params=att.params,
+                disposition="inline",
+                cid=f"<{att.content_id}>",
+            )
+            continue
         msg.add_attachment(
             att.data, att.maintype, att.subtype, filename=att.filename, params=att.params
         )
@@ -479,7 +493,7 @@ def _base64_body(data: bytes) -> str:
 
 
 def _attachment_part(att: Attachment) -> _Part | None:
-    if att.params or not _SIMPLE_FILENAME.fullmatch(att.filename):
+    if att.params or att.content_id is not None or not _SIMPLE_FILENAME.fullmatch(att.filename):
         return None
     content_type = _field("Content-Type", f"{att.maintype}/{att.subtype}")
     disposition = _field("Content-Disposition", f'attachment; filename="{att.filename}"')

@@ -138,3 +138,71 @@ def send(
     msg["Subject"] = subject
     msg.set_content("Your order has shipped.")
     submit(server, app, msg)
+
+
+class HttpPostbode(PostbodeInProcess):
+    """PostbodeInProcess with the HTTP side too (API, compatible APIs, UI) on 127.0.0.1 and a
+    free port, sharing the SMTP listener's Acceptor, so mail sent over HTTP is delivered by
+    the same worker: `http_url` is its base URL."""
+
+    def __init__(self, settings: Settings, store: Store, local: Sequence[Any] = ()) -> None:
+        super().__init__(settings, store, local)
+        self.http_port = 0
+        self._http: Any = None
+        self._http_task: asyncio.Future[Any] | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def __enter__(self) -> Self:
+        import socket
+
+        import uvicorn
+
+        from postbode.web.app import serving_app
+
+        super().__enter__()
+        assert self._thread is not None and self.acceptor is not None
+        acceptor = self.acceptor
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.http_port = sock.getsockname()[1]
+
+        async def start() -> None:
+            config = uvicorn.Config(
+                serving_app(self.settings, self.store, acceptor),
+                log_level="warning",
+                access_log=False,
+                lifespan="off",
+            )
+            self._http = uvicorn.Server(config)
+            self._http_task = asyncio.ensure_future(self._http.serve(sockets=[sock]))
+            while not self._http.started:
+                if self._http_task.done():
+                    self._http_task.result()  # raises why it could not start
+                await asyncio.sleep(0.01)
+
+        try:
+            self._thread.run(start())
+        except BaseException:
+            super().__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._thread is not None
+        server, task = self._http, self._http_task
+
+        async def stop_http() -> None:
+            if server is not None and task is not None:
+                server.should_exit = True
+                await task
+
+        self._thread.run(stop_http())
+        super().__exit__(exc_type, exc, tb)

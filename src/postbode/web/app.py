@@ -19,6 +19,7 @@ from postbode.metrics import update_queue_gauges
 from postbode.store.engine import Store
 from postbode.tracking.endpoints import fast_path
 from postbode.tracking.endpoints import router as tracking_router
+from postbode.web.api.compat import mailgun, postmark, sendgrid
 from postbode.web.api.events import router as events_router
 from postbode.web.api.messages import SEND_PATH, body_limit
 from postbode.web.api.messages import fast_path as send_fast_path
@@ -85,6 +86,10 @@ def create_app(settings: Settings, store: Store, acceptor: Acceptor | None = Non
     app.include_router(tracking_router)
     app.include_router(queue_router)
     app.include_router(stats_router)
+    app.include_router(postmark.router)
+    app.include_router(postmark.root_router)
+    app.include_router(sendgrid.router)
+    app.include_router(mailgun.router)
     app.include_router(ui_router)
     app.mount("/static", static_files(), name="static")
     install_error_handlers(app)

@@ -178,6 +178,11 @@ class AttachmentIn(BaseModel):
         None, description="`type/subtype`, parameters allowed; guessed from the filename if absent"
     )
     content: Base64Content
+    content_id: Annotated[Line, StringConstraints(min_length=1, max_length=250)] | None = Field(
+        None,
+        description="Makes the attachment an inline part (`Content-Disposition: inline`) that "
+        "HTML refers to as `cid:<content_id>`",
+    )
 
 
 class SendRequest(BaseModel):
@@ -374,6 +379,13 @@ _OWN_CODES = frozenset(
 def validation_error(errors: Sequence[Any]) -> JSONResponse:
     """The first validation error as the JSON error shape, naming the field like `to.1`,
     `attachments.0.content` or `headers.X-Foo`."""
+    code, message, field = describe_validation_error(errors)
+    return JSONResponse(error_body(code, message, field), status_code=422)
+
+
+def describe_validation_error(errors: Sequence[Any]) -> tuple[str, str, str | None]:
+    """(code, message, field) of the first validation error, as `validation_error` answers it
+    (the compatible APIs translate these into their provider's error shape)."""
     first: dict[str, Any] = dict(errors[0]) if errors else {}
     kind = str(first.get("type", ""))
     loc = tuple(first.get("loc", ()))
@@ -393,7 +405,7 @@ def validation_error(errors: Sequence[Any]) -> JSONResponse:
         code = kind
     else:
         code = "invalid"
-    return JSONResponse(error_body(code, message, ".".join(parts) or None), status_code=422)
+    return code, message, ".".join(parts) or None
 
 
 class _ApiRoute(APIRoute):
@@ -472,7 +484,8 @@ def _attachment(att: AttachmentIn) -> mime.Attachment:
         maintype, subtype, params = mime.parse_content_type(content_type)
     except mime.MimeError:  # a guess we cannot attach as such (message/rfc822 for .eml)
         maintype, subtype, params = "application", "octet-stream", {}
-    return mime.Attachment(att.filename, maintype, subtype, att.content, params)
+    content_id = att.content_id.strip("<>") if att.content_id else None
+    return mime.Attachment(att.filename, maintype, subtype, att.content, params, content_id)
 
 
 def draft(body: SendRequest, max_size: int) -> mime.Draft:
@@ -552,6 +565,13 @@ def _content_chars(body: SendRequest) -> int:
         + len(body.html or "")
         + sum(len(a.content) for a in body.attachments or ())
     )
+
+
+async def accept_send_request(request: Request, app_id: int, body: SendRequest) -> Accepted:
+    """Build, store and answer one validated send request (no Idempotency-Key): what the
+    compatible APIs hand over after translating their provider's fields. Raises ApiError or
+    HTTPException with the JSON error shape."""
+    return await _accept(request, app_id, body, None, None)
 
 
 async def _accept(

@@ -1,0 +1,1 @@
+"""Provider-compatible send APIs (Postmark, SendGrid, Mailgun), each under its own prefix."""
