@@ -40,6 +40,7 @@ _PUBLIC = (
     webhooks.c.failing_since,
     webhooks.c.previous_secret_until,
     webhooks.c.created_at,
+    webhooks.c.secret,  # not shown: it derives what a format's receivers verify with
 )
 
 
@@ -59,8 +60,9 @@ class WebhookError(ValueError):
 STRICT = DestinationPolicy()  # public destinations only
 
 
-def check_url(url: str, policy: DestinationPolicy = STRICT) -> str:
-    """An absolute http or https URL with a host the destination policy allows."""
+def check_url(url: str, policy: DestinationPolicy = STRICT, *, credentials: bool = False) -> str:
+    """An absolute http or https URL with a host the destination policy allows; with a user
+    name and password only if `credentials` (a postmark-format endpoint's basic auth)."""
     url = url.strip()
     if len(url) > MAX_URL_LENGTH:
         raise WebhookError(f"the URL is longer than {MAX_URL_LENGTH} characters", field="url")
@@ -75,8 +77,12 @@ def check_url(url: str, policy: DestinationPolicy = STRICT) -> str:
         raise WebhookError("the URL has no host", field="url")
     if any(c.isspace() or ord(c) < 0x20 for c in url):
         raise WebhookError("the URL contains white space or control characters", field="url")
-    if parts.username is not None or parts.password is not None:
-        raise WebhookError("the URL must not carry a user name or password", field="url")
+    if (parts.username is not None or parts.password is not None) and not credentials:
+        raise WebhookError(
+            "the URL must not carry a user name or password (only a postmark-format endpoint "
+            "takes basic-auth credentials in its URL, as Postmark's webhooks do)",
+            field="url",
+        )
     refusal = url_refusal(url, policy)
     if refusal is not None:
         raise WebhookError(
@@ -87,12 +93,20 @@ def check_url(url: str, policy: DestinationPolicy = STRICT) -> str:
     return url
 
 
-def check_event_types(types: Sequence[str]) -> list[str]:
-    """Known event type names, each once, in the order given (empty: every type)."""
+def check_event_types(types: Sequence[str], format: str = "native") -> list[str]:
+    """Known event type names, each once, in the order given (empty: every type). A provider
+    format reports only the events its provider has names for: empty means all of those."""
     known = {str(t) for t in EventType}
+    reportable = formats.EVENT_TYPES.get(format, frozenset(known))
     for i, name in enumerate(types):
         if name not in known:
             raise WebhookError(f"unknown event type {name!r}", field=f"event_types.{i}")
+        if name not in reportable:
+            raise WebhookError(
+                f"the {format} format has no event for {name!r}", field=f"event_types.{i}"
+            )
+    if not types and format != "native":
+        return sorted(reportable)
     return list(dict.fromkeys(types))
 
 
@@ -114,7 +128,7 @@ def public(row: Any) -> dict[str, Any]:
     until = data["previous_secret_until"]
     return {
         "id": data["id"],
-        "url": data["url"],
+        "url": _masked(data["url"]),
         "event_types": list(data["event_types"] or []),
         "format": data["format"],
         "enabled": data["enabled"],
@@ -122,7 +136,16 @@ def public(row: Any) -> dict[str, Any]:
         "failing_since": data["failing_since"],
         "previous_secret_expires_at": until if until and until > utcnow() else None,
         "created_at": data["created_at"],
+        "verification_key": formats.verification_key(data["format"], data["secret"]),
     }
+
+
+def _masked(url: str) -> str:
+    """The URL as shown: a basic-auth password (postmark format) is never shown again."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return url.replace(f":{parts.password}@", ":********@", 1)
 
 
 def create_webhook(
@@ -139,9 +162,9 @@ def create_webhook(
     where `policy` allows (the operator's allow-list; by default public addresses only)."""
     values = {
         "app_id": app_id,
-        "url": check_url(url, policy),
-        "event_types": check_event_types(event_types),
+        "url": check_url(url, policy, credentials=format == "postmark"),
         "format": check_format(format),
+        "event_types": check_event_types(event_types, format),
         "enabled": enabled,
         "secret": generate_secret(),
         "created_at": utcnow(),
@@ -179,11 +202,22 @@ def update_webhook(
     was disabled and its failure clock."""
     values: dict[str, Any] = {}
     if changes.get("url") is not None:
-        values["url"] = check_url(changes["url"], policy)
-    if changes.get("event_types") is not None:
-        values["event_types"] = check_event_types(changes["event_types"])
+        values["url"] = check_url(changes["url"], policy, credentials=True)
     if changes.get("format") is not None:
         values["format"] = check_format(changes["format"])
+    if changes.get("event_types") is not None or "format" in values:
+        with store.read() as conn:
+            current = _get(conn, app_id, hook_id)
+        types = changes.get("event_types")
+        values["event_types"] = check_event_types(
+            current.event_types if types is None else types, values.get("format", current.format)
+        )
+    if "url" in values or "format" in values:
+        with store.read() as conn:
+            current = _get(conn, app_id, hook_id)
+        url, format = values.get("url", current.url), values.get("format", current.format)
+        if urlsplit(url).username is not None and format != "postmark":
+            check_url(url, policy)  # names the refusal: credentials only for postmark
     if changes.get("enabled") is not None:
         values["enabled"] = bool(changes["enabled"])
         if values["enabled"]:
@@ -210,11 +244,14 @@ def rotate_secret(
     now = now or utcnow()
     secret = generate_secret()
     with store.write() as conn:
-        current = conn.execute(
-            select(webhooks.c.secret).where(webhooks.c.id == hook_id, webhooks.c.app_id == app_id)
-        ).scalar()
-        if current is None:
+        row = conn.execute(
+            select(webhooks.c.secret, webhooks.c.format).where(
+                webhooks.c.id == hook_id, webhooks.c.app_id == app_id
+            )
+        ).first()
+        if row is None:
             raise _not_found(hook_id)
+        current = row.secret
         conn.execute(
             update(webhooks)
             .where(webhooks.c.id == hook_id)
@@ -222,7 +259,11 @@ def rotate_secret(
                 secret=secret, previous_secret=current, previous_secret_until=now + ROTATION_GRACE
             )
         )
-    return {"secret": secret, "previous_secret_expires_at": now + ROTATION_GRACE}
+    return {
+        "secret": secret,
+        "previous_secret_expires_at": now + ROTATION_GRACE,
+        "verification_key": formats.verification_key(row.format, secret),
+    }
 
 
 def secrets_in_force(hook: Any, now: datetime) -> list[str]:

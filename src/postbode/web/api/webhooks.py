@@ -26,6 +26,9 @@ T = TypeVar("T")
 router = APIRouter(prefix="/api/v1/webhooks", tags=["webhooks"], route_class=AuthenticatedRoute)
 
 
+WebhookFormat = Literal["native", "postmark", "sendgrid", "mailgun"]
+
+
 class WebhookIn(ApiInput):
     model_config = ConfigDict(extra="forbid")
 
@@ -34,7 +37,7 @@ class WebhookIn(ApiInput):
         default_factory=list, description="Event types sent; empty: every type"
     )
     enabled: bool = True
-    format: Literal["native"] = "native"
+    format: WebhookFormat = "native"
 
 
 class WebhookPatch(ApiInput):
@@ -43,7 +46,7 @@ class WebhookPatch(ApiInput):
     url: str | None = Field(None, max_length=manage.MAX_URL_LENGTH)
     event_types: list[EventType] | None = None
     enabled: bool | None = Field(None, description="Enabling clears `disabled_reason`")
-    format: Literal["native"] | None = None
+    format: WebhookFormat | None = None
 
 
 class WebhookOut(BaseModel):
@@ -58,10 +61,17 @@ class WebhookOut(BaseModel):
         description="While set, requests carry a second signature made with the previous secret"
     )
     created_at: datetime
+    verification_key: str | None = Field(
+        None,
+        description="`sendgrid` format: the public key (base64 DER) that verifies the ECDSA "
+        "signatures, as SendGrid shows it",
+    )
 
 
 class WebhookCreated(WebhookOut):
-    secret: str = Field(description="`whsec_…`: shown this once")
+    secret: str = Field(
+        description="`whsec_…`: shown this once (the `mailgun` format's signing key)"
+    )
 
 
 class WebhookList(BaseModel):
@@ -71,6 +81,9 @@ class WebhookList(BaseModel):
 class RotatedSecret(BaseModel):
     secret: str = Field(description="The new secret: shown this once")
     previous_secret_expires_at: datetime
+    verification_key: str | None = Field(
+        None, description="`sendgrid` format: the new public key (the old one stops at once)"
+    )
 
 
 class AttemptOut(BaseModel):

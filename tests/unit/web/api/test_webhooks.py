@@ -57,7 +57,7 @@ def test_crud(client: TestClient) -> None:
     [
         ({"url": "ftp://hooks.test/"}, "url"),
         ({"url": "https://hooks.test/", "event_types": ["delivery.exploded"]}, "event_types.0"),
-        ({"url": "https://hooks.test/", "format": "mailgun"}, "format"),
+        ({"url": "https://hooks.test/", "format": "zapier"}, "format"),
         ({"url": "https://hooks.test/", "surprise": 1}, "surprise"),
         ({}, "url"),
     ],
