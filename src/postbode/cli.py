@@ -23,10 +23,14 @@ app_cmd = typer.Typer(no_args_is_help=True, help="Apps: one application's mail e
 credential_cmd = typer.Typer(no_args_is_help=True, help="API keys and SMTP logins of an app.")
 domain_cmd = typer.Typer(no_args_is_help=True, help="Sending domains and their DNS records.")
 user_cmd = typer.Typer(no_args_is_help=True, help="People who use the web interface.")
+token_cmd = typer.Typer(
+    no_args_is_help=True, help="Organisation tokens for the management API (/api/v1/apps …)."
+)
 app.add_typer(app_cmd, name="app")
 app.add_typer(credential_cmd, name="credential")
 app.add_typer(domain_cmd, name="domain")
 app.add_typer(user_cmd, name="user")
+app.add_typer(token_cmd, name="token")
 
 err = Console(stderr=True)
 out = Console()
@@ -386,6 +390,57 @@ def user_create(
     except tenancy.TenancyError as exc:
         _fail(str(exc))
     out.print(f"user {email} created (id {user_id})")
+
+
+# -- organisation tokens ---------------------------------------------------------------------
+
+
+OrgOption = Annotated[str, typer.Option("--org", help="The organization.")]
+
+
+@token_cmd.command("create")
+def token_create(
+    organization: OrgOption = tenancy.DEFAULT_ORGANIZATION,
+    name: Annotated[str, typer.Option(help="A label, e.g. where it is used.")] = "",
+    as_json: JsonFlag = False,
+) -> None:
+    """Make a management API token for an organization (shown once; stored hashed)."""
+    try:
+        created = tenancy.create_org_token(_store(), organization, name)
+    except tenancy.TenancyError as exc:
+        _fail(str(exc))
+    if as_json:
+        _print_json({"token": created["token"], "id": created["id"], "organization": organization})
+    else:
+        out.print(f"token {created['id']} for [bold]{organization}[/bold]; shown only once:")
+        out.print(f"  {created['token']}")
+
+
+@token_cmd.command("list")
+def token_list(
+    organization: OrgOption = tenancy.DEFAULT_ORGANIZATION, as_json: JsonFlag = False
+) -> None:
+    """List an organization's tokens (never the tokens themselves)."""
+    store = _store()
+    try:
+        rows = tenancy.list_org_tokens(store, tenancy.organization_id(store, organization))
+    except tenancy.TenancyError as exc:
+        _fail(str(exc))
+    if as_json:
+        _print_json(rows)
+    else:
+        _print_table(rows, ["id", "name", "lookup", "created_at", "revoked_at"])
+
+
+@token_cmd.command("revoke")
+def token_revoke(token_id: int, organization: OrgOption = tenancy.DEFAULT_ORGANIZATION) -> None:
+    """Revoke a token; it stops working with the next request."""
+    store = _store()
+    try:
+        tenancy.revoke_org_token(store, tenancy.organization_id(store, organization), token_id)
+    except tenancy.TenancyError as exc:
+        _fail(str(exc))
+    out.print(f"token {token_id} revoked")
 
 
 # -- DNS checks and demo data --------------------------------------------------------------

@@ -200,6 +200,7 @@ def _status(value: str) -> Status:
 CHECKS: dict[str, Callable[[str, Sequence[str]], Verdict]] = {
     "spf": check_spf,
     "dkim": check_dkim,
+    "dkim_previous": check_dkim,  # a rotated-out key, published while its grace period lasts
     "return_path": check_return_path,
     "dmarc": check_dmarc,
 }

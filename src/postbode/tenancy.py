@@ -10,13 +10,14 @@ import string
 import threading
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy import Connection, delete, func, insert, select, update
 
 from postbode.store.engine import Store
 from postbode.store.schema import (
@@ -24,6 +25,7 @@ from postbode.store.schema import (
     credentials,
     domains,
     memberships,
+    organization_tokens,
     organizations,
     users,
     utcnow,
@@ -385,6 +387,7 @@ def dns_records(
             "name": f"{domain['dkim_selector']}._domainkey.{name}",
             "value": domain["dkim_public_key"],
         },
+        *_previous_dkim(domain),
         {
             "purpose": "return_path",
             "type": "CNAME",
@@ -397,6 +400,21 @@ def dns_records(
             "name": f"_dmarc.{name}",
             "value": f"v=DMARC1; p=none; rua=mailto:dmarc-reports@{name}",
         },
+    ]
+
+
+def _previous_dkim(domain: dict[str, Any]) -> list[dict[str, str]]:
+    """The rotated-out DKIM key's record, while its grace period lasts."""
+    until = domain.get("previous_dkim_until")
+    if not (until and domain.get("previous_dkim_selector") and until > utcnow()):
+        return []
+    return [
+        {
+            "purpose": "dkim_previous",
+            "type": "TXT",
+            "name": f"{domain['previous_dkim_selector']}._domainkey.{domain['name']}",
+            "value": domain["previous_dkim_public_key"],
+        }
     ]
 
 
@@ -461,3 +479,246 @@ def verify_user(store: Store, email: str, password: str) -> int | None:
     except (VerificationError, InvalidHashError):
         return None
     return int(row.id)
+
+
+# -- organisation tokens (the management API) ---------------------------------------------------
+
+ORG_TOKEN_PREFIX = "pbo_"  # noqa: S105 (a prefix, not a secret)
+
+
+def create_org_token(
+    store: Store, organization: str = DEFAULT_ORGANIZATION, name: str = ""
+) -> dict[str, Any]:
+    """A new management token of the organization (created if missing): the token itself is
+    in the result and nowhere else; only its SHA-256 is stored."""
+    if len(name) > 100:
+        raise TenancyError("a token name is at most 100 characters")
+    lookup = secrets.token_hex(6)
+    secret = secrets.token_urlsafe(32)
+    with store.write() as conn:
+        org_id = ensure_organization(conn, organization)
+        token_id = conn.execute(
+            insert(organization_tokens)
+            .values(organization_id=org_id, name=name, lookup=lookup, secret_hash=_sha256(secret))
+            .returning(organization_tokens.c.id)
+        ).scalar_one()
+    return {
+        "id": int(token_id),
+        "organization": organization,
+        "name": name,
+        "token": f"{ORG_TOKEN_PREFIX}{lookup}_{secret}",
+    }
+
+
+@dataclass(frozen=True)
+class OrgToken:
+    """Who calls the management API: a token of one organization."""
+
+    id: int
+    organization_id: int
+    name: str
+
+    @property
+    def actor(self) -> str:
+        """How the audit log names the caller."""
+        return f"token:{self.id}" + (f" ({self.name})" if self.name else "")
+
+
+def authenticate_org_token(store: Store, token: str) -> OrgToken | None:
+    """The organisation token `token` is, or None for a wrong, malformed or revoked one (an
+    app's API key is never one: it cannot manage anything)."""
+    if not token.startswith(ORG_TOKEN_PREFIX) or "_" not in token[len(ORG_TOKEN_PREFIX) :]:
+        return None
+    lookup, secret = token[len(ORG_TOKEN_PREFIX) :].split("_", 1)
+    t = organization_tokens
+    with store.read() as conn:
+        row = conn.execute(
+            select(t.c.id, t.c.organization_id, t.c.name, t.c.secret_hash).where(
+                t.c.lookup == lookup, t.c.revoked_at.is_(None)
+            )
+        ).first()
+    if row is None or not hmac.compare_digest(row.secret_hash, _sha256(secret)):
+        return None
+    return OrgToken(int(row.id), int(row.organization_id), row.name)
+
+
+def list_org_tokens(store: Store, organization_id: int) -> list[dict[str, Any]]:
+    t = organization_tokens
+    with store.read() as conn:
+        rows = conn.execute(
+            select(t.c.id, t.c.name, t.c.lookup, t.c.created_at, t.c.revoked_at)
+            .where(t.c.organization_id == organization_id)
+            .order_by(t.c.id)
+        ).mappings()
+        return [dict(r) for r in rows]
+
+
+def revoke_org_token(store: Store, organization_id: int, token_id: int) -> None:
+    """Revoke a token of the organization: it stops working with the next request."""
+    t = organization_tokens
+    with store.write() as conn:
+        changed = conn.execute(
+            update(t)
+            .where(
+                t.c.id == token_id,
+                t.c.organization_id == organization_id,
+                t.c.revoked_at.is_(None),
+            )
+            .values(revoked_at=utcnow())
+        ).rowcount
+    if changed != 1:
+        raise TenancyError(f"no active token with id {token_id}")
+
+
+def organization_id(store: Store, name: str) -> int:
+    with store.read() as conn:
+        found = conn.execute(
+            select(organizations.c.id).where(organizations.c.name == name)
+        ).scalar()
+    if found is None:
+        raise TenancyError(f"no organization named {name!r}")
+    return int(found)
+
+
+# -- apps: settings and suspension ----------------------------------------------------------
+
+APP_SETTINGS = (
+    "track_opens",
+    "track_clicks",
+    "max_message_age_seconds",
+    "raw_retention_days",
+    "metadata_retention_days",
+)
+
+
+def update_app(
+    store: Store, app_name: str, **changes: Any
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Change an app's settings (APP_SETTINGS) or status (`active` | `suspended`); returns
+    the app after the change and what changed ({field: [before, after]})."""
+    unknown = set(changes) - {*APP_SETTINGS, "status"}
+    if unknown:
+        raise TenancyError(f"unknown app settings: {', '.join(sorted(unknown))}")
+    if "status" in changes and changes["status"] not in ("active", "suspended"):
+        raise TenancyError("status is active or suspended")
+    with store.write() as conn:
+        before = app_by_name(conn, app_name)
+        values = {k: v for k, v in changes.items() if before[k] != v}
+        if values:
+            conn.execute(update(apps).where(apps.c.id == before["id"]).values(**values))
+        after = app_by_name(conn, app_name)
+    return after, {k: [before[k], after[k]] for k in values}
+
+
+# -- DKIM key rotation ------------------------------------------------------------------------
+
+DKIM_GRACE_DAYS = 7
+
+
+def rotate_dkim(
+    store: Store,
+    domain_name: str,
+    *,
+    grace_days: float = DKIM_GRACE_DAYS,
+    app_id: int | None = None,
+) -> dict[str, Any]:
+    """A new DKIM key under a new selector signs the domain's mail from now on; the previous
+    key stays in the DNS records (and should stay published) for `grace_days`, so mail
+    signed with it before the rotation still verifies. Rotating again within the grace
+    period retires the older key at once. Returns the domain row after the change."""
+    if not 0 <= grace_days <= 90:
+        raise TenancyError("the grace period is 0 to 90 days")
+    private_pem, public_txt = generate_dkim_key()
+    name = _check_domain(domain_name)
+    with store.write() as conn:
+        query = select(domains).where(domains.c.name == name)
+        if app_id is not None:
+            query = query.where(domains.c.app_id == app_id)
+        row = conn.execute(query).mappings().first()
+        if row is None:
+            raise TenancyError(f"no domain {name!r}")
+        selector = row["dkim_selector"]
+        while selector in (row["dkim_selector"], row["previous_dkim_selector"]):
+            selector = f"pb{secrets.token_hex(3)}"
+        conn.execute(
+            update(domains)
+            .where(domains.c.id == row["id"])
+            .values(
+                dkim_selector=selector,
+                dkim_private_key=private_pem,
+                dkim_public_key=public_txt,
+                previous_dkim_selector=row["dkim_selector"],
+                previous_dkim_public_key=row["dkim_public_key"],
+                previous_dkim_until=utcnow() + timedelta(days=grace_days),
+            )
+        )
+        return dict(conn.execute(select(domains).where(domains.c.id == row["id"])).mappings().one())
+
+
+# -- users and roles ---------------------------------------------------------------------------
+
+
+def list_members(store: Store, organization_id: int) -> list[dict[str, Any]]:
+    """The organization's users with their roles."""
+    with store.read() as conn:
+        rows = conn.execute(
+            select(
+                users.c.id,
+                users.c.email,
+                memberships.c.role,
+                users.c.last_login_at,
+                memberships.c.created_at,
+            )
+            .join(memberships, memberships.c.user_id == users.c.id)
+            .where(memberships.c.organization_id == organization_id)
+            .order_by(users.c.email)
+        ).mappings()
+        return [dict(r) for r in rows]
+
+
+def set_role(store: Store, organization_id: int, user_id: int, role: str) -> dict[str, Any]:
+    """Change a member's role; the last owner cannot stop being one."""
+    if role not in ROLES:
+        raise TenancyError(f"unknown role {role!r}: use one of {', '.join(ROLES)}")
+    m = memberships
+    with store.write() as conn:
+        current = conn.execute(
+            select(m.c.role).where(m.c.user_id == user_id, m.c.organization_id == organization_id)
+        ).scalar()
+        if current is None:
+            raise TenancyError(f"no user {user_id} in this organization")
+        if current == "owner" and role != "owner":
+            _keep_an_owner(conn, organization_id, user_id)
+        conn.execute(
+            update(m)
+            .where(m.c.user_id == user_id, m.c.organization_id == organization_id)
+            .values(role=role)
+        )
+    return {"id": user_id, "role": role, "previous_role": current}
+
+
+def remove_member(store: Store, organization_id: int, user_id: int) -> None:
+    """Take a user out of the organization (the last owner stays)."""
+    m = memberships
+    with store.write() as conn:
+        current = conn.execute(
+            select(m.c.role).where(m.c.user_id == user_id, m.c.organization_id == organization_id)
+        ).scalar()
+        if current is None:
+            raise TenancyError(f"no user {user_id} in this organization")
+        if current == "owner":
+            _keep_an_owner(conn, organization_id, user_id)
+        conn.execute(
+            delete(m).where(m.c.user_id == user_id, m.c.organization_id == organization_id)
+        )
+
+
+def _keep_an_owner(conn: Connection, organization_id: int, leaving: int) -> None:
+    m = memberships
+    others = conn.execute(
+        select(func.count()).where(
+            m.c.organization_id == organization_id, m.c.role == "owner", m.c.user_id != leaving
+        )
+    ).scalar_one()
+    if not others:
+        raise TenancyError("the organization's last owner must stay an owner")

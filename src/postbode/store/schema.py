@@ -185,6 +185,25 @@ domains = Table(
     Column("verified_at", UTCDateTime),
     Column("dns_status", JSON, nullable=False, default=dict),  # record -> pass|missing|wrong
     Column("dns_checked_at", UTCDateTime),
+    # A rotated-out DKIM key stays published (listed in the DNS records) until this time, so
+    # mail signed with it before the rotation still verifies; the new key signs from the start.
+    Column("previous_dkim_selector", String(63)),
+    Column("previous_dkim_public_key", Text),
+    Column("previous_dkim_until", UTCDateTime),
+    _created(),
+)
+
+organization_tokens = Table(
+    "organization_tokens",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("organization_id", ForeignKey("organizations.id", ondelete="CASCADE"), nullable=False),
+    Column("name", String(100), nullable=False, default=""),
+    # As API keys: the public prefix finds the row; the secret is kept only as a hash.
+    Column("lookup", String(64), nullable=False, unique=True),
+    Column("secret_hash", String(200), nullable=False),
+    Column("last_used_at", UTCDateTime),
+    Column("revoked_at", UTCDateTime),
     _created(),
 )
 

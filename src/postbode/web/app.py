@@ -21,6 +21,7 @@ from postbode.tracking.endpoints import fast_path
 from postbode.tracking.endpoints import router as tracking_router
 from postbode.web.api.compat import mailgun, postmark, sendgrid
 from postbode.web.api.events import router as events_router
+from postbode.web.api.manage import router as manage_router
 from postbode.web.api.messages import SEND_PATH, body_limit
 from postbode.web.api.messages import fast_path as send_fast_path
 from postbode.web.api.messages import router as messages_router
@@ -86,6 +87,7 @@ def create_app(settings: Settings, store: Store, acceptor: Acceptor | None = Non
     app.include_router(tracking_router)
     app.include_router(queue_router)
     app.include_router(stats_router)
+    app.include_router(manage_router)
     app.include_router(postmark.router)
     app.include_router(postmark.root_router)
     app.include_router(sendgrid.router)
