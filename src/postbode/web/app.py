@@ -20,6 +20,7 @@ from postbode.store.engine import Store
 from postbode.tracking.endpoints import fast_path
 from postbode.tracking.endpoints import router as tracking_router
 from postbode.web.api.compat import mailgun, postmark, sendgrid
+from postbode.web.api.docs import router as docs_router
 from postbode.web.api.events import router as events_router
 from postbode.web.api.manage import router as manage_router
 from postbode.web.api.messages import SEND_PATH, body_limit
@@ -54,7 +55,7 @@ def create_app(settings: Settings, store: Store, acceptor: Acceptor | None = Non
         title="Postbode",
         version=__version__,
         openapi_url="/api/openapi.json",
-        docs_url="/api/docs",
+        docs_url=None,  # web/api/docs.py serves the vendored Swagger UI there
         redoc_url=None,
     )
     app.state.settings = settings
@@ -88,6 +89,7 @@ def create_app(settings: Settings, store: Store, acceptor: Acceptor | None = Non
     app.include_router(queue_router)
     app.include_router(stats_router)
     app.include_router(manage_router)
+    app.include_router(docs_router)
     app.include_router(postmark.router)
     app.include_router(postmark.root_router)
     app.include_router(sendgrid.router)
