@@ -9,7 +9,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any, Literal, TypeVar
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
@@ -31,6 +31,8 @@ from postbode.webhooks import manage as hooks
 
 T = TypeVar("T")
 AUDIT_PAGE = 50
+# Row ids are 32-bit integers on PostgreSQL: a larger one names nothing (404, not a 500).
+RowId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"description": "Missing or invalid organisation token"},
@@ -323,7 +325,7 @@ async def create_credential(
     "/apps/{app}/credentials/{credential_id}", status_code=204, summary="Revoke a credential"
 )
 async def revoke_credential(
-    app: str, credential_id: int, request: Request, caller: Admin
+    app: str, credential_id: RowId, request: Request, caller: Admin
 ) -> Response:
     """It stops working at once in this process and within seconds in others."""
     row = await _app_of(request, caller, app)
@@ -570,7 +572,7 @@ async def create_webhook(
     "/apps/{app}/webhooks/{webhook_id}", response_model=WebhookOut, summary="Change a webhook"
 )
 async def update_webhook(
-    app: str, webhook_id: int, body: ManagedWebhookPatch, request: Request, caller: Admin
+    app: str, webhook_id: RowId, body: ManagedWebhookPatch, request: Request, caller: Admin
 ) -> dict[str, Any]:
     row = await _app_of(request, caller, app)
     changes = body.model_dump(exclude_unset=True)
@@ -582,7 +584,7 @@ async def update_webhook(
 
 
 @router.delete("/apps/{app}/webhooks/{webhook_id}", status_code=204, summary="Remove a webhook")
-async def delete_webhook(app: str, webhook_id: int, request: Request, caller: Admin) -> Response:
+async def delete_webhook(app: str, webhook_id: RowId, request: Request, caller: Admin) -> Response:
     row = await _app_of(request, caller, app)
     await _call(hooks.delete_webhook, _store(request), row["id"], webhook_id)
     _audit(request, caller, "webhook.delete", app, {"id": webhook_id})
@@ -595,7 +597,7 @@ async def delete_webhook(app: str, webhook_id: int, request: Request, caller: Ad
     summary="Rotate a webhook's secret",
 )
 async def rotate_webhook_secret(
-    app: str, webhook_id: int, request: Request, caller: Admin
+    app: str, webhook_id: RowId, request: Request, caller: Admin
 ) -> dict[str, Any]:
     row = await _app_of(request, caller, app)
     rotated = await _call(hooks.rotate_secret, _store(request), row["id"], webhook_id)
@@ -674,7 +676,7 @@ async def create_user(body: UserIn, request: Request, caller: Admin) -> dict[str
 
 
 @router.patch("/users/{user_id}", response_model=RoleOut, summary="Change a user's role")
-async def set_role(user_id: int, body: RoleIn, request: Request, caller: Admin) -> dict[str, Any]:
+async def set_role(user_id: RowId, body: RoleIn, request: Request, caller: Admin) -> dict[str, Any]:
     changed = await _call(
         tenancy.set_role, _store(request), caller.organization_id, user_id, body.role
     )
@@ -685,7 +687,7 @@ async def set_role(user_id: int, body: RoleIn, request: Request, caller: Admin) 
 
 
 @router.delete("/users/{user_id}", status_code=204, summary="Take a user out of the organization")
-async def remove_user(user_id: int, request: Request, caller: Admin) -> Response:
+async def remove_user(user_id: RowId, request: Request, caller: Admin) -> Response:
     await _call(tenancy.remove_member, _store(request), caller.organization_id, user_id)
     _audit(request, caller, "user.remove", str(user_id))
     return Response(status_code=204)
@@ -734,7 +736,7 @@ async def create_token(body: TokenIn, request: Request, caller: Admin) -> dict[s
 
 
 @router.delete("/tokens/{token_id}", status_code=204, summary="Revoke a token")
-async def revoke_token(token_id: int, request: Request, caller: Admin) -> Response:
+async def revoke_token(token_id: RowId, request: Request, caller: Admin) -> Response:
     """It stops working with the next request (a token may revoke itself)."""
     await _call(tenancy.revoke_org_token, _store(request), caller.organization_id, token_id)
     _audit(request, caller, "token.revoke", str(token_id))
@@ -765,7 +767,9 @@ async def read_audit(
     caller: Admin,
     action: Annotated[str | None, Query(max_length=64)] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = AUDIT_PAGE,
-    cursor: Annotated[int | None, Query(description="`next_cursor` of the previous page")] = None,
+    cursor: Annotated[
+        int | None, Query(ge=1, le=2**31 - 1, description="`next_cursor` of the previous page")
+    ] = None,
 ) -> dict[str, Any]:
     def load() -> dict[str, Any]:
         query = select(audit_log).where(audit_log.c.organization_id == caller.organization_id)

@@ -78,7 +78,9 @@ def mailbox(address: str, name: str | None = None) -> str:
     """`Name <addr>` (the display name quoted when it needs to be) for the native API."""
     if not name:
         return address
-    return email.utils.formataddr((name, address))
+    # Quoted as RFC 5322 §3.2.4 quoted-string (the native parser takes it back); not
+    # email.utils.formataddr, which refuses a non-ASCII address.
+    return f'"{email.utils.quote(name)}" <{address}>'
 
 
 def split_addresses(value: str | None) -> list[str]:
