@@ -48,7 +48,6 @@ from postbode.webhooks.destinations import (
     guarded_connector,
 )
 from postbode.webhooks.manage import disable, secrets_in_force
-from postbode.webhooks.signing import signed_headers
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +72,7 @@ class Job:
     hook: Row[Any] | None = None
     body: bytes = b""
     headers: dict[str, str] | None = None
+    url: str = ""  # where it goes: the endpoint's URL, credentials moved into a header
     # Set when the request cannot be sent at all (endpoint disabled, event purged).
     fail_reason: str | None = None
 
@@ -230,21 +230,16 @@ class WebhookWorker:
                 job.fail_reason = "event no longer stored"
             else:
                 try:
-                    fmt = formats.get(job.hook.format)
+                    # The endpoint's format makes the request: its body, signature headers
+                    # (Standard Webhooks, and the provider's own) and where it goes.
                     message = msgs.get(event.message_id)
-                    payload = fmt(event._mapping, message._mapping if message else None)
-                    job.body = json.dumps(
-                        payload, separators=(",", ":"), ensure_ascii=False
-                    ).encode()
-                    job.headers = {
-                        "content-type": "application/json",
-                        **signed_headers(
-                            secrets_in_force(job.hook, now),
-                            str(event.id),
-                            job.body,
-                            int(now.timestamp()),
-                        ),
-                    }
+                    out = formats.render(
+                        job.hook._mapping,
+                        [(event._mapping, message._mapping if message else None)],
+                        secrets_in_force(job.hook, now),
+                        now,
+                    )
+                    job.body, job.headers, job.url = out.body, out.headers, out.url
                 except Exception:  # a bug: this request fails with the traceback, others go on
                     log.exception("preparing webhook request %s failed", row.id)
                     job.fail_reason = traceback.format_exc(limit=5)
@@ -262,7 +257,7 @@ class WebhookWorker:
                 async with (
                     asyncio.timeout(self.settings.webhook_timeout),
                     session.post(
-                        job.hook.url,
+                        job.url or job.hook.url,
                         data=job.body,
                         headers=job.headers,
                         allow_redirects=False,  # a 3xx is the endpoint's answer, not a detour

@@ -95,7 +95,7 @@ def _credentials(url: str) -> tuple[str, dict[str, str]]:
 
 
 def render(
-    hook: Mapping[str, Any],
+    hook: Mapping[Any, Any],
     items: Sequence[tuple[Mapping[Any, Any], Mapping[Any, Any] | None]],
     secrets: Sequence[str],
     now: datetime,
