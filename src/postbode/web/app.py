@@ -107,7 +107,21 @@ def _limits(settings: Settings) -> dict[str, int]:
         SEND_PATH: body_limit(settings),
         "/api/v1/suppressions/import": MAX_IMPORT_BYTES,
         "/suppressions/import": MAX_UPLOAD_BYTES,
+        # The compatible send APIs take messages as large as the native one.
+        **dict.fromkeys(compat_send_paths(), body_limit(settings)),
     }
+
+
+def compat_send_paths() -> list[str]:
+    """The compatible APIs' send paths (Mailgun's names its domain: a `*` prefix pattern)."""
+    return [
+        "/email",
+        "/email/batch",
+        "/compat/postmark/email",
+        "/compat/postmark/email/batch",
+        "/compat/sendgrid/v3/mail/send",
+        "/compat/mailgun/v3/*",
+    ]
 
 
 def serving_app(

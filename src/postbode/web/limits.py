@@ -27,7 +27,8 @@ class BodyLimit:
     without taking a byte; a body that streams past the limit (chunked, or longer than it
     said) makes the read that crosses it raise the 413. Nothing is read before a route asks,
     so a route that authenticates first (web.auth) answers a stranger 401 without reading.
-    Paths in `limits` have their own (the send API, file uploads); others have `default`."""
+    Paths in `limits` have their own (the send API, file uploads; a key ending in `*` covers
+    every path it starts); others have `default`."""
 
     def __init__(self, app: ASGIApp, default: int, limits: Mapping[str, int]) -> None:
         self.app = app
@@ -41,7 +42,7 @@ class BodyLimit:
         if "\x00" in scope["path"] or b"%00" in scope.get("query_string", b""):
             await _answer(send, 422, "invalid", "the URL must not contain NUL characters")
             return
-        limit = self.limits.get(scope["path"], self.default)
+        limit = self._limit(scope["path"])
         headers = dict(scope["headers"])
         declared = headers.get(b"content-length", b"")
         seen = int(declared) if declared.isdigit() and int(declared) > limit else 0
@@ -69,6 +70,13 @@ class BodyLimit:
             await send(message)
 
         await self.app(scope, capped, closing)
+
+    def _limit(self, path: str) -> int:
+        """The path's own limit: an exact key, else the longest `prefix*` key it starts with."""
+        if path in self.limits:
+            return self.limits[path]
+        found = [k for k in self.limits if k.endswith("*") and path.startswith(k[:-1])]
+        return self.limits[max(found, key=len)] if found else self.default
 
 
 async def _answer(send: Send, status: int, code: str, message: str) -> None:

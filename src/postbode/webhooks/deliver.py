@@ -434,7 +434,7 @@ def log_attempt(result: Result) -> None:
         job.row.id,
         job.row.webhook_id,
         job.row.event_id,
-        job.hook.url if job.hook is not None else "-",
+        job.url or (job.hook.url if job.hook is not None else "-"),  # no URL credentials
         result.status_code if result.status_code is not None else "-",
         json.dumps(result.error or job.fail_reason) if (result.error or job.fail_reason) else "-",
         result.duration_ms,

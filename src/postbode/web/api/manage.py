@@ -5,11 +5,13 @@ app's API key can never manage anything. Every change is written to the audit lo
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from datetime import datetime
 from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
@@ -28,6 +30,7 @@ from postbode.web.api.webhooks import (
 )
 from postbode.web.errors import ApiError
 from postbode.webhooks import manage as hooks
+from postbode.webhooks.destinations import DestinationPolicy
 
 T = TypeVar("T")
 AUDIT_PAGE = 50
@@ -66,9 +69,40 @@ async def org_token(request: Request) -> tenancy.OrgToken:
     return found
 
 
-Admin = Annotated[tenancy.OrgToken, Depends(org_token)]
+_TOKEN_KEY = "postbode.org_token"  # noqa: S105 (a scope key: where the checked token is kept)
 
-router = APIRouter(prefix="/api/v1", tags=["management"], responses=_ERRORS)
+
+async def _checked_token(request: Request) -> tenancy.OrgToken:
+    """`org_token`, checked once per request."""
+    known = request.scope.get(_TOKEN_KEY)
+    if isinstance(known, tenancy.OrgToken):
+        return known
+    found = await org_token(request)
+    request.scope[_TOKEN_KEY] = found
+    return found
+
+
+class OrgRoute(APIRoute):
+    """A management route whose caller is authenticated before its body is read (FastAPI
+    parses a body before it solves dependencies: a stranger's body would be read first)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            if request.method not in ("GET", "HEAD", "OPTIONS"):
+                try:
+                    await _checked_token(request)
+                except ApiError as exc:
+                    return JSONResponse(exc.body, status_code=exc.status)
+            return await handler(request)
+
+        return handle
+
+
+Caller = Annotated[tenancy.OrgToken, Depends(_checked_token)]
+
+router = APIRouter(prefix="/api/v1", tags=["management"], responses=_ERRORS, route_class=OrgRoute)
 
 
 def _store(request: Request) -> Store:
@@ -195,7 +229,7 @@ def _app_out(row: dict[str, Any]) -> dict[str, Any]:
 
 
 @router.get("/apps", response_model=AppList, summary="List the organization's apps")
-async def list_apps(request: Request, caller: Admin) -> dict[str, Any]:
+async def list_apps(request: Request, caller: Caller) -> dict[str, Any]:
     def load() -> list[dict[str, Any]]:
         with _store(request).read() as conn:
             rows = conn.execute(
@@ -209,7 +243,7 @@ async def list_apps(request: Request, caller: Admin) -> dict[str, Any]:
 
 
 @router.post("/apps", status_code=201, response_model=AppCreated, summary="Create an app")
-async def create_app(body: AppIn, request: Request, caller: Admin) -> dict[str, str]:
+async def create_app(body: AppIn, request: Request, caller: Caller) -> dict[str, str]:
     """An app with one API key and one SMTP login: their secrets are in this answer only."""
     store = _store(request)
     org = await run_in_threadpool(_org_name, store, caller.organization_id)
@@ -219,12 +253,12 @@ async def create_app(body: AppIn, request: Request, caller: Admin) -> dict[str, 
 
 
 @router.get("/apps/{app}", response_model=AppOut, summary="An app and its settings")
-async def get_app(app: str, request: Request, caller: Admin) -> dict[str, Any]:
+async def get_app(app: str, request: Request, caller: Caller) -> dict[str, Any]:
     return _app_out(await _app_of(request, caller, app))
 
 
 @router.patch("/apps/{app}", response_model=AppOut, summary="Change an app's settings")
-async def update_app(app: str, body: AppPatch, request: Request, caller: Admin) -> dict[str, Any]:
+async def update_app(app: str, body: AppPatch, request: Request, caller: Caller) -> dict[str, Any]:
     """Tracking defaults, maximum message age, retention, and status (suspend / resume)."""
     await _app_of(request, caller, app)
     changes = body.model_dump(exclude_unset=True)
@@ -246,13 +280,13 @@ async def _set_status(request: Request, caller: tenancy.OrgToken, app: str, stat
 
 
 @router.post("/apps/{app}/suspend", response_model=AppOut, summary="Suspend an app")
-async def suspend_app(app: str, request: Request, caller: Admin) -> Any:
+async def suspend_app(app: str, request: Request, caller: Caller) -> Any:
     """Nothing more is accepted from the app, and its queued mail is held, until it resumes."""
     return await _set_status(request, caller, app, "suspended")
 
 
 @router.post("/apps/{app}/resume", response_model=AppOut, summary="Resume a suspended app")
-async def resume_app(app: str, request: Request, caller: Admin) -> Any:
+async def resume_app(app: str, request: Request, caller: Caller) -> Any:
     return await _set_status(request, caller, app, "active")
 
 
@@ -293,7 +327,7 @@ class CredentialCreated(BaseModel):
 @router.get(
     "/apps/{app}/credentials", response_model=CredentialList, summary="An app's credentials"
 )
-async def list_credentials(app: str, request: Request, caller: Admin) -> dict[str, Any]:
+async def list_credentials(app: str, request: Request, caller: Caller) -> dict[str, Any]:
     """API keys and SMTP logins, never their secrets."""
     await _app_of(request, caller, app)
     return {"data": await _call(tenancy.list_credentials, _store(request), app)}
@@ -306,7 +340,7 @@ async def list_credentials(app: str, request: Request, caller: Admin) -> dict[st
     summary="Create an API key or SMTP login",
 )
 async def create_credential(
-    app: str, body: CredentialIn, request: Request, caller: Admin
+    app: str, body: CredentialIn, request: Request, caller: Caller
 ) -> dict[str, Any]:
     """Its secret is in this answer and nowhere else."""
     await _app_of(request, caller, app)
@@ -325,7 +359,7 @@ async def create_credential(
     "/apps/{app}/credentials/{credential_id}", status_code=204, summary="Revoke a credential"
 )
 async def revoke_credential(
-    app: str, credential_id: RowId, request: Request, caller: Admin
+    app: str, credential_id: RowId, request: Request, caller: Caller
 ) -> Response:
     """It stops working at once in this process and within seconds in others."""
     row = await _app_of(request, caller, app)
@@ -442,13 +476,13 @@ async def _domain(request: Request, caller: tenancy.OrgToken, app: str, name: st
 
 
 @router.get("/domains", response_model=DomainList, summary="Every sending domain of the org")
-async def list_all_domains(request: Request, caller: Admin) -> dict[str, Any]:
+async def list_all_domains(request: Request, caller: Caller) -> dict[str, Any]:
     rows = await run_in_threadpool(_domains_of, _store(request), caller.organization_id)
     return {"data": [_domain_out(request, r, r["app_name"]) for r in rows]}
 
 
 @router.get("/apps/{app}/domains", response_model=DomainList, summary="An app's domains")
-async def list_domains(app: str, request: Request, caller: Admin) -> dict[str, Any]:
+async def list_domains(app: str, request: Request, caller: Caller) -> dict[str, Any]:
     row = await _app_of(request, caller, app)
     found = await run_in_threadpool(_domains_of, _store(request), caller.organization_id, row["id"])
     return {"data": [_domain_out(request, r, app) for r in found]}
@@ -460,7 +494,7 @@ async def list_domains(app: str, request: Request, caller: Admin) -> dict[str, A
     response_model=DomainOut,
     summary="Add a sending domain",
 )
-async def add_domain(app: str, body: DomainIn, request: Request, caller: Admin) -> dict[str, Any]:
+async def add_domain(app: str, body: DomainIn, request: Request, caller: Caller) -> dict[str, Any]:
     """A new domain with its own 2048-bit DKIM key; the answer lists the records to publish."""
     await _app_of(request, caller, app)
     row = await _call(tenancy.add_domain, _store(request), app, body.name)
@@ -471,7 +505,7 @@ async def add_domain(app: str, body: DomainIn, request: Request, caller: Admin) 
 @router.get(
     "/apps/{app}/domains/{domain}", response_model=DomainOut, summary="A domain and its records"
 )
-async def get_domain(app: str, domain: str, request: Request, caller: Admin) -> dict[str, Any]:
+async def get_domain(app: str, domain: str, request: Request, caller: Caller) -> dict[str, Any]:
     return _domain_out(request, await _domain(request, caller, app, domain), app)
 
 
@@ -480,7 +514,7 @@ async def get_domain(app: str, domain: str, request: Request, caller: Admin) -> 
     response_model=DomainCheckOut,
     summary="Look the domain's DNS records up now",
 )
-async def check_domain(app: str, domain: str, request: Request, caller: Admin) -> Any:
+async def check_domain(app: str, domain: str, request: Request, caller: Caller) -> Any:
     """Each record's verdict (pass, missing, wrong) is stored; the domain is verified while
     its DKIM key and return path pass."""
     row = await _domain(request, caller, app, domain)
@@ -498,7 +532,7 @@ async def check_domain(app: str, domain: str, request: Request, caller: Admin) -
     summary="Rotate the domain's DKIM key",
 )
 async def rotate_dkim(
-    app: str, domain: str, body: RotateIn, request: Request, caller: Admin
+    app: str, domain: str, body: RotateIn, request: Request, caller: Caller
 ) -> dict[str, Any]:
     """A new key under a new selector signs the domain's mail from now on. The previous key
     is listed (purpose `dkim_previous`) for `grace_days`: keep both published meanwhile, so
@@ -540,7 +574,7 @@ class ManagedWebhookPatch(BaseModel):
 
 
 @router.get("/apps/{app}/webhooks", response_model=WebhookList, summary="An app's webhooks")
-async def list_webhooks(app: str, request: Request, caller: Admin) -> dict[str, Any]:
+async def list_webhooks(app: str, request: Request, caller: Caller) -> dict[str, Any]:
     row = await _app_of(request, caller, app)
     return {"data": await _call(hooks.list_webhooks, _store(request), row["id"])}
 
@@ -552,7 +586,7 @@ async def list_webhooks(app: str, request: Request, caller: Admin) -> dict[str, 
     summary="Add a webhook endpoint",
 )
 async def create_webhook(
-    app: str, body: ManagedWebhookIn, request: Request, caller: Admin
+    app: str, body: ManagedWebhookIn, request: Request, caller: Caller
 ) -> dict[str, Any]:
     row = await _app_of(request, caller, app)
     created = await _call(
@@ -563,6 +597,7 @@ async def create_webhook(
         [str(t) for t in body.event_types],
         enabled=body.enabled,
         format=body.format,
+        policy=DestinationPolicy.from_settings(request.app.state.settings),
     )
     _audit(request, caller, "webhook.create", app, {"id": created["id"], "format": body.format})
     return created
@@ -572,19 +607,26 @@ async def create_webhook(
     "/apps/{app}/webhooks/{webhook_id}", response_model=WebhookOut, summary="Change a webhook"
 )
 async def update_webhook(
-    app: str, webhook_id: RowId, body: ManagedWebhookPatch, request: Request, caller: Admin
+    app: str, webhook_id: RowId, body: ManagedWebhookPatch, request: Request, caller: Caller
 ) -> dict[str, Any]:
     row = await _app_of(request, caller, app)
     changes = body.model_dump(exclude_unset=True)
     if changes.get("event_types") is not None:
         changes["event_types"] = [str(t) for t in changes["event_types"]]
-    after = await _call(hooks.update_webhook, _store(request), row["id"], webhook_id, **changes)
+    after = await _call(
+        hooks.update_webhook,
+        _store(request),
+        row["id"],
+        webhook_id,
+        policy=DestinationPolicy.from_settings(request.app.state.settings),
+        **changes,
+    )
     _audit(request, caller, "webhook.update", app, {"id": webhook_id, "changed": sorted(changes)})
     return after
 
 
 @router.delete("/apps/{app}/webhooks/{webhook_id}", status_code=204, summary="Remove a webhook")
-async def delete_webhook(app: str, webhook_id: RowId, request: Request, caller: Admin) -> Response:
+async def delete_webhook(app: str, webhook_id: RowId, request: Request, caller: Caller) -> Response:
     row = await _app_of(request, caller, app)
     await _call(hooks.delete_webhook, _store(request), row["id"], webhook_id)
     _audit(request, caller, "webhook.delete", app, {"id": webhook_id})
@@ -597,7 +639,7 @@ async def delete_webhook(app: str, webhook_id: RowId, request: Request, caller: 
     summary="Rotate a webhook's secret",
 )
 async def rotate_webhook_secret(
-    app: str, webhook_id: RowId, request: Request, caller: Admin
+    app: str, webhook_id: RowId, request: Request, caller: Caller
 ) -> dict[str, Any]:
     row = await _app_of(request, caller, app)
     rotated = await _call(hooks.rotate_secret, _store(request), row["id"], webhook_id)
@@ -650,12 +692,12 @@ class RoleOut(BaseModel):
 
 
 @router.get("/users", response_model=UserList, summary="The organization's users")
-async def list_users(request: Request, caller: Admin) -> dict[str, Any]:
+async def list_users(request: Request, caller: Caller) -> dict[str, Any]:
     return {"data": await _call(tenancy.list_members, _store(request), caller.organization_id)}
 
 
 @router.post("/users", status_code=201, response_model=UserCreated, summary="Add a web user")
-async def create_user(body: UserIn, request: Request, caller: Admin) -> dict[str, Any]:
+async def create_user(body: UserIn, request: Request, caller: Caller) -> dict[str, Any]:
     import secrets
 
     store = _store(request)
@@ -676,7 +718,9 @@ async def create_user(body: UserIn, request: Request, caller: Admin) -> dict[str
 
 
 @router.patch("/users/{user_id}", response_model=RoleOut, summary="Change a user's role")
-async def set_role(user_id: RowId, body: RoleIn, request: Request, caller: Admin) -> dict[str, Any]:
+async def set_role(
+    user_id: RowId, body: RoleIn, request: Request, caller: Caller
+) -> dict[str, Any]:
     changed = await _call(
         tenancy.set_role, _store(request), caller.organization_id, user_id, body.role
     )
@@ -687,7 +731,7 @@ async def set_role(user_id: RowId, body: RoleIn, request: Request, caller: Admin
 
 
 @router.delete("/users/{user_id}", status_code=204, summary="Take a user out of the organization")
-async def remove_user(user_id: RowId, request: Request, caller: Admin) -> Response:
+async def remove_user(user_id: RowId, request: Request, caller: Caller) -> Response:
     await _call(tenancy.remove_member, _store(request), caller.organization_id, user_id)
     _audit(request, caller, "user.remove", str(user_id))
     return Response(status_code=204)
@@ -722,12 +766,12 @@ class TokenCreated(BaseModel):
 
 
 @router.get("/tokens", response_model=TokenList, summary="The organization's tokens")
-async def list_tokens(request: Request, caller: Admin) -> dict[str, Any]:
+async def list_tokens(request: Request, caller: Caller) -> dict[str, Any]:
     return {"data": await _call(tenancy.list_org_tokens, _store(request), caller.organization_id)}
 
 
 @router.post("/tokens", status_code=201, response_model=TokenCreated, summary="Make a token")
-async def create_token(body: TokenIn, request: Request, caller: Admin) -> dict[str, Any]:
+async def create_token(body: TokenIn, request: Request, caller: Caller) -> dict[str, Any]:
     store = _store(request)
     org = await run_in_threadpool(_org_name, store, caller.organization_id)
     created = await _call(tenancy.create_org_token, store, org, body.name)
@@ -736,7 +780,7 @@ async def create_token(body: TokenIn, request: Request, caller: Admin) -> dict[s
 
 
 @router.delete("/tokens/{token_id}", status_code=204, summary="Revoke a token")
-async def revoke_token(token_id: RowId, request: Request, caller: Admin) -> Response:
+async def revoke_token(token_id: RowId, request: Request, caller: Caller) -> Response:
     """It stops working with the next request (a token may revoke itself)."""
     await _call(tenancy.revoke_org_token, _store(request), caller.organization_id, token_id)
     _audit(request, caller, "token.revoke", str(token_id))
@@ -764,7 +808,7 @@ class AuditList(BaseModel):
 @router.get("/audit", response_model=AuditList, summary="The organization's audit log")
 async def read_audit(
     request: Request,
-    caller: Admin,
+    caller: Caller,
     action: Annotated[str | None, Query(max_length=64)] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = AUDIT_PAGE,
     cursor: Annotated[

@@ -40,7 +40,7 @@ NOT_MANAGEMENT = {
     "worker": "runs the processes",
     "migrate": "changes the database schema, before any API runs",
     "config": "prints the local process's settings",
-    "demo seed": "fills a store with demo data",
+    "demo": "demo data and a local catch-all mailbox, to try Postbode",
     "bench": "runs benchmarks on the local machine",
 }
 

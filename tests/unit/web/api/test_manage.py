@@ -189,3 +189,11 @@ def test_webhooks_users_and_roles(client: TestClient, store: Store, token: str) 
         "user.role",
         "user.remove",
     ]
+
+
+def test_a_stranger_is_refused_before_the_body_is_read(client: TestClient, token: str) -> None:
+    big = b'{"name": "' + b"x" * (3 * 1024 * 1024) + b'"}'
+    headers = {"content-type": "application/json"}
+    assert client.post("/api/v1/apps", content=big, headers=headers).status_code == 401
+    with_token = client.post("/api/v1/apps", content=big, headers={**headers, **auth(token)})
+    assert with_token.status_code == 413
