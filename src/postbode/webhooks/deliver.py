@@ -47,7 +47,7 @@ from postbode.webhooks.destinations import (
     excerpt,
     guarded_connector,
 )
-from postbode.webhooks.manage import disable, secrets_in_force
+from postbode.webhooks.manage import disable, masked, secrets_in_force
 
 log = logging.getLogger(__name__)
 
@@ -422,7 +422,7 @@ class WebhookWorker:
                     f"(last: {result.status_code or result.error})"
                 )
         if disable_reason is not None and disable(conn, hook, disable_reason, now):
-            log.warning("disabled webhook %s (%s): %s", hook.id, hook.url, disable_reason)
+            log.warning("disabled webhook %s (%s): %s", hook.id, masked(hook.url), disable_reason)
 
 
 def log_attempt(result: Result) -> None:

@@ -128,7 +128,7 @@ def public(row: Any) -> dict[str, Any]:
     until = data["previous_secret_until"]
     return {
         "id": data["id"],
-        "url": _masked(data["url"]),
+        "url": masked(data["url"]),
         "event_types": list(data["event_types"] or []),
         "format": data["format"],
         "enabled": data["enabled"],
@@ -140,7 +140,7 @@ def public(row: Any) -> dict[str, Any]:
     }
 
 
-def _masked(url: str) -> str:
+def masked(url: str) -> str:
     """The URL as shown: a basic-auth password (postmark format) is never shown again."""
     parts = urlsplit(url)
     if parts.password is None:
