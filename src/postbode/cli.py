@@ -582,5 +582,86 @@ def _host_port(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+# -- privacy -----------------------------------------------------------------------------------
+
+privacy_cmd = typer.Typer(
+    no_args_is_help=True, help="Per-person erasure and export, and the retention purge."
+)
+app.add_typer(privacy_cmd, name="privacy")
+OrgOption = Annotated[
+    str | None,
+    typer.Option("--org", help="The organization (needed when there is more than one)."),
+]
+
+
+@privacy_cmd.command("erase")
+def privacy_erase(
+    email: str,
+    organization: OrgOption = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Count what would be erased; change nothing.")
+    ] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Erase everything held about EMAIL in every app of the organization (suppressions are
+    kept as a keyed hash, so a suppressed address stays suppressed). Exit status 3 when
+    deliveries to it were being sent: run it again a minute later."""
+    from postbode.privacy import erasure
+
+    store = _store()
+    try:
+        scope = erasure.resolve_scope(store, organization)
+        result = erasure.erase(store, email, scope, dry_run=dry_run)
+    except erasure.ErasureError as exc:
+        _fail(str(exc))
+    if as_json:
+        _print_json(result.as_json())
+    else:
+        verb = "would erase" if dry_run else "erased"
+        out.print(f"{verb} in {scope.organization} ({', '.join(result.apps) or 'no apps'}):")
+        _print_table(
+            [{"kind": k, "rows": v} for k, v in result.counts.items()], ["kind", "rows"]
+        )
+        out.print(f"recorded in the audit log as {result.address_hash}")
+    if result.in_flight:
+        err.print(f"{result.in_flight} deliveries were being sent: run this again in a minute")
+        raise typer.Exit(3)
+
+
+@privacy_cmd.command("export")
+def privacy_export(
+    email: str,
+    organization: OrgOption = None,
+    no_bodies: Annotated[
+        bool, typer.Option("--no-bodies", help="Leave out the messages' stored sources.")
+    ] = False,
+) -> None:
+    """Print everything held about EMAIL in the organization's apps as one JSON document."""
+    from postbode.privacy import erasure, export
+
+    store = _store()
+    try:
+        scope = erasure.resolve_scope(store, organization)
+        doc = export.export(store, email, scope, bodies=not no_bodies)
+    except erasure.ErasureError as exc:
+        _fail(str(exc))
+    _print_json(doc)
+
+
+@privacy_cmd.command("purge")
+def privacy_purge(as_json: JsonFlag = False) -> None:
+    """Run the retention purge once now (workers run it every minute)."""
+    from postbode.privacy.retention import purge
+
+    report = purge(_store(), budget=float("inf"))
+    if as_json:
+        _print_json(report.as_json())
+    else:
+        _print_table(
+            [{"kind": k, "rows": v} for k, v in report.as_json().items() if k != "complete"],
+            ["kind", "rows"],
+        )
+
+
 def main() -> None:
     app()

@@ -15,6 +15,7 @@ from postbode.store.engine import Store
 
 SWEEP_EVERY_SECONDS = 30.0  # the longest a dead worker's rows wait past their lease
 COMPACT_STATISTICS_EVERY_SECONDS = 300.0
+RETENTION_EVERY_SECONDS = 60.0  # also how soon an app that stores no bodies loses one
 
 
 def registry(settings: Settings) -> Registry:
@@ -68,6 +69,15 @@ def registry(settings: Settings) -> Registry:
     )
     reg.add_task(
         PeriodicTask(
+            "privacy.retention",
+            RETENTION_EVERY_SECONDS,
+            _retention,
+            "Enforces retention: bodies past the body window (at once for apps that store "
+            "none), addresses hashed past the metadata window, old logs and audit records.",
+        )
+    )
+    reg.add_task(
+        PeriodicTask(
             "domains.dns_check",
             float(settings.dns_check_every_seconds),
             lambda store: _check_domains(store, settings),
@@ -90,6 +100,12 @@ def _compact_statistics(store: Store) -> None:
     from postbode.stats.rollup import compact
 
     compact(store)
+
+
+def _retention(store: Store) -> None:
+    from postbode.privacy.retention import purge
+
+    purge(store)
 
 
 def _check_domains(store: Store, settings: Settings) -> None:

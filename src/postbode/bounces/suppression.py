@@ -14,6 +14,7 @@ from sqlalchemy import ColumnElement, Connection, and_, delete, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from postbode.csvcells import csv_cell, from_csv_cell
+from postbode.privacy.hashing import hash_address
 from postbode.store.engine import Store
 from postbode.store.schema import suppressions, utcnow
 
@@ -164,14 +165,24 @@ def suppress_many(conn: Connection, app_id: int, entries: Iterable[Entry], *, so
 
 
 def is_suppressed(
-    conn: Connection, app_id: int, email: str, stream: str, now: datetime | None = None
+    conn: Connection,
+    app_id: int,
+    email: str,
+    stream: str,
+    now: datetime | None = None,
+    *,
+    key: bytes | None = None,
 ) -> bool:
-    """Whether mail on `stream` to `email` is suppressed (by an entry for it or for 'all')."""
+    """Whether mail on `stream` to `email` is suppressed (by an entry for it or for 'all');
+    with the address-hashing `key`, an entry erasure left as a hash counts too."""
+    wanted = {email.lower()}
+    if key is not None:
+        wanted.add(hash_address(key, email))
     return (
         conn.execute(
             select(suppressions.c.id).where(
                 suppressions.c.app_id == app_id,
-                suppressions.c.email == email.lower(),
+                suppressions.c.email.in_(wanted),
                 suppressions.c.stream.in_({"all", stream}),
                 active(now),
             )
@@ -181,15 +192,21 @@ def is_suppressed(
 
 
 def reasons_for(
-    conn: Connection, pairs: Iterable[tuple[int, str]], now: datetime | None = None
+    conn: Connection,
+    pairs: Iterable[tuple[int, str]],
+    now: datetime | None = None,
+    *,
+    key: bytes | None = None,
 ) -> dict[tuple[int, str, str], tuple[str, str]]:
     """The entries in force for (app, address) pairs, in one query per app:
-    {(app, address lower-cased, stream or 'all'): (reason, source)}."""
+    {(app, address lower-cased, stream or 'all'): (reason, source)}. With the address-hashing
+    `key`, entries erasure left as hashes are found too (under the address asked about)."""
     by_app: dict[int, set[str]] = {}
     for app_id, email in pairs:
         by_app.setdefault(app_id, set()).add(email.lower())
     found: dict[tuple[int, str, str], tuple[str, str]] = {}
     for app_id, emails in by_app.items():
+        hashed = {hash_address(key, e): e for e in emails} if key is not None else {}
         rows = conn.execute(
             select(
                 suppressions.c.email,
@@ -198,11 +215,13 @@ def reasons_for(
                 suppressions.c.source,
             ).where(
                 suppressions.c.app_id == app_id,
-                suppressions.c.email.in_(emails),
+                suppressions.c.email.in_(emails | set(hashed)),
                 active(now),
             )
         )
-        found.update(((app_id, r.email, r.stream), (r.reason, r.source)) for r in rows)
+        found.update(
+            ((app_id, hashed.get(r.email, r.email), r.stream), (r.reason, r.source)) for r in rows
+        )
     return found
 
 

@@ -32,6 +32,7 @@ from postbode.delivery.smtp_sender import Attempt, SmtpSession, SmtpTimeouts, Tl
 from postbode.events.record import Event, Tally, record
 from postbode.events.types import EventType
 from postbode.metrics import DELIVERIES, IN_FLIGHT, SHAPING_WAITS
+from postbode.privacy.hashing import address_key
 from postbode.runner.backoff import next_attempt_delay
 from postbode.store.claim import DELIVERIES as DELIVERY_QUEUE
 from postbode.store.claim import release_in, release_many
@@ -115,6 +116,7 @@ class Outgoing:
         """The jobs for claimed rows: their messages, raw content and app settings."""
         message_ids = {r.message_id for r in rows}
         app_ids = {r.app_id for r in rows}
+        hash_key = address_key(self.store)  # erased addresses stay suppressed as hashes
         with self.store.read() as conn:
             msgs = {
                 m.id: m
@@ -137,7 +139,9 @@ class Outgoing:
             }
             # Checked before every attempt, not only at accept: an address suppressed while
             # its delivery waited for a retry must not be mailed again.
-            entries = suppression.reasons_for(conn, {(r.app_id, r.recipient) for r in rows})
+            entries = suppression.reasons_for(
+                conn, {(r.app_id, r.recipient) for r in rows}, key=hash_key
+            )
         jobs = []
         for row in rows:
             app = app_rows[row.app_id]

@@ -81,10 +81,15 @@ class WriterLock:
 class Store:
     """One database: `write()` for transactions that change it, `read()` for queries."""
 
-    def __init__(self, engine: Engine, writer_lock: WriterLock | None = None) -> None:
+    def __init__(
+        self, engine: Engine, writer_lock: WriterLock | None = None, secret: str = ""
+    ) -> None:
         self.engine = engine
         self.dialect = engine.dialect.name  # "sqlite" | "postgresql"
         self._writer_lock = writer_lock
+        # The configured installation secret ("" when it is generated and kept in the store):
+        # code that holds only the store derives keys from it (see `installation_secret`).
+        self.configured_secret = secret
 
     @property
     def is_sqlite(self) -> bool:
@@ -189,6 +194,9 @@ def _sqlite_engine(url: str) -> Engine:
         # FULL: a commit that acknowledged mail (250 / 202) is on disk, not just in the WAL.
         cur.execute("PRAGMA synchronous=FULL")
         cur.execute("PRAGMA foreign_keys=ON")
+        # Deleted and overwritten content is zeroed, not left in free space of pages and in
+        # freed pages, so what retention and erasure remove is gone from the file.
+        cur.execute("PRAGMA secure_delete=ON")
         cur.close()
 
     @event.listens_for(engine, "begin")
@@ -240,7 +248,7 @@ def create_store(settings: StoreSettings, *, pool: bool = True, init: bool = Fal
         engine = create_engine(url, **kwargs)
     from postbode.store.migrate import ensure_migrated
 
-    store = Store(engine, writer_lock)
+    store = Store(engine, writer_lock, settings.secret_key.get_secret_value())
     ensure_migrated(store)
     if store.is_sqlite:
         # Fresh planner statistics, sampled (about 0.1 s at a million messages): without them
@@ -278,4 +286,12 @@ def secret_key(settings: StoreSettings, store: Store) -> bytes:
     configured = settings.secret_key.get_secret_value()
     if configured:
         return configured.encode()
+    return system_value(store, "secret_key", lambda: secrets.token_urlsafe(48)).encode()
+
+
+def installation_secret(store: Store) -> bytes:
+    """`secret_key` of the settings the store was created with, for code that has only the
+    store (read it outside any write transaction: the first call may write)."""
+    if store.configured_secret:
+        return store.configured_secret.encode()
     return system_value(store, "secret_key", lambda: secrets.token_urlsafe(48)).encode()

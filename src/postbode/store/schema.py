@@ -30,6 +30,8 @@ from sqlalchemy import (
     UniqueConstraint,
     Uuid,
     func,
+    text,
+    true,
 )
 
 # Stable constraint names, so Alembic migrations name the same things on both dialects.
@@ -117,6 +119,10 @@ organizations = Table(
     metadata,
     Column("id", Integer, primary_key=True),
     Column("name", String(200), nullable=False, unique=True),
+    # Retention defaults a new app starts with (privacy/retention.py enforces them per app).
+    Column("raw_retention_days", Integer, nullable=False, server_default="7"),
+    Column("metadata_retention_days", Integer, nullable=False, server_default="90"),
+    Column("audit_retention_days", Integer, nullable=False, server_default="365"),
     _created(),
 )
 
@@ -151,8 +157,12 @@ apps = Table(
     Column("track_opens", Boolean, nullable=False, default=False),
     Column("track_clicks", Boolean, nullable=False, default=False),
     Column("max_message_age_seconds", Integer),  # NULL: the global setting
-    Column("raw_retention_days", Integer, nullable=False, default=30),
+    Column("raw_retention_days", Integer, nullable=False, default=7),
     Column("metadata_retention_days", Integer, nullable=False, default=90),
+    # False: a message's body is removed as soon as every delivery of it has ended.
+    Column("store_bodies", Boolean, nullable=False, server_default=true()),
+    # False: no open pixel or click link, whatever a message asks for.
+    Column("tracking_allowed", Boolean, nullable=False, server_default=true()),
     _created(),
     UniqueConstraint("name"),
 )
@@ -228,12 +238,30 @@ messages = Table(
     Column("track_clicks", Boolean, nullable=False, default=False),
     Column("received_at", UTCDateTime, nullable=False, default=utcnow),
     Column("raw_purged_at", UTCDateTime),
+    # When retention replaced the recipients' addresses by keyed hashes (privacy/retention.py).
+    Column("addresses_hashed_at", UTCDateTime),
     Index(None, "app_id", "received_at"),
     Index(None, "app_id", "tag", "received_at"),
     Index(None, "message_id_header"),
     # The message log, newest first (ids are time-ordered): a page is an index range.
     Index(None, "app_id", "id"),
     Index(None, "app_id", "tag", "id"),
+    # Retention's work lists: only messages still holding a body / clear addresses are in them,
+    # so a purge never walks the history it already purged.
+    Index(
+        "ix_messages_raw_kept",
+        "app_id",
+        "received_at",
+        sqlite_where=text("raw_purged_at IS NULL"),
+        postgresql_where=text("raw_purged_at IS NULL"),
+    ),
+    Index(
+        "ix_messages_addresses_kept",
+        "app_id",
+        "received_at",
+        sqlite_where=text("addresses_hashed_at IS NULL"),
+        postgresql_where=text("addresses_hashed_at IS NULL"),
+    ),
 )
 
 raw_messages = Table(
