@@ -154,6 +154,7 @@ class _AppInfo:
     track_clicks: bool
     domains: dict[str, bool]  # name -> verified
     loaded_at: float
+    tracking_allowed: bool = True  # False: no pixel or click link, whatever a message asks
 
 
 @dataclass
@@ -230,9 +231,12 @@ class Acceptor:
         if info is None or self._stale(info):
             with self.store.read() as conn:
                 app = conn.execute(
-                    select(apps.c.status, apps.c.track_opens, apps.c.track_clicks).where(
-                        apps.c.id == app_id
-                    )
+                    select(
+                        apps.c.status,
+                        apps.c.track_opens,
+                        apps.c.track_clicks,
+                        apps.c.tracking_allowed,
+                    ).where(apps.c.id == app_id)
                 ).one()
                 names = conn.execute(
                     select(domains.c.name, domains.c.verified_at).where(domains.c.app_id == app_id)
@@ -243,6 +247,7 @@ class Acceptor:
                 app.track_clicks,
                 {n.name: n.verified_at is not None for n in names},
                 time.monotonic(),
+                app.tracking_allowed,
             )
             self._apps[app_id] = info
         return info
@@ -341,8 +346,10 @@ class Acceptor:
             from_header=from_header[:998],
             subject=wanted.get("subject", "")[:998],
             domain_verified=verified,
-            track_opens=info.track_opens if track_opens is None else track_opens,
-            track_clicks=info.track_clicks if track_clicks is None else track_clicks,
+            track_opens=info.tracking_allowed
+            and (info.track_opens if track_opens is None else track_opens),
+            track_clicks=info.tracking_allowed
+            and (info.track_clicks if track_clicks is None else track_clicks),
             recipients=recipients,
             received_at=now,
             # compressed here, on the way in: the store's write lock is not held for it

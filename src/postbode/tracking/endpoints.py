@@ -25,8 +25,9 @@ from postbode.bounces.suppression import suppress
 from postbode.config import Settings
 from postbode.events.record import Event, record
 from postbode.events.types import EventType
+from postbode.privacy.minimise import user_agent_family
 from postbode.store.engine import Store
-from postbode.store.schema import deliveries, events, messages, suppressions, utcnow
+from postbode.store.schema import apps, deliveries, events, messages, suppressions, utcnow
 from postbode.tracking import bots, tokens
 from postbode.tracking.rewrite import tracking_key
 from postbode.tracking.tokens import Token
@@ -85,7 +86,9 @@ def write_hits(
                 messages.c.tag,
             )
             .join(messages, messages.c.id == deliveries.c.message_id)
-            .where(deliveries.c.id.in_(ids))
+            .join(apps, apps.c.id == deliveries.c.app_id)
+            # an app that turned tracking off records no hits, even on links sent before
+            .where(deliveries.c.id.in_(ids), apps.c.tracking_allowed.is_(True))
         )
     }
     # The first open is the first one by a person: earlier opens by people rule it out.
@@ -161,7 +164,7 @@ def write_hits(
         data.update(
             bot=verdict.bot,
             bot_reason=verdict.reason,
-            user_agent=hit.user_agent,
+            user_agent=user_agent_family(hit.user_agent),  # judged on all of it, kept coarse
             ip=hit.ip,
         )
         batch.append(
@@ -471,7 +474,8 @@ def unsubscribe(
                 message_id=d.message_id,
                 delivery_id=d.id,
                 recipient=d.recipient,
-                data={"source": source, "user_agent": user_agent, "ip": ip},
+                # what an opt-out needs: which delivery and how (no IP, no user agent)
+                data={"source": source},
             ),
         )
     return True

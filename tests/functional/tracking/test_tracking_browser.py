@@ -127,7 +127,7 @@ def test_chromium_opens_and_clicks(
     opens = tracked_events(store, "message.opened")
     first = opens[0]["data"]
     assert first["first"] is True and first["bot"] is False
-    assert first["user_agent"] == DESKTOP and first["ip"] == "127.0.0.0"
+    assert first["user_agent"] == "Chrome" and first["ip"] == "127.0.0.0"
     clicks = sorted(tracked_events(store, "message.clicked"), key=lambda e: e["id"])
     person_click, scanner_click = (c["data"] for c in clicks)
     assert person_click["url"] == f"{http.base}/healthz?from=mail&n=1"

@@ -98,7 +98,7 @@ def test_click_redirects_and_records(tracked: Tracked) -> None:
         "link": 0,
         "bot": False,
         "bot_reason": None,
-        "user_agent": CHROME,
+        "user_agent": "Chrome",  # the family only, never the version or platform
         "ip": "203.0.113.0",  # the last octet is never stored
     }
 
@@ -230,7 +230,8 @@ def test_unsubscribe_one_click(tracked: Tracked) -> None:
         )
         assert done.status_code == 200
     (event,) = tracked.events("message.unsubscribed")  # once, however often it is posted
-    assert event["data"]["source"] == "one-click" and event["data"]["ip"] == "203.0.113.0"
+    # an opt-out keeps what it needs: no IP address, no user agent
+    assert event["data"] == {"source": "one-click"}
     with tracked.store.read() as conn:
         listed = conn.execute(select(suppressions)).mappings().one()
     assert (listed["email"], listed["stream"], listed["reason"], listed["source"]) == (
