@@ -87,6 +87,8 @@ def test_the_audit_log_page(ui: tuple[Store, Org, Callable], admin: Browser) -> 
     only = admin.get("/audit?action=session.").text
     assert "suppression.add" not in only.split("<tbody>")[1] and "session.login" in only
     assert "a@x.test" in admin.get("/audit?actor=admin@org.test").text
+    # an admin reads the records of their own actions only (owners read everyone's)
+    assert "Nothing recorded yet." in admin.get("/audit?actor=owner@org.test").text
 
 
 def test_the_vendored_files_are_what_vendored_md_says() -> None:

@@ -152,7 +152,7 @@ def test_tracking_and_retention(ui: tuple[Store, Org, Callable], admin: Browser)
         "/settings/apps/shop/tracking",
         {
             "track_opens": "on",
-            "raw_retention_days": "7",
+            "raw_retention_days": "5",
             "metadata_retention_days": "60",
             "max_message_age_hours": "48",
         },
@@ -164,9 +164,9 @@ def test_tracking_and_retention(ui: tuple[Store, Org, Callable], admin: Browser)
             select(audit_log.c.data).where(audit_log.c.action == "app.settings")
         ).scalar_one()
     assert (row["track_opens"], row["track_clicks"]) == (True, False)
-    assert (row["raw_retention_days"], row["metadata_retention_days"]) == (7, 60)
+    assert (row["raw_retention_days"], row["metadata_retention_days"]) == (5, 60)
     assert row["max_message_age_seconds"] == 48 * 3600
-    assert data["raw_retention_days"] == [30, 7] and "track_clicks" not in data
+    assert data["raw_retention_days"] == [7, 5] and "track_clicks" not in data
     for field, value in (
         ("raw_retention_days", "0"),
         ("metadata_retention_days", "x"),

@@ -16,6 +16,7 @@ def _router() -> APIRouter:
         audit,
         dashboard,
         messages,
+        privacy,
         queue,
         session,
         settings,
@@ -24,7 +25,8 @@ def _router() -> APIRouter:
     )
 
     combined = APIRouter(include_in_schema=False)
-    for module in (session, dashboard, messages, queue, suppressions, settings, users, audit):
+    modules = (session, dashboard, messages, queue, suppressions, settings, users, audit, privacy)
+    for module in modules:
         combined.include_router(module.router)
     return combined
 

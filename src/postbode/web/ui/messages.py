@@ -23,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 
 from postbode.bounces import suppression
 from postbode.delivery import manage
+from postbode.privacy.audit import EXPORT_CSV, VIEW_MESSAGE, VIEW_RAW
 from postbode.store.engine import Store
 from postbode.store.schema import DELIVERY_STATUSES, deliveries, messages, raw_messages
 from postbode.web.api.messages import load_message
@@ -123,8 +124,10 @@ async def message_log(request: Request, viewer: SignedIn, cursor: str | None = N
 
 @router.get("/messages/export.csv")
 async def export_messages(request: Request, viewer: SignedIn) -> Response:
-    query, _ = _query(request, viewer)
+    query, form = _query(request, viewer)
     store = store_of(request)
+    filters = {k: v for k, v in form.items() if v}
+    await run_in_threadpool(audit_now, store, viewer, request, EXPORT_CSV, "messages", filters)
 
     def lines() -> Iterator[str]:
         out = io.StringIO()
@@ -255,6 +258,11 @@ async def message_detail(request: Request, viewer: SignedIn, message_id: uuid.UU
     store = store_of(request)
     detail = await run_in_threadpool(_detail, store, viewer, message_id)
     viewer.app = viewer.app_by_id(detail["app_id"])
+    # content, headers, attempts and transcripts are personal data: who looked is recorded
+    app_name = viewer.app.name if viewer.app else ""
+    await run_in_threadpool(
+        audit_now, store, viewer, request, VIEW_MESSAGE, str(message_id), {"app": app_name}
+    )
     return render(
         request,
         "message.html",
@@ -307,6 +315,7 @@ async def message_raw(request: Request, viewer: SignedIn, message_id: uuid.UUID)
     raw = await run_in_threadpool(load)
     if raw is None:
         raise UiError(404, "The raw source of this message was purged by the retention policy.")
+    await run_in_threadpool(audit_now, store, viewer, request, VIEW_RAW, str(message_id))
     return Response(
         raw,
         media_type="message/rfc822",

@@ -14,6 +14,7 @@ from starlette.datastructures import FormData
 
 from postbode import dnscheck, tenancy
 from postbode.events.types import EventType
+from postbode.privacy.audit import RETENTION
 from postbode.store.engine import Store
 from postbode.store.schema import apps, domains
 from postbode.web.ui.core import (
@@ -40,6 +41,7 @@ SECTIONS = ("credentials", "domains", "webhooks", "tracking")
 MAX_RETENTION_DAYS = 3650
 MAX_MESSAGE_AGE_SECONDS = 30 * 24 * 3600
 EVENT_TYPES = [str(t) for t in EventType]
+RETENTION_KEYS = ("raw_retention_days", "metadata_retention_days", "store_bodies")
 
 
 def _app(viewer: Viewer, name: str) -> AppRef:
@@ -453,6 +455,9 @@ def tracking_values(form: FormData) -> dict[str, Any]:
     values: dict[str, Any] = {
         "track_opens": form.get("track_opens") == "on",
         "track_clicks": form.get("track_clicks") == "on",
+        # ticked boxes restrict (a form without them keeps the defaults)
+        "tracking_allowed": form.get("tracking_off") != "on",
+        "store_bodies": form.get("no_bodies") != "on",
         "raw_retention_days": _days(form, "raw_retention_days"),
         "metadata_retention_days": _days(form, "metadata_retention_days"),
     }
@@ -482,6 +487,9 @@ async def save_tracking(request: Request, viewer: CanChange, name: str) -> Respo
             conn.execute(update(apps).where(apps.c.id == app.id).values(**values))
             changed = {k: [before[k], v] for k, v in values.items() if before[k] != v}
             audit(conn, viewer, request, "app.settings", app.name, changed)
+            retention = {k: v for k, v in changed.items() if k in RETENTION_KEYS}
+            if retention:  # its own record, so the privacy audit finds every change
+                audit(conn, viewer, request, RETENTION, app.name, retention)
 
     await run_in_threadpool(run)
     return redirect(

@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from postbode.bounces import suppression
+from postbode.privacy.audit import EXPORT_CSV
 from postbode.web.ui.core import (
     CanChange,
     SignedIn,
@@ -19,6 +20,7 @@ from postbode.web.ui.core import (
     UiRoute,
     UploadRoute,
     audit,
+    audit_now,
     pick_app,
     redirect,
     render,
@@ -219,6 +221,10 @@ async def export(request: Request, viewer: SignedIn) -> Response:
         email = suppression.normalise_email(wanted["email"]) if wanted["email"] else None
     except suppression.SuppressionError as exc:
         raise UiError(400, exc.message) from None
+    filters = {k: v for k, v in wanted.items() if v}
+    await run_in_threadpool(
+        audit_now, store, viewer, request, EXPORT_CSV, f"suppressions:{app.name}", filters
+    )
 
     def lines() -> Iterator[str]:
         yield suppression.csv_header()
