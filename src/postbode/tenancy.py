@@ -91,8 +91,21 @@ def create_app(store: Store, name: str, organization: str = DEFAULT_ORGANIZATION
         if conn.execute(select(apps.c.id).where(apps.c.name == name)).first():
             raise TenancyError(f"an app named {name!r} already exists")
         org_id = ensure_organization(conn, organization)
+        # a new app starts with its organization's retention defaults (privacy/retention.py)
+        raw_days, metadata_days = conn.execute(
+            select(
+                organizations.c.raw_retention_days, organizations.c.metadata_retention_days
+            ).where(organizations.c.id == org_id)
+        ).one()
         app_id = conn.execute(
-            insert(apps).values(organization_id=org_id, name=name).returning(apps.c.id)
+            insert(apps)
+            .values(
+                organization_id=org_id,
+                name=name,
+                raw_retention_days=raw_days,
+                metadata_retention_days=metadata_days,
+            )
+            .returning(apps.c.id)
         ).scalar_one()
         api_key = _create_api_key(conn, app_id, "default")
         username, password = _create_smtp_credential(conn, app_id, name, "default")

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from sqlalchemy import func, select
 
+from postbode import tenancy
 from postbode.store.engine import Store
 from postbode.store.schema import apps, audit_log, deliveries, organizations, raw_messages
 from postbode.testing.factories import make_queued_message
@@ -118,6 +119,10 @@ def test_retention_changes_are_audited(
         app_row = conn.execute(select(apps).where(apps.c.id == org.shop.app_id)).mappings().one()
     assert (org_row["raw_retention_days"], org_row["audit_retention_days"]) == (3, 400)
     assert (app_row["raw_retention_days"], app_row["metadata_retention_days"]) == (3, 30)
+    later = tenancy.create_app(store, "later")  # a new app starts with the defaults
+    with store.read() as conn:
+        fresh = conn.execute(select(apps).where(apps.c.id == later.app_id)).mappings().one()
+    assert (fresh["raw_retention_days"], fresh["metadata_retention_days"]) == (3, 30)
     owner.get("/settings/apps/shop/tracking")
     owner.post(
         "/settings/apps/shop/tracking",
