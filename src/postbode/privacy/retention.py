@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, delete, exists, func, insert, select, update
+from sqlalchemy import Connection, and_, bindparam, delete, exists, func, insert, select, update
 
 from postbode.events.types import EventType
 from postbode.privacy.hashing import address_key, hash_address, is_hashed
@@ -45,7 +46,8 @@ EVERY_SECONDS = 60.0  # and "don't store bodies" removes a body this soon after 
 # Event data statistics read from a kept delivery.bounced event (stats/queries.py: the bounce
 # reasons); everything else in it (diagnostic text, replies) may name the person.
 BOUNCE_KEYS = ("category", "hard", "status", "source")
-_WATERMARK = "privacy.events_checked_until.{app}"
+# per app, and per incarnation of an app id (SQLite may give a deleted app's id to a new one)
+_WATERMARK = "privacy.events.{app}.{created}"
 # An Idempotency-Key answers repeats for 24 hours (ingest/accept.py); kept a day longer.
 IDEMPOTENCY_KEPT = timedelta(hours=48)
 
@@ -62,6 +64,7 @@ class Policy:
     raw_days: int
     metadata_days: int
     store_bodies: bool
+    created_at: datetime
 
     def raw_cutoff(self, now: datetime) -> datetime:
         return now if not self.store_bodies else now - timedelta(days=self.raw_days)
@@ -128,6 +131,7 @@ class Purge:
                     r.raw_retention_days,
                     r.metadata_retention_days,
                     r.store_bodies,
+                    r.created_at,
                 )
                 for r in conn.execute(
                     select(
@@ -136,6 +140,7 @@ class Purge:
                         apps.c.raw_retention_days,
                         apps.c.metadata_retention_days,
                         apps.c.store_bodies,
+                        apps.c.created_at,
                     ).order_by(apps.c.id)
                 )
             ]
@@ -253,18 +258,26 @@ class Purge:
         bounce statistics read and which keeps only its category, hard/soft and status.
         A watermark per app remembers how far this went, so kept events are looked at once."""
         cutoff = p.metadata_cutoff(self.now)
-        name = _WATERMARK.format(app=p.app_id)
+        name = _WATERMARK.format(app=p.app_id, created=int(p.created_at.timestamp() * 1e6))
 
         def work(conn: Connection) -> int:
-            since = conn.execute(
+            mark = conn.execute(
                 select(system_values.c.value).where(system_values.c.name == name)
             ).scalar()
             query = select(
                 events.c.id, events.c.type, events.c.recipient, events.c.data, events.c.created_at
             ).where(events.c.app_id == p.app_id, events.c.created_at < cutoff)
-            if since is not None:
-                query = query.where(events.c.created_at >= datetime.fromisoformat(since))
-            rows = conn.execute(query.order_by(events.c.created_at).limit(self.batch)).all()
+            if mark is not None:  # keyset (created_at, id): kept rows are looked at once
+                at_text, _, after_id = mark.partition("|")
+                since = datetime.fromisoformat(at_text)
+                query = query.where(events.c.created_at >= since)
+                if after_id:
+                    query = query.where(
+                        ~and_(events.c.created_at == since, events.c.id <= uuid.UUID(after_id))
+                    )
+            rows = conn.execute(
+                query.order_by(events.c.created_at, events.c.id).limit(self.batch)
+            ).all()
             if not rows:
                 return 0
             bounced = [r for r in rows if r.type == str(EventType.DELIVERY_BOUNCED)]
@@ -287,12 +300,10 @@ class Purge:
                         for r in bounced
                     ],
                 )
-            # Events of the last instant may be more than a batch: the next batch starts at
-            # that instant again (kept events there are reduced once more, harmlessly).
-            last = rows[-1].created_at if len(rows) == self.batch else cutoff
-            if len(rows) == self.batch and rows[0].created_at == last:
-                last += timedelta(microseconds=1)  # a full batch of one instant: past it
-            _set_value(conn, name, last.isoformat())
+            if len(rows) == self.batch:
+                _set_value(conn, name, f"{rows[-1].created_at.isoformat()}|{rows[-1].id}")
+            else:  # everything before the cutoff is done
+                _set_value(conn, name, cutoff.isoformat())
             self.report.events += len(gone)
             self.report.events_reduced += len(bounced)
             return len(rows)

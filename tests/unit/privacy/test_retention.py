@@ -214,3 +214,33 @@ def test_small_batches_go_on_until_done_and_audit_has_its_own_window(store: Stor
         assert conn.execute(select(func.count()).select_from(audit_log)).scalar_one() == 1
     later = purge(store, now=utcnow() + timedelta(days=366), pause=_no_rest)
     assert later.audit_records == 1
+
+
+def test_events_of_one_instant_are_all_looked_at_once(store: Store) -> None:
+    app = make_app(store)
+    at = utcnow()
+    kinds = [
+        EventType.DELIVERY_BOUNCED if i % 3 == 0 else EventType.DELIVERY_DELIVERED for i in range(8)
+    ]
+    with store.write() as conn:  # written together, as a batch of outcomes is: one instant
+        record(
+            conn,
+            [
+                Event(
+                    app_id=app.app_id,
+                    type=k,
+                    recipient=f"p{i}@x.test",
+                    at=at,
+                    data={"category": "user_unknown", "diagnostic": "550 <p@x.test>"},
+                )
+                for i, k in enumerate(kinds)
+            ],
+        )
+    report = purge(store, now=at + timedelta(days=91), batch=3, pause=_no_rest)
+    assert (report.events, report.events_reduced) == (5, 3)
+    with store.read() as conn:
+        left = conn.execute(select(events.c.recipient, events.c.data)).all()
+    assert len(left) == 3 and all(is_hashed(r.recipient) for r in left)
+    assert all(r.data == {"category": "user_unknown"} for r in left)
+    again = purge(store, now=at + timedelta(days=92), batch=3, pause=_no_rest)
+    assert (again.events, again.events_reduced) == (0, 0)  # the kept ones are not revisited
