@@ -163,6 +163,12 @@ def change_one(
             raise NotFound(f"no delivery {delivery_id}", "id")
         if row.status not in act.sources:
             raise WrongState(_wrong_state(act, row.status), row.status)
+        if act.target == "queued" and row.raw_purged_at is not None:
+            raise WrongState(
+                "the message's body was removed (retention or an erasure): it cannot be sent "
+                "again",
+                row.status,
+            )
         _apply(conn, act, [row], now, by)
     return get_delivery(store, app_id, delivery_id)
 
@@ -196,6 +202,8 @@ def change_many(
                 "status",
             )
     conditions = [deliveries.c.app_id == app_id, deliveries.c.status.in_(statuses)]
+    if act.target == "queued":  # a message whose body is gone cannot be sent again
+        conditions.append(messages.c.raw_purged_at.is_(None))
     conditions += _matching(where.recipient_domain, where.tag)
     if where.older_than_seconds is not None:
         cutoff = now - timedelta(seconds=where.older_than_seconds)
@@ -230,6 +238,7 @@ def _changeable() -> Any:
         deliveries.c.status,
         messages.c.stream,
         messages.c.tag,
+        messages.c.raw_purged_at,
     ).join(messages, messages.c.id == deliveries.c.message_id)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+import pytest
 from sqlalchemy import func, insert, select, update
 
 from postbode.events.record import Event, record
@@ -244,3 +245,21 @@ def test_events_of_one_instant_are_all_looked_at_once(store: Store) -> None:
     assert all(r.data == {"category": "user_unknown"} for r in left)
     again = purge(store, now=at + timedelta(days=92), batch=3, pause=_no_rest)
     assert (again.events, again.events_reduced) == (0, 0)  # the kept ones are not revisited
+
+
+def test_a_failed_delivery_whose_body_went_cannot_be_retried(store: Store) -> None:
+    from postbode.delivery import manage
+
+    app = make_app(store)
+    _, (d1,) = make_queued_message(store, app.app_id, ["ann@x.test"])
+    _, (d2,) = make_queued_message(store, app.app_id, ["bob@x.test"])
+    with store.write() as conn:
+        conn.execute(update(deliveries).values(status="failed"))
+    purge(store, now=utcnow() + timedelta(days=8), pause=_no_rest)
+    with pytest.raises(manage.WrongState, match="body was removed"):
+        manage.retry(store, app.app_id, d1)
+    where = manage.DeliveryFilter(status=["failed"])
+    assert manage.change_many(store, app.app_id, "retry", where) == 0
+    with store.read() as conn:
+        assert set(conn.execute(select(deliveries.c.status)).scalars()) == {"failed"}
+    assert d2
