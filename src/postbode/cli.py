@@ -588,7 +588,7 @@ privacy_cmd = typer.Typer(
     no_args_is_help=True, help="Per-person erasure and export, and the retention purge."
 )
 app.add_typer(privacy_cmd, name="privacy")
-OrgOption = Annotated[
+OneOrgOption = Annotated[
     str | None,
     typer.Option("--org", help="The organization (needed when there is more than one)."),
 ]
@@ -597,7 +597,7 @@ OrgOption = Annotated[
 @privacy_cmd.command("erase")
 def privacy_erase(
     email: str,
-    organization: OrgOption = None,
+    organization: OneOrgOption = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Count what would be erased; change nothing.")
     ] = False,
@@ -631,7 +631,7 @@ def privacy_erase(
 @privacy_cmd.command("export")
 def privacy_export(
     email: str,
-    organization: OrgOption = None,
+    organization: OneOrgOption = None,
     no_bodies: Annotated[
         bool, typer.Option("--no-bodies", help="Leave out the messages' stored sources.")
     ] = False,

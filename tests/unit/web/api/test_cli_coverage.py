@@ -29,6 +29,8 @@ EQUIVALENTS: dict[str, tuple[str, str]] = {
     "token create": ("post", "/api/v1/tokens"),
     "token list": ("get", "/api/v1/tokens"),
     "token revoke": ("delete", "/api/v1/tokens/{token_id}"),
+    "privacy erase": ("post", "/api/v1/privacy/erasures"),
+    "privacy export": ("get", "/api/v1/privacy/exports/{email}"),
 }
 
 # Commands that run or look after Postbode itself rather than manage an organization.
@@ -42,6 +44,7 @@ NOT_MANAGEMENT = {
     "config": "prints the local process's settings",
     "demo": "demo data and a local catch-all mailbox, to try Postbode",
     "bench": "runs benchmarks on the local machine",
+    "privacy purge": "runs the retention purge now, as every worker does each minute",
 }
 
 
