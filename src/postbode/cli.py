@@ -326,15 +326,21 @@ def credential_revoke(credential_id: int) -> None:
 def domain_add(
     domain: str,
     app_name: Annotated[str, typer.Option("--app", help="The app that sends from it.")],
+    inbound: Annotated[
+        bool, typer.Option("--inbound", help="It also takes mail for the app's routes.")
+    ] = False,
     as_json: JsonFlag = False,
 ) -> None:
-    """Register a sending domain; prints the DNS records to publish."""
+    """Register a sending domain (with --inbound: one that takes mail for the app's routes,
+    too); prints the DNS records to publish."""
     settings = get_settings()
     try:
-        row = tenancy.add_domain(_store(), app_name, domain)
+        row = tenancy.add_domain(_store(), app_name, domain, inbound=inbound)
     except tenancy.TenancyError as exc:
         _fail(str(exc))
     records = tenancy.dns_records(row, settings.smtp_hostname, settings.return_path_domain)
+    if row["inbound"]:
+        records = tenancy.inbound_records(row, settings.smtp_hostname) + records
     if as_json:
         _print_json({"domain": row["name"], "app": app_name, "records": records})
     else:
@@ -358,6 +364,7 @@ def domain_list(as_json: JsonFlag = False) -> None:
                     apps.c.name.label("app"),
                     domains.c.dkim_selector,
                     domains.c.verified_at,
+                    domains.c.inbound,
                 )
                 .join(apps, apps.c.id == domains.c.app_id)
                 .order_by(domains.c.name)
@@ -366,7 +373,81 @@ def domain_list(as_json: JsonFlag = False) -> None:
     if as_json:
         _print_json(rows)
     else:
-        _print_table(rows, ["name", "app", "dkim_selector", "verified_at"])
+        _print_table(rows, ["name", "app", "dkim_selector", "verified_at", "inbound"])
+
+
+# -- inbound routes --------------------------------------------------------------------------
+
+route_cmd = typer.Typer(no_args_is_help=True, help="Inbound routes: mail for an app's addresses.")
+app.add_typer(route_cmd, name="route")
+
+
+@route_cmd.command("add")
+def route_add(
+    app_name: Annotated[str, typer.Option("--app", help="The app that takes the mail.")],
+    match: Annotated[
+        str,
+        typer.Option(
+            "--match",
+            help="local@domain (also takes local+hash@domain) or *@domain, at one of the "
+            "app's inbound domains.",
+        ),
+    ],
+    url: Annotated[str | None, typer.Option("--url", help="Where the mail is POSTed.")] = None,
+    action: Annotated[str, typer.Option(help="post, hold or reject.")] = "post",
+    format: Annotated[str, typer.Option("--format", help="native or postmark.")] = "native",
+    as_json: JsonFlag = False,
+) -> None:
+    """Add a route; prints it with its signing secret (shown once)."""
+    from postbode.inbound import routes
+
+    store = _store()
+    try:
+        app_id = routes.app_id_by_name(store, app_name)
+        created = routes.create_route(store, app_id, match, url=url, action=action, format=format)
+    except routes.RouteError as exc:
+        _fail(exc.message)
+    if as_json:
+        _print_json({"app": app_name, **created})
+    else:
+        out.print(f"route [bold]{created['match']}[/bold] added ({created['action']})")
+        out.print(f"  signing secret (shown once): {created['secret']}")
+
+
+@route_cmd.command("list")
+def route_list(
+    app_name: Annotated[str, typer.Option("--app", help="The app's name.")],
+    as_json: JsonFlag = False,
+) -> None:
+    """List an app's routes."""
+    from postbode.inbound import routes
+
+    store = _store()
+    try:
+        rows = routes.list_routes(store, routes.app_id_by_name(store, app_name))
+    except routes.RouteError as exc:
+        _fail(exc.message)
+    if as_json:
+        _print_json(rows)
+    else:
+        _print_table(rows, ["id", "match", "action", "url", "format", "enabled"])
+
+
+@route_cmd.command("remove")
+def route_remove(
+    app_name: Annotated[str, typer.Option("--app", help="The app's name.")],
+    match: Annotated[str, typer.Option("--match", help="The route's pattern.")],
+) -> None:
+    """Remove a route; mail for its addresses is refused from then on."""
+    from postbode.inbound import routes
+
+    store = _store()
+    try:
+        app_id = routes.app_id_by_name(store, app_name)
+        routes.delete_route(store, app_id, routes.route_id_by_pattern(store, app_id, match))
+    except routes.RouteError as exc:
+        _fail(exc.message)
+    out.print(f"route {match} removed")
 
 
 # -- users -----------------------------------------------------------------------------------

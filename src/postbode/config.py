@@ -224,6 +224,35 @@ class Settings(BaseSettings):
         "sent to webhooks.",
     )
 
+    # -- inbound ----------------------------------------------------------------------------
+    inbound_concurrency: int = Field(
+        10, description="Inbound messages a worker process hands to their routes at once."
+    )
+    inbound_timeout: float = Field(
+        30.0, description="Seconds a route's endpoint has to answer one hand-off in full."
+    )
+    inbound_retry_cap_seconds: int = Field(
+        3600, description="Longest wait between hand-off attempts of one inbound message."
+    )
+    inbound_retry_window_seconds: int = Field(
+        24 * 3600,
+        description="How long an inbound message is retried before it fails (it is kept, and "
+        "can be replayed by hand).",
+    )
+    inbound_attachment_inline_bytes: int = Field(
+        10 * 1024 * 1024,
+        description="Attachments up to this size travel in the hand-off as base64; larger "
+        "ones as a signed link to `inbound_attachment_url`.",
+    )
+    inbound_attachment_url: str = Field(
+        "http://127.0.0.1:8025",
+        description="Public base URL of the web role, for signed links to large inbound "
+        "attachments.",
+    )
+    inbound_attachment_link_seconds: int = Field(
+        7 * 24 * 3600, description="How long a signed attachment link stays valid."
+    )
+
     # -- bounces ----------------------------------------------------------------------------
     bounce_rules_path: Path | None = Field(
         None,

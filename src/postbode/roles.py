@@ -92,15 +92,20 @@ def shared_socket(host: str, port: int) -> socket.socket:
 
 async def smtp_role(rt: Runtime, stop: asyncio.Event) -> None:
     from postbode.bounces.intake import BounceIntake
+    from postbode.inbound.intake import InboundIntake
     from postbode.ingest.smtp_server import start_server
 
+    # Inbound commits wake workers as the acceptor's do (the same listeners).
+    inbound = InboundIntake(rt.settings, rt.store, on_commit=rt.acceptor.on_commit)
+    await inbound.refresh()
     server = await start_server(
-        rt.settings, rt.store, rt.acceptor, [BounceIntake(rt.settings, rt.store)]
+        rt.settings, rt.store, rt.acceptor, [BounceIntake(rt.settings, rt.store), inbound]
     )
     log.info("SMTP listening on %s:%s", rt.settings.smtp_host, rt.settings.smtp_port)
     await stop.wait()
     server.close()
     await server.wait_closed()
+    await inbound.close()
 
 
 async def worker_role(rt: Runtime, stop: asyncio.Event) -> None:

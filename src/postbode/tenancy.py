@@ -360,14 +360,21 @@ def _check_domain(name: str) -> str:
     return ascii_name
 
 
-def add_domain(store: Store, app_name: str, name: str) -> dict[str, Any]:
-    """Register a sending domain for an app, with a new 2048-bit DKIM key."""
+def add_domain(store: Store, app_name: str, name: str, *, inbound: bool = False) -> dict[str, Any]:
+    """Register a sending domain for an app, with a new 2048-bit DKIM key. `inbound`: it also
+    takes mail for the app's routes (a domain the app has already is switched to inbound)."""
     name = _check_domain(name)
     private_pem, public_txt = generate_dkim_key()
     selector = f"pb{secrets.token_hex(3)}"
     with store.write() as conn:
         app = app_by_name(conn, app_name)
-        if conn.execute(select(domains.c.id).where(domains.c.name == name)).first():
+        owner = conn.execute(select(domains.c.app_id).where(domains.c.name == name)).first()
+        if owner is not None and inbound and owner.app_id == app["id"]:
+            conn.execute(update(domains).where(domains.c.name == name).values(inbound=True))
+            return dict(
+                conn.execute(select(domains).where(domains.c.name == name)).mappings().one()
+            )
+        if owner is not None:
             raise TenancyError(f"domain {name!r} is already registered")
         conn.execute(
             insert(domains).values(
@@ -376,10 +383,23 @@ def add_domain(store: Store, app_name: str, name: str) -> dict[str, Any]:
                 dkim_selector=selector,
                 dkim_private_key=private_pem,
                 dkim_public_key=public_txt,
+                inbound=inbound,
             )
         )
         row = conn.execute(select(domains).where(domains.c.name == name)).mappings().one()
     return dict(row)
+
+
+def inbound_records(domain: dict[str, Any], smtp_hostname: str) -> list[dict[str, str]]:
+    """The record that sends a domain's mail to Postbode's SMTP listener (RFC 5321 §5.1)."""
+    return [
+        {
+            "purpose": "inbound",
+            "type": "MX",
+            "name": domain["name"],
+            "value": f"10 {smtp_hostname}.",
+        }
+    ]
 
 
 def dns_records(

@@ -31,6 +31,11 @@ def registry(settings: Settings) -> Registry:
 
         return WebhookWorker(settings, store)
 
+    def inbound_messages(store: Store) -> Runnable:
+        from postbode.inbound.deliver import InboundWorker
+
+        return InboundWorker(settings, store)
+
     reg.add_runner(
         RunnerSpec(
             "deliveries",
@@ -43,6 +48,15 @@ def registry(settings: Settings) -> Registry:
             "webhook_requests",
             "POSTs signed events to the apps' webhook endpoints (retries, disabling).",
             webhook_requests,
+        )
+    )
+
+    reg.add_runner(
+        RunnerSpec(
+            "inbound_messages",
+            "Verifies inbound mail (SPF, DKIM, DMARC) and POSTs it signed to its route's URL "
+            "(retries, hold).",
+            inbound_messages,
         )
     )
 

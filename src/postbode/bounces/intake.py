@@ -93,7 +93,9 @@ class BounceIntake:
             return "550 5.1.1 Unknown return path"
         return None
 
-    async def receive(self, mail_from: str, rcpt_tos: Sequence[str], data: bytes) -> str:
+    async def receive(
+        self, mail_from: str, rcpt_tos: Sequence[str], data: bytes, client: object = None
+    ) -> str:
         if len(data) > self.max_size:
             log.info("return path: %d-byte report from <%s> refused", len(data), mail_from)
             # RFC 3463 §3.4: X.3.4 message too big for system.

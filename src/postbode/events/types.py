@@ -21,6 +21,8 @@ class EventType(StrEnum):
     MESSAGE_CLICKED = "message.clicked"
     MESSAGE_COMPLAINED = "message.complained"
     MESSAGE_UNSUBSCRIBED = "message.unsubscribed"
-    INBOUND_RECEIVED = "inbound.received"
+    INBOUND_RECEIVED = "inbound.received"  # stored, before 250 to the sending server
+    INBOUND_DELIVERED = "inbound.delivered"  # the route's endpoint answered 2xx
+    INBOUND_FAILED = "inbound.failed"  # retries ran out, or the route is gone
     DOMAIN_DNS_CHANGED = "domain.dns_changed"
     APP_ALERT = "app.alert"

@@ -29,6 +29,15 @@ log = logging.getLogger(__name__)
 AUTH_FAILURE_WINDOW = 600.0
 
 
+@dataclass(frozen=True)
+class Client:
+    """The SMTP client that handed over a message without AUTH (for SPF and trace headers)."""
+
+    ip: str
+    helo: str | None
+    tls: bool
+
+
 class LocalMailbox(Protocol):
     """Mail Postbode receives for itself, without authentication (bounces, inbound routes)."""
 
@@ -38,7 +47,9 @@ class LocalMailbox(Protocol):
     async def check_recipient(self, address: str) -> str | None:
         """None to accept the recipient, or the SMTP reply refusing it."""
 
-    async def receive(self, mail_from: str, rcpt_tos: Sequence[str], data: bytes) -> str:
+    async def receive(
+        self, mail_from: str, rcpt_tos: Sequence[str], data: bytes, client: Client | None = None
+    ) -> str:
         """Take the message; returns the SMTP reply."""
 
 
@@ -302,7 +313,8 @@ class SubmissionHandler:
         data = envelope.original_content or b""
         if not session.authenticated:
             mailbox = next(m for m in self.local if m.owns(envelope.rcpt_tos[0]))
-            return await mailbox.receive(envelope.mail_from or "", envelope.rcpt_tos, data)
+            client = Client(_peer_ip(session), session.host_name, session.ssl is not None)
+            return await mailbox.receive(envelope.mail_from or "", envelope.rcpt_tos, data, client)
         login = session.auth_data
         assert isinstance(login, _Login)
         submission = Submission(

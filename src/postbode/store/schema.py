@@ -29,6 +29,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
     Uuid,
+    false,
     func,
     text,
     true,
@@ -193,6 +194,8 @@ domains = Table(
     Column("dkim_private_key", Text, nullable=False),
     Column("dkim_public_key", Text, nullable=False),  # the TXT value: v=DKIM1; k=rsa; p=…
     Column("verified_at", UTCDateTime),
+    # Takes mail for routes (inbound/): its MX points at Postbode
+    Column("inbound", Boolean, nullable=False, default=False, server_default=false()),
     Column("dns_status", JSON, nullable=False, default=dict),  # record -> pass|missing|wrong
     Column("dns_checked_at", UTCDateTime),
     # A rotated-out DKIM key stays published (listed in the DNS records) until this time, so
@@ -419,17 +422,26 @@ webhook_attempts = Table(
     Index(None, "request_id"),
 )
 
+# Inbound mail (inbound/): routes say which app takes mail for which address, and how.
+ROUTE_ACTIONS = ("post", "hold", "reject")
+ROUTE_FORMATS = ("native", "postmark")
+INBOUND_STATUSES = ("pending", "sending", "delivered", "held", "failed")
+
 routes = Table(
     "routes",
     metadata,
     Column("id", Integer, primary_key=True),
     Column("app_id", ForeignKey("apps.id", ondelete="CASCADE"), nullable=False),
-    Column("pattern", String(320), nullable=False),  # local@domain or *@domain
-    Column("mode", String(16), nullable=False, default="endpoint"),  # endpoint | hold | reject
-    Column("endpoint_url", String(2000)),
+    # local@domain, local@domain that also takes local+hash@domain, or *@domain; lower case
+    Column("pattern", String(320), nullable=False),
+    Column("action", String(8), nullable=False, default="post"),  # post | hold | reject
+    Column("url", String(2000)),  # where `post` (and a released `hold`) sends the message
+    Column("format", String(16), nullable=False, default="native"),  # native | postmark
+    Column("secret", String(100), nullable=False),  # whsec_…: signs the hand-off
     Column("enabled", Boolean, nullable=False, default=True),
     _created(),
     UniqueConstraint("pattern"),
+    Index(None, "app_id"),
 )
 
 inbound_messages = Table(
@@ -438,16 +450,45 @@ inbound_messages = Table(
     _id(),
     Column("app_id", ForeignKey("apps.id", ondelete="CASCADE"), nullable=False),
     Column("route_id", ForeignKey("routes.id", ondelete="SET NULL")),
+    # post: hand off to the route's URL; hold: keep until released by hand
+    Column("action", String(8), nullable=False, default="post"),
     Column("mail_from", String(320), nullable=False),
     Column("rcpt_to", String(320), nullable=False),
+    Column("mailbox_hash", String(320), nullable=False, default=""),
+    Column("from_header", String(998), nullable=False, default=""),
     Column("subject", String(998), nullable=False, default=""),
     Column("message_id_header", String(998)),
+    Column("size", Integer, nullable=False, default=0),
+    Column("client_ip", String(45)),
+    Column("helo", String(255)),
     Column("raw", LargeBinary, nullable=False),  # zlib-compressed
+    # SPF, DKIM and DMARC as computed once, before the first hand-off (inbound/verify.py)
+    Column("verification", JSON),
     *_lease_columns(),
+    Column("last_status_code", Integer),
     Column("last_error", Text),
     Column("received_at", UTCDateTime, nullable=False, default=utcnow),
+    # when it last entered the queue (received, released, replayed): retries count from here
+    Column("queued_at", UTCDateTime, nullable=False, default=utcnow),
+    Column("delivered_at", UTCDateTime),
     Index(None, "status", "next_attempt_at"),
     Index(None, "app_id", "received_at"),
+    Index(None, "app_id", "status", "id"),
+    Index(None, "lease_until"),
+)
+
+inbound_attempts = Table(
+    "inbound_attempts",
+    metadata,
+    _id(),
+    Column("inbound_id", ForeignKey("inbound_messages.id", ondelete="CASCADE"), nullable=False),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("duration_ms", Integer, nullable=False),
+    Column("url", String(2000), nullable=False, default=""),
+    Column("status_code", Integer),
+    Column("error", Text),
+    Column("response_body", Text),  # the first 1 KB
+    Index(None, "inbound_id"),
 )
 
 # -- statistics, singletons, audit ----------------------------------------------------------

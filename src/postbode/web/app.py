@@ -28,6 +28,8 @@ from postbode.web.api.messages import fast_path as send_fast_path
 from postbode.web.api.messages import router as messages_router
 from postbode.web.api.privacy import router as privacy_router
 from postbode.web.api.queue import router as queue_router
+from postbode.web.api.routes import inbound_router, links_router
+from postbode.web.api.routes import router as routes_router
 from postbode.web.api.stats import router as stats_router
 from postbode.web.api.suppressions import MAX_IMPORT_BYTES
 from postbode.web.api.suppressions import router as suppressions_router
@@ -96,6 +98,9 @@ def create_app(settings: Settings, store: Store, acceptor: Acceptor | None = Non
     app.include_router(sendgrid.router)
     app.include_router(mailgun.router)
     app.include_router(privacy_router)
+    app.include_router(routes_router)
+    app.include_router(inbound_router)
+    app.include_router(links_router)
     app.include_router(ui_router)
     app.mount("/static", static_files(), name="static")
     install_error_handlers(app)
