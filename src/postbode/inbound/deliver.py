@@ -5,6 +5,7 @@ route's URL, logs every attempt, retries with backoff for a day; `hold` routes k
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import random
@@ -233,8 +234,9 @@ class InboundWorker:
         try:
             async with (
                 asyncio.timeout(timeout),
+                # A file-like body: aiohttp streams it rather than copy megabytes on the loop.
                 session.post(
-                    outcome.url, data=body, headers=headers, allow_redirects=False
+                    outcome.url, data=io.BytesIO(body), headers=headers, allow_redirects=False
                 ) as response,
             ):
                 outcome.status_code = response.status

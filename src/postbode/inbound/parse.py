@@ -144,8 +144,9 @@ def parse(raw: bytes) -> Parsed:
     except Exception as exc:  # a bug or an input the stdlib chokes on: what was read stays
         log.warning("inbound: walking a message failed", exc_info=True)
         parsed.warnings.append(f"part of the message could not be read: {type(exc).__name__}")
-    parsed.text = clean(parsed.text, MAX_BODY_CHARS)
-    parsed.html = clean(parsed.html, MAX_BODY_CHARS)
+    # Line ends as JSON readers expect them: "\n" (the wire's CRLF is SMTP's, RFC 5321 §2.3.8).
+    parsed.text = clean(parsed.text.replace("\r\n", "\n"), MAX_BODY_CHARS)
+    parsed.html = clean(parsed.html.replace("\r\n", "\n"), MAX_BODY_CHARS)
     return parsed
 
 
