@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import codecs
-import contextlib
 import email.header
 import email.utils
 import hashlib
@@ -69,6 +68,8 @@ class Parsed:
     """What a message says, decoded."""
 
     headers: list[tuple[str, str]] = field(default_factory=list)
+    # the same, encoded words not decoded: addresses are parsed before names are decoded
+    raw_headers: list[tuple[str, str]] = field(default_factory=list)
     text: str = ""
     html: str = ""
     attachments: list[Attachment] = field(default_factory=list)
@@ -81,12 +82,14 @@ class Parsed:
     def addresses(self, name: str) -> list[dict[str, str]]:
         """The addresses of every `name` header field: [{"email", "name"}]."""
         wanted = name.lower()
-        values = [v for n, v in self.headers if n.lower() == wanted]
+        values = [v for n, v in self.raw_headers if n.lower() == wanted]
         try:
             pairs = email.utils.getaddresses(values)
         except Exception:  # the stdlib parser on hostile input: nothing usable
             return []
-        return [{"email": a, "name": n} for n, a in pairs if a]
+        return [
+            {"email": clean(a, 320), "name": clean(decode_words(n), 320)} for n, a in pairs if a
+        ]
 
 
 def clean(text: str, limit: int | None = None) -> str:
@@ -97,15 +100,41 @@ def clean(text: str, limit: int | None = None) -> str:
     return text if limit is None else text[:limit]
 
 
+_ENCODED_WORD = re.compile(r"=\?[^?\s]+\?[bBqQ]\?[^?\s]*\?=")
+_BETWEEN_WORDS = re.compile(r"(=\?[^?\s]+\?[bBqQ]\?[^?\s]*\?=)\s+(?==\?)")
+
+
+def decode_words(text: str) -> str:
+    """RFC 2047 encoded words decoded one by one (a broken one is left as written), so that
+    8-bit text around them (RFC 6532) does not stop the others being read."""
+
+    def one(found: re.Match[str]) -> str:
+        try:
+            return str(email.header.make_header(email.header.decode_header(found.group(0))))
+        except Exception:
+            return found.group(0)
+
+    # RFC 2047 §6.2: white space between adjacent encoded words is not displayed.
+    return _ENCODED_WORD.sub(one, _BETWEEN_WORDS.sub(r"\1", text))
+
+
+def header_text(value: Any) -> str:
+    """A header value as text, encoded words left as they are: 8-bit bytes are taken as
+    UTF-8 (RFC 6532), else Windows-1252; unfolded."""
+    if isinstance(value, email.header.Header):  # compat32 gives 8-bit values as Header
+        text = "".join(
+            decode_text(part, charset) if isinstance(part, bytes) else part
+            for part, charset in email.header.decode_header(value)
+        )
+    else:
+        text = str(value)
+    return " ".join(text.replace("\r", "").replace("\n", " ").split())
+
+
 def decode_header(value: Any) -> str:
-    """A header value as text: RFC 2047 encoded words decoded, 8-bit taken as UTF-8 (RFC
-    6532), anything undecodable replaced."""
-    if isinstance(value, email.header.Header):
-        value = str(value)
-    text = str(value)
-    with contextlib.suppress(Exception):  # a broken encoded word is left as written
-        text = str(email.header.make_header(email.header.decode_header(text)))
-    return clean(" ".join(text.replace("\r", "").replace("\n", " ").split()), MAX_HEADER_VALUE)
+    """A header value as text, for display: encoded words decoded, control characters
+    replaced, bounded."""
+    return clean(decode_words(header_text(value)), MAX_HEADER_VALUE)
 
 
 def decode_text(payload: bytes, charset: str | None) -> str:
@@ -136,7 +165,10 @@ def parse(raw: bytes) -> Parsed:
     for defect in getattr(msg, "defects", [])[:5]:
         parsed.warnings.append(f"MIME defect: {type(defect).__name__}")
     for name, value in msg.items()[:MAX_HEADERS]:
-        parsed.headers.append((clean(str(name), 200), decode_header(value)))
+        key = clean(str(name), 200)
+        text = header_text(value)
+        parsed.raw_headers.append((key, clean(text, MAX_HEADER_VALUE)))
+        parsed.headers.append((key, clean(decode_words(text), MAX_HEADER_VALUE)))
     try:
         _walk(msg, parsed)
     except RecursionError:
@@ -144,6 +176,9 @@ def parse(raw: bytes) -> Parsed:
     except Exception as exc:  # a bug or an input the stdlib chokes on: what was read stays
         log.warning("inbound: walking a message failed", exc_info=True)
         parsed.warnings.append(f"part of the message could not be read: {type(exc).__name__}")
+    for name in ("text", "html"):
+        if len(getattr(parsed, name)) > MAX_BODY_CHARS:
+            parsed.warnings.append(f"the {name} body is cut at {MAX_BODY_CHARS} characters")
     # Line ends as JSON readers expect them: "\n" (the wire's CRLF is SMTP's, RFC 5321 §2.3.8).
     parsed.text = clean(parsed.text.replace("\r\n", "\n"), MAX_BODY_CHARS)
     parsed.html = clean(parsed.html.replace("\r\n", "\n"), MAX_BODY_CHARS)
@@ -185,7 +220,8 @@ def _parts(msg: Message) -> Iterator[tuple[Message, int]]:
 
 def _leaf(part: Message, parsed: Parsed) -> None:
     ctype = part.get_content_type()
-    disposition = (part.get("content-disposition") or "").split(";")[0].strip().lower()
+    disposition = header_text(part.get("content-disposition") or "").split(";")[0]
+    disposition = disposition.strip().lower()
     filename = _filename(part)
     if ctype == "message/rfc822" or isinstance(part.get_payload(), list):
         name = filename or "attached-message.eml"
@@ -207,7 +243,7 @@ def _leaf(part: Message, parsed: Parsed) -> None:
             filename or _default_name(ctype, len(parsed.attachments)),
             clean(ctype, 255),
             content,
-            clean(str(cid).strip(), 998) if cid else None,
+            clean(header_text(cid), 998) if cid else None,
             inline=disposition == "inline",
         )
     )
@@ -353,10 +389,11 @@ def postmark_payload(
         attachments.append(item)
 
     def joined(values: list[dict[str, str]]) -> str:
-        return ", ".join(
-            email.utils.formataddr((v["name"], v["email"])) if v["name"] else v["email"]
-            for v in values
-        )
+        def one(v: dict[str, str]) -> str:
+            name = v["name"].replace("\\", "\\\\").replace('"', '\\"')
+            return f'"{name}" <{v["email"]}>' if name else v["email"]
+
+        return ", ".join(one(v) for v in values)
 
     return {
         "FromName": sender["name"],

@@ -51,9 +51,7 @@ class Endpoint:
 
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                request = Request(
-                    self.path, {k.lower(): v for k, v in self.headers.items()}, body
-                )
+                request = Request(self.path, {k.lower(): v for k, v in self.headers.items()}, body)
                 with endpoint._cond:
                     endpoint.requests.append(request)
                     n = len(endpoint.requests)

@@ -22,6 +22,7 @@ from postbode import tenancy
 from postbode.inbound import manage, routes
 from postbode.store.engine import Store
 from postbode.store.schema import events, inbound_attempts, inbound_messages, messages
+from postbode.testing.hostile_mail import corpus
 
 from .conftest import Endpoint, InboundPostbode
 
@@ -48,9 +49,7 @@ def reply_message(attachment: bytes = b"%PDF-1.4 invoice\n", *, key: str | None 
     msg["Date"] = "Mon, 07 Dec 2026 10:05:00 +0100"
     msg.set_content(REPLY)
     msg.add_alternative("<p>Yes, please ship it to the <b>new</b> address.</p>", subtype="html")
-    msg.add_attachment(
-        attachment, maintype="application", subtype="pdf", filename="invoice-42.pdf"
-    )
+    msg.add_attachment(attachment, maintype="application", subtype="pdf", filename="invoice-42.pdf")
     raw = msg.as_bytes(policy=SMTP_POLICY)
     if key is not None:
         signature = dkim.sign(
@@ -374,3 +373,26 @@ def test_large_attachments_travel_as_signed_links(
         assert response.headers["content-disposition"] == 'attachment; filename="invoice-42.pdf"'
         assert client.get(path.replace("signature=", "signature=0")).status_code == 404
         assert client.get(path.replace("/0?", "/1?")).status_code == 404
+
+
+def test_hostile_mail_is_stored_and_handed_off_or_refused_with_a_reason(
+    postbode: InboundPostbode, store: Store, shop: tenancy.NewApp, endpoint: Endpoint
+) -> None:
+    route = add_route(store, shop, "support@in.shop.test", url=endpoint.url)
+    postbode.refresh()
+    stored: list[str] = []
+    for name, raw in corpus():
+        code, text = send(postbode, raw, "support@in.shop.test")
+        if code == 250:
+            stored.append(name)
+        else:
+            assert 500 <= code < 600 and len(text) > 10, (name, code, text)
+    assert "huge header section (300 KB)" not in stored
+    assert len(stored) >= 18
+    requests = endpoint.wait_for(len(stored), timeout=120)
+    for request in requests:
+        payload = Webhook(route["secret"]).verify(request.body, request.headers)
+        assert payload["envelope"]["rcpt_to"] == "support@in.shop.test"
+    wait_status(store, "delivered", len(stored))
+    # the listener is still there for the next message
+    assert send(postbode, reply_message(), "support@in.shop.test")[0] == 250
