@@ -15,6 +15,7 @@ def _router() -> APIRouter:
     from postbode.web.ui import (
         audit,
         dashboard,
+        inbound,
         messages,
         privacy,
         queue,
@@ -25,7 +26,18 @@ def _router() -> APIRouter:
     )
 
     combined = APIRouter(include_in_schema=False)
-    modules = (session, dashboard, messages, queue, suppressions, settings, users, audit, privacy)
+    modules = (
+        session,
+        dashboard,
+        messages,
+        queue,
+        suppressions,
+        inbound,
+        settings,
+        users,
+        audit,
+        privacy,
+    )
     for module in modules:
         combined.include_router(module.router)
     return combined
