@@ -18,9 +18,20 @@ class SmtpSession:
 
     @classmethod
     async def open(
-        cls, host: str, port: int, username: str, password: str, tls: bool
+        cls,
+        host: str,
+        port: int,
+        username: str | None,
+        password: str | None,
+        tls: bool,
+        *,
+        source: str | None = None,
     ) -> SmtpSession:
-        reader, writer = await asyncio.open_connection(host, port)
+        """A session, authenticated unless `username` is None (mail a receiving MX gets);
+        `source`: the local address to connect from."""
+        reader, writer = await asyncio.open_connection(
+            host, port, local_addr=(source, 0) if source else None
+        )
         session = cls(reader, writer)
         await session.expect(b"220")
         await session.command(b"EHLO bench.test", b"250")
@@ -31,8 +42,9 @@ class SmtpSession:
             context.verify_mode = ssl.CERT_NONE  # Postbode's certificate may be self-signed
             await writer.start_tls(context)
             await session.command(b"EHLO bench.test", b"250")
-        login = base64.b64encode(f"\0{username}\0{password}".encode())
-        await session.command(b"AUTH PLAIN " + login, b"235")
+        if username is not None:
+            login = base64.b64encode(f"\0{username}\0{password}".encode())
+            await session.command(b"AUTH PLAIN " + login, b"235")
         return session
 
     async def reply(self) -> bytes:

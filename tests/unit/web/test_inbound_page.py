@@ -17,7 +17,8 @@ from .conftest import Browser, Org
 
 RAW = (
     b"From: Alice <alice@sender.test>\r\nTo: support@in.shop.test\r\n"
-    b"Subject: Where is <b>my</b> lamp?\r\n\r\nStill waiting.\r\n\r\nOn Mon, Shop wrote:\r\n> Soon\r\n"
+    b"Subject: Where is <b>my</b> lamp?\r\n\r\n"
+    b"Still waiting.\r\n\r\nOn Mon, Shop wrote:\r\n> Soon\r\n"
 )
 
 
