@@ -277,6 +277,7 @@ class InboundIntake:
                         "match": route.pattern,
                         "action": route.action,
                         "mail_from": _text(arrival.mail_from, 320),
+                        "rcpt_to": _text(rcpt, 320),
                         "from": fields.get("from", ""),
                         "subject": fields.get("subject", ""),
                         "mailbox_hash": found.mailbox_hash,
