@@ -28,6 +28,7 @@ from postbode.store.engine import create_store  # noqa: E402
 from postbode.store.schema import inbound_messages  # noqa: E402
 from postbode.testing.process import PostbodeProcess, free_port  # noqa: E402
 from postbode.testing.smtp_client import SmtpSession  # noqa: E402
+from postbode.webhooks.destinations import DestinationPolicy  # noqa: E402
 
 DOMAIN = "in.shop.test"
 
@@ -90,11 +91,18 @@ def main() -> None:
         app = tenancy.create_app(store, "shop")
         tenancy.add_domain(store, "shop", DOMAIN, inbound=True)
         # The hand-offs would go to a closed loopback port; the worker is paused anyway.
-        create_route(store, app.app_id, f"support@{DOMAIN}", url=f"http://127.0.0.1:{free_port()}/")
+        create_route(
+            store,
+            app.app_id,
+            f"support@{DOMAIN}",
+            url=f"http://127.0.0.1:{free_port()}/",
+            policy=DestinationPolicy.parse("127.0.0.0/8"),
+        )
         env = {
             "POSTBODE_WORKERS": "1",
             "POSTBODE_DNS_NAMESERVERS": f"127.0.0.1:{free_port()}",
             "POSTBODE_LOG_LEVEL": "warning",
+            "POSTBODE_WEBHOOK_ALLOW_PRIVATE": "127.0.0.0/8",
             # room for the benchmark's sessions where unauthenticated sessions are capped
             "POSTBODE_SMTP_UNAUTHENTICATED_SESSIONS": str(max(100, 2 * args.c)),
             "POSTBODE_SMTP_UNAUTHENTICATED_MAX_MESSAGE_SIZE": str(max(2 << 20, 2 * args.size)),

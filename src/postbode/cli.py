@@ -400,11 +400,15 @@ def route_add(
 ) -> None:
     """Add a route; prints it with its signing secret (shown once)."""
     from postbode.inbound import routes
+    from postbode.webhooks.destinations import DestinationPolicy
 
     store = _store()
+    policy = DestinationPolicy.from_settings(get_settings())
     try:
         app_id = routes.app_id_by_name(store, app_name)
-        created = routes.create_route(store, app_id, match, url=url, action=action, format=format)
+        created = routes.create_route(
+            store, app_id, match, url=url, action=action, format=format, policy=policy
+        )
     except routes.RouteError as exc:
         _fail(exc.message)
     if as_json:

@@ -36,13 +36,14 @@ from postbode.store.engine import Store
 from postbode.store.retry import retrying
 from postbode.store.schema import inbound_attempts, inbound_messages, routes, utcnow
 from postbode.webhooks.deliver import describe_error, open_session
+from postbode.webhooks.destinations import EXCERPT_CHARS, DestinationPolicy, excerpt
 from postbode.webhooks.signing import signed_headers
 
 log = logging.getLogger(__name__)
 
 LEASE = timedelta(minutes=10)  # renewed by the runner while a large message is in hand
 BATCH_SIZE = 50
-BODY_LOG_BYTES = 1024  # of each response body, kept in the attempt log
+BODY_LOG_BYTES = 4 * EXCERPT_CHARS  # read of each response body, for its excerpt
 STOP_GRACE_SECONDS = 30.0
 USER_AGENT = f"Postbode-Inbound/{__version__}"
 
@@ -121,7 +122,13 @@ class InboundWorker:
 
     async def run(self, stop: asyncio.Event) -> None:
         if self._session is None:
-            self._session = open_session(self.settings.inbound_timeout, self.concurrency)
+            # The same guard as webhooks: only where the operator's policy allows, checked
+            # again at connect time, after DNS (a name may have come to resolve inward).
+            self._session = open_session(
+                self.settings.inbound_timeout,
+                self.concurrency,
+                DestinationPolicy.from_settings(self.settings),
+            )
         try:
             await self.runner.run(stop)
         finally:
@@ -349,7 +356,8 @@ def log_attempt(outcome: Outcome) -> None:
 
 
 async def _read_start(response: aiohttp.ClientResponse) -> str:
-    """The first BODY_LOG_BYTES of a response body, as text (the rest is never read)."""
+    """A short, sanitised excerpt of the response body, as webhooks keep: the first
+    BODY_LOG_BYTES only are read (the rest never is)."""
     chunks: list[bytes] = []
     size = 0
     while size < BODY_LOG_BYTES:
@@ -358,8 +366,7 @@ async def _read_start(response: aiohttp.ClientResponse) -> str:
             break
         chunks.append(chunk)
         size += len(chunk)
-    text = b"".join(chunks).decode("utf-8", "replace")
-    return text.replace("\x00", "\ufffd")  # PostgreSQL text holds no NUL
+    return excerpt(b"".join(chunks))
 
 
 def requeue(conn: Any, inbound_id: Any, *, action: str | None = None) -> bool:

@@ -22,7 +22,8 @@ from sqlalchemy import Connection, delete, insert, select, update
 
 from postbode.store.engine import Store
 from postbode.store.schema import ROUTE_ACTIONS, ROUTE_FORMATS, apps, domains, routes, utcnow
-from postbode.webhooks.manage import WebhookError, check_url
+from postbode.webhooks.destinations import DestinationPolicy
+from postbode.webhooks.manage import STRICT, WebhookError, check_url
 from postbode.webhooks.signing import generate_secret
 
 CATCH_ALL = "*"
@@ -111,8 +112,13 @@ def check_pattern(pattern: str) -> tuple[str, str]:
     return f"{local}@{domain}", domain
 
 
-def check_route(action: str, url: str | None, format: str) -> str | None:
-    """The URL to store; raises RouteError for an action, URL or format that does not fit."""
+def check_route(
+    action: str, url: str | None, format: str, policy: DestinationPolicy = STRICT
+) -> str | None:
+    """The URL to store; raises RouteError for an action, URL or format that does not fit,
+    and for a URL whose host the destination policy refuses (loopback, private, link-local
+    and reserved addresses, unless the operator allows them: `webhook_allow_private`), as for
+    webhooks: the hand-off is a request made on the tenant's behalf."""
     if action not in ROUTE_ACTIONS:
         raise RouteError(f"unknown action {action!r}: use post, hold or reject", field="action")
     if format not in ROUTE_FORMATS:
@@ -122,9 +128,10 @@ def check_route(action: str, url: str | None, format: str) -> str | None:
             raise RouteError("a post route needs a URL", field="url")
         return None
     try:
-        return check_url(url)
+        return check_url(url, policy)
     except WebhookError as exc:
-        raise RouteError(exc.message, field="url") from None
+        message = exc.message.replace("webhooks go to", "routes post to")
+        raise RouteError(message, code=exc.code, field="url") from None
 
 
 # -- the store --------------------------------------------------------------------------------
@@ -152,11 +159,12 @@ def create_route(
     url: str | None = None,
     action: str = "post",
     format: str = "native",
+    policy: DestinationPolicy = STRICT,
 ) -> dict[str, Any]:
-    """A new route of the app, for a pattern at one of the app's inbound domains; the result
-    carries its signing secret (`whsec_…`), shown this once."""
+    """A new route of the app, for a pattern at one of the app's inbound domains, posting
+    where `policy` allows; the result carries its signing secret (`whsec_…`), shown once."""
     stored, domain = check_pattern(pattern)
-    checked_url = check_route(action, url, format)
+    checked_url = check_route(action, url, format, policy)
     secret = generate_secret()
     with store.write() as conn:
         owner = conn.execute(
@@ -203,7 +211,14 @@ def get_route(store: Store, app_id: int, route_id: int) -> dict[str, Any]:
         return public(_get(conn, app_id, route_id))
 
 
-def update_route(store: Store, app_id: int, route_id: int, **changes: Any) -> dict[str, Any]:
+def update_route(
+    store: Store,
+    app_id: int,
+    route_id: int,
+    *,
+    policy: DestinationPolicy = STRICT,
+    **changes: Any,
+) -> dict[str, Any]:
     """Change a route's action, url, format or enabled."""
     with store.write() as conn:
         row = _get(conn, app_id, route_id)
@@ -212,7 +227,7 @@ def update_route(store: Store, app_id: int, route_id: int, **changes: Any) -> di
         format = changes.get("format") or row.format
         values: dict[str, Any] = {
             "action": action,
-            "url": check_route(action, url, format),
+            "url": check_route(action, url, format, policy),
             "format": format,
         }
         if changes.get("enabled") is not None:

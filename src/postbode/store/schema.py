@@ -487,7 +487,7 @@ inbound_attempts = Table(
     Column("url", String(2000), nullable=False, default=""),
     Column("status_code", Integer),
     Column("error", Text),
-    Column("response_body", Text),  # the first 1 KB
+    Column("response_body", Text),  # a short, sanitised excerpt (webhooks/destinations.py)
     Index(None, "inbound_id"),
 )
 

@@ -159,6 +159,8 @@ def inbound_settings(settings: Settings, dns: LoopbackDNS, tmp_path: Path) -> Se
             "inbound_retry_cap_seconds": 1,
             "runner_poll_seconds": 0.05,
             "smtp_hostname": "mx.postbode.test",
+            # the app's endpoint is on loopback: the operator allows it, as for webhooks
+            "webhook_allow_private": "127.0.0.0/8",
         }
     )
 

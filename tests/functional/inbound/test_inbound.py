@@ -23,6 +23,7 @@ from postbode.inbound import manage, routes
 from postbode.store.engine import Store
 from postbode.store.schema import events, inbound_attempts, inbound_messages, messages
 from postbode.testing.hostile_mail import corpus
+from postbode.webhooks.destinations import BLOCKED_TEXT, DestinationPolicy
 
 from .conftest import Endpoint, InboundPostbode
 
@@ -72,8 +73,11 @@ def send(
         return client.data(raw)
 
 
+LOOPBACK_ALLOWED = DestinationPolicy.parse("127.0.0.0/8")  # as inbound_settings allow
+
+
 def add_route(store: Store, app: tenancy.NewApp, pattern: str, **kwargs: Any) -> dict[str, Any]:
-    return routes.create_route(store, app.app_id, pattern, **kwargs)
+    return routes.create_route(store, app.app_id, pattern, policy=LOOPBACK_ALLOWED, **kwargs)
 
 
 def event_types(store: Store) -> Counter[str]:
@@ -396,3 +400,30 @@ def test_hostile_mail_is_stored_and_handed_off_or_refused_with_a_reason(
     wait_status(store, "delivered", len(stored))
     # the listener is still there for the next message
     assert send(postbode, reply_message(), "support@in.shop.test")[0] == 250
+
+
+def test_route_urls_go_through_the_destination_guard(
+    inbound_settings: Any, store: Store, shop: tenancy.NewApp, endpoint: Endpoint
+) -> None:
+    """Refused at registration unless the operator allows the address; refused again at
+    connect time when the allowance is gone (the message waits, it is not lost)."""
+    with pytest.raises(routes.RouteError) as refused:
+        routes.create_route(store, shop.app_id, "support@in.shop.test", url=endpoint.url)
+    assert refused.value.code == "destination_not_allowed" and refused.value.field == "url"
+    for inner in ("http://169.254.169.254/latest", "http://[::1]/", "http://10.0.0.8/"):
+        with pytest.raises(routes.RouteError, match="not allowed"):
+            routes.create_route(store, shop.app_id, "support@in.shop.test", url=inner)
+    add_route(store, shop, "support@in.shop.test", url=endpoint.url)  # allowed then
+    strict = inbound_settings.model_copy(update={"webhook_allow_private": ""})
+    running = InboundPostbode(strict, store)
+    try:
+        assert send(running, reply_message(), "support@in.shop.test")[0] == 250
+        deadline = time.monotonic() + 30
+        while not (rows := inbound_rows(store)) or rows[0].attempts < 1:
+            assert time.monotonic() < deadline, rows
+            time.sleep(0.05)
+    finally:
+        running.close()
+    [row] = inbound_rows(store)
+    assert row.status == "pending" and row.last_error == BLOCKED_TEXT
+    assert endpoint.requests == []

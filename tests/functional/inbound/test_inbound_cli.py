@@ -17,9 +17,12 @@ from postbode.testing.process import PostbodeProcess
 
 from .conftest import Endpoint
 
+ALLOW_LOOPBACK = {"POSTBODE_WEBHOOK_ALLOW_PRIVATE": "127.0.0.0/8"}
+
 
 def postbode(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "POSTBODE_DATA_DIR": str(data_dir)}
+    # the app's endpoint is on loopback: the operator allows it, as for webhooks
+    env = {**os.environ, "POSTBODE_DATA_DIR": str(data_dir), **ALLOW_LOOPBACK}
     env.pop("POSTBODE_DATABASE_URL", None)
     return subprocess.run(
         [sys.executable, "-m", "postbode", *args],
@@ -70,7 +73,7 @@ def test_cli_routes_and_serve_hand_inbound_mail_to_the_app(
     )
     assert wrong.returncode != 0 and "not an inbound domain" in wrong.stderr
 
-    server = PostbodeProcess(tmp_path, {"POSTBODE_WORKERS": "1"})
+    server = PostbodeProcess(tmp_path, {"POSTBODE_WORKERS": "1", **ALLOW_LOOPBACK})
     server.start(timeout=30)
     try:
         msg = EmailMessage()

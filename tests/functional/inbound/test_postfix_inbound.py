@@ -13,12 +13,11 @@ import pytest
 from standardwebhooks.webhooks import Webhook
 
 from postbode import tenancy
-from postbode.inbound import routes
 from postbode.store.engine import Store
 from postbode.testing.postfix import Postfix, relay_config, require_postfix
 
 from .conftest import Endpoint, InboundPostbode
-from .test_inbound import REPLY, reply_message, wait_status
+from .test_inbound import REPLY, add_route, reply_message, wait_status
 
 POSTFIX_HOSTNAME = "mta.sender.test"
 ATTACHMENT_BYTES = 5 * 1024 * 1024
@@ -54,7 +53,7 @@ def test_postfix_relays_a_reply_with_a_5_mb_attachment_to_the_app(
     endpoint: Endpoint,
     sender_key: str,
 ) -> None:
-    route = routes.create_route(store, shop.app_id, "support@in.shop.test", url=endpoint.url)
+    route = add_route(store, shop, "support@in.shop.test", url=endpoint.url)
     postbode.refresh()
     attachment = os.urandom(ATTACHMENT_BYTES)
     raw = reply_message(attachment, key=sender_key)

@@ -18,6 +18,7 @@ from postbode.inbound.links import PATH, AttachmentLinks
 from postbode.store.engine import Store
 from postbode.web.auth import ApiApp
 from postbode.web.errors import ApiError
+from postbode.webhooks.destinations import DestinationPolicy
 
 PAGE_SIZE = 50
 MAX_PAGE_SIZE = 100
@@ -78,7 +79,7 @@ class AttemptOut(BaseModel):
     url: str
     status_code: int | None
     error: str | None
-    response_body: str | None = Field(description="The first 1 KB of the response body")
+    response_body: str | None = Field(description="A short excerpt of the response body")
 
 
 class InboundOut(BaseModel):
@@ -126,9 +127,15 @@ async def _call(request: Request, fn: Callable[..., T], *args: Any, **kwargs: An
 # -- routes -------------------------------------------------------------------------------------
 
 
+def _policy(request: Request) -> DestinationPolicy:
+    """Where route URLs may point: public addresses, and what the operator allows."""
+    return DestinationPolicy.from_settings(request.app.state.settings)
+
+
 @router.post("", status_code=201, response_model=RouteCreated)
 async def create_route(body: RouteIn, request: Request, app_id: ApiApp) -> dict[str, Any]:
-    """A new route. Its signing secret is in this answer and nowhere else."""
+    """A new route. Its signing secret is in this answer and nowhere else. Its URL must be
+    a public destination (or one the operator allows), as for webhooks."""
     return await _call(
         request,
         routes.create_route,
@@ -137,6 +144,7 @@ async def create_route(body: RouteIn, request: Request, app_id: ApiApp) -> dict[
         url=body.url,
         action=body.action,
         format=body.format,
+        policy=_policy(request),
     )
 
 
@@ -155,7 +163,12 @@ async def update_route(
     route_id: int, body: RoutePatch, request: Request, app_id: ApiApp
 ) -> dict[str, Any]:
     return await _call(
-        request, routes.update_route, app_id, route_id, **body.model_dump(exclude_unset=True)
+        request,
+        routes.update_route,
+        app_id,
+        route_id,
+        policy=_policy(request),
+        **body.model_dump(exclude_unset=True),
     )
 
 

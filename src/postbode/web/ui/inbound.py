@@ -23,6 +23,7 @@ from postbode.web.ui.core import (
     store_of,
     url,
 )
+from postbode.webhooks.destinations import DestinationPolicy
 
 router = APIRouter(route_class=UiRoute, include_in_schema=False)
 
@@ -107,6 +108,7 @@ async def add_route(request: Request, viewer: CanChange) -> Response:
             url=str(form.get("url") or "") or None,
             action=str(form.get("action") or "post"),
             format=str(form.get("format") or "native"),
+            policy=DestinationPolicy.from_settings(request.app.state.settings),
         )
     except routes.RouteError as exc:
         return redirect(request, back, exc.message, "error")

@@ -105,6 +105,8 @@ def test_route_crud_with_the_apps_key(client: TestClient) -> None:
         ({"match": "sup*@in.shop.test", "url": "https://a.test/"}, 422, "match"),
         ({"match": "a@in.shop.test", "url": "https://a.test/", "action": "drop"}, 422, "action"),
         ({"match": "a@in.shop.test", "url": "gopher://a.test/"}, 422, "url"),
+        ({"match": "a@in.shop.test", "url": "http://127.0.0.1:8025/"}, 422, "url"),
+        ({"match": "a@in.shop.test", "url": "http://metadata.internal/"}, 422, "url"),
     ],
 )
 def test_bad_routes_get_json_errors_naming_the_field(
