@@ -99,6 +99,8 @@ def check_pattern(pattern: str) -> tuple[str, str]:
     """A pattern in its stored form, and its domain: `local@domain` or `*@domain`, lower case.
     Raises RouteError."""
     text = pattern.strip().lower()
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+        raise RouteError("the pattern contains control characters", field="match")
     local, sep, domain = text.rpartition("@")
     domain = domain.rstrip(".")
     if not sep or not local or not domain:

@@ -10,12 +10,13 @@ from typing import Annotated, Any, Literal, TypeVar
 from uuid import UUID
 
 from fastapi import APIRouter, Query, Request, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from postbode.inbound import manage, routes
 from postbode.inbound.links import PATH, AttachmentLinks
 from postbode.store.engine import Store
+from postbode.web.api.fields import ApiInput, RowId
 from postbode.web.auth import ApiApp
 from postbode.web.errors import ApiError
 from postbode.webhooks.destinations import DestinationPolicy
@@ -33,7 +34,7 @@ Format = Literal["native", "postmark"]
 Status = Literal["pending", "sending", "delivered", "held", "failed"]
 
 
-class RouteIn(BaseModel):
+class RouteIn(ApiInput):
     model_config = ConfigDict(extra="forbid")
 
     match: str = Field(
@@ -46,7 +47,7 @@ class RouteIn(BaseModel):
     format: Format = "native"
 
 
-class RoutePatch(BaseModel):
+class RoutePatch(ApiInput):
     model_config = ConfigDict(extra="forbid")
 
     url: str | None = Field(None, max_length=2000)
@@ -116,6 +117,12 @@ class InboundList(BaseModel):
     next_cursor: UUID | None
 
 
+def _no_nul(value: str | None) -> str | None:
+    if value is not None and "\x00" in value:  # no text column of PostgreSQL holds one
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
 async def _call(request: Request, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     store: Store = request.app.state.store
     try:
@@ -154,13 +161,13 @@ async def list_routes(request: Request, app_id: ApiApp) -> dict[str, Any]:
 
 
 @router.get("/{route_id}", response_model=RouteOut)
-async def get_route(route_id: int, request: Request, app_id: ApiApp) -> dict[str, Any]:
+async def get_route(route_id: RowId, request: Request, app_id: ApiApp) -> dict[str, Any]:
     return await _call(request, routes.get_route, app_id, route_id)
 
 
 @router.patch("/{route_id}", response_model=RouteOut)
 async def update_route(
-    route_id: int, body: RoutePatch, request: Request, app_id: ApiApp
+    route_id: RowId, body: RoutePatch, request: Request, app_id: ApiApp
 ) -> dict[str, Any]:
     return await _call(
         request,
@@ -173,7 +180,7 @@ async def update_route(
 
 
 @router.delete("/{route_id}", status_code=204)
-async def delete_route(route_id: int, request: Request, app_id: ApiApp) -> Response:
+async def delete_route(route_id: RowId, request: Request, app_id: ApiApp) -> Response:
     await _call(request, routes.delete_route, app_id, route_id)
     return Response(status_code=204)
 
@@ -187,7 +194,9 @@ async def list_inbound(
     app_id: ApiApp,
     status: Annotated[Status | None, Query()] = None,
     q: Annotated[
-        str | None, Query(max_length=200, description="Sender, recipient, From or Subject")
+        str | None,
+        Query(max_length=200, description="Sender, recipient, From or Subject"),
+        AfterValidator(_no_nul),
     ] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = PAGE_SIZE,
     cursor: Annotated[UUID | None, Query(description="`next_cursor` of the previous page")] = None,
