@@ -74,7 +74,7 @@ def test_cli_routes_and_serve_hand_inbound_mail_to_the_app(
     assert wrong.returncode != 0 and "not an inbound domain" in wrong.stderr
 
     server = PostbodeProcess(tmp_path, {"POSTBODE_WORKERS": "1", **ALLOW_LOOPBACK})
-    server.start(timeout=30)
+    server.start()
     try:
         msg = EmailMessage()
         msg["From"] = "Alice <alice@sender.test>"
