@@ -391,6 +391,7 @@ class DomainOut(BaseModel):
     verified_at: datetime | None
     dns_status: dict[str, str]
     dns_checked_at: datetime | None
+    inbound: bool = Field(description="Takes mail for the app's inbound routes")
     records: list[DnsRecord] = Field(description="What to publish in DNS")
 
 
@@ -402,6 +403,7 @@ class DomainIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=3, max_length=253)
+    inbound: bool = Field(False, description="It also takes mail for the app's routes")
 
 
 class RotateIn(BaseModel):
@@ -447,7 +449,9 @@ def _domain_out(request: Request, row: dict[str, Any], app: str) -> dict[str, An
         "verified_at": row["verified_at"],
         "dns_status": dict(row["dns_status"] or {}),
         "dns_checked_at": row["dns_checked_at"],
-        "records": tenancy.dns_records(row, settings.smtp_hostname, settings.return_path_domain),
+        "inbound": bool(row["inbound"]),
+        "records": (tenancy.inbound_records(row, settings.smtp_hostname) if row["inbound"] else [])
+        + tenancy.dns_records(row, settings.smtp_hostname, settings.return_path_domain),
     }
 
 
@@ -497,8 +501,8 @@ async def list_domains(app: str, request: Request, caller: Caller) -> dict[str, 
 async def add_domain(app: str, body: DomainIn, request: Request, caller: Caller) -> dict[str, Any]:
     """A new domain with its own 2048-bit DKIM key; the answer lists the records to publish."""
     await _app_of(request, caller, app)
-    row = await _call(tenancy.add_domain, _store(request), app, body.name)
-    _audit(request, caller, "domain.add", row["name"], {"app": app})
+    row = await _call(tenancy.add_domain, _store(request), app, body.name, inbound=body.inbound)
+    _audit(request, caller, "domain.add", row["name"], {"app": app, "inbound": body.inbound})
     return _domain_out(request, row, app)
 
 

@@ -31,6 +31,9 @@ EQUIVALENTS: dict[str, tuple[str, str]] = {
     "token revoke": ("delete", "/api/v1/tokens/{token_id}"),
     "privacy erase": ("post", "/api/v1/privacy/erasures"),
     "privacy export": ("get", "/api/v1/privacy/exports/{email}"),
+    "route add": ("post", "/api/v1/routes"),
+    "route list": ("get", "/api/v1/routes"),
+    "route remove": ("delete", "/api/v1/routes/{route_id}"),
 }
 
 # Commands that run or look after Postbode itself rather than manage an organization.
