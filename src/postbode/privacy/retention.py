@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 # A delivery in one of these has not ended: its message keeps body and addresses.
 PENDING = ("queued", "sending", "deferred", "held")
-INBOUND_PENDING = ("pending", "sending")
+INBOUND_PENDING = ("pending", "sending", "held")  # the source is still needed
 BATCH = 200  # messages (or rows of a log) per transaction
 RUN_SECONDS = 40.0  # one run stops after this; the next run goes on where it stopped
 EVERY_SECONDS = 60.0  # and "don't store bodies" removes a body this soon after it ended

@@ -23,6 +23,7 @@ from postbode.store.schema import (
     deliveries,
     events,
     idempotency_keys,
+    inbound_messages,
     messages,
     new_id,
     raw_messages,
@@ -263,3 +264,35 @@ def test_a_failed_delivery_whose_body_went_cannot_be_retried(store: Store) -> No
     with store.read() as conn:
         assert set(conn.execute(select(deliveries.c.status)).scalars()) == {"failed"}
     assert d2
+
+
+def test_inbound_mail_keeps_its_source_while_pending_or_held(store: Store) -> None:
+    app = make_app(store)
+    received = utcnow() - timedelta(days=8)  # past the body window, inside the metadata window
+    rows = {}
+    with store.write() as conn:
+        for status in ("pending", "held", "delivered"):
+            rows[status] = conn.execute(
+                insert(inbound_messages)
+                .values(
+                    app_id=app.app_id,
+                    status=status,
+                    mail_from="ann@x.test",
+                    rcpt_to="support@app.test",
+                    raw=b"x" * 40,
+                    received_at=received,
+                    queued_at=received,
+                )
+                .returning(inbound_messages.c.id)
+            ).scalar_one()
+    purge(store, pause=_no_rest)
+    with store.read() as conn:
+        size = dict(
+            conn.execute(
+                select(inbound_messages.c.status, func.length(inbound_messages.c.raw))
+            ).all()
+        )
+    assert size == {"pending": 40, "held": 40, "delivered": 0}
+    purge(store, now=utcnow() + timedelta(days=90), pause=_no_rest)
+    with store.read() as conn:
+        assert conn.execute(select(func.count()).select_from(inbound_messages)).scalar() == 0
