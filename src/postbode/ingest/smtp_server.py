@@ -297,7 +297,8 @@ class SubmissionHandler:
                 REJECTS.labels("smtp", "relay_denied").inc()
                 if envelope.rcpt_tos:
                     return "550 5.7.1 Relaying denied"
-                return "530 5.7.0 Authentication required"
+                # A relay attempt, or an application that forgot to authenticate: say both.
+                return "554 5.7.1 Relaying denied: authenticate to send to other domains"
             if envelope.rcpt_tos and not mailbox.owns(envelope.rcpt_tos[0]):
                 return "452 4.5.3 Send mail for these addresses separately"
             refusal = await mailbox.check_recipient(address)

@@ -357,7 +357,7 @@ def test_hostile_reports_get_bounded_clear_replies(
     user_unknown = dsn("erin@dest.test", "5.1.1", "550 5.1.1 <erin@dest.test>: User unknown")
 
     # Nobody else's address, and no made-up token: refused at RCPT.
-    assert to_return_path(with_sink, "erin@dest.test", b"x")[0] == 530
+    assert to_return_path(with_sink, "erin@dest.test", b"x")[0] == 554
     assert to_return_path(with_sink, f"{'ab' * 12}@{RETURN}", user_unknown) == (
         550,
         "5.1.1 Unknown return path",

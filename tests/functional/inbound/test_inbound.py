@@ -195,7 +195,7 @@ def test_a_foreign_domain_is_refused_and_nothing_is_stored(
         client.ehlo()
         client.mail("spammer@sender.test")
         code, text = client.rcpt("victim@elsewhere.test")
-        assert code in (530, 550, 554) and text.startswith(b"5.7."), (code, text)
+        assert (code, text[:5]) == (554, b"5.7.1"), (code, text)
         assert client.rcpt("support@in.shop.test")[0] == 250
         # with an inbound recipient in hand, a foreign one is a relay attempt
         assert client.rcpt("victim@elsewhere.test") == (550, b"5.7.1 Relaying denied")

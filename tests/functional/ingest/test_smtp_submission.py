@@ -99,7 +99,7 @@ def test_unauthenticated_client_is_no_open_relay(listener: SmtpListener) -> None
         client.ehlo("spammer.test")
         client.mail("someone@elsewhere.test")
         code, text = client.rcpt("victim@elsewhere.test")
-        assert code == 530 and text.startswith(b"5.7.0")
+        assert code == 554 and text.startswith(b"5.7.1 Relaying denied: authenticate")
         code, text = client.docmd("DATA")
         assert code == 503
 
