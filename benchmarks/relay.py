@@ -19,7 +19,7 @@ from multiprocessing.queues import Queue
 from multiprocessing.sharedctypes import Synchronized
 from multiprocessing.synchronize import Event
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "src"))
@@ -101,6 +101,14 @@ def run(main: Any) -> Any:
 # -- the load: C connections, each sending its share of the messages ------------------------------
 
 
+class Client(NamedTuple):
+    """How the load generator's clients behave."""
+
+    pipelining: bool  # False: one command, then its reply (smtplib, PHPMailer)
+    per_connection: int  # messages per connection before a new one (0: one for all)
+    starttls: bool
+
+
 def make_messages(n: int, size: int) -> list[tuple[str, str, bytes]]:
     """(Message-ID, recipient, raw) for n messages of about `size` bytes each."""
     run = secrets.token_hex(4)
@@ -125,25 +133,34 @@ async def load(
     password: str,
     messages: list[tuple[str, str, bytes]],
     connections: int,
-    starttls: bool,
-) -> tuple[dict[str, float], float]:
-    """Send the messages over `connections` connections, pipelining as Postfix does; returns
-    (accept time by Message-ID, start time)."""
+    client: Client,
+) -> tuple[dict[str, float], list[float], float]:
+    """Send the messages over `connections` concurrent clients; returns (accept time by
+    Message-ID, seconds from MAIL FROM to the final 250 per message, start time)."""
     accepted: dict[str, float] = {}
+    accept_seconds: list[float] = []
     shares = [messages[i::connections] for i in range(connections)]
-    sessions = await asyncio.gather(
-        *(SmtpSession.open(host, port, username, password, starttls) for _ in shares)
-    )
 
-    async def client(session: SmtpSession, share: list[tuple[str, str, bytes]]) -> None:
-        for mid, rcpt, raw in share:
+    async def connect() -> SmtpSession:
+        session = await SmtpSession.open(host, port, username, password, client.starttls)
+        session.pipelining = client.pipelining
+        return session
+
+    async def send_share(share: list[tuple[str, str, bytes]]) -> None:
+        session = await connect()
+        for i, (mid, rcpt, raw) in enumerate(share):
+            if i and client.per_connection and i % client.per_connection == 0:
+                await session.close()  # a new connection, EHLO and AUTH, as applications do
+                session = await connect()
+            began = time.monotonic()
             await session.send("orders@shop.test", rcpt, raw)
             accepted[mid] = time.monotonic()
+            accept_seconds.append(accepted[mid] - began)
         await session.close()
 
     start = time.monotonic()
-    await asyncio.gather(*(client(s, share) for s, share in zip(sessions, shares, strict=True)))
-    return accepted, start
+    await asyncio.gather(*(send_share(share) for share in shares))
+    return accepted, accept_seconds, start
 
 
 # -- setting up Postbode --------------------------------------------------------------------------
@@ -201,12 +218,28 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("-n", type=int, default=5000, help="messages to send (default 5000)")
-    ap.add_argument("-c", type=int, default=50, help="concurrent SMTP connections (default 50)")
+    ap.add_argument("-n", type=int, default=5000, help="messages per run (default 5000)")
+    ap.add_argument(
+        "-c",
+        default="50",
+        help="concurrent SMTP connections; a comma-separated list is a sweep (e.g. 1,5,10,50)",
+    )
+    ap.add_argument("--runs", type=int, default=1, help="runs of the sweep, interleaved")
     ap.add_argument("--size", type=int, default=2048, help="message size in bytes (default 2048)")
     ap.add_argument("--dialect", choices=("sqlite", "postgresql"), default="sqlite")
+    ap.add_argument(
+        "--no-pipelining",
+        action="store_true",
+        help="wait for each reply before the next command, as smtplib and PHPMailer do",
+    )
+    ap.add_argument(
+        "--per-connection",
+        type=int,
+        default=0,
+        help="messages per connection, then a new one with EHLO and AUTH (default: one for all)",
+    )
     ap.add_argument(
         "--workers", type=int, default=None, help="POSTBODE_WORKERS for serve (default: its own)"
     )
@@ -224,8 +257,11 @@ def main() -> None:
         help="record a py-spy profile (raw folded stacks) of serve and its workers to this file",
     )
     ap.add_argument("--json", action="store_true", help="print the figures as JSON too")
-    args = ap.parse_args()
+    return ap.parse_args()
 
+
+def one_run(args: argparse.Namespace, connections: int) -> dict[str, Any]:
+    """A fresh sink and a fresh `postbode serve`, n messages over `connections` clients."""
     ctx = mp.get_context("spawn")
     ready: Queue[Any] = ctx.Queue()
     results: Queue[Any] = ctx.Queue()
@@ -257,6 +293,7 @@ def main() -> None:
         env["POSTBODE_DATABASE_URL"] = pg[0]
     server: PostbodeProcess | None = None
     profiler: subprocess.Popen[bytes] | None = None
+    client = Client(not args.no_pipelining, args.per_connection, args.starttls)
     try:
         app = json.loads(postbode_cli(env, "app", "create", "bench", "--json"))
         postbode_cli(env, "domain", "add", "shop.test", "--app", "bench")  # DKIM-signs all mail
@@ -283,15 +320,15 @@ def main() -> None:
             "sink": cpu_seconds(sink.pid or 0),
             "load generator": time.process_time(),
         }
-        accepted, start = run(
+        accepted, accept_seconds, start = run(
             load(
                 "127.0.0.1",
                 server.smtp_port,
                 app["smtp_username"],
                 app["smtp_password"],
                 messages,
-                args.c,
-                args.starttls,
+                connections,
+                client,
             )
         )
         accept_end = time.monotonic()
@@ -329,47 +366,86 @@ def main() -> None:
     first_accept = min(accepted.values())
     last_delivered = max(delivered.values()) if delivered else float("nan")
     latencies = [delivered[m] - accepted[m] for m in accepted if m in delivered]
-    figures = {
+    cpu_ms = {k: v * 1000 / args.n for k, v in cpu_used.items()}
+    return {
         "messages": args.n,
-        "connections": args.c,
+        "connections": connections,
         "size": args.size,
         "dialect": args.dialect,
+        "pipelining": client.pipelining,
+        "per_connection": client.per_connection,
         "workers": args.workers,
         "listeners": args.listeners,
         "end_to_end_per_s": len(delivered) / (last_delivered - first_accept),
         "accept_per_s": len(accepted) / (accept_end - start),
+        "accept_p50_ms": statistics.median(accept_seconds) * 1000,
+        "accept_p99_ms": percentile(accept_seconds, 99) * 1000,
         "latency_p50_ms": statistics.median(latencies) * 1000 if latencies else float("nan"),
         "latency_p99_ms": percentile(latencies, 99) * 1000 if latencies else float("nan"),
         "delivered": len(delivered),
         "missing": missing,
         "duplicates": duplicates,
         "wall_s": last_delivered - start,
-        "cpu_ms_per_message": {k: v * 1000 / args.n for k, v in cpu_used.items()},
+        "cpu_ms_per_message": cpu_ms,
+        "postbode_cpu_ms_per_message": cpu_ms["serve"] + cpu_ms["workers"],
         "load_average": os.getloadavg()[0],
     }
+
+
+def report(f: dict[str, Any]) -> None:
     print(
-        f"{args.n} messages of {args.size} B over {args.c} connections, {args.dialect}, "
-        f"workers={'default' if args.workers is None else args.workers}, "
-        f"listeners={'default' if args.listeners is None else args.listeners}"
+        f"{f['messages']} messages of {f['size']} B over {f['connections']} connections "
+        f"({'pipelining' if f['pipelining'] else 'no pipelining'}, "
+        f"{f['per_connection'] or 'all'} per connection), {f['dialect']}, "
+        f"workers={'default' if f['workers'] is None else f['workers']}, "
+        f"listeners={'default' if f['listeners'] is None else f['listeners']}"
     )
     print(
-        f"end to end: {figures['end_to_end_per_s']:,.0f} msg/s "
-        f"(first accept to last delivered, {figures['wall_s']:.1f} s wall)"
+        f"  end to end {f['end_to_end_per_s']:,.0f} msg/s ({f['wall_s']:.1f} s wall); "
+        f"accept {f['accept_per_s']:,.0f} msg/s, p50 {f['accept_p50_ms']:.1f} ms, "
+        f"p99 {f['accept_p99_ms']:.1f} ms; accept->delivered p50 {f['latency_p50_ms']:,.0f} ms, "
+        f"p99 {f['latency_p99_ms']:,.0f} ms"
     )
-    print(f"accept:     {figures['accept_per_s']:,.0f} msg/s")
     print(
-        f"latency accept->delivered: p50 {figures['latency_p50_ms']:,.0f} ms, "
-        f"p99 {figures['latency_p99_ms']:,.0f} ms"
-    )
-    print(f"delivered {len(delivered)}, missing {missing}, duplicates {duplicates}")
-    print(
+        f"  delivered {f['delivered']}, missing {f['missing']}, duplicates {f['duplicates']}; "
         "CPU per message: "
-        + ", ".join(f"{k} {v:.2f} ms" for k, v in figures["cpu_ms_per_message"].items())
-        + f" (load average {figures['load_average']:.1f} on {os.cpu_count()} cores)"
+        + ", ".join(f"{k} {v:.2f} ms" for k, v in f["cpu_ms_per_message"].items())
+        + f" (load average {f['load_average']:.1f} on {os.cpu_count()} cores)"
     )
-    if args.json:
-        print(json.dumps(figures))
-    if missing:
+
+
+def summary(rows: list[dict[str, Any]]) -> None:
+    """Median and spread (min-max) per concurrency over the runs."""
+    print("\n C | runs | end to end msg/s       | Postbode CPU ms/msg | accept p99 ms")
+    for c in sorted({r["connections"] for r in rows}):
+        mine = [r for r in rows if r["connections"] == c]
+
+        def cell(key: str, fmt: str, mine: list[dict[str, Any]] = mine) -> str:
+            values = [r[key] for r in mine]
+            return (
+                f"{statistics.median(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
+            )
+
+        print(
+            f"{c:>2} | {len(mine):>4} | {cell('end_to_end_per_s', ',.0f'):<22} | "
+            f"{cell('postbode_cpu_ms_per_message', '.2f'):<19} | {cell('accept_p99_ms', '.1f')}"
+        )
+
+
+def main() -> None:
+    args = parse_args()
+    sweep = [int(c) for c in str(args.c).split(",")]
+    rows = []
+    for _ in range(args.runs):
+        for connections in sweep:  # interleaved: drift in the machine's load hits all alike
+            figures = one_run(args, connections)
+            report(figures)
+            if args.json:
+                print(json.dumps(figures))
+            rows.append(figures)
+    if len(rows) > 1:
+        summary(rows)
+    if any(r["missing"] for r in rows):
         sys.exit(1)
 
 
