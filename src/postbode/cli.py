@@ -704,9 +704,7 @@ def privacy_erase(
     else:
         verb = "would erase" if dry_run else "erased"
         out.print(f"{verb} in {scope.organization} ({', '.join(result.apps) or 'no apps'}):")
-        _print_table(
-            [{"kind": k, "rows": v} for k, v in result.counts.items()], ["kind", "rows"]
-        )
+        _print_table([{"kind": k, "rows": v} for k, v in result.counts.items()], ["kind", "rows"])
         out.print(f"recorded in the audit log as {result.address_hash}")
     if result.in_flight:
         err.print(f"{result.in_flight} deliveries were being sent: run this again in a minute")

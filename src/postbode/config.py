@@ -324,4 +324,3 @@ def describe() -> list[tuple[str, str, str, str]]:
             )
         )
     return rows
-

@@ -23,8 +23,10 @@ def test_serve_delivers_through_worker_processes(tmp_path: Path) -> None:
     tenancy.add_domain(store, "shop", "shop.test")
     store.dispose()
     with SmtpSink() as sink:
-        env = {"POSTBODE_TRANSPORT_MAP": f"dest.test={sink.host}:{sink.port}",
-               "POSTBODE_WORKERS": "2"}
+        env = {
+            "POSTBODE_TRANSPORT_MAP": f"dest.test={sink.host}:{sink.port}",
+            "POSTBODE_WORKERS": "2",
+        }
         with PostbodeProcess(tmp_path, env) as server:
             for i in range(10):
                 msg = EmailMessage()
@@ -37,7 +39,8 @@ def test_serve_delivers_through_worker_processes(tmp_path: Path) -> None:
                     c.send_message(msg)
             received = sink.wait_for_sync(10, timeout=30)
             assert sorted(m.rcpt_tos[0] for m in received) == sorted(
-                f"user{i}@dest.test" for i in range(10))
+                f"user{i}@dest.test" for i in range(10)
+            )
         assert server.proc is not None and server.proc.returncode == 0, server.log()
 
 

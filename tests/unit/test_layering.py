@@ -62,8 +62,8 @@ def imports(path: Path) -> Iterator[tuple[str, list[str], int]]:
     """(module imported, names taken from it, line) for every import in the file, nested
     ones (inside functions) included."""
     tree = ast.parse(path.read_text(), str(path))
-    package = module_name(path).rsplit(".", 1)[0] if path.name != "__init__.py" else module_name(
-        path
+    package = (
+        module_name(path).rsplit(".", 1)[0] if path.name != "__init__.py" else module_name(path)
     )
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):

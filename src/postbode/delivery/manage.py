@@ -165,8 +165,7 @@ def change_one(
             raise WrongState(_wrong_state(act, row.status), row.status)
         if act.target == "queued" and row.raw_purged_at is not None:
             raise WrongState(
-                "the message's body was removed (retention or an erasure): it cannot be sent "
-                "again",
+                "the message's body was removed (retention or an erasure): it cannot be sent again",
                 row.status,
             )
         _apply(conn, act, [row], now, by)

@@ -30,7 +30,8 @@ MIN_LEASE_SECONDS = 60.0  # a run may take this long before another process may 
 TICK_SECONDS = 1.0  # how often a worker looks for due tasks (one read of a small table)
 
 TASK_RUNS = Counter(
-    "postbode_task_runs_total", "Runs of periodic tasks in this process, by task and result.",
+    "postbode_task_runs_total",
+    "Runs of periodic tasks in this process, by task and result.",
     ["task", "result"],
 )
 
@@ -238,4 +239,3 @@ class PeriodicRunner:
                 await asyncio.to_thread(self._renew, task)
             except Exception:
                 log.exception("periodic task %s: renewing its lease failed", task.name)
-

@@ -307,9 +307,7 @@ class Load:
 # -- the drill -----------------------------------------------------------------------------------
 
 
-def _settle(
-    check: Callable[[], bool], timeout: float, what: str, poll: float = 0.2
-) -> None:
+def _settle(check: Callable[[], bool], timeout: float, what: str, poll: float = 0.2) -> None:
     deadline = time.monotonic() + timeout
     while not check():
         if time.monotonic() > deadline:
@@ -403,8 +401,10 @@ def run(
 
         with contextlib.suppress(TimeoutError):
             _settle(
-                lambda: set(arrived()) >= set(load.acks)
-                and _final_counts(store).keys() <= {"delivered"},
+                lambda: (
+                    set(arrived()) >= set(load.acks)
+                    and _final_counts(store).keys() <= {"delivered"}
+                ),
                 settle_timeout,
                 "every acknowledged message at the sink",
                 poll=0.5,
@@ -457,4 +457,3 @@ def _stop(node: Node) -> None:
 def main_lines(report: Report) -> Iterator[str]:
     yield from report.lines()
     yield "PASSED" if report.passed else "FAILED"
-

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
@@ -36,9 +36,9 @@ from postbode.web.api.suppressions import router as suppressions_router
 from postbode.web.api.webhooks import router as webhooks_router
 from postbode.web.errors import install_error_handlers
 from postbode.web.limits import BodyLimit
+from postbode.web.ui import STATIC, static_files
 from postbode.web.ui import router as ui_router
-from postbode.web.ui import static_files
-from postbode.web.ui.core import MAX_UPLOAD_BYTES
+from postbode.web.ui.core import MAX_UPLOAD_BYTES, missing_page
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,15 @@ def create_app(settings: Settings, store: Store, acceptor: Acceptor | None = Non
         await run_in_threadpool(update_queue_gauges, store)
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> Response:
+        """Browsers ask for it whatever the page links: the same icon as /static/favicon.svg."""
+        return FileResponse(
+            STATIC / "favicon.svg",
+            media_type="image/svg+xml",
+            headers={"Cache-Control": "public, max-age=86400", "X-Content-Type-Options": "nosniff"},
+        )
+
     app.include_router(messages_router)
     app.include_router(suppressions_router)
     app.include_router(events_router)
@@ -103,7 +112,7 @@ def create_app(settings: Settings, store: Store, acceptor: Acceptor | None = Non
     app.include_router(links_router)
     app.include_router(ui_router)
     app.mount("/static", static_files(), name="static")
-    install_error_handlers(app)
+    install_error_handlers(app, missing_page)
     app.add_middleware(BodyLimit, default=settings.http_max_body_bytes, limits=_limits(settings))
     return app
 

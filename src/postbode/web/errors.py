@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 
@@ -36,7 +37,25 @@ _CODES = {
 }
 
 
-def install_error_handlers(app: FastAPI) -> None:
+# Paths whose clients are programs: they always get the JSON error shape.
+_API_PREFIXES = ("/api/", "/compat/", "/email", "/t/", "/healthz", "/metrics", "/static/")
+
+
+def wants_page(request: Request) -> bool:
+    """A browser asking for a page (not an API client, not a fetch of a static file)."""
+    path = request.url.path
+    if path.startswith(_API_PREFIXES) or request.headers.get("hx-request"):
+        return False
+    return "text/html" in request.headers.get("accept", "")
+
+
+HtmlPage = Callable[[Request, int, str], Awaitable[Response]]
+
+
+def install_error_handlers(app: FastAPI, page: HtmlPage | None = None) -> None:
+    """The JSON error shape for every error; with `page`, a browser asking for a path that
+    does not exist (or not with that method) gets the UI's styled page instead."""
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
@@ -47,7 +66,9 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body(code, message, ".".join(loc) or None), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        if page is not None and exc.status_code in (404, 405) and wants_page(request):
+            return await page(request, exc.status_code, str(exc.detail))
         if isinstance(exc.detail, dict) and "error" in exc.detail:
             body = exc.detail
         else:

@@ -362,7 +362,6 @@ def test_starttls_required_but_not_offered_is_a_soft_fail(
 # -- a bug while recording one outcome -----------------------------------------------------------
 
 
-
 def test_a_failure_recording_one_outcome_parks_only_that_delivery(
     start_postbode: StartPostbode, shop: tenancy.NewApp, mx_sink: SmtpSink, store: Store
 ) -> None:

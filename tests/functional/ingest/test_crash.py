@@ -62,12 +62,17 @@ def test_kill_9_mid_run_loses_nothing_acknowledged(tmp_path: Path) -> None:
 
     def api_client(n: int, url: str) -> None:
         i = 0
-        with httpx.Client(base_url=url, timeout=10,
-                          headers={"Authorization": f"Bearer {app.api_key}"}) as http:
+        with httpx.Client(
+            base_url=url, timeout=10, headers={"Authorization": f"Bearer {app.api_key}"}
+        ) as http:
             while running.is_set():
                 i += 1
-                body = {"from": "orders@shop.test", "subject": f"api {n}-{i}", "text": "x" * 1500,
-                        "to": [f"r{r}-api{n}-{i}@dest.test" for r in range(RECIPIENTS)]}
+                body = {
+                    "from": "orders@shop.test",
+                    "subject": f"api {n}-{i}",
+                    "text": "x" * 1500,
+                    "to": [f"r{r}-api{n}-{i}@dest.test" for r in range(RECIPIENTS)],
+                }
                 try:
                     answer = http.post("/api/v1/messages", json=body)
                 except httpx.TransportError:
@@ -80,10 +85,14 @@ def test_kill_9_mid_run_loses_nothing_acknowledged(tmp_path: Path) -> None:
     with SmtpSink() as sink:
         env = {"POSTBODE_TRANSPORT_MAP": f"dest.test={sink.host}:{sink.port}"}
         server = PostbodeProcess(tmp_path, env).start()
-        threads = [threading.Thread(target=smtp_client, args=(n, server.smtp_port))
-                   for n in range(SMTP_CLIENTS)]
-        threads += [threading.Thread(target=api_client, args=(n, server.http_url))
-                    for n in range(API_CLIENTS)]
+        threads = [
+            threading.Thread(target=smtp_client, args=(n, server.smtp_port))
+            for n in range(SMTP_CLIENTS)
+        ]
+        threads += [
+            threading.Thread(target=api_client, args=(n, server.http_url))
+            for n in range(API_CLIENTS)
+        ]
         for t in threads:
             t.start()
         deadline = time.monotonic() + 30
@@ -106,13 +115,18 @@ def test_kill_9_mid_run_loses_nothing_acknowledged(tmp_path: Path) -> None:
         with store.read() as conn:
             ids = set(conn.execute(select(messages.c.id)).scalars())
             raw_ids = set(conn.execute(select(raw_messages.c.message_id)).scalars())
-            per_message = dict(conn.execute(
-                select(deliveries.c.message_id, func.count()).group_by(deliveries.c.message_id)
-            ).all())
-            received_events = dict(conn.execute(
-                select(events.c.message_id, func.count())
-                .where(events.c.type == "message.received").group_by(events.c.message_id)
-            ).all())
+            per_message = dict(
+                conn.execute(
+                    select(deliveries.c.message_id, func.count()).group_by(deliveries.c.message_id)
+                ).all()
+            )
+            received_events = dict(
+                conn.execute(
+                    select(events.c.message_id, func.count())
+                    .where(events.c.type == "message.received")
+                    .group_by(events.c.message_id)
+                ).all()
+            )
     finally:
         store.dispose()
     missing = [m for _, m in answered if m not in ids]

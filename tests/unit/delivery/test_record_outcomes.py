@@ -193,7 +193,6 @@ def test_a_batch_takes_one_statement_per_table_however_large(
     assert sorted(c for (c,) in delivered) == [3, 12]  # two apps: one counter row each
 
 
-
 def test_a_failing_outcome_parks_only_itself_and_the_batch_is_recorded_one_by_one(
     settings: Settings, store: Store
 ) -> None:

@@ -176,8 +176,10 @@ def test_one_idempotency_key_twice_in_one_batch(store: Store, app_id: int) -> No
 
 
 def test_folded_control_header_is_unfolded(store: Store, app_id: int) -> None:
-    raw = RAW.replace(b"X-Postbode-Tag: order-confirmation\r\n",
-                      b"X-Postbode-Tag: order-\r\n confirmation-with-a-long-name\r\n")
+    raw = RAW.replace(
+        b"X-Postbode-Tag: order-confirmation\r\n",
+        b"X-Postbode-Tag: order-\r\n confirmation-with-a-long-name\r\n",
+    )
     (accepted,) = submit(store, [sub(app_id, ["a@dest.test"], raw)])
     assert not isinstance(accepted, BaseException)
     with store.read() as conn:

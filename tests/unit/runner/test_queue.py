@@ -240,9 +240,7 @@ def test_stopping_hands_back_what_is_in_hand(store: Store) -> None:
     assert found["slow@dest.test"][:2] == ("deferred", None)  # back in the queue, unleased
     with store.read() as conn:
         due = conn.execute(
-            select(deliveries.c.next_attempt_at).where(
-                deliveries.c.recipient == "slow@dest.test"
-            )
+            select(deliveries.c.next_attempt_at).where(deliveries.c.recipient == "slow@dest.test")
         ).scalar_one()
     assert due >= started - timedelta(seconds=1)  # due again at once, for another worker
 

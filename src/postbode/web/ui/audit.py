@@ -47,9 +47,7 @@ def entries(
     if target:
         query = query.where(audit_log.c.target == target.strip())
     if own is not None:  # (user id, e-mail): one person's actions (a sign-in has no id yet)
-        query = query.where(
-            or_(audit_log.c.user_id == own[0], audit_log.c.actor == own[1].lower())
-        )
+        query = query.where(or_(audit_log.c.user_id == own[0], audit_log.c.actor == own[1].lower()))
     if since is not None:
         query = query.where(audit_log.c.created_at >= since)
     if until is not None:

@@ -78,6 +78,7 @@ _TITLES = {
     400: "Bad request",
     403: "Not allowed",
     404: "Not found",
+    405: "Method not allowed",
     409: "Conflict",
     413: "Too large",
     422: "Cannot do that",
@@ -147,6 +148,24 @@ def _size(value: int | None) -> str:
     return str(value)
 
 
+def readable(value: Any) -> str:
+    """An event's or audit entry's value as a person reads it: `yes`/`no`, `key: value`
+    pairs, lists joined by commas (never Python's repr)."""
+    if value is None or value == "":
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, datetime):
+        return _when(value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k}: {readable(v)}" for k, v in value.items()) or "—"
+    if isinstance(value, list | tuple | set | frozenset):
+        return ", ".join(readable(v) for v in value) or "—"
+    return str(value)
+
+
 def _static(path: str) -> str:
     return f"/static/{path}?v={__version__}"
 
@@ -167,6 +186,7 @@ def _build_env() -> Environment:
         percent=_percent,
         ms=_ms,
         size=_size,
+        readable=readable,
     )
     env.globals.update(static=_static, version=__version__)
     return env
@@ -574,6 +594,29 @@ def error_page(request: Request, exc: UiError) -> Response:
         status=exc.status,
         headers=exc.headers,
     )
+
+
+async def missing_page(request: Request, status: int, detail: str) -> Response:
+    """The styled page for a path that is not there (or not for this method), for browsers."""
+    signed_in = await live_session(request) is not None
+    message = (
+        "There is no page at this address. It may have moved, or the link may be mistyped."
+        if status == 404
+        else "This page cannot be used that way."
+    )
+    response = render(
+        request,
+        "error.html",
+        {
+            "status": status,
+            "title": _TITLES.get(status, detail or "Something went wrong"),
+            "message": message,
+            "home": "/dashboard" if signed_in else "/login",
+        },
+        status=status,
+    )
+    security_headers(request, response)
+    return response
 
 
 class _TooLarge(Exception):

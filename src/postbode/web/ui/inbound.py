@@ -128,6 +128,7 @@ async def add_route(request: Request, viewer: CanChange) -> Response:
             "title": f"Route {route['match']} added",
             "intro": "Every hand-off of this route's mail is signed with this secret "
             "(Standard Webhooks).",
+            "kept": "encrypted",
             "secrets": [("Signing secret", route["secret"])],
             "back": back,
         },

@@ -223,6 +223,10 @@ def _scanned(q: MessageQuery, m: Any) -> list[ColumnElement[bool]]:
         per_delivery.append(deliveries.c.status.concat("") == q.status)
     if q.recipient and not _whole_address(q.recipient):
         per_delivery.append(deliveries.c.recipient.icontains(q.recipient.strip(), autoescape=True))
+    elif q.recipient and per_delivery:
+        # The index found the address's messages; the state must be that same delivery's,
+        # not another recipient's of the message.
+        per_delivery.append(_recipient_is(q.recipient))
     if per_delivery:
         conds.append(
             select(deliveries.c.id).where(deliveries.c.message_id == m.id, *per_delivery).exists()

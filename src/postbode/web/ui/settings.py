@@ -315,6 +315,7 @@ async def create_webhook(request: Request, viewer: CanChange, name: str) -> Resp
         {
             "title": f"Webhook {hook['id']} created",
             "intro": f"Requests to {hook['url']} are signed with this secret.",
+            "kept": "encrypted",
             "secrets": [("Signing secret", hook["secret"])],
             "back": url(f"/settings/apps/{app.name}/webhooks/{hook['id']}", viewer),
         },
@@ -392,6 +393,7 @@ async def _hook_change(
                     "title": f"New secret for webhook {hook_id}",
                     "intro": "For 24 hours requests carry a second signature made with the "
                     "previous secret, so the receiver can switch at leisure.",
+                    "kept": "encrypted",
                     "secrets": [("Signing secret", rotated["secret"])],
                     "back": page,
                 },

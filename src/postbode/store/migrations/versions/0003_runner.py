@@ -32,9 +32,7 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("last_error", sa.Text(), nullable=True))
         batch_op.add_column(sa.Column("last_duration_ms", sa.Integer(), nullable=True))
         batch_op.add_column(sa.Column("runs", sa.Integer(), server_default="0", nullable=False))
-        batch_op.add_column(
-            sa.Column("failures", sa.Integer(), server_default="0", nullable=False)
-        )
+        batch_op.add_column(sa.Column("failures", sa.Integer(), server_default="0", nullable=False))
 
     if op.get_bind().dialect.name != "postgresql":
         return
