@@ -25,6 +25,7 @@ PIPELINE = [
     "abuse",
     "privacy",
     "runner",
+    "templates",
 ]
 
 # (importing part, imported part): never

@@ -243,12 +243,21 @@ messages = Table(
     Column("raw_purged_at", UTCDateTime),
     # When retention replaced the recipients' addresses by keyed hashes (privacy/retention.py).
     Column("addresses_hashed_at", UTCDateTime),
+    # A message made from a template (templates/): its alias and version, and the A/B test
+    # variant it was given; `send_at` when it was scheduled for later.
+    Column("template", String(100)),
+    Column("template_version", Integer),
+    Column("ab_test_id", Integer),
+    Column("ab_variant", String(64)),
+    Column("send_at", UTCDateTime),
     Index(None, "app_id", "received_at"),
     Index(None, "app_id", "tag", "received_at"),
     Index(None, "message_id_header"),
     # The message log, newest first (ids are time-ordered): a page is an index range.
     Index(None, "app_id", "id"),
     Index(None, "app_id", "tag", "id"),
+    Index(None, "app_id", "template", "received_at"),
+    Index(None, "ab_test_id", "ab_variant"),
     # Retention's work lists: only messages still holding a body / clear addresses are in them,
     # so a purge never walks the history it already purged.
     Index(
@@ -277,6 +286,7 @@ raw_messages = Table(
 
 # What a delivery's `status` may be: one list for the API, the UI and queue management.
 DeliveryStatus = Literal[
+    "scheduled",  # waits for the message's send_at, then is claimed like a queued one
     "queued",
     "sending",
     "deferred",
@@ -489,6 +499,64 @@ inbound_attempts = Table(
     Column("error", Text),
     Column("response_body", Text),  # a short, sanitised excerpt (webhooks/destinations.py)
     Index(None, "inbound_id"),
+)
+
+# -- templates and A/B tests ----------------------------------------------------------------
+
+templates = Table(
+    "templates",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("app_id", ForeignKey("apps.id", ondelete="CASCADE"), nullable=False),
+    Column("alias", String(100), nullable=False),
+    Column("name", String(200), nullable=False, default=""),
+    # The version messages are made from; NULL until one is chosen (a new template's first
+    # version is chosen at once).
+    Column("live_version", Integer),
+    _created(),
+    Column("updated_at", UTCDateTime, nullable=False, default=utcnow),
+    UniqueConstraint("app_id", "alias"),
+)
+
+template_versions = Table(
+    "template_versions",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("template_id", ForeignKey("templates.id", ondelete="CASCADE"), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("subject", Text, nullable=False),
+    Column("html", Text),
+    Column("text", Text),
+    Column("layout", String(100)),  # the alias of another template of the app
+    _created(),
+    UniqueConstraint("template_id", "version"),
+)
+
+ab_tests = Table(
+    "ab_tests",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("app_id", ForeignKey("apps.id", ondelete="CASCADE"), nullable=False),
+    Column("template_id", ForeignKey("templates.id", ondelete="CASCADE"), nullable=False),
+    Column("name", String(200), nullable=False, default=""),
+    Column("status", String(16), nullable=False),  # running | ended
+    Column("winner", String(64)),
+    _created(),
+    Column("ended_at", UTCDateTime),
+    Index(None, "template_id", "status"),
+)
+
+ab_variants = Table(
+    "ab_variants",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("test_id", ForeignKey("ab_tests.id", ondelete="CASCADE"), nullable=False),
+    Column("name", String(64), nullable=False),
+    Column("subject", Text),  # NULL: the template's
+    Column("html", Text),
+    Column("text", Text),
+    Column("weight", Integer, nullable=False),
+    UniqueConstraint("test_id", "name"),
 )
 
 # -- statistics, singletons, audit ----------------------------------------------------------

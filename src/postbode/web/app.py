@@ -33,6 +33,7 @@ from postbode.web.api.routes import router as routes_router
 from postbode.web.api.stats import router as stats_router
 from postbode.web.api.suppressions import MAX_IMPORT_BYTES
 from postbode.web.api.suppressions import router as suppressions_router
+from postbode.web.api.templates import router as templates_router
 from postbode.web.api.webhooks import router as webhooks_router
 from postbode.web.errors import install_error_handlers
 from postbode.web.limits import BodyLimit
@@ -110,6 +111,7 @@ def create_app(settings: Settings, store: Store, acceptor: Acceptor | None = Non
     app.include_router(routes_router)
     app.include_router(inbound_router)
     app.include_router(links_router)
+    app.include_router(templates_router)
     app.include_router(ui_router)
     app.mount("/static", static_files(), name="static")
     install_error_handlers(app, missing_page)

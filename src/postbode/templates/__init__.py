@@ -1,0 +1,1 @@
+"""Message templates: rendering in a sandbox, versions, A/B tests."""
