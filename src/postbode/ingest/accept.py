@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.message
 import email.utils
 import hashlib
 import logging
@@ -44,6 +45,8 @@ from postbode.store.schema import (
     suppressions,
     utcnow,
 )
+from postbode.templates.manage import TemplateError
+from postbode.templates.send import TemplateCache, parse_model
 
 log = logging.getLogger(__name__)
 
@@ -106,13 +109,20 @@ class Submission:
     client_name: str | None = None  # EHLO name
     idempotency_key: str | None = None
     request_hash: str | None = None  # of the API body, for Idempotency-Key checks
+    # Made from a template (templates/): kept on the message for statistics and A/B tests.
+    template: str | None = None
+    template_version: int | None = None
+    ab_test_id: int | None = None
+    ab_variant: str | None = None
+    # Later than now: the deliveries wait as `scheduled` and are claimed from this instant.
+    send_at: datetime | None = None
 
 
 @dataclass(frozen=True)
 class AcceptedRecipient:
     email: str
     delivery_id: uuid.UUID
-    status: str  # queued | suppressed
+    status: str  # queued | scheduled | suppressed
 
 
 @dataclass(frozen=True)
@@ -297,6 +307,7 @@ class Acceptor:
         # Control headers become fields; they are not kept in the message.
         tag, stream, metadata = sub.tag, sub.stream, dict(sub.metadata)
         track_opens, track_clicks = sub.track_opens, sub.track_clicks
+        send_at = sub.send_at
         kept: list[bytes] = []
         for line in fields:
             name, _, value = line.partition(b":")
@@ -317,9 +328,11 @@ class Acceptor:
                 track_opens = text.lower() in ("1", "true", "yes")
             elif key == "track-clicks":
                 track_clicks = text.lower() in ("1", "true", "yes")
+            elif key == "send-at" and sub.send_at is None:
+                send_at = parse_send_at(text, utcnow(), smtp=True)
         if stream not in STREAMS:
             raise AcceptError(f"unknown stream {stream!r}", reason="bad_stream", field="stream")
-        sub = replace(sub, stream=stream, tag=tag, metadata=metadata)
+        sub = replace(sub, stream=stream, tag=tag, metadata=metadata, send_at=send_at)
 
         now = utcnow()
         message_uuid = new_id()
@@ -369,6 +382,8 @@ class Acceptor:
         if self._stale(self._apps.get(sub.app_id)):
             await loop.run_in_executor(None, self.app_info, sub.app_id)
         try:
+            if sub.template is None and _names_template(sub.raw):
+                sub = await loop.run_in_executor(None, self._render_template, sub)
             prepared = self.prepare(sub)
         except AcceptError as exc:
             REJECTS.labels(sub.source, exc.reason).inc()
@@ -383,6 +398,11 @@ class Acceptor:
         assert self._wakeup is not None
         self._wakeup.set()
         return await future
+
+    def _render_template(self, sub: Submission) -> Submission:
+        """The submission with its body made from the template its X-Postbode-Template header
+        names, for the model in X-Postbode-Model (JSON); both headers go."""
+        return render_submission(self.store, sub)
 
     def _replay(self, sub: Submission) -> Accepted | None:
         with self.store.read() as conn:
@@ -570,6 +590,11 @@ class _Rows:
                 "track_opens": p.track_opens,
                 "track_clicks": p.track_clicks,
                 "received_at": p.received_at,
+                "template": sub.template,
+                "template_version": sub.template_version,
+                "ab_test_id": sub.ab_test_id,
+                "ab_variant": sub.ab_variant,
+                "send_at": sub.send_at,
             }
         )
         self.raw.append({"message_id": p.id, "compression": "zlib", "data": p.compressed})
@@ -588,6 +613,8 @@ class _Rows:
             )
         )
         accepted: list[AcceptedRecipient] = []
+        scheduled = sub.send_at is not None and sub.send_at > p.received_at
+        due = sub.send_at if scheduled and sub.send_at is not None else p.received_at
         for rcpt in p.recipients:
             key = rcpt.lower()
             is_suppressed = (sub.app_id, key, "all") in suppressed or (
@@ -595,7 +622,7 @@ class _Rows:
                 key,
                 sub.stream,
             ) in suppressed
-            status = "suppressed" if is_suppressed else "queued"
+            status = "suppressed" if is_suppressed else "scheduled" if scheduled else "queued"
             delivery_id = new_id()
             self.deliveries.append(
                 {
@@ -606,8 +633,8 @@ class _Rows:
                     "recipient_domain": rcpt.rpartition("@")[2],
                     "status": status,
                     "attempts": 0,
-                    "next_attempt_at": p.received_at,
-                    "first_queued_at": p.received_at,
+                    "next_attempt_at": due,
+                    "first_queued_at": due,
                     "verp_token": secrets.token_hex(12),
                     "updated_at": p.received_at,
                 }
@@ -620,6 +647,7 @@ class _Rows:
                     at=p.received_at,
                     delivery_id=delivery_id,
                     recipient=rcpt,
+                    data={"send_at": due.isoformat()} if scheduled and not is_suppressed else {},
                     **common,
                 )
             )
@@ -710,3 +738,96 @@ def _store_batch(
 def request_hash(body: bytes) -> str:
     """The fingerprint of an API request body, for Idempotency-Key checks."""
     return hashlib.sha256(body).hexdigest()
+
+
+# -- sends made from templates and sends for later ------------------------------------------------
+
+MAX_SCHEDULE = timedelta(days=30)
+
+
+def parse_send_at(value: str, now: datetime, *, smtp: bool = False) -> datetime:
+    """An RFC 3339 instant at most 30 days ahead (a past one means now); AcceptError if not."""
+    try:
+        at = datetime.fromisoformat(value.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise AcceptError(
+            "send_at is an RFC 3339 time such as 2026-12-24T18:00:00Z",
+            reason="bad_send_at",
+            field="send_at",
+            smtp="501 5.5.4" if smtp else "550 5.6.0",
+        ) from None
+    return check_send_at(at, now)
+
+
+def check_send_at(at: datetime, now: datetime) -> datetime:
+    if at.tzinfo is None:
+        raise AcceptError(
+            "send_at needs a time zone (Z or an offset)", reason="bad_send_at", field="send_at"
+        )
+    at = at.astimezone(now.tzinfo)
+    if at - now > MAX_SCHEDULE:
+        raise AcceptError(
+            "send_at is at most 30 days ahead", reason="bad_send_at", field="send_at"
+        )
+    return at
+
+
+_TEMPLATE_HEADER = CONTROL_PREFIX.encode() + b"template"
+
+
+def _names_template(raw: bytes) -> bool:
+    head, _ = _split_headers(raw[:65536])
+    return _TEMPLATE_HEADER in head.lower()
+
+
+# Header fields a template's rendering replaces (the body's and the subject).
+_REPLACED = ("subject", "content-type", "content-transfer-encoding", "mime-version")
+
+
+def render_submission(store: Store, sub: Submission) -> Submission:
+    """`sub` (an SMTP message naming a template in X-Postbode-Template) with its subject and
+    body rendered from the template for the model in X-Postbode-Model; the message's other
+    header fields are kept. Raises AcceptError naming what is wrong."""
+    head, _ = _split_headers(_to_crlf(sub.raw))
+    parsed = _header_parser.parsebytes(head + b"\r\n")
+    alias = str(parsed.get("x-postbode-template", "")).strip()
+    model_text = str(parsed.get("x-postbode-model", "") or "")
+    recipients = list(sub.recipients)
+    try:
+        model = parse_model(model_text, field="X-Postbode-Model")
+        made = TemplateCache(store, sub.app_id).make(
+            alias, model, recipients[0] if recipients else ""
+        )
+    except TemplateError as exc:
+        raise AcceptError(
+            f"template {alias!r}: {exc.message}",
+            reason="template",
+            field=exc.field,
+            smtp="550 5.6.0",
+        ) from None
+    out = email.message.EmailMessage(policy=SMTP_POLICY)
+    try:
+        for name, value in parsed.items():
+            lname = name.lower()
+            if lname in _REPLACED or lname in ("x-postbode-template", "x-postbode-model"):
+                continue
+            out[name] = value
+        out["Subject"] = made.rendered.subject
+        out.set_content(made.rendered.text)
+        if made.rendered.html is not None:
+            out.add_alternative(made.rendered.html, subtype="html")
+        raw = out.as_bytes()
+    except (ValueError, TypeError, LookupError) as exc:  # a header the rebuild cannot keep
+        raise AcceptError(
+            f"the message cannot be rebuilt from the template: {exc}",
+            reason="template",
+            smtp="550 5.6.0",
+        ) from None
+    return replace(
+        sub,
+        raw=raw,
+        template=made.template,
+        template_version=made.version,
+        ab_test_id=made.ab_test_id,
+        ab_variant=made.ab_variant,
+    )

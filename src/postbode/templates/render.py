@@ -280,7 +280,7 @@ def _inline_css(html: str) -> str:
     inliner = css_inline.CSSInliner(load_remote_stylesheets=False, keep_style_tags=False)
     try:
         return inliner.inline(html)
-    except ValueError as exc:  # css_inline raises ValueError subclasses for bad CSS
+    except ValueError as exc:  # bad CSS, or text that is no Unicode (lone surrogates)
         raise RenderError(f"the CSS cannot be inlined: {exc}", part="html") from None
 
 
@@ -315,5 +315,8 @@ def render(source: Source, model: Mapping[str, Any], layout: Source | None = Non
     if text is None:
         if html is None:
             raise RenderError("a template needs html or text", part="html")
-        text = text_from_html(html)
+        try:
+            text = text_from_html(html)
+        except ValueError as exc:
+            raise RenderError(f"no text can be made from the HTML: {exc}", part="html") from None
     return Rendered(subject=subject, html=html, text=text)

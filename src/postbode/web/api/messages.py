@@ -45,11 +45,15 @@ from postbode.ingest.accept import (
     Submission,
     TemporaryAcceptError,
     normalise_address,
+    parse_send_at,
     request_hash,
 )
 from postbode.store.engine import Store
 from postbode.store.schema import DeliveryStatus, attempts, deliveries, events, messages
+from postbode.templates.manage import TemplateError
+from postbode.templates.send import TemplateCache
 from postbode.web.api.fields import Instant
+from postbode.web.api.templates import api_error as template_api_error
 from postbode.web.auth import api_app_id
 from postbode.web.errors import ApiError, error_body
 
@@ -199,7 +203,9 @@ class SendRequest(BaseModel):
         None, description="Receive the message without being shown in it"
     )
     reply_to: AddressField | None = None
-    subject: Annotated[Line, StringConstraints(min_length=1, max_length=998)]
+    subject: Annotated[Line, StringConstraints(min_length=1, max_length=998)] | None = Field(
+        None, description="Required unless `template` gives it"
+    )
     text: Body | None = None
     html: Body | None = None
     headers: Annotated[dict[HeaderName, HeaderValue], Field(max_length=MAX_HEADERS)] | None = Field(
@@ -213,6 +219,19 @@ class SendRequest(BaseModel):
     stream: Literal["transactional", "broadcast"] = "transactional"
     track_opens: bool | None = Field(None, description="Absent: the app's setting")
     track_clicks: bool | None = Field(None, description="Absent: the app's setting")
+    template: Annotated[Line, StringConstraints(min_length=1, max_length=100)] | None = Field(
+        None,
+        description="The alias of a template of the app: its live version makes the subject, "
+        "html and text (which are then not given)",
+    )
+    model: Annotated[dict[str, Any], Field(max_length=1000)] | None = Field(
+        None, description="The values the template renders (a JSON object)"
+    )
+    send_at: Annotated[str, StringConstraints(max_length=64)] | None = Field(
+        None,
+        description="RFC 3339 time up to 30 days ahead: the deliveries wait as `scheduled` "
+        "until then",
+    )
 
     @field_validator("metadata")
     @classmethod
@@ -490,6 +509,8 @@ def _attachment(att: AttachmentIn) -> mime.Attachment:
 
 def draft(body: SendRequest, max_size: int) -> mime.Draft:
     """The message content of a request; ApiError for what no single field shows."""
+    if body.subject is None:
+        raise ApiError(422, "missing", "give a subject (or a template)", "subject")
     if body.text is None and body.html is None:
         raise ApiError(422, "missing", "give text or html (or both)", "text")
     attachments = body.attachments or []
@@ -574,6 +595,52 @@ async def accept_send_request(request: Request, app_id: int, body: SendRequest) 
     return await _accept(request, app_id, body, None, None)
 
 
+def with_template(
+    body: SendRequest, cache: TemplateCache, recipient: str
+) -> tuple[SendRequest, dict[str, Any]]:
+    """`body` with subject, html and text rendered from its template for its model, and the
+    Submission fields that record the template. Raises ApiError naming the field."""
+    if body.template is None:
+        if body.model is not None:
+            raise ApiError(422, "invalid", "a model is given with a template", "model")
+        return body, {}
+    for name in ("subject", "html", "text"):
+        if getattr(body, name) is not None:
+            raise ApiError(
+                422, "invalid", f"{name} comes from the template: leave it out", name
+            )
+    try:
+        made = cache.make(body.template, dict(body.model or {}), recipient)
+    except TemplateError as exc:
+        raise template_api_error(exc) from None
+    try:
+        _line(made.rendered.subject)
+    except PydanticCustomError as exc:
+        raise ApiError(422, "template_render", f"the subject {exc.message()}", "model") from None
+    rendered = body.model_copy(
+        update={
+            "subject": made.rendered.subject[:998] or "(no subject)",
+            "html": made.rendered.html,
+            "text": made.rendered.text,
+        }
+    )
+    return rendered, {
+        "template": made.template,
+        "template_version": made.version,
+        "ab_test_id": made.ab_test_id,
+        "ab_variant": made.ab_variant,
+    }
+
+
+def send_at_of(body: SendRequest) -> datetime | None:
+    if body.send_at is None:
+        return None
+    try:
+        return parse_send_at(body.send_at, datetime.now(UTC))
+    except AcceptError as exc:
+        raise ApiError(422, exc.reason, exc.message, exc.field) from None
+
+
 async def _accept(
     request: Request,
     app_id: int,
@@ -587,6 +654,11 @@ async def _accept(
     settings: Settings = request.app.state.settings
     acceptor: Acceptor = request.app.state.acceptor
     recipients = _recipients(body, settings.smtp_max_recipients)
+    send_at = send_at_of(body)
+    made: dict[str, Any] = {}
+    if body.template is not None or body.model is not None:
+        cache = TemplateCache(request.app.state.store, app_id)
+        body, made = await run_in_threadpool(with_template, body, cache, recipients[0])
     if _content_chars(body) <= INLINE_BUILD_CHARS:
         raw = build(body, settings.smtp_max_message_size)
     else:
@@ -606,6 +678,8 @@ async def _accept(
         client_ip=client[0] if client else None,
         idempotency_key=idempotency_key,
         request_hash=request_hash(_canonical(data)) if idempotency_key else None,
+        send_at=send_at,
+        **made,
     )
     try:
         return await acceptor.accept(submission)

@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Path, Request, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from postbode.store.engine import Store
@@ -24,15 +24,28 @@ MAX_MODEL_KEYS = 1000
 router = APIRouter(prefix="/api/v1/templates", tags=["templates"])
 
 Alias = Annotated[str, Path(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")]
-Part = Annotated[str, Field(max_length=MAX_SOURCE)]
+
+
+def _unicode(value: str) -> str:
+    # PostgreSQL text holds no lone surrogates (JSON "\ud800"): they are no Unicode.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text") from None
+    return value
+
+
+Part = Annotated[str, Field(max_length=MAX_SOURCE), AfterValidator(_unicode)]
+Line = Annotated[str, Field(max_length=10_000), AfterValidator(_unicode)]
+Name = Annotated[str, Field(max_length=200), AfterValidator(_unicode)]
 
 
 class TemplateIn(ApiInput):
     model_config = ConfigDict(extra="forbid")
 
     alias: str = Field(max_length=100, description="The name sends use: letters, digits, _ . -")
-    name: str = Field("", max_length=200)
-    subject: Annotated[str, Field(min_length=1, max_length=10_000)]
+    name: Name = ""
+    subject: Annotated[Line, Field(min_length=1)]
     html: Part | None = Field(None, description="Jinja2; model values are HTML-escaped")
     text: Part | None = Field(None, description="Jinja2; made from the HTML when absent")
     layout: str | None = Field(
@@ -45,8 +58,8 @@ class TemplateIn(ApiInput):
 class VersionIn(ApiInput):
     model_config = ConfigDict(extra="forbid")
 
-    name: str | None = Field(None, max_length=200)
-    subject: Annotated[str, Field(min_length=1, max_length=10_000)]
+    name: Name | None = None
+    subject: Annotated[Line, Field(min_length=1)]
     html: Part | None = None
     text: Part | None = None
     layout: str | None = Field(None, max_length=100)
@@ -64,7 +77,7 @@ class ValidateIn(ApiInput):
 
     model_config = ConfigDict(extra="forbid")
 
-    subject: str | None = Field(None, max_length=10_000)
+    subject: Line | None = None
     html: Part | None = None
     text: Part | None = None
     layout: str | None = Field(None, max_length=100)
