@@ -32,7 +32,7 @@ class Queue:
 
 DELIVERIES = Queue(
     deliveries,
-    due=("queued", "deferred"),
+    due=("scheduled", "queued", "deferred"),
     claimed="sending",
     swept="deferred",
     parked="held",
