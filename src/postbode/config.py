@@ -52,8 +52,8 @@ class Settings(BaseSettings):
     )
     secret_key: SecretStr = Field(
         SecretStr(""),
-        description="Key for signing sessions, tracking links and tokens; "
-        "generated into the data directory when empty.",
+        description="Key for signing sessions, tracking links and tokens, and for encrypting "
+        "webhook and route signing secrets; generated into the data directory when empty.",
     )
 
     # -- listeners --------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from postbode.store.claim import INBOUND
 from postbode.store.engine import Store
 from postbode.store.retry import retrying
 from postbode.store.schema import inbound_attempts, inbound_messages, routes, utcnow
+from postbode.store.sealing import unseal
 from postbode.webhooks.deliver import describe_error, open_session
 from postbode.webhooks.destinations import EXCERPT_CHARS, DestinationPolicy, excerpt
 from postbode.webhooks.signing import signed_headers
@@ -216,7 +217,7 @@ class InboundWorker:
         headers = {
             "content-type": "application/json",
             "user-agent": USER_AGENT,
-            **signed_headers([route.secret], str(row.id), body),
+            **signed_headers([unseal(self.store, route.secret)], str(row.id), body),
         }
         outcome.url = route.url
         return outcome, body, headers

@@ -22,6 +22,7 @@ from sqlalchemy import Connection, delete, insert, select, update
 
 from postbode.store.engine import Store
 from postbode.store.schema import ROUTE_ACTIONS, ROUTE_FORMATS, apps, domains, routes, utcnow
+from postbode.store.sealing import seal
 from postbode.webhooks.destinations import DestinationPolicy
 from postbode.webhooks.manage import STRICT, WebhookError, check_url
 from postbode.webhooks.signing import generate_secret
@@ -168,6 +169,7 @@ def create_route(
     stored, domain = check_pattern(pattern)
     checked_url = check_route(action, url, format, policy)
     secret = generate_secret()
+    sealed = seal(store, secret)
     with store.write() as conn:
         owner = conn.execute(
             select(domains.c.app_id, domains.c.inbound).where(domains.c.name == domain)
@@ -190,7 +192,7 @@ def create_route(
                 action=action,
                 url=checked_url,
                 format=format,
-                secret=secret,
+                secret=sealed,
                 enabled=True,
                 created_at=utcnow(),
             )

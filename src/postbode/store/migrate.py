@@ -19,10 +19,13 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 _PG_LOCK_KEY = 0x706F7374626F6465  # "postbode"
 
 
-def alembic_config(conn: Connection | None = None) -> Config:
+def alembic_config(conn: Connection | None = None, secret: str | None = None) -> Config:
+    """`secret`: the configured installation secret key, for migrations that seal values."""
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.attributes["connection"] = conn
+    if secret:
+        cfg.attributes["installation_secret"] = secret.encode()
     return cfg
 
 
@@ -64,7 +67,7 @@ def _migration_lock(store: Store) -> Iterator[None]:
 def migrate(store: Store, revision: str = "head") -> None:
     """Apply every migration up to `revision`."""
     with _migration_lock(store), store.engine.begin() as conn:
-        command.upgrade(alembic_config(conn), revision)
+        command.upgrade(alembic_config(conn, store.configured_secret), revision)
 
 
 def ensure_migrated(store: Store) -> None:

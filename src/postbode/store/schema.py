@@ -396,6 +396,7 @@ webhooks = Table(
     Column("event_types", JSON, nullable=False, default=list),  # empty: every type
     Column("format", String(16), nullable=False, default="native"),
     Column("enabled", Boolean, nullable=False, default=True),
+    # Sealed (store/sealing.py): they must be readable to sign, so they are encrypted at rest.
     Column("secret", String(100), nullable=False),
     Column("previous_secret", String(100)),
     Column("previous_secret_until", UTCDateTime),
@@ -447,7 +448,7 @@ routes = Table(
     Column("action", String(8), nullable=False, default="post"),  # post | hold | reject
     Column("url", String(2000)),  # where `post` (and a released `hold`) sends the message
     Column("format", String(16), nullable=False, default="native"),  # native | postmark
-    Column("secret", String(100), nullable=False),  # whsec_…: signs the hand-off
+    Column("secret", String(100), nullable=False),  # whsec_…, sealed: signs the hand-off
     Column("enabled", Boolean, nullable=False, default=True),
     _created(),
     UniqueConstraint("pattern"),

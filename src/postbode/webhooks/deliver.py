@@ -39,6 +39,7 @@ from postbode.store.schema import (
     webhook_requests,
     webhooks,
 )
+from postbode.store.sealing import key_for
 from postbode.webhooks import formats
 from postbode.webhooks.destinations import (
     EXCERPT_CHARS,
@@ -195,6 +196,7 @@ class WebhookWorker:
 
     def prepare(self, rows: Sequence[Row[Any]]) -> list[Job]:
         """The body and signed headers of each claimed request."""
+        key = key_for(self.store)
         with self.store.read() as conn:
             hooks = {
                 h.id: h
@@ -236,7 +238,7 @@ class WebhookWorker:
                     out = formats.render(
                         job.hook._mapping,
                         [(event._mapping, message._mapping if message else None)],
-                        secrets_in_force(job.hook, now),
+                        secrets_in_force(job.hook, now, key),
                         now,
                     )
                     job.body, job.headers, job.url = out.body, out.headers, out.url

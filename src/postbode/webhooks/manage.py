@@ -22,6 +22,7 @@ from postbode.store.schema import (
     webhook_requests,
     webhooks,
 )
+from postbode.store.sealing import key_for, seal_with, unseal_with
 from postbode.webhooks import formats
 from postbode.webhooks.destinations import DestinationPolicy, excerpt, url_refusal
 from postbode.webhooks.signing import generate_secret
@@ -122,8 +123,8 @@ def check_format(name: str) -> str:
 # -- endpoints ------------------------------------------------------------------------------
 
 
-def public(row: Any) -> dict[str, Any]:
-    """A webhook as the API shows it (never its secrets)."""
+def public(row: Any, key: bytes) -> dict[str, Any]:
+    """A webhook as the API shows it (never its secrets; `key`: the store's sealing key)."""
     data = row._mapping
     until = data["previous_secret_until"]
     return {
@@ -136,7 +137,11 @@ def public(row: Any) -> dict[str, Any]:
         "failing_since": data["failing_since"],
         "previous_secret_expires_at": until if until and until > utcnow() else None,
         "created_at": data["created_at"],
-        "verification_key": formats.verification_key(data["format"], data["secret"]),
+        "verification_key": formats.verification_key(
+            data["format"], unseal_with(key, data["secret"])
+        )
+        if data["format"] == "sendgrid"
+        else None,
     }
 
 
@@ -166,15 +171,18 @@ def create_webhook(
         "format": check_format(format),
         "event_types": check_event_types(event_types, format),
         "enabled": enabled,
-        "secret": generate_secret(),
         "created_at": utcnow(),
     }
+    secret = generate_secret()
+    key = key_for(store)
     with store.write() as conn:
         hook_id = conn.execute(
-            insert(webhooks).values(**values).returning(webhooks.c.id)
+            insert(webhooks)
+            .values(**values, secret=seal_with(key, secret))
+            .returning(webhooks.c.id)
         ).scalar_one()
         row = _get(conn, app_id, hook_id)
-    return {**public(row), "secret": values["secret"]}
+    return {**public(row, key), "secret": secret}
 
 
 def list_webhooks(store: Store, app_id: int) -> list[dict[str, Any]]:
@@ -182,12 +190,14 @@ def list_webhooks(store: Store, app_id: int) -> list[dict[str, Any]]:
         rows = conn.execute(
             select(*_PUBLIC).where(webhooks.c.app_id == app_id).order_by(webhooks.c.id)
         ).all()
-    return [public(r) for r in rows]
+    key = key_for(store)
+    return [public(r, key) for r in rows]
 
 
 def get_webhook(store: Store, app_id: int, hook_id: int) -> dict[str, Any]:
+    key = key_for(store)
     with store.read() as conn:
-        return public(_get(conn, app_id, hook_id))
+        return public(_get(conn, app_id, hook_id), key)
 
 
 def update_webhook(
@@ -222,11 +232,12 @@ def update_webhook(
         values["enabled"] = bool(changes["enabled"])
         if values["enabled"]:
             values.update(disabled_reason=None, failing_since=None)
+    key = key_for(store)
     with store.write() as conn:
         _get(conn, app_id, hook_id)
         if values:
             conn.execute(update(webhooks).where(webhooks.c.id == hook_id).values(**values))
-        return public(_get(conn, app_id, hook_id))
+        return public(_get(conn, app_id, hook_id), key)
 
 
 def delete_webhook(store: Store, app_id: int, hook_id: int) -> None:
@@ -243,6 +254,7 @@ def rotate_secret(
     Rotating again within those hours retires the older one at once."""
     now = now or utcnow()
     secret = generate_secret()
+    key = key_for(store)
     with store.write() as conn:
         row = conn.execute(
             select(webhooks.c.secret, webhooks.c.format).where(
@@ -256,7 +268,9 @@ def rotate_secret(
             update(webhooks)
             .where(webhooks.c.id == hook_id)
             .values(
-                secret=secret, previous_secret=current, previous_secret_until=now + ROTATION_GRACE
+                secret=seal_with(key, secret),
+                previous_secret=current,
+                previous_secret_until=now + ROTATION_GRACE,
             )
         )
     return {
@@ -266,12 +280,12 @@ def rotate_secret(
     }
 
 
-def secrets_in_force(hook: Any, now: datetime) -> list[str]:
+def secrets_in_force(hook: Any, now: datetime, key: bytes) -> list[str]:
     """The secrets a request to this endpoint is signed with: the current one, and the
-    previous one while its grace period lasts."""
-    found = [hook.secret]
+    previous one while its grace period lasts (unsealed with the store's key `key`)."""
+    found = [unseal_with(key, hook.secret)]
     if hook.previous_secret and hook.previous_secret_until and hook.previous_secret_until > now:
-        found.append(hook.previous_secret)
+        found.append(unseal_with(key, hook.previous_secret))
     return found
 
 

@@ -25,6 +25,7 @@ from postbode.events.record import Event, record
 from postbode.events.types import EventType
 from postbode.store.engine import Store
 from postbode.store.schema import apps, events, messages, utcnow, webhook_requests, webhooks
+from postbode.store.sealing import key_for
 from postbode.web.app import create_app
 from postbode.webhooks import formats, manage
 
@@ -140,7 +141,7 @@ def requests_for(store: Store, hook_id: int) -> list[formats.Outgoing]:
             .order_by(events.c.created_at)
         ).all()
         rows = {m.id: m for m in conn.execute(select(messages))}
-    secrets = manage.secrets_in_force(hook, now)
+    secrets = manage.secrets_in_force(hook, now, key_for(store))
     return [
         formats.render(hook._mapping, [(e._mapping, rows[e.message_id]._mapping)], secrets, now)
         for e in queued
@@ -246,7 +247,7 @@ def test_sendgrid_batches_several_events_in_one_signed_array(
     one = formats.render(
         row._mapping,
         [(e._mapping, message._mapping) for e in found],
-        manage.secrets_in_force(row, now),
+        manage.secrets_in_force(row, now, key_for(store)),
         now,
     )
     with (

@@ -126,7 +126,7 @@ def test_timeline_and_audit_log_read_as_words(
     page.locator("input[name=event_types][value='delivery.delivered']").check()
     page.get_by_role("button", name="Create webhook").click()
     warning = page.locator(".secret-once .flash")
-    expect(warning).to_contain_text("keeps it to sign requests")
+    expect(warning).to_contain_text("keeps it encrypted")
     expect(warning).not_to_contain_text("hash")
     page.goto(f"{postbode.base}/audit")
     row = page.locator("tr", has_text="webhook.create")

@@ -12,6 +12,7 @@ from postbode.events.record import Event, record
 from postbode.events.types import EventType
 from postbode.store.engine import Store
 from postbode.store.schema import events, utcnow, webhook_requests, webhooks
+from postbode.store.sealing import key_for
 from postbode.testing.factories import make_app
 from postbode.webhooks import manage
 from postbode.webhooks.manage import WebhookError
@@ -87,9 +88,13 @@ def test_rotation_keeps_the_previous_secret_for_a_day(store: Store) -> None:
     assert rotated["previous_secret_expires_at"] == now + timedelta(hours=24)
     with store.read() as conn:
         row = conn.execute(select(webhooks)).one()
-    assert row.secret == rotated["secret"] and row.previous_secret == hook["secret"]
-    assert manage.secrets_in_force(row, now) == [rotated["secret"], hook["secret"]]
-    assert manage.secrets_in_force(row, now + timedelta(hours=24, seconds=1)) == [rotated["secret"]]
+    # Kept sealed, not in clear: they must be readable to sign, so they are encrypted.
+    assert rotated["secret"] not in (row.secret, row.previous_secret)
+    assert hook["secret"] not in (row.secret, row.previous_secret)
+    key = key_for(store)
+    assert manage.secrets_in_force(row, now, key) == [rotated["secret"], hook["secret"]]
+    later = now + timedelta(hours=24, seconds=1)
+    assert manage.secrets_in_force(row, later, key) == [rotated["secret"]]
     shown = manage.get_webhook(store, app.app_id, hook["id"])
     assert shown["previous_secret_expires_at"] is not None
 
