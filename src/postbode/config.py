@@ -77,6 +77,11 @@ class Settings(BaseSettings):
         "postbode.localhost",
         description="Host name used in the SMTP banner, EHLO and Received headers.",
     )
+    alert_sender: str = Field(
+        "",
+        description="From address of the alert e-mails Postbode sends to organisation owners "
+        "and admins; empty: postbode@ and smtp_hostname.",
+    )
     smtp_max_message_size: int = Field(
         25 * 1024 * 1024, description="Largest message accepted, in bytes (SMTP SIZE)."
     )

@@ -19,6 +19,8 @@ from typing import Any
 
 from sqlalchemy import Connection, Row, insert, select
 
+from postbode.abuse.alerts import SYSTEM_SOURCE
+from postbode.abuse.hold import reply_text
 from postbode.bounces import suppression
 from postbode.bounces.classify import Classification, classify, load_rules
 from postbode.bounces.effects import after_smtp_bounce
@@ -53,6 +55,7 @@ class Job:
     message: Row[Any]
     raw: bytes = b""
     app_status: str = "active"
+    hold_reason: str | None = None  # the app is held (abuse/hold.py): not sent until released
     max_age: float = 0.0
     outcome: Outcome | None = None
     attempt: Attempt | None = None
@@ -132,9 +135,12 @@ class Outgoing:
             app_rows = {
                 a.id: a
                 for a in conn.execute(
-                    select(apps.c.id, apps.c.status, apps.c.max_message_age_seconds).where(
-                        apps.c.id.in_(app_ids)
-                    )
+                    select(
+                        apps.c.id,
+                        apps.c.status,
+                        apps.c.hold_reason,
+                        apps.c.max_message_age_seconds,
+                    ).where(apps.c.id.in_(app_ids))
                 )
             }
             # Checked before every attempt, not only at accept: an address suppressed while
@@ -154,6 +160,8 @@ class Outgoing:
                     message=message,
                     raw=zlib.decompress(raw) if raw is not None else b"",
                     app_status=app.status,
+                    # Postbode's own alert mail goes out: it tells people about the hold.
+                    hold_reason=app.hold_reason if message.source != SYSTEM_SOURCE else None,
                     max_age=float(
                         app.max_message_age_seconds or self.settings.max_message_age_seconds
                     ),
@@ -207,6 +215,9 @@ class Outgoing:
     def check_app_active(self, job: Job) -> bool:
         if job.app_status != "active":
             job.outcome = Held(reason=f"app is {job.app_status}")
+            return True
+        if job.hold_reason is not None:
+            job.outcome = Held(reason=reply_text(job.hold_reason))
             return True
         return False
 

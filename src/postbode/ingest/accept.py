@@ -23,6 +23,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Dialect, delete, insert, or_, select
 
+from postbode.abuse import hold as abuse_hold
 from postbode.events.record import Event, record
 from postbode.events.types import EventType
 from postbode.metrics import (
@@ -122,7 +123,7 @@ class Submission:
 class AcceptedRecipient:
     email: str
     delivery_id: uuid.UUID
-    status: str  # queued | scheduled | suppressed
+    status: str  # queued | scheduled | suppressed | held
 
 
 @dataclass(frozen=True)
@@ -442,14 +443,15 @@ class Acceptor:
             # suppression that lands meanwhile is as if it landed just after this accept.
             with self.store.read() as conn:
                 suppressed = _suppressed(conn, items)
+                held = abuse_hold.holds(conn, {p.sub.app_id for p in items})
             answers: list[Accepted | BaseException]
             if any(p.sub.idempotency_key for p in items):  # answers depend on the store
                 with self.store.write() as conn:
-                    answers = list(_store_batch(conn, items, suppressed))
+                    answers = list(_store_batch(conn, items, suppressed, held))
             else:
                 # Rows made and converted for the driver before the write lock is taken.
                 rows = _Rows()
-                answers = [rows.add(p, suppressed) for p in items]
+                answers = [rows.add(p, suppressed, held) for p in items]
                 ready = rows.prepare(self.store.engine.dialect)
                 with self.store.write() as conn:
                     ready.write(conn)
@@ -462,7 +464,14 @@ class Acceptor:
             for item in items:
                 try:
                     with self.store.write() as conn:
-                        answers.extend(_store_batch(conn, [item], _suppressed(conn, [item])))
+                        answers.extend(
+                            _store_batch(
+                                conn,
+                                [item],
+                                _suppressed(conn, [item]),
+                                abuse_hold.holds(conn, [item.sub.app_id]),
+                            )
+                        )
                 except Exception:
                     log.exception("could not store message %s", item.id)
                     answers.append(TemporaryAcceptError("the store is unavailable, try later"))
@@ -570,9 +579,13 @@ class _Rows:
     deliveries: list[dict[str, Any]] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
 
-    def add(self, p: _Prepared, suppressed: set[tuple[int, str, str]]) -> Accepted:
-        """Add one message's rows; returns the answer its client gets once they are stored."""
+    def add(
+        self, p: _Prepared, suppressed: set[tuple[int, str, str]], held: dict[int, str]
+    ) -> Accepted:
+        """Add one message's rows; returns the answer its client gets once they are stored.
+        `held`: the hold reasons of held apps (abuse/hold.py), whose new mail waits as `held`."""
         sub = p.sub
+        hold_reason = held.get(sub.app_id)
         self.messages.append(
             {
                 "id": p.id,
@@ -622,7 +635,15 @@ class _Rows:
                 key,
                 sub.stream,
             ) in suppressed
-            status = "suppressed" if is_suppressed else "scheduled" if scheduled else "queued"
+            # A held app's scheduled mail stays scheduled: the worker holds it when it is due.
+            if is_suppressed:
+                status, event_type = "suppressed", EventType.DELIVERY_SUPPRESSED
+            elif scheduled:
+                status, event_type = "scheduled", EventType.DELIVERY_QUEUED
+            elif hold_reason is not None:
+                status, event_type = "held", EventType.DELIVERY_HELD
+            else:
+                status, event_type = "queued", EventType.DELIVERY_QUEUED
             delivery_id = new_id()
             self.deliveries.append(
                 {
@@ -637,17 +658,22 @@ class _Rows:
                     "first_queued_at": due,
                     "verp_token": secrets.token_hex(12),
                     "updated_at": p.received_at,
+                    "last_reply": abuse_hold.reply_text(hold_reason)
+                    if status == "held" and hold_reason is not None
+                    else None,
                 }
             )
             self.events.append(
                 Event(
-                    type=EventType.DELIVERY_SUPPRESSED
-                    if is_suppressed
-                    else EventType.DELIVERY_QUEUED,
+                    type=event_type,
                     at=p.received_at,
                     delivery_id=delivery_id,
                     recipient=rcpt,
-                    data={"send_at": due.isoformat()} if scheduled and not is_suppressed else {},
+                    data={"send_at": due.isoformat()}
+                    if status == "scheduled"
+                    else {"reason": abuse_hold.reply_text(hold_reason)}
+                    if status == "held" and hold_reason is not None
+                    else {},
                     **common,
                 )
             )
@@ -687,7 +713,10 @@ class _ReadyRows:
 
 
 def _store_batch(
-    conn: Connection, items: Sequence[_Prepared], suppressed: set[tuple[int, str, str]]
+    conn: Connection,
+    items: Sequence[_Prepared],
+    suppressed: set[tuple[int, str, str]],
+    held: dict[int, str],
 ) -> list[Accepted | IdempotencyConflict]:
     """Write the batch's messages, deliveries and events in `conn`'s transaction, answering
     requests with an Idempotency-Key used before with the earlier answer (or a conflict);
@@ -713,7 +742,7 @@ def _store_batch(
             if earlier is not None:
                 answers.append(earlier)
                 continue
-        answer = rows.add(p, suppressed)
+        answer = rows.add(p, suppressed, held)
         if sub.idempotency_key:
             batch_keys[(sub.app_id, sub.idempotency_key)] = (sub.request_hash, answer)
             conn.execute(  # a key older than the window may be used again

@@ -113,6 +113,15 @@ def _lease_columns() -> list[Column[Any]]:
     ]
 
 
+def _limit_columns() -> list[Column[Any]]:
+    """Sending limits of an app or a credential (abuse/limits.py); NULL: no limit."""
+    return [
+        Column("limit_per_minute", Integer),
+        Column("limit_per_hour", Integer),
+        Column("limit_per_day", Integer),
+    ]
+
+
 # -- tenancy ------------------------------------------------------------------------------
 
 organizations = Table(
@@ -164,6 +173,13 @@ apps = Table(
     Column("store_bodies", Boolean, nullable=False, server_default=true()),
     # False: no open pixel or click link, whatever a message asks for.
     Column("tracking_allowed", Boolean, nullable=False, server_default=true()),
+    # An abuse hold (abuse/hold.py): set, the app's new mail is accepted as `held` and its
+    # queued mail is not sent until someone releases the app.
+    Column("hold_reason", Text),
+    Column("held_at", UTCDateTime),
+    Column("held_by", String(320)),
+    # Sending limits (abuse/limits.py): messages accepted per minute, hour, day; NULL: none.
+    *_limit_columns(),
     _created(),
     UniqueConstraint("name"),
 )
@@ -181,6 +197,7 @@ credentials = Table(
     Column("secret_hash", String(200), nullable=False),
     Column("last_used_at", UTCDateTime),
     Column("revoked_at", UTCDateTime),
+    *_limit_columns(),
     _created(),
 )
 
@@ -250,6 +267,9 @@ messages = Table(
     Column("ab_test_id", Integer),
     Column("ab_variant", String(64)),
     Column("send_at", UTCDateTime),
+    # rspamd's verdict (abuse/content.py), when a content scanner is configured.
+    Column("spam_score", Float),
+    Column("spam_symbols", JSON),
     Index(None, "app_id", "received_at"),
     Index(None, "app_id", "tag", "received_at"),
     Index(None, "message_id_header"),
@@ -623,6 +643,42 @@ system_values = Table(
     metadata,
     Column("name", String(64), primary_key=True),
     Column("value", Text, nullable=False),
+)
+
+# -- abuse --------------------------------------------------------------------------------------
+
+app_alerts = Table(
+    "app_alerts",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("app_id", ForeignKey("apps.id", ondelete="CASCADE"), nullable=False),
+    Column("kind", String(32), nullable=False),  # limit | spike | bounce_rate | … (app.alert)
+    Column("figures", JSON, nullable=False, default=dict),
+    Column("held", Boolean, nullable=False, default=False),  # the app's new mail is held
+    _created(),
+    Index(None, "app_id", "created_at"),
+)
+
+# When an app last alerted of each kind: at most one alert per kind, app and hour, on any node.
+alert_state = Table(
+    "alert_state",
+    metadata,
+    Column("app_id", ForeignKey("apps.id", ondelete="CASCADE"), nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("last_at", UTCDateTime, nullable=False),
+    PrimaryKeyConstraint("app_id", "kind"),
+)
+
+# Messages accepted per scope (`app:ID`, `credential:ID`) and window, for sending limits.
+send_counters = Table(
+    "send_counters",
+    metadata,
+    Column("scope", String(32), nullable=False),
+    Column("period", String(8), nullable=False),  # minute | hour | day
+    Column("bucket", UTCDateTime, nullable=False),  # the window's start
+    Column("count", Integer, nullable=False),
+    PrimaryKeyConstraint("scope", "period", "bucket"),
+    Index(None, "bucket"),
 )
 
 login_attempts = Table(

@@ -1,0 +1,160 @@
+"""Holding an app's mail and releasing it: while an app is held its new mail is accepted with
+status `held` (and its hold reason) and its queued mail is not sent; a release sends it."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, select, update
+
+from postbode import audit
+from postbode.delivery.manage import CHUNK, DeliveryFilter, change_many
+from postbode.store.engine import Store
+from postbode.store.schema import apps, deliveries, utcnow
+
+__all__ = [
+    "REASON_CHARS",
+    "Actor",
+    "HoldError",
+    "hold",
+    "hold_in",
+    "holds",
+    "release",
+    "reply_text",
+]
+
+REASON_CHARS = 500
+
+
+class HoldError(ValueError):
+    """A hold or release that cannot be made (no such app, an empty reason)."""
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who holds or releases, as the audit log names them."""
+
+    name: str  # a user's e-mail, `cli`, an organisation token's name, `postbode` (a detector)
+    user_id: int | None = None
+    ip: str | None = None
+
+
+DETECTOR = Actor("postbode")
+
+
+def reply_text(reason: str) -> str:
+    """What a delivery held by an app hold shows as its last reply (queue view, message page)."""
+    return f"app held: {reason}"
+
+
+def holds(conn: Connection, app_ids: Iterable[int]) -> dict[int, str]:
+    """The hold reason of each of these apps that is held."""
+    ids = sorted(set(app_ids))
+    if not ids:
+        return {}
+    rows = conn.execute(
+        select(apps.c.id, apps.c.hold_reason).where(
+            apps.c.id.in_(ids), apps.c.hold_reason.is_not(None)
+        )
+    )
+    return {r.id: r.hold_reason for r in rows}
+
+
+def _app(conn: Connection, app_id: int) -> Any:
+    row = conn.execute(
+        select(apps.c.id, apps.c.name, apps.c.organization_id, apps.c.hold_reason).where(
+            apps.c.id == app_id
+        )
+    ).first()
+    if row is None:
+        raise HoldError(f"no app {app_id}")
+    return row
+
+
+def hold_in(
+    conn: Connection,
+    app_id: int,
+    reason: str,
+    actor: Actor = DETECTOR,
+    *,
+    now: datetime | None = None,
+    data: dict[str, Any] | None = None,
+) -> bool:
+    """Hold the app's mail, in `conn`'s transaction, with its audit row; False when the app was
+    already held (the first reason stays: it is what tripped)."""
+    reason = " ".join(reason.split())[:REASON_CHARS]
+    if not reason:
+        raise HoldError("give a reason for the hold")
+    app = _app(conn, app_id)
+    now = now or utcnow()
+    changed = conn.execute(
+        update(apps)
+        .where(apps.c.id == app_id, apps.c.hold_reason.is_(None))
+        .values(hold_reason=reason, held_at=now, held_by=actor.name[:320])
+    ).rowcount
+    if not changed:
+        return False
+    audit.write(
+        conn,
+        app.organization_id,
+        actor.name,
+        "app.hold",
+        app.name,
+        {"reason": reason, **(data or {})},
+        ip=actor.ip,
+        user_id=actor.user_id,
+    )
+    return True
+
+
+def hold(store: Store, app_id: int, reason: str, actor: Actor) -> bool:
+    """Hold the app's mail (see `hold_in`); False when it was already held."""
+    with store.write() as conn:
+        return hold_in(conn, app_id, reason, actor)
+
+
+def release(store: Store, app_id: int, actor: Actor) -> int:
+    """End the app's hold and send its held mail; returns how many deliveries were released.
+        Deliveries parked by an error (they carry a traceback) stay held: they are released one by
+        one from the queue view, once the error is understood. Releasing an app that is not held
+    sends whatever an earlier, interrupted release left held. Raises HoldError (no such app)."""
+    with store.write() as conn:
+        app = _app(conn, app_id)
+        conn.execute(
+            update(apps)
+            .where(apps.c.id == app_id)
+            .values(hold_reason=None, held_at=None, held_by=None)
+        )
+        audit.write(
+            conn,
+            app.organization_id,
+            actor.name,
+            "app.release",
+            app.name,
+            {"reason": app.hold_reason} if app.hold_reason else {},
+            ip=actor.ip,
+            user_id=actor.user_id,
+        )
+    released = 0
+    after: uuid.UUID | None = None
+    while True:
+        query = select(deliveries.c.id).where(
+            deliveries.c.app_id == app_id,
+            deliveries.c.status == "held",
+            deliveries.c.error.is_(None),
+        )
+        if after is not None:
+            query = query.where(deliveries.c.id > after)
+        with store.read() as conn:
+            ids = list(conn.execute(query.order_by(deliveries.c.id).limit(CHUNK)).scalars())
+        if not ids:
+            break
+        released += change_many(
+            store, app_id, "release", DeliveryFilter(ids=ids), by=actor.name, chunk=CHUNK
+        )
+        after = ids[-1]
+    return released
