@@ -271,7 +271,53 @@ def app_list(as_json: JsonFlag = False) -> None:
     if as_json:
         _print_json(rows)
     else:
-        _print_table(rows, ["name", "organization", "status", "domains", "credentials"])
+        _print_table(
+            rows, ["name", "organization", "status", "hold_reason", "domains", "credentials"]
+        )
+
+
+def _app_id(name: str) -> tuple[Store, int]:
+    store = _store()
+    try:
+        with store.read() as conn:
+            return store, int(tenancy.app_by_name(conn, name)["id"])
+    except tenancy.TenancyError as exc:
+        _fail(str(exc))
+
+
+@app_cmd.command("hold")
+def app_hold(
+    name: str,
+    reason: Annotated[str, typer.Option(help="Why: shown with every held delivery.")],
+    as_json: JsonFlag = False,
+) -> None:
+    """Hold the app's mail: new mail is accepted as held, queued mail waits, until released."""
+    from postbode.abuse import hold
+
+    store, app_id = _app_id(name)
+    try:
+        changed = hold.hold(store, app_id, reason, hold.Actor("cli"))
+    except hold.HoldError as exc:
+        _fail(str(exc))
+    if as_json:
+        _print_json({"app": name, "held": True, "changed": changed})
+    elif changed:
+        out.print(f"app [bold]{name}[/bold] is held: {reason}")
+    else:
+        out.print(f"app [bold]{name}[/bold] was already held")
+
+
+@app_cmd.command("release")
+def app_release(name: str, as_json: JsonFlag = False) -> None:
+    """End the app's hold and send its held mail."""
+    from postbode.abuse import hold
+
+    store, app_id = _app_id(name)
+    released = hold.release(store, app_id, hold.Actor("cli"))
+    if as_json:
+        _print_json({"app": name, "held": False, "released": released})
+    else:
+        out.print(f"app [bold]{name}[/bold] released; {released} held deliveries queued")
 
 
 @credential_cmd.command("create")

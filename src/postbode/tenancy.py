@@ -134,6 +134,7 @@ def list_apps(store: Store) -> list[dict[str, Any]]:
                 apps.c.name,
                 organizations.c.name.label("organization"),
                 apps.c.status,
+                apps.c.hold_reason,
                 n_domains.label("domains"),
                 n_creds.label("credentials"),
                 apps.c.created_at,

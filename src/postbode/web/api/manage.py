@@ -17,6 +17,8 @@ from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from postbode import audit, dnscheck, tenancy
+from postbode.abuse import alerts as abuse_alerts
+from postbode.abuse import hold as abuse_hold
 from postbode.config import Settings
 from postbode.events.types import EventType
 from postbode.store.engine import Store
@@ -191,6 +193,12 @@ class AppOut(BaseModel):
     max_message_age_seconds: int | None = Field(description="null: the global setting")
     raw_retention_days: int
     metadata_retention_days: int
+    hold_reason: str | None = Field(
+        description="Set while the app is held: its new mail is accepted as held, its queued "
+        "mail waits, until released"
+    )
+    held_at: datetime | None
+    held_by: str | None = Field(description="Who held it: a person, a token, or postbode")
     created_at: datetime
 
 
@@ -288,6 +296,73 @@ async def suspend_app(app: str, request: Request, caller: Caller) -> Any:
 @router.post("/apps/{app}/resume", response_model=AppOut, summary="Resume a suspended app")
 async def resume_app(app: str, request: Request, caller: Caller) -> Any:
     return await _set_status(request, caller, app, "active")
+
+
+class HoldIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(min_length=1, max_length=500, description="Shown with each held delivery")
+
+
+class Released(AppOut):
+    released: int = Field(description="Held deliveries put back in the queue")
+
+
+def _actor(request: Request, caller: tenancy.OrgToken) -> abuse_hold.Actor:
+    return abuse_hold.Actor(caller.actor, ip=_ip(request))
+
+
+@router.post("/apps/{app}/hold", response_model=AppOut, summary="Hold an app's mail")
+async def hold_app(app: str, body: HoldIn, request: Request, caller: Caller) -> Any:
+    """New mail is accepted with status `held` and the reason; queued mail is not sent; both
+    wait until the app is released (or the held deliveries are cancelled in the queue)."""
+    row = await _app_of(request, caller, app)
+    if not body.reason.strip():
+        raise ApiError(422, "invalid", "give a reason for the hold", "reason")
+    await run_in_threadpool(
+        abuse_hold.hold, _store(request), row["id"], body.reason, _actor(request, caller)
+    )
+    return _app_out(await _app_of(request, caller, app))
+
+
+@router.post("/apps/{app}/release", response_model=Released, summary="Release a held app")
+async def release_app(app: str, request: Request, caller: Caller) -> Any:
+    """End the hold; the app's held mail is queued and goes out."""
+    row = await _app_of(request, caller, app)
+    released = await run_in_threadpool(
+        abuse_hold.release, _store(request), row["id"], _actor(request, caller)
+    )
+    return {**_app_out(await _app_of(request, caller, app)), "released": released}
+
+
+class AlertOut(BaseModel):
+    id: int
+    app: str
+    kind: str = Field(description="limit, spike, bounce_rate, complaint_rate, content …")
+    figures: dict[str, Any] = Field(description="The figures that tripped it")
+    held: bool = Field(description="Whether the app's new mail was held because of it")
+    created_at: datetime
+
+
+class AlertList(BaseModel):
+    data: list[AlertOut]
+
+
+@router.get("/alerts", response_model=AlertList, summary="The organisation's latest alerts")
+async def list_alerts(
+    request: Request,
+    caller: Caller,
+    app: Annotated[str | None, Query(max_length=100, description="Only this app's")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> dict[str, Any]:
+    app_id = (await _app_of(request, caller, app))["id"] if app is not None else None
+
+    def load() -> list[dict[str, Any]]:
+        with _store(request).read() as conn:
+            return abuse_alerts.recent(conn, caller.organization_id, app_id=app_id, limit=limit)
+
+    rows = await run_in_threadpool(load)
+    return {"data": [{k: r[k] for k in AlertOut.model_fields} for r in rows]}
 
 
 # -- credentials --------------------------------------------------------------------------------

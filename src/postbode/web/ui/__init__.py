@@ -13,6 +13,7 @@ STATIC = Path(__file__).resolve().parent.parent / "static"
 
 def _router() -> APIRouter:
     from postbode.web.ui import (
+        alerts,
         audit,
         dashboard,
         inbound,
@@ -37,6 +38,7 @@ def _router() -> APIRouter:
         users,
         audit,
         privacy,
+        alerts,
     )
     for module in modules:
         combined.include_router(module.router)

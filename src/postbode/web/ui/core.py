@@ -27,6 +27,7 @@ from postbode import __version__
 from postbode.config import Settings
 from postbode.store.engine import Store, secret_key
 from postbode.store.schema import (
+    app_alerts,
     apps,
     audit_log,
     memberships,
@@ -46,6 +47,7 @@ FLASH_MAX_AGE = 120
 MAX_FORM_BYTES = 1024 * 1024  # request bodies of ordinary forms
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024  # request bodies of file uploads (CSV import)
 ROLE_RANK = {"viewer": 0, "admin": 1, "owner": 2}
+ALERTS_SHOWN_FOR = timedelta(days=1)  # the banner counts alerts this recent
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
@@ -351,6 +353,7 @@ async def start_session(
 class AppRef:
     id: int
     name: str
+    hold_reason: str | None = None  # the app is held (abuse/hold.py): shown as a banner
 
 
 @dataclass
@@ -368,6 +371,7 @@ class Viewer:
     session: str = ""  # the token of the server-side session
     organizations: list[dict[str, Any]] = field(default_factory=list)
     app: AppRef | None = None  # the app picked with ?app=…; None: every app of the organization
+    recent_alerts: int = 0  # the organization's alerts of the last day (abuse/alerts.py)
 
     @property
     def can_change(self) -> bool:
@@ -410,11 +414,23 @@ def _load_viewer(store: Store, payload: dict[str, Any], app_name: str | None) ->
         if current is None or current.role not in ROLE_RANK:
             return None
         app_rows = conn.execute(
-            select(apps.c.id, apps.c.name)
+            select(apps.c.id, apps.c.name, apps.c.hold_reason)
             .where(apps.c.organization_id == org_id)
             .order_by(apps.c.name)
         ).all()
-    app_refs = [AppRef(a.id, a.name) for a in app_rows]
+        recent_alerts = (
+            conn.execute(
+                select(func.count())
+                .select_from(app_alerts)
+                .where(
+                    app_alerts.c.app_id.in_([a.id for a in app_rows]),
+                    app_alerts.c.created_at > datetime.now(UTC) - ALERTS_SHOWN_FOR,
+                )
+            ).scalar_one()
+            if app_rows
+            else 0
+        )
+    app_refs = [AppRef(a.id, a.name, a.hold_reason) for a in app_rows]
     nonce = str(payload.get("n", ""))
     return Viewer(
         user_id=user_id,
@@ -428,6 +444,7 @@ def _load_viewer(store: Store, payload: dict[str, Any], app_name: str | None) ->
         session=str(payload.get("s")),
         organizations=[{"id": o.id, "name": o.name, "role": o.role} for o in orgs],
         app=next((a for a in app_refs if a.name == app_name), None),
+        recent_alerts=int(recent_alerts),
     )
 
 

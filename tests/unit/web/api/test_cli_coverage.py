@@ -19,6 +19,8 @@ from postbode.web.app import create_app
 EQUIVALENTS: dict[str, tuple[str, str]] = {
     "app create": ("post", "/api/v1/apps"),
     "app list": ("get", "/api/v1/apps"),
+    "app hold": ("post", "/api/v1/apps/{app}/hold"),
+    "app release": ("post", "/api/v1/apps/{app}/release"),
     "credential create": ("post", "/api/v1/apps/{app}/credentials"),
     "credential list": ("get", "/api/v1/apps/{app}/credentials"),
     "credential revoke": ("delete", "/api/v1/apps/{app}/credentials/{credential_id}"),

@@ -1,0 +1,78 @@
+"""The Alerts page (the organisation's `app.alert`s and its held apps) and holding and
+releasing an app from the UI."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from postbode.abuse import alerts, hold
+from postbode.web.ui.core import (
+    CanChange,
+    SignedIn,
+    UiError,
+    UiRoute,
+    Viewer,
+    client_ip,
+    redirect,
+    render,
+    safe_next,
+    store_of,
+    url,
+)
+
+router = APIRouter(route_class=UiRoute, include_in_schema=False)
+
+SHOWN = 200  # alerts listed on the page, newest first
+
+
+@router.get("/alerts")
+async def alerts_page(request: Request, viewer: SignedIn) -> Response:
+    store = store_of(request)
+
+    def load() -> list[dict[str, object]]:
+        with store.read() as conn:
+            return alerts.recent(
+                conn,
+                viewer.org_id,
+                app_id=viewer.app.id if viewer.app else None,
+                limit=SHOWN,
+            )
+
+    rows = await run_in_threadpool(load)
+    held = [a for a in viewer.apps if a.hold_reason and (viewer.app in (None, a))]
+    return render(request, "alerts.html", {"alerts": rows, "held": held, "kinds": alerts.KINDS})
+
+
+def _actor(request: Request, viewer: Viewer) -> hold.Actor:
+    return hold.Actor(viewer.email, user_id=viewer.user_id, ip=client_ip(request))
+
+
+def _named(viewer: Viewer, name: str) -> int:
+    found = viewer.app_named(name)
+    if found is None:
+        raise UiError(404, f"No app named {name!r} in {viewer.org_name}.")
+    return found.id
+
+
+@router.post("/settings/apps/{name}/hold")
+async def hold_app(request: Request, viewer: CanChange, name: str) -> Response:
+    app_id = _named(viewer, name)
+    form = await request.form()
+    reason = str(form.get("reason", "")).strip()[: hold.REASON_CHARS]
+    back = safe_next(str(form.get("back", "")) or url("/alerts", viewer))
+    if not reason:
+        return redirect(request, back, "Give a reason for the hold.", "error")
+    await run_in_threadpool(hold.hold, store_of(request), app_id, reason, _actor(request, viewer))
+    return redirect(request, back, f"{name} is held: its new mail waits until released.")
+
+
+@router.post("/settings/apps/{name}/release")
+async def release_app(request: Request, viewer: CanChange, name: str) -> Response:
+    app_id = _named(viewer, name)
+    form = await request.form()
+    back = safe_next(str(form.get("back", "")) or url("/alerts", viewer))
+    released = await run_in_threadpool(
+        hold.release, store_of(request), app_id, _actor(request, viewer)
+    )
+    return redirect(request, back, f"{name} released: {released} held deliveries queued.")

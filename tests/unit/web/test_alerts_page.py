@@ -1,0 +1,51 @@
+"""Holding and releasing an app from the UI, the held banner and the Alerts page."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sqlalchemy import select
+
+from postbode.abuse import alerts
+from postbode.store.engine import Store
+from postbode.store.schema import audit_log
+
+from .conftest import Browser, Org
+
+
+def test_hold_release_banner_and_alerts(
+    ui: tuple[Store, Org, Callable], admin: Browser, viewer: Browser
+) -> None:
+    store, org, _ = ui
+    assert "is held" not in admin.get("/settings/apps/shop").text
+    assert "No alerts." in admin.get("/alerts").text
+    # viewers may look, not hold
+    assert viewer.post("/settings/apps/shop/hold", {"reason": "x"}).status_code == 403
+    assert "Give a reason" in admin.flash(admin.post("/settings/apps/shop/hold", {"reason": ""}))
+    held = admin.post("/settings/apps/shop/hold", {"reason": "bounces look wrong"})
+    assert "shop is held" in admin.flash(held)
+    page = viewer.get("/dashboard").text  # the banner is on every page, for everyone
+    assert "shop is held" in page and "bounces look wrong" in page
+    assert "Release held mail" not in viewer.get("/settings/apps/shop").text
+    assert "Release held mail" in admin.get("/settings/apps/shop").text
+
+    alerts.raise_alert(
+        store, org.shop.app_id, "complaint_rate", {"rate": 0.004, "threshold": 0.003}, held=True
+    )
+    listing = viewer.get("/alerts").text
+    assert "complaint_rate" in listing and "0.004" in listing
+    released = admin.post("/settings/apps/shop/release", {"back": "/alerts"})
+    assert released.headers["location"] == "/alerts"
+    assert "shop released" in admin.flash(released)
+    assert "is held" not in viewer.get("/dashboard").text
+    assert admin.post("/settings/apps/nope/release").status_code == 404
+    with store.read() as conn:
+        rows = conn.execute(
+            select(audit_log.c.actor, audit_log.c.action).where(
+                audit_log.c.action.in_(("app.hold", "app.release"))
+            )
+        ).all()
+    assert [tuple(r) for r in rows] == [
+        ("admin@org.test", "app.hold"),
+        ("admin@org.test", "app.release"),
+    ]
