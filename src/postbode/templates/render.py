@@ -4,6 +4,7 @@ HTML, a text part made from the HTML when a template has none (pure functions)."
 from __future__ import annotations
 
 import contextvars
+import functools
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -216,11 +217,17 @@ def _line_of(exc: BaseException) -> int | None:
     return found
 
 
+@functools.lru_cache(maxsize=512)
+def _compiled(html: bool, source: str) -> Any:
+    """A template compiled once: a batch renders the same source hundreds of times."""
+    return (_HTML if html else _TEXT).from_string(source)
+
+
 def _compile(env: _Environment, source: str, part: str) -> Any:
     if len(source) > MAX_SOURCE:
         raise RenderError(f"at most {MAX_SOURCE} characters", part=part)
     try:
-        return env.from_string(source)
+        return _compiled(env is _HTML, source)
     except TemplateSyntaxError as exc:
         raise RenderError(exc.message or "syntax error", part=part, line=exc.lineno) from None
     except (TemplateError, RecursionError, MemoryError) as exc:

@@ -123,6 +123,7 @@ def _limits(settings: Settings) -> dict[str, int]:
     """Paths whose bodies may be larger than `http_max_body_bytes`: the send API, uploads."""
     return {
         SEND_PATH: body_limit(settings),
+        SEND_PATH + "/batch": body_limit(settings),
         "/api/v1/suppressions/import": MAX_IMPORT_BYTES,
         "/suppressions/import": MAX_UPLOAD_BYTES,
         # The compatible send APIs take messages as large as the native one.

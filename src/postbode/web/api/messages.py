@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import binascii
 import contextlib
 import inspect
@@ -9,12 +10,23 @@ import json
 import mimetypes
 import re
 from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import Message as MimeHeaders
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request, Response
+import fastapi
+from fastapi import (
+    APIRouter,
+    Depends,
+    FastAPI,
+    Header,
+    HTTPException,
+    Query,
+    Request,
+    Response,
+)
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -606,9 +618,7 @@ def with_template(
         return body, {}
     for name in ("subject", "html", "text"):
         if getattr(body, name) is not None:
-            raise ApiError(
-                422, "invalid", f"{name} comes from the template: leave it out", name
-            )
+            raise ApiError(422, "invalid", f"{name} comes from the template: leave it out", name)
     try:
         made = cache.make(body.template, dict(body.model or {}), recipient)
     except TemplateError as exc:
@@ -851,6 +861,264 @@ def fast_path(app: FastAPI, then: ASGIApp | None = None) -> ASGIApp:
         await following(scope, receive, send)
 
     return serve
+
+
+# -- POST /messages/batch -------------------------------------------------------------------------
+
+MAX_BATCH_ITEMS = 500
+
+
+class BatchRecipient(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    to: AddressField
+    model: Annotated[dict[str, Any], Field(max_length=1000)] | None = Field(
+        None, description="Merged over the message's `model` for this recipient"
+    )
+    idempotency_key: (
+        Annotated[
+            str,
+            StringConstraints(
+                min_length=IDEMPOTENCY_KEY_MIN,
+                max_length=IDEMPOTENCY_KEY_MAX,
+                pattern=IDEMPOTENCY_KEY_PATTERN,
+            ),
+        ]
+        | None
+    ) = None
+
+
+class BatchItem(SendRequest):
+    idempotency_key: (
+        Annotated[
+            str,
+            StringConstraints(
+                min_length=IDEMPOTENCY_KEY_MIN,
+                max_length=IDEMPOTENCY_KEY_MAX,
+                pattern=IDEMPOTENCY_KEY_PATTERN,
+            ),
+        ]
+        | None
+    ) = Field(None, description="This item's Idempotency-Key (24 hours, as the header's)")
+
+
+class BatchResult(BaseModel):
+    index: int
+    status: Literal["accepted", "error"]
+    id: UUID | None = None
+    message_id: str | None = None
+    recipients: list[RecipientOut] | None = None
+    error: ErrorDetail | None = None
+
+
+class BatchResponse(BaseModel):
+    accepted: int
+    failed: int
+    data: list[BatchResult] = Field(description="One per item, in the request's order")
+
+
+_BATCH_ITEM: TypeAdapter[BatchItem] = TypeAdapter(BatchItem)
+_BATCH_RECIPIENT: TypeAdapter[BatchRecipient] = TypeAdapter(BatchRecipient)
+
+
+@dataclass
+class _Item:
+    index: int
+    prefix: str  # `messages.3` or `recipients.3`: where its errors' fields are
+    data: Any  # the item's JSON, for its Idempotency-Key fingerprint
+    body: SendRequest | None = None
+    key: str | None = None
+    made: dict[str, Any] = field(default_factory=dict)
+    error: dict[str, Any] | None = None
+    accepted: Accepted | None = None
+
+
+def _item_error(code: str, message: str, field_name: str | None) -> dict[str, Any]:
+    return {"code": code, "message": message, "field": field_name}
+
+
+def _batch_items(data: Any) -> list[_Item]:
+    """The batch's items, each validated on its own: an invalid one carries its error."""
+    if not isinstance(data, dict):
+        raise ApiError(422, "invalid", "send a JSON object", None)
+    unknown = set(data) - {"messages", "message", "recipients"}
+    if unknown:
+        raise ApiError(422, "unknown_field", "unknown field", sorted(unknown)[0])
+    items: list[_Item] = []
+    if "messages" in data:
+        if "message" in data or "recipients" in data:
+            raise ApiError(422, "invalid", "give messages, or message and recipients", "messages")
+        entries = data["messages"]
+        if not isinstance(entries, list) or not entries:
+            raise ApiError(422, "invalid", "a list of 1 to 500 messages", "messages")
+        if len(entries) > MAX_BATCH_ITEMS:
+            raise ApiError(
+                422, "too_many", f"at most {MAX_BATCH_ITEMS} messages in a batch", "messages"
+            )
+        for i, entry in enumerate(entries):
+            item = _Item(i, f"messages.{i}", entry)
+            try:
+                checked = _BATCH_ITEM.validate_python(entry)
+            except ValidationError as exc:
+                code, message, where = describe_validation_error(
+                    _located(exc.errors(include_url=False), "body")
+                )
+                item.error = _item_error(code, message, f"messages.{i}.{where or ''}".rstrip("."))
+            else:
+                item.key = checked.idempotency_key
+                item.body = SendRequest.model_construct(
+                    **{k: getattr(checked, k) for k in SendRequest.model_fields},
+                    _fields_set=checked.model_fields_set - {"idempotency_key"},
+                )
+            items.append(item)
+        return items
+    if "message" not in data or "recipients" not in data:
+        raise ApiError(422, "missing", "give messages, or message and recipients", "messages")
+    try:
+        base = _SEND_REQUEST.validate_python(data["message"])
+    except ValidationError as exc:
+        code, message, where = describe_validation_error(
+            _located(exc.errors(include_url=False), "body")
+        )
+        raise ApiError(422, code, message, f"message.{where or ''}".rstrip(".")) from None
+    if base.to or base.cc or base.bcc:
+        raise ApiError(422, "invalid", "recipients come from `recipients`", "message.to")
+    entries = data["recipients"]
+    if not isinstance(entries, list) or not entries:
+        raise ApiError(422, "invalid", "a list of 1 to 500 recipients", "recipients")
+    if len(entries) > MAX_BATCH_ITEMS:
+        raise ApiError(
+            422, "too_many", f"at most {MAX_BATCH_ITEMS} recipients in a batch", "recipients"
+        )
+    for i, entry in enumerate(entries):
+        item = _Item(i, f"recipients.{i}", {"message": data["message"], "recipient": entry})
+        try:
+            rcpt = _BATCH_RECIPIENT.validate_python(entry)
+        except ValidationError as exc:
+            code, message, where = describe_validation_error(
+                _located(exc.errors(include_url=False), "body")
+            )
+            item.error = _item_error(code, message, f"recipients.{i}.{where or ''}".rstrip("."))
+        else:
+            model = {**(base.model or {}), **(rcpt.model or {})} if base.template else None
+            item.key = rcpt.idempotency_key
+            item.body = base.model_copy(update={"to": [rcpt.to], "model": model})
+        items.append(item)
+    return items
+
+
+def _render_batch(items: list[_Item], cache: TemplateCache, max_recipients: int) -> None:
+    """Each item's template rendered (one template resolved once), errors kept per item."""
+    for item in items:
+        if item.body is None:
+            continue
+        try:
+            recipients = _recipients(item.body, max_recipients)
+            item.body, item.made = with_template(item.body, cache, recipients[0])
+        except ApiError as exc:
+            item.error = _prefixed(exc, item)
+
+
+def _prefixed(exc: ApiError, item: _Item) -> dict[str, Any]:
+    error = dict(exc.body["error"])
+    return _item_error(error["code"], error["message"], _field_of(item, error.get("field")))
+
+
+def _field_of(item: _Item, name: str | None) -> str:
+    return f"{item.prefix}.{name}" if name else item.prefix
+
+
+@router.post(
+    "/messages/batch",
+    response_model=BatchResponse,
+    responses=_errors(413),
+    summary="Send up to 500 messages, or one message to up to 500 recipients each rendered",
+)
+async def send_batch(
+    request: Request,
+    app_id: Caller,
+    data: Annotated[
+        dict[str, Any],
+        fastapi.Body(
+            description='`{"messages": [message, …]}` with up to 500 messages as '
+            "`POST /api/v1/messages` takes them (each may add `idempotency_key`), or "
+            '`{"message": message, "recipients": [{"to", "model"?, '
+            '"idempotency_key"?}, …]}`: one message (without to/cc/bcc) for up to 500 '
+            "recipients, each rendered with the message's `model` updated by their own.",
+            openapi_examples={
+                "recipients": {
+                    "value": {
+                        "message": {
+                            "from": "orders@shop.test",
+                            "template": "welcome",
+                            "model": {"plan": "Gold"},
+                        },
+                        "recipients": [
+                            {"to": "ann@example.com", "model": {"name": "Ann"}},
+                            {"to": "bob@example.com", "model": {"name": "Bob"}},
+                        ],
+                    }
+                }
+            },
+        ),
+    ],
+) -> dict[str, Any]:
+    """Each item is accepted or refused on its own: the answer lists, in order, each item's
+    message id and deliveries, or its error (with `field` prefixed by the item's index). An
+    item's `idempotency_key` makes repeating it safe, as the header does for one message."""
+    items = _batch_items(data)
+    settings: Settings = request.app.state.settings
+    acceptor: Acceptor = request.app.state.acceptor
+    if any(i.body is not None and (i.body.template or i.body.model) for i in items):
+        cache = TemplateCache(request.app.state.store, app_id)
+        await run_in_threadpool(_render_batch, items, cache, settings.smtp_max_recipients)
+    client = request.scope.get("client")
+    pending: list[tuple[_Item, Any]] = []
+    for item in items:
+        if item.body is None or item.error is not None:
+            continue
+        try:
+            body = item.body
+            recipients = _recipients(body, settings.smtp_max_recipients)
+            submission = Submission(
+                app_id=app_id,
+                source="api",
+                mail_from=body.from_.address,
+                recipients=recipients,
+                raw=build(body, settings.smtp_max_message_size),
+                stream=body.stream,
+                tag=body.tag,
+                metadata=dict(body.metadata or {}),
+                track_opens=body.track_opens,
+                track_clicks=body.track_clicks,
+                client_ip=client[0] if client else None,
+                idempotency_key=item.key,
+                request_hash=request_hash(_canonical(item.data)) if item.key else None,
+                send_at=send_at_of(body),
+                **item.made,
+            )
+        except ApiError as exc:
+            item.error = _prefixed(exc, item)
+            continue
+        pending.append((item, acceptor.accept(submission)))
+    results = await asyncio.gather(*(p for _, p in pending), return_exceptions=True)
+    for (item, _), result in zip(pending, results, strict=True):
+        if isinstance(result, AcceptError):
+            item.error = _item_error(result.reason, result.message, _field_of(item, result.field))
+        elif isinstance(result, TemporaryAcceptError):
+            item.error = _item_error("unavailable", str(result), None)
+        elif isinstance(result, BaseException):
+            raise result
+        else:
+            item.accepted = result
+    out: list[dict[str, Any]] = []
+    for item in items:
+        if item.accepted is not None:
+            out.append({"index": item.index, "status": "accepted", **item.accepted.as_json()})
+        else:
+            out.append({"index": item.index, "status": "error", "error": item.error})
+    accepted = sum(1 for i in items if i.accepted is not None)
+    return {"accepted": accepted, "failed": len(items) - accepted, "data": out}
 
 
 # -- GET /messages/{id} ---------------------------------------------------------------------------
