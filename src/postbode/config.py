@@ -141,13 +141,13 @@ class Settings(BaseSettings):
     )
     shaping_max_connections: int = Field(
         20,
-        description="Concurrent connections a worker process opens to one MX host "
-        "(0: no limit; N worker processes open up to N times as many).",
+        description="Concurrent connections to one MX host, for every worker process on "
+        "every node together (0: no limit).",
     )
     shaping_rate_per_minute: int = Field(
         0,
-        description="Messages per minute a worker process sends to one recipient domain "
-        "(0: no limit; N worker processes send up to N times as many).",
+        description="Messages per minute to one recipient domain, for every worker process "
+        "on every node together (0: no limit).",
     )
     shaping_rules: str = Field(
         "",

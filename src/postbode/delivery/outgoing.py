@@ -111,7 +111,7 @@ class Outgoing:
         # the operator's bounce rules decide synchronous rejects as they decide DSNs
         self.rules = load_rules(settings.bounce_rules_path)
         self.tls = TlsPolicy.parse(settings.tls_policy)
-        self.shaper = Shaper.from_settings(settings)
+        self.shaper = Shaper.from_settings(settings, store, holder=owner)
 
     # -- loading (in a thread) ---------------------------------------------------------------
 
@@ -197,7 +197,7 @@ class Outgoing:
             and not self.check_app_active(j)
             and not self.fail_if_expired(j)
         ]
-        pending = self.wait_if_rate_limited(domain, pending)
+        pending = await self.wait_if_rate_limited(domain, pending)
         if pending:
             keys = await asyncio.to_thread(self.signing_keys, pending)
             for job in pending:
@@ -229,10 +229,14 @@ class Outgoing:
             return True
         return False
 
-    def wait_if_rate_limited(self, domain: str, jobs: list[Job]) -> list[Job]:
+    async def wait_if_rate_limited(self, domain: str, jobs: list[Job]) -> list[Job]:
         """The jobs that may go within the shaper's max wait (each with its slot); the others
-        are released to wait for theirs, so no lease is held while a destination is busy."""
-        go, waits = self.shaper.admit(domain, [j.id for j in jobs])
+        are released to wait for theirs, so no lease is held while a destination is busy. A
+        delivery back from such a wait keeps the slot it was released with."""
+        if not jobs:
+            return jobs
+        booked = {j.id: slot for j in jobs if (slot := _booked_slot(j.row)) is not None}
+        go, waits = await asyncio.to_thread(self.shaper.admit, domain, [j.id for j in jobs], booked)
         for job in jobs:
             if job.id in waits:
                 job.wait = waits[job.id]
@@ -281,7 +285,7 @@ class Outgoing:
                 if not remaining or throttled:
                     break
                 if not await self.shaper.acquire_connection(domain, target.host):
-                    wait = self.shaper.connection_wait(domain, target.host)
+                    wait = await asyncio.to_thread(self.shaper.connection_wait, domain, target.host)
                     for job in remaining:
                         if job.outcome is None:
                             job.wait = wait
@@ -289,10 +293,10 @@ class Outgoing:
                 try:
                     throttled = await self._send_on(target, domain, remaining)
                 finally:
-                    self.shaper.release_connection(target.host)
+                    await self.shaper.release_connection(target.host)
             if throttled:
                 untried = [j for j in remaining if j.outcome is None and j.wait is None]
-                waits = self.shaper.defer(domain, [j.id for j in untried])
+                waits = await asyncio.to_thread(self.shaper.defer, domain, [j.id for j in untried])
                 for job in untried:
                     job.wait = waits[job.id]
         finally:
@@ -320,7 +324,7 @@ class Outgoing:
                     remaining.remove(job)
                 outcome = job.outcome
                 if isinstance(outcome, SoftFail) and outcome.reply and is_throttling(outcome.reply):
-                    self.shaper.throttled(domain, outcome.reply)
+                    await asyncio.to_thread(self.shaper.throttled, domain, outcome.reply)
                     return True
                 if session.failure is not None:
                     break  # next target for what is left
@@ -597,6 +601,15 @@ class Outgoing:
             "updated_at": now,
         }
         return _Plan(job=job, now=now, values=values)
+
+
+def _booked_slot(row: Row[Any]) -> tuple[float, str] | None:
+    """(slot, the wait's reason) for a delivery released to wait for a rate slot
+    (`_plan_wait`): its next attempt is the slot."""
+    reason = row.last_reply or ""
+    if not reason.startswith("waiting: rate limit") or row.next_attempt_at is None:
+        return None
+    return row.next_attempt_at.timestamp(), reason
 
 
 def _counts_soft_bounces(plans: list[_Plan]) -> bool:

@@ -3,25 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import math
 import re
 import time
-from collections.abc import Callable, Hashable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Literal, Self
 
+from postbode.delivery.destinations import DestinationRecord, MemoryState, ShapingState, StoreState
 from postbode.delivery.mx import to_ascii_domain
 from postbode.delivery.outcomes import Reply
 from postbode.metrics import SHAPING_SLOWDOWNS
+from postbode.runner.owner import worker_name
 from postbode.store.schema import utcnow
 
 if TYPE_CHECKING:
     from postbode.config import Settings
+    from postbode.store.engine import Store
 
 __all__ = [
-    "ConnectionSlots",
     "Limits",
     "Rule",
     "Shaper",
@@ -38,8 +41,12 @@ log = logging.getLogger(__name__)
 SLOWDOWN_FLOOR = 1 / 16  # repeated slow-downs never take a destination below this share
 SLOWDOWN_DEBOUNCE = 30.0  # seconds: replies within this of a slow-down do not lower it again
 CONNECTION_RETRY_SECONDS = 10.0  # when no connection slot frees in time: look again after this
-RESERVATION_GRACE = 600.0  # seconds a slot stays booked for a delivery that has not come back
-IDLE_FORGET = 3600.0  # seconds after which an idle destination's state is forgotten
+CONNECTION_LEASE_SECONDS = 60.0  # a connection slot's lease, renewed while the connection is open
+# How old a process's copy of a destination's shared state may be when it only reads it (the
+# connection limit, the queue view): a slow-down learnt by another process applies here within
+# this. Booking rate slots and recording a throttling reply always use the current state.
+STATE_STALENESS_SECONDS = 1.0
+SLOT_POLL_SECONDS = (0.05, 0.5)  # first and longest pause between looks for a free slot
 
 
 # -- rules ---------------------------------------------------------------------------------------
@@ -200,7 +207,7 @@ class TokenBucket:
     def __init__(self, rate_per_minute: float, burst: int, now: float) -> None:
         self.rate_per_minute = rate_per_minute
         self.burst = max(1, burst)
-        self._tat = now  # an empty schedule: the whole burst is available
+        self.tat = now  # the theoretical arrival time; `now`: the whole burst is available
 
     @property
     def interval(self) -> float:
@@ -215,22 +222,22 @@ class TokenBucket:
         """When a message could go, without booking it."""
         if self.rate_per_minute <= 0:
             return now
-        return max(now, self._tat - (self.burst - 1) * self.interval)
+        return max(now, self.tat - (self.burst - 1) * self.interval)
 
     def reserve(self, now: float) -> float:
         """Book the next slot; returns its time."""
         at = self.next_slot(now)
         if self.rate_per_minute > 0:
-            self._tat = max(self._tat, at) + self.interval
+            self.tat = max(self.tat, at) + self.interval
         return at
 
     def drain(self, now: float) -> None:
         """Forget every booking and the burst: the next slot is one interval from `now`."""
-        self._tat = now + self.burst * self.interval
+        self.tat = now + self.burst * self.interval
 
     def idle(self, now: float) -> bool:
         """True when nothing is booked (the whole burst is available)."""
-        return self._tat <= now
+        return self.tat <= now
 
 
 @dataclass
@@ -303,58 +310,7 @@ def is_throttling(reply: Reply | None) -> bool:
     return bool(_THROTTLE_TEXT.search(reply.text)) and not _GREYLISTING.search(reply.text)
 
 
-# -- connection slots ------------------------------------------------------------------------
-
-
-class ConnectionSlots:
-    """Counts open connections per MX host; `acquire` waits (on the running loop) for one."""
-
-    def __init__(self) -> None:
-        self._busy: dict[str, int] = {}
-        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
-
-    def busy(self, host: str) -> int:
-        return self._busy.get(host, 0)
-
-    def try_acquire(self, host: str, limit: int) -> bool:
-        if limit > 0 and self._busy.get(host, 0) >= limit:
-            return False
-        self._busy[host] = self._busy.get(host, 0) + 1
-        return True
-
-    def release(self, host: str) -> None:
-        count = self._busy.get(host, 0) - 1
-        if count > 0:
-            self._busy[host] = count
-        else:
-            self._busy.pop(host, None)
-        for waiter in self._waiters.pop(host, []):  # each tries again; losers wait again
-            if not waiter.done():
-                waiter.set_result(None)
-
-    async def acquire(self, host: str, limit: Callable[[], int], timeout: float) -> bool:
-        """A slot for `host` under `limit()` (asked again after each wake-up, as adaptive
-        limits change), waiting up to `timeout` seconds; False when none freed in time."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not self.try_acquire(host, limit()):
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return False
-            waiter: asyncio.Future[None] = loop.create_future()
-            self._waiters.setdefault(host, []).append(waiter)
-            try:
-                await asyncio.wait_for(waiter, remaining)
-            except TimeoutError:
-                return False
-            finally:
-                waiters = self._waiters.get(host)
-                if waiters and waiter in waiters:
-                    waiters.remove(waiter)
-        return True
-
-
-# -- the shaper: one per worker process --------------------------------------------------------
+# -- the shaper: limits that hold for every sender sharing its state ----------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,14 +323,11 @@ class Wait:
 
 
 @dataclass
-class _Destination:
-    """What the shaper keeps per recipient domain."""
+class _Held:
+    """A connection slot this process holds, and the task renewing its lease."""
 
-    limits: Limits
-    bucket: TokenBucket
-    slowdown: Slowdown
-    reservations: dict[Hashable, float] = field(default_factory=dict)  # delivery id -> slot
-    used_at: float = 0.0
+    slot: int | None  # None: the host has no connection limit, nothing to give back
+    renewer: asyncio.Task[None] | None = None
 
 
 def _format_rate(per_minute: float) -> str:
@@ -382,19 +335,25 @@ def _format_rate(per_minute: float) -> str:
 
 
 class Shaper:
-    """Per-destination limits for the deliveries of one worker process.
+    """Per-destination limits for the deliveries of every worker that shares `state`.
 
-    The state is in memory: every worker process shapes its own traffic, so with N worker
-    processes (on one machine or many) a destination sees up to N times the configured
-    connections and rate, and a slow-down learnt by one process is not known to the others.
-    Configure the limits per process accordingly.
+    With `StoreState` (what workers use) the state is in the store, so the limits hold for the
+    whole cluster: N worker processes on any number of nodes together open at most the
+    configured connections to an MX host and send at most the configured rate to a domain, and
+    a throttling reply seen by one of them slows them all down.
 
     The rate is a token bucket per recipient domain from which deliveries book slots: a slot
     within `max_wait` seconds is waited for in the worker (`pace`), a later one is released as
     a `Wait` (the delivery goes back to the queue as deferred until its slot, which stays
-    booked for it). Connections are counted per MX host. A throttling reply (`is_throttling`)
-    halves the domain's rate and connections for a while (see `Slowdown`); slots booked at the
-    old rate are given up and booked again at the new one when their deliveries come back.
+    booked for it: whichever worker claims it then passes the slot back to `admit` as
+    `booked`). Connections are leased slots per MX host (`CONNECTION_LEASE_SECONDS`, renewed
+    while the connection is open, so a killed worker's slots free themselves). A throttling
+    reply (`is_throttling`) halves the domain's rate and connections for a while (see
+    `Slowdown`); slots booked at the old rate are given up and booked again at the new one.
+
+    Staleness: booking slots and recording a throttling reply read and write the current
+    state in one transaction. Only the connection limit and what `limits` reports come from a
+    copy at most `STATE_STALENESS_SECONDS` old.
     """
 
     def __init__(
@@ -402,27 +361,36 @@ class Shaper:
         rules: Sequence[Rule] = (),
         defaults: Limits | None = None,
         *,
+        state: ShapingState | None = None,
+        holder: str = "",
         max_wait: float = 5.0,
         slowdown_seconds: float = 600.0,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.time,
         wallclock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.rules = tuple(rules)
         self.defaults = defaults or Limits(connections=10, rate_per_minute=600)
+        self.state: ShapingState = state if state is not None else MemoryState()
+        self.holder = holder or worker_name()
         self.max_wait = max(0.0, max_wait)
         self.slowdown_seconds = slowdown_seconds
         self.clock = clock
         self.wallclock = wallclock
-        self.connections = ConnectionSlots()
-        self._destinations: dict[str, _Destination] = {}
-        self._last_purge = clock()
+        self._copies: dict[str, tuple[float, DestinationRecord | None]] = {}
+        self._held: dict[str, list[_Held]] = {}
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Self:
-        """A shaper configured by the `shaping_*` settings (raises ValueError for bad rules)."""
+    def from_settings(
+        cls, settings: Settings, store: Store | None = None, holder: str = ""
+    ) -> Self:
+        """A shaper configured by the `shaping_*` settings, its state in `store` (shared by
+        every process) or, without one, in this process. Raises ValueError for bad rules."""
         return cls(
             parse_rules(settings.shaping_rules),
             Limits(settings.shaping_max_connections, float(settings.shaping_rate_per_minute)),
+            state=StoreState(store) if store is not None else None,
+            holder=holder,
             max_wait=settings.shaping_max_wait_seconds,
             slowdown_seconds=float(settings.shaping_slowdown_seconds),
         )
@@ -438,97 +406,112 @@ class Shaper:
         rule = rule_for(self.rules, name)
         return rule.apply(self.defaults) if rule is not None else self.defaults
 
-    def _destination(self, domain: str) -> _Destination:
-        now = self.clock()
-        dest = self._destinations.get(domain)
-        if dest is None:
-            limits = self.configured(domain)
-            dest = _Destination(
-                limits,
-                TokenBucket(limits.rate_per_minute, limits.effective_burst, now),
-                Slowdown(hold=self.slowdown_seconds, recover=self.slowdown_seconds),
-            )
-            self._destinations[domain] = dest
-        dest.used_at = now
-        if now - self._last_purge > 60.0:
-            self._purge(now)
-        return dest
+    def _slowdown(self, record: DestinationRecord | None) -> Slowdown:
+        slowdown = Slowdown(hold=self.slowdown_seconds, recover=self.slowdown_seconds)
+        if record is not None:
+            slowdown.low, slowdown.last_signal = record.low, record.last_signal
+            slowdown.lowered_at, slowdown.reason = record.lowered_at, record.reason
+            slowdown.since = record.since
+        return slowdown
 
-    def _purge(self, now: float) -> None:
-        self._last_purge = now
-        for domain, dest in list(self._destinations.items()):
-            for key, slot in list(dest.reservations.items()):
-                if slot < now - RESERVATION_GRACE:  # never came back (cancelled, other worker)
-                    del dest.reservations[key]
-            if (
-                now - dest.used_at > IDLE_FORGET
-                and not dest.reservations
-                and not dest.slowdown.active(now)
-                and dest.bucket.idle(now)
-            ):
-                del self._destinations[domain]
+    @staticmethod
+    def _keep(record: DestinationRecord, slowdown: Slowdown) -> None:
+        record.low, record.last_signal = slowdown.low, slowdown.last_signal
+        record.lowered_at, record.reason = slowdown.lowered_at, slowdown.reason
+        record.since = slowdown.since
+
+    def _copy(self, domain: str) -> DestinationRecord | None:
+        """The domain's shared record as last seen, read again when older than
+        STATE_STALENESS_SECONDS."""
+        now = self.clock()
+        seen = self._copies.get(domain)
+        if seen is None or now - seen[0] > STATE_STALENESS_SECONDS:
+            seen = (now, self.state.peek(domain))
+            if len(self._copies) > 10_000:  # bounded: many domains, each looked at once
+                self._copies.clear()
+            self._copies[domain] = seen
+        return seen[1]
+
+    def _seen(self, domain: str, record: DestinationRecord) -> None:
+        self._copies[domain] = (self.clock(), copy.copy(record))
 
     def limits(self, domain: str) -> Limits:
         """The limits that apply to `domain` now (lowered while it is slowed down)."""
-        dest = self._destination(domain)
-        return dest.limits.scaled(dest.slowdown.factor(self.clock()))
+        slowdown = self._slowdown(self._copy(domain))
+        return self.configured(domain).scaled(slowdown.factor(self.clock()))
 
     def slowed_down(self, domain: str) -> Slowdown | None:
         """The domain's slow-down while one is in effect, else None."""
-        dest = self._destinations.get(domain)
-        if dest is None or not dest.slowdown.active(self.clock()):
-            return None
-        return dest.slowdown
+        slowdown = self._slowdown(self._copy(domain))
+        return slowdown if slowdown.active(self.clock()) else None
 
     # -- rate ---------------------------------------------------------------------------------
 
     def admit(
-        self, domain: str, keys: Iterable[Hashable]
+        self,
+        domain: str,
+        keys: Iterable[Hashable],
+        booked: Mapping[Hashable, tuple[float, str]] | None = None,
     ) -> tuple[dict[Hashable, float], dict[Hashable, Wait]]:
         """Book a rate slot for each delivery (in order). Returns (slot time on `clock` for
-        those that may go within `max_wait`, a Wait for the others). A delivery that booked a
-        slot earlier keeps it."""
-        dest = self._destination(domain)
+        those that may go within `max_wait`, a Wait for the others). `booked` gives the slot
+        and the `Wait.reason` a delivery was released with earlier: it keeps that slot unless
+        the destination was slowed down since (the reason names the slow-down in effect when
+        the slot was booked). Blocking (a store transaction)."""
+        keys = list(keys)
+        booked = booked or {}
+        configured = self.configured(domain)
         now = self.clock()
-        limits = self._sync_rate(dest, now)
-        go: dict[Hashable, float] = {}
-        waits: dict[Hashable, Wait] = {}
-        for key in keys:
-            slot = dest.reservations.pop(key, None)
-            if slot is None:
-                slot = dest.bucket.reserve(now)
-            if slot - now <= self.max_wait:
-                go[key] = slot
-            else:
-                dest.reservations[key] = slot
-                waits[key] = self._rate_wait(domain, dest, limits, slot, now)
-        return go, waits
+        if configured.rate_per_minute <= 0:  # no rate limit: nothing to book
+            return dict.fromkeys(keys, now), {}
+
+        def book(record: DestinationRecord) -> tuple[dict[Hashable, float], dict[Hashable, Wait]]:
+            slowdown = self._slowdown(record)
+            limits = configured.scaled(slowdown.factor(now))
+            bucket = TokenBucket(limits.rate_per_minute, limits.effective_burst, record.tat)
+            go: dict[Hashable, float] = {}
+            waits: dict[Hashable, Wait] = {}
+            for key in keys:
+                held = booked.get(key)
+                if held is not None and self._lowered(slowdown, now) in held[1]:
+                    slot = held[0]
+                else:
+                    slot = bucket.reserve(now)
+                if slot - now <= self.max_wait:
+                    go[key] = slot
+                else:
+                    waits[key] = self._rate_wait(domain, limits, slowdown, slot, now)
+            record.tat = bucket.tat
+            self._seen(domain, record)
+            return go, waits
+
+        return self.state.update(domain, now, book)
 
     def defer(self, domain: str, keys: Iterable[Hashable]) -> dict[Hashable, Wait]:
         """Book a rate slot for each delivery and release every one of them to wait for it
-        (after a throttling reply ended the connection they were to go on)."""
-        dest = self._destination(domain)
+        (after a throttling reply ended the connection they were to go on). Blocking."""
+        keys = list(keys)
+        configured = self.configured(domain)
         now = self.clock()
-        limits = self._sync_rate(dest, now)
-        waits: dict[Hashable, Wait] = {}
-        for key in keys:
-            slot = dest.reservations.pop(key, None)
-            if slot is None:
-                slot = dest.bucket.reserve(now)
-            dest.reservations[key] = slot
-            waits[key] = self._rate_wait(domain, dest, limits, slot, now)
-        return waits
 
-    def _sync_rate(self, dest: _Destination, now: float) -> Limits:
-        limits = dest.limits.scaled(dest.slowdown.factor(now))
-        dest.bucket.set_rate(limits.rate_per_minute, limits.effective_burst)
-        return limits
+        def book(record: DestinationRecord) -> dict[Hashable, Wait]:
+            slowdown = self._slowdown(record)
+            limits = configured.scaled(slowdown.factor(now))
+            bucket = TokenBucket(limits.rate_per_minute, limits.effective_burst, record.tat)
+            waits = {
+                key: self._rate_wait(domain, limits, slowdown, bucket.reserve(now), now)
+                for key in keys
+            }
+            record.tat = bucket.tat
+            self._seen(domain, record)
+            return waits
+
+        return self.state.update(domain, now, book)
 
     def _rate_wait(
-        self, domain: str, dest: _Destination, limits: Limits, slot: float, now: float
+        self, domain: str, limits: Limits, slowdown: Slowdown, slot: float, now: float
     ) -> Wait:
-        detail = _format_rate(limits.rate_per_minute)
-        detail += self._lowered(dest, now)
+        detail = _format_rate(limits.rate_per_minute) + self._lowered(slowdown, now)
         return Wait(self._wall(slot, now), f"waiting: rate limit for {domain} ({detail})", "rate")
 
     async def pace(self, slot: float) -> None:
@@ -540,20 +523,87 @@ class Shaper:
     # -- connections ----------------------------------------------------------------------
 
     async def acquire_connection(self, domain: str, host: str) -> bool:
-        """A connection slot for `host` under `domain`'s limit, waiting up to `max_wait`."""
-        return await self.connections.acquire(
-            host, lambda: self.limits(domain).connections, self.max_wait
-        )
+        """A connection slot for `host` under `domain`'s limit, waiting up to `max_wait`
+        (looking again when this process gives one back, and every so often for the
+        others); False when none freed in time."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_wait
+        pause = SLOT_POLL_SECONDS[0]
+        while True:
+            limit = (await asyncio.to_thread(self.limits, domain)).connections
+            if limit <= 0:
+                self._held.setdefault(host, []).append(_Held(None))
+                return True
+            slot = await asyncio.to_thread(
+                self.state.take_slot,
+                host,
+                limit,
+                self.holder,
+                self.clock(),
+                CONNECTION_LEASE_SECONDS,
+            )
+            if slot is not None:
+                held = _Held(slot)
+                held.renewer = asyncio.create_task(self._renew(host, slot))
+                self._held.setdefault(host, []).append(held)
+                return True
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._waiters.setdefault(host, []).append(waiter)
+            try:
+                await asyncio.wait_for(waiter, min(remaining, pause))
+            except TimeoutError:
+                pass
+            finally:
+                waiters = self._waiters.get(host)
+                if waiters and waiter in waiters:
+                    waiters.remove(waiter)
+            pause = min(pause * 2, SLOT_POLL_SECONDS[1])
 
-    def release_connection(self, host: str) -> None:
-        self.connections.release(host)
+    async def _renew(self, host: str, slot: int) -> None:
+        while True:
+            await asyncio.sleep(CONNECTION_LEASE_SECONDS / 3)
+            until = self.clock() + CONNECTION_LEASE_SECONDS
+            try:
+                renewed = await asyncio.to_thread(
+                    self.state.renew_slot, host, slot, self.holder, until
+                )
+            except Exception as exc:  # the store away for a moment: the next turn tries again
+                log.warning("renewing connection slot %d of %s failed: %s", slot, host, exc)
+                continue
+            if not renewed:
+                log.warning("connection slot %d of %s was lost (lease ran out)", slot, host)
+                return
+
+    async def release_connection(self, host: str) -> None:
+        """Give back a slot `acquire_connection` gave for `host`."""
+        held_list = self._held.get(host)
+        if not held_list:
+            return
+        held = held_list.pop()
+        if not held_list:
+            del self._held[host]
+        if held.renewer is not None:
+            held.renewer.cancel()
+        if held.slot is not None:
+            await asyncio.to_thread(self.state.free_slot, host, held.slot, self.holder)
+        for waiter in self._waiters.pop(host, []):  # each tries again; losers wait again
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def busy(self, host: str) -> int:
+        """Connections to `host` open now, by every sender sharing the state. Blocking."""
+        return self.state.busy(host, self.clock())
 
     def connection_wait(self, domain: str, host: str) -> Wait:
         """The Wait for deliveries that found no free connection to `host` in time."""
-        dest = self._destination(domain)
         now = self.clock()
-        limit = dest.limits.scaled(dest.slowdown.factor(now)).connections
-        detail = f"{limit} connection{'s' if limit != 1 else ''} busy" + self._lowered(dest, now)
+        slowdown = self._slowdown(self._copy(domain))
+        limit = self.configured(domain).scaled(slowdown.factor(now)).connections
+        detail = f"{limit} connection{'s' if limit != 1 else ''} busy"
+        detail += self._lowered(slowdown, now)
         return Wait(
             self._wall(now + CONNECTION_RETRY_SECONDS, now),
             f"waiting: connection limit for {host} ({detail})",
@@ -564,21 +614,33 @@ class Shaper:
 
     def throttled(self, domain: str, reply: Reply) -> bool:
         """Tell the shaper a remote answered `domain`'s mail with a throttling reply; True when
-        that lowered the domain's limits (False: adaptive off, or lowered moments ago)."""
-        dest = self._destination(domain)
-        if not dest.limits.adaptive:
+        that lowered the domain's limits (False: adaptive off, or lowered moments ago, here or
+        by another worker). Blocking."""
+        configured = self.configured(domain)
+        if not configured.adaptive:
             return False
         now = self.clock()
+        wall = self.wallclock()
         reason = " ".join(str(p) for p in (reply.code, reply.enhanced_status) if p)
-        if not dest.slowdown.signal(now, reason, self.wallclock()):
+
+        def signal(record: DestinationRecord) -> Limits | None:
+            slowdown = self._slowdown(record)
+            lowered = slowdown.signal(now, reason, wall)
+            self._keep(record, slowdown)
+            limits = configured.scaled(slowdown.factor(now))
+            if lowered:
+                # Slow down now: slots booked at the old rate are given up (their deliveries
+                # book again when they come back) and the burst is spent.
+                bucket = TokenBucket(limits.rate_per_minute, limits.effective_burst, record.tat)
+                bucket.drain(now)
+                record.tat = bucket.tat
+            self._seen(domain, record)
+            return limits if lowered else None
+
+        limits = self.state.update(domain, now, signal)
+        if limits is None:
             return False
-        # Slow down now: slots booked at the old rate are given up (their deliveries book
-        # again when they come back) and the burst is spent.
-        dest.reservations.clear()
-        self._sync_rate(dest, now)
-        dest.bucket.drain(now)
         SHAPING_SLOWDOWNS.labels(domain).inc()
-        limits = dest.limits.scaled(dest.slowdown.factor(now))
         log.warning(
             "slowing %s down to %s and %d connections per MX host after %r",
             domain,
@@ -588,11 +650,10 @@ class Shaper:
         )
         return True
 
-    def _lowered(self, dest: _Destination, now: float) -> str:
-        slowdown = dest.slowdown
+    def _lowered(self, slowdown: Slowdown, now: float) -> str:
         if not slowdown.active(now) or slowdown.since is None:
             return ""
-        return f", lowered after {slowdown.reason} at {slowdown.since:%H:%M} UTC"
+        return f", lowered after {slowdown.reason} at {slowdown.since:%H:%M:%S} UTC"
 
     def _wall(self, at: float, now: float) -> datetime:
         return self.wallclock() + timedelta(seconds=max(0.0, at - now))

@@ -702,3 +702,31 @@ web_sessions = Table(
     Index(None, "user_id"),
     Index(None, "expires_at"),
 )
+
+# Per-destination shaping shared by every worker process and node (delivery/shaping.py).
+# Times are epoch seconds (floats): the token bucket and the slow-down compute with them.
+destination_state = Table(
+    "destination_state",
+    metadata,
+    Column("domain", String(253), primary_key=True),  # the recipient domain (A-labels)
+    Column("tat", Float, nullable=False),  # the token bucket's theoretical arrival time
+    Column("slow_low", Float, nullable=False, server_default="1.0"),  # factor at last slow-down
+    Column("slow_last_signal", Float),  # the last throttling reply
+    Column("slow_lowered_at", Float),  # the last slow-down
+    Column("slow_reason", String(64), nullable=False, server_default=""),  # "421 4.7.0"
+    Column("slow_since", UTCDateTime),  # the last slow-down, for people
+    Column("used_at", Float, nullable=False),  # idle rows are forgotten
+)
+
+connection_slots = Table(
+    "connection_slots",
+    metadata,
+    # Slot `slot` (0 … limit-1) of the MX host `host`, held by one worker process until
+    # `lease_until` (epoch seconds), renewed while its connection is open: a killed holder's
+    # slot frees itself when the lease runs out.
+    Column("host", String(253), nullable=False),
+    Column("slot", Integer, nullable=False),
+    Column("holder", String(64), nullable=False),
+    Column("lease_until", Float, nullable=False),
+    PrimaryKeyConstraint("host", "slot"),
+)

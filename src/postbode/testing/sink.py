@@ -42,6 +42,7 @@ import random
 import ssl
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from email.message import EmailMessage
@@ -306,6 +307,8 @@ class _SinkSMTP(SMTP):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self._original_transport is None:  # not the STARTTLS re-entry
             self._sink._live.add(self)
+            with self._sink._lock:
+                self._sink._opened.append((time.monotonic(), len(self._sink._live)))
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -532,6 +535,7 @@ class SmtpSink:
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
         self._live: set[_SinkSMTP] = set()  # touched only on the sink's loop
+        self._opened: list[tuple[float, int]] = []  # (monotonic time, connections open then)
         self._tls_context: ssl.SSLContext | None = None
         self._port: int | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
@@ -709,6 +713,12 @@ class SmtpSink:
         """Connections accepted so far."""
         with self._lock:
             return self._connections
+
+    def opened(self) -> list[tuple[float, int]]:
+        """For each connection accepted, in order: when (`time.monotonic()`) and how many
+        connections were open at that moment, itself included (the peak concurrency)."""
+        with self._lock:
+            return list(self._opened)
 
     def replies(self, stage: Stage, argument: str | None = None) -> list[str | None]:
         """The replies given at `stage` (for one argument, e.g. a recipient); None = no reply."""

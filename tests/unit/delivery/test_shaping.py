@@ -8,19 +8,23 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from postbode.config import Settings
+from postbode.delivery.destinations import MemoryState, ShapingState, StoreState
 from postbode.delivery.outcomes import Reply
 from postbode.delivery.shaping import (
+    CONNECTION_LEASE_SECONDS,
     CONNECTION_RETRY_SECONDS,
-    ConnectionSlots,
+    STATE_STALENESS_SECONDS,
     Limits,
     Rule,
     Shaper,
     Slowdown,
     TokenBucket,
+    Wait,
     is_throttling,
     parse_rules,
     rule_for,
 )
+from postbode.store.engine import Store
 
 WALL = datetime(2026, 3, 1, 14, 5, 30, tzinfo=UTC)
 
@@ -45,6 +49,8 @@ def shaper(
     rate: float = 600,
     max_wait: float = 5.0,
     clock: Clock | None = None,
+    state: ShapingState | None = None,
+    holder: str = "",
 ) -> tuple[Shaper, Clock]:
     clock = clock or Clock()
     start = clock.now
@@ -56,6 +62,8 @@ def shaper(
         Shaper(
             parse_rules(rules),
             Limits(connections, rate),
+            state=state,
+            holder=holder,
             max_wait=max_wait,
             slowdown_seconds=600,
             clock=clock,
@@ -299,6 +307,11 @@ def test_admits_what_fits_in_the_max_wait_and_releases_the_rest_with_their_slots
     assert waits["f"].limit == "rate"
 
 
+def booked(wait: Wait, start: float = 1000.0) -> tuple[float, str]:
+    """What the queue keeps of a released delivery (next attempt, reason), on the test clock."""
+    return start + (wait.until - WALL).total_seconds(), wait.reason
+
+
 def test_a_waiting_delivery_keeps_its_slot_when_it_comes_back() -> None:
     s, clock = shaper("dest.test=rate:60,burst:1", max_wait=0)
     go, waits = s.admit("dest.test", ["a", "b", "c"])
@@ -307,11 +320,11 @@ def test_a_waiting_delivery_keeps_its_slot_when_it_comes_back() -> None:
     _, new = s.admit("dest.test", ["n"])
     assert new["n"].until == WALL + timedelta(seconds=3)
     clock.advance(1)
-    go, waits = s.admit("dest.test", ["b"])
-    assert go == {"b": 1001.0} and not waits
+    go, again = s.admit("dest.test", ["b"], {"b": booked(waits["b"])})
+    assert go == {"b": 1001.0} and not again
     # c came back early (someone pressed retry): it waits for its own slot again
-    go, waits = s.admit("dest.test", ["c"])
-    assert not go and waits["c"].until == WALL + timedelta(seconds=2)
+    go, again = s.admit("dest.test", ["c"], {"c": booked(waits["c"])})
+    assert not go and again["c"].until == WALL + timedelta(seconds=2)
 
 
 def test_no_rate_limit_admits_everything_at_once() -> None:
@@ -329,19 +342,23 @@ def test_domains_have_their_own_budgets() -> None:
 
 def test_a_throttling_reply_halves_the_rate_and_says_so() -> None:
     s, clock = shaper("dest.test=conn:4,rate:120,burst:1", max_wait=0)
-    s.admit("dest.test", ["a", "b", "c"])  # b and c wait at 120/min
+    _, before = s.admit("dest.test", ["a", "b", "c"])  # b and c wait at 120/min
     assert s.throttled("dest.test", Reply.parse("421 4.7.0 Too many connections, slow down"))
     assert s.limits("dest.test") == Limits(2, 60.0, burst=1)
     # b and c gave up their slots booked at the old rate; booking again, they get the new one
     clock.advance(0.5)
-    _, waits = s.admit("dest.test", ["b", "c"])
+    _, waits = s.admit("dest.test", ["b", "c"], {k: booked(w) for k, w in before.items()})
     assert waits["b"].until == WALL + timedelta(seconds=1)
     assert waits["c"].until == WALL + timedelta(seconds=2)
     assert waits["b"].reason == (
-        "waiting: rate limit for dest.test (60/min, lowered after 421 4.7.0 at 14:05 UTC)"
+        "waiting: rate limit for dest.test (60/min, lowered after 421 4.7.0 at 14:05:30 UTC)"
     )
     slowdown = s.slowed_down("dest.test")
     assert slowdown is not None and slowdown.reason == "421 4.7.0"
+    # booked after the slow-down, a slot is kept
+    clock.advance(0.5)
+    go, _ = s.admit("dest.test", ["b"], {"b": booked(waits["b"])})
+    assert go == {"b": 1001.0}
 
 
 def test_the_rate_recovers_after_the_slowdown() -> None:
@@ -371,7 +388,7 @@ def test_defer_books_slots_for_every_delivery() -> None:
         WALL + timedelta(seconds=2),
         WALL + timedelta(seconds=4),
     ]
-    assert "(30/min, lowered after 421 at 14:05 UTC)" in waits["a"].reason
+    assert "(30/min, lowered after 421 at 14:05:30 UTC)" in waits["a"].reason
 
 
 def test_connection_wait_names_the_host_and_its_limit() -> None:
@@ -382,49 +399,56 @@ def test_connection_wait_names_the_host_and_its_limit() -> None:
     assert wait.limit == "connections"
 
 
-def test_forgotten_reservations_expire() -> None:
-    s, clock = shaper("dest.test=rate:60,burst:1", max_wait=0)
-    s.admit("dest.test", ["a", "b"])  # b never comes back (cancelled)
-    clock.advance(3 * 3600)
-    s.admit("other.test", ["x"])  # any use purges
-    assert "dest.test" not in s._destinations
-
-
 # -- connection slots -----------------------------------------------------------------------
 
 
 def test_connection_slots_wait_for_a_release() -> None:
     async def scenario() -> None:
-        slots = ConnectionSlots()
-        assert slots.try_acquire("mx", 2) and slots.try_acquire("mx", 2)
-        assert not slots.try_acquire("mx", 2)
-        assert slots.try_acquire("other-mx", 2)  # counted per host
-        waiting = asyncio.create_task(slots.acquire("mx", lambda: 2, timeout=30))
-        await asyncio.sleep(0)
+        s, _ = shaper("dest.test=conn:2", max_wait=30)
+        assert await s.acquire_connection("dest.test", "mx")
+        assert await s.acquire_connection("dest.test", "mx")
+        assert await s.acquire_connection("dest.test", "other-mx")  # counted per host
+        waiting = asyncio.create_task(s.acquire_connection("dest.test", "mx"))
+        await asyncio.sleep(0.01)
         assert not waiting.done()
-        slots.release("mx")
+        await s.release_connection("mx")
         assert await waiting
-        assert slots.busy("mx") == 2
+        assert s.busy("mx") == 2
 
     asyncio.run(scenario())
 
 
 def test_connection_slots_give_up_after_the_timeout() -> None:
     async def scenario() -> None:
-        slots = ConnectionSlots()
-        assert slots.try_acquire("mx", 1)
-        assert not await slots.acquire("mx", lambda: 1, timeout=0)
-        assert not await slots.acquire("mx", lambda: 1, timeout=0.01)
-        slots.release("mx")
-        assert slots.busy("mx") == 0
-        assert await slots.acquire("mx", lambda: 1, timeout=0)
+        s, _ = shaper("dest.test=conn:1", max_wait=0)
+        assert await s.acquire_connection("dest.test", "mx")
+        assert not await s.acquire_connection("dest.test", "mx")
+        s.max_wait = 0.05
+        assert not await s.acquire_connection("dest.test", "mx")
+        await s.release_connection("mx")
+        assert s.busy("mx") == 0
+        assert await s.acquire_connection("dest.test", "mx")
 
     asyncio.run(scenario())
 
 
 def test_connection_limit_zero_is_no_limit() -> None:
-    slots = ConnectionSlots()
-    assert all(slots.try_acquire("mx", 0) for _ in range(1000))
+    async def scenario() -> None:
+        s, _ = shaper("dest.test=conn:0", max_wait=0)
+        for _ in range(100):
+            assert await s.acquire_connection("dest.test", "mx")
+        assert s.busy("mx") == 0  # nothing counted, nothing to give back
+
+    asyncio.run(scenario())
+
+
+def test_a_dead_holders_slot_frees_itself_when_its_lease_runs_out() -> None:
+    state = MemoryState()
+    assert state.take_slot("mx", 1, "dead", 1000.0, CONNECTION_LEASE_SECONDS) == 0
+    assert state.take_slot("mx", 1, "alive", 1000.0 + 1, CONNECTION_LEASE_SECONDS) is None
+    later = 1000.0 + CONNECTION_LEASE_SECONDS
+    assert state.take_slot("mx", 1, "alive", later, CONNECTION_LEASE_SECONDS) == 0
+    assert not state.renew_slot("mx", 0, "dead", later + 60)
 
 
 def test_shaper_connections_follow_the_lowered_limit() -> None:
@@ -433,10 +457,10 @@ def test_shaper_connections_follow_the_lowered_limit() -> None:
         assert await s.acquire_connection("dest.test", "mx1")
         s.throttled("dest.test", Reply.parse("421 4.7.0 Too many connections"))
         assert not await s.acquire_connection("dest.test", "mx1")  # now 1 allowed
-        assert "(1 connection busy, lowered after 421 4.7.0 at 14:05 UTC)" in (
+        assert "(1 connection busy, lowered after 421 4.7.0 at 14:05:30 UTC)" in (
             s.connection_wait("dest.test", "mx1").reason
         )
-        s.release_connection("mx1")
+        await s.release_connection("mx1")
         assert await s.acquire_connection("dest.test", "mx1")
 
     asyncio.run(scenario())
@@ -450,5 +474,67 @@ def test_pace_waits_until_the_slot() -> None:
         await s.pace(s.clock() + 0.05)
         assert loop.time() - start >= 0.04
         await s.pace(s.clock() - 10)  # a slot in the past: no wait
+
+    asyncio.run(scenario())
+
+
+# -- shared state: two workers (processes, nodes) share one store -------------------------------
+
+
+def two_workers(store: Store, rules: str, **options: float) -> tuple[Shaper, Shaper, Clock]:
+    clock = Clock(WALL.timestamp())
+    one, _ = shaper(rules, clock=clock, state=StoreState(store), holder="one", **options)
+    two, _ = shaper(rules, clock=clock, state=StoreState(store), holder="two", **options)
+    return one, two, clock
+
+
+def test_workers_book_from_one_shared_bucket(store: Store) -> None:
+    one, two, clock = two_workers(store, "dest.test=rate:60,burst:2", max_wait=3.0)
+    go_one, _ = one.admit("dest.test", ["a", "b", "c"])
+    go_two, waits = two.admit("dest.test", ["d", "e", "f", "g"])
+    start = clock.now
+    assert sorted(go_one.values()) == [start, start, start + 1]
+    # the second worker's slots follow the first's: one a second for the two together
+    assert go_two == {"d": start + 2, "e": start + 3}
+    assert [w.until for w in waits.values()] == [WALL + timedelta(seconds=s) for s in (4, 5)]
+    # a delivery released by one worker keeps its slot when the other claims it
+    clock.advance(4)
+    go, again = one.admit("dest.test", ["f"], {"f": booked(waits["f"], WALL.timestamp())})
+    assert go == {"f": start + 4} and not again
+
+
+def test_a_throttling_reply_one_worker_meets_slows_the_other(store: Store) -> None:
+    one, two, clock = two_workers(store, "dest.test=conn:4,rate:120,burst:1", max_wait=0)
+    assert two.limits("dest.test") == Limits(4, 120.0, burst=1)
+    assert one.throttled("dest.test", Reply.parse("421 4.7.0 Too many connections"))
+    # the other worker, that only reads, sees it once its copy is STATE_STALENESS old
+    clock.advance(STATE_STALENESS_SECONDS + 0.01)
+    assert two.limits("dest.test") == Limits(2, 60.0, burst=1)
+    # booking always sees it at once, and a burst of 421s from both counts once
+    assert not two.throttled("dest.test", Reply.parse("421 4.7.0 Too many connections"))
+    go, waits = two.admit("dest.test", ["x", "y"])
+    assert list(go) == ["x"]
+    assert "(60/min, lowered after 421 4.7.0 at 14:05:30 UTC)" in waits["y"].reason
+
+
+def test_connection_slots_are_shared_and_expire_with_their_lease(store: Store) -> None:
+    async def scenario() -> None:
+        one, two, clock = two_workers(store, "dest.test=conn:2", max_wait=0)
+        assert await one.acquire_connection("dest.test", "mx1.dest.test")
+        assert await two.acquire_connection("dest.test", "mx1.dest.test")
+        assert not await one.acquire_connection("dest.test", "mx1.dest.test")
+        assert not await two.acquire_connection("dest.test", "mx1.dest.test")
+        assert one.busy("mx1.dest.test") == 2
+        await two.release_connection("mx1.dest.test")
+        assert await one.acquire_connection("dest.test", "mx1.dest.test")
+        # worker one dies holding both: its slots free themselves when the leases run out
+        clock.advance(CONNECTION_LEASE_SECONDS + 1)
+        assert two.busy("mx1.dest.test") == 0
+        assert await two.acquire_connection("dest.test", "mx1.dest.test")
+        assert await two.acquire_connection("dest.test", "mx1.dest.test")
+        assert not await two.acquire_connection("dest.test", "mx1.dest.test")
+        for held in one._held.get("mx1.dest.test", []):
+            assert held.renewer is not None
+            held.renewer.cancel()
 
     asyncio.run(scenario())

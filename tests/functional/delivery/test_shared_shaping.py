@@ -1,0 +1,164 @@
+"""Shaping holds for the whole cluster: two `postbode serve` nodes (two worker processes each)
+on one PostgreSQL open at most the configured connections to an MX host, and a 421 one worker
+meets slows every worker down."""
+
+from __future__ import annotations
+
+import secrets
+import time
+import zlib
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import func, insert, select
+
+from postbode import tenancy
+from postbode.delivery.shaping import STATE_STALENESS_SECONDS
+from postbode.store.engine import Store
+from postbode.store.schema import (
+    deliveries,
+    destination_state,
+    messages,
+    new_id,
+    raw_messages,
+    utcnow,
+)
+from postbode.testing.process import PostbodeProcess
+from postbode.testing.sink import Rule, SmtpSink, Stage
+
+MAX_CONNECTIONS = 4
+NODES = 2
+WORKERS_PER_NODE = 2
+TIMEOUT = 240.0  # upper bound on a loaded 2-core machine; normally well under a minute
+THROTTLED = "421 4.7.0 Too many connections, slow down"
+
+pytestmark = [
+    pytest.mark.parametrize("store", ["postgresql"], indirect=True),
+    pytest.mark.timeout(600),
+]
+
+
+def queue(store: Store, app_id: int, count: int, tag: str) -> None:
+    """`count` single-recipient messages to dest.test, queued in one transaction."""
+    now = utcnow()
+    rows: dict[str, list[dict[str, Any]]] = {"m": [], "r": [], "d": []}
+    for i in range(count):
+        message_id = new_id()
+        raw = (
+            f"From: Shop <orders@shop.test>\r\nTo: {tag}{i}@dest.test\r\n"
+            f"Subject: Order {i}\r\nMessage-ID: <{tag}{i}@shop.test>\r\n\r\nShipped.\r\n"
+        ).encode()
+        rows["m"].append(
+            {
+                "id": message_id,
+                "app_id": app_id,
+                "source": "api",
+                "message_id_header": f"<{tag}{i}@shop.test>",
+                "mail_from": "orders@shop.test",
+                "from_header": "Shop <orders@shop.test>",
+                "subject": f"Order {i}",
+                "size": len(raw),
+                "received_at": now,
+            }
+        )
+        rows["r"].append({"message_id": message_id, "data": zlib.compress(raw)})
+        rows["d"].append(
+            {
+                "id": new_id(),
+                "message_id": message_id,
+                "app_id": app_id,
+                "recipient": f"{tag}{i}@dest.test",
+                "recipient_domain": "dest.test",
+                "status": "queued",
+                "attempts": 0,
+                "next_attempt_at": now,
+                "first_queued_at": now,
+                "verp_token": secrets.token_hex(12),
+            }
+        )
+    with store.write() as conn:
+        conn.execute(insert(messages), rows["m"])
+        conn.execute(insert(raw_messages), rows["r"])
+        conn.execute(insert(deliveries), rows["d"])
+
+
+def delivered(store: Store) -> int:
+    with store.read() as conn:
+        return int(
+            conn.execute(
+                select(func.count()).where(deliveries.c.status == "delivered")
+            ).scalar_one()
+        )
+
+
+def wait_delivered(store: Store, count: int, nodes: list[PostbodeProcess]) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while delivered(store) < count:
+        for node in nodes:
+            assert node.proc is not None and node.proc.poll() is None, node.log()[-3000:]
+        assert time.monotonic() < deadline, f"{delivered(store)} of {count} delivered"
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def sink() -> Iterator[SmtpSink]:
+    with SmtpSink() as server:
+        yield server
+
+
+@pytest.fixture
+def nodes(store: Store, sink: SmtpSink, tmp_path: Path) -> Iterator[list[PostbodeProcess]]:
+    env = {
+        "POSTBODE_DATABASE_URL": store.engine.url.render_as_string(hide_password=False),
+        "POSTBODE_TRANSPORT_MAP": f"dest.test={sink.host}:{sink.port}",
+        "POSTBODE_SMTP_HOSTNAME": "mta.postbode.test",
+        "POSTBODE_SECRET_KEY": "test-secret-key",
+        "POSTBODE_WORKERS": str(WORKERS_PER_NODE),
+        "POSTBODE_SHAPING_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
+        "POSTBODE_SHAPING_RATE_PER_MINUTE": "0",
+        # Each worker sends what it claims over several connections at once (50 a connection).
+        "POSTBODE_DELIVERY_BATCH_SIZE": "200",
+    }
+    with ExitStack() as stack:
+        started = [
+            stack.enter_context(PostbodeProcess(tmp_path / f"node{i}", env)) for i in range(NODES)
+        ]
+        for node in started:
+            assert len(node.children("worker")) == WORKERS_PER_NODE
+        yield started
+
+
+def test_the_cluster_opens_at_most_the_configured_connections_and_slows_down_together(
+    store: Store, sink: SmtpSink, nodes: list[PostbodeProcess]
+) -> None:
+    shop = tenancy.create_app(store, "shop")
+
+    # Four worker processes, each sending up to four connections' worth at once: without
+    # shared slots the sink would see up to sixteen.
+    queue(store, shop.app_id, 800, "a")
+    wait_delivered(store, 800, nodes)
+    peaks = [open_now for _, open_now in sink.opened()]
+    assert max(peaks) <= MAX_CONNECTIONS, peaks
+    assert max(peaks) > 1, "the workers never sent at once: the test proves nothing"
+
+    # The next connection is refused with 421: whichever worker meets it halves the
+    # connection limit for all (4 -> 2); within 2 s no worker opens a third.
+    sink.script.add(Rule.connect(THROTTLED, "220 mx.dest.test ESMTP"))
+    before = len(sink.opened())
+    queue(store, shop.app_id, 800, "b")
+    wait_delivered(store, 1600, nodes)
+    assert sink.replies(Stage.CONNECT).count(THROTTLED) == 1
+    opened = sink.opened()[before:]
+    throttled_at = opened[0][0]  # the first connection after the rule is the refused one
+    later = [open_now for at, open_now in opened if at > throttled_at + 2.0]
+    assert later, "no connection was opened 2 s after the 421"
+    assert max(later) <= MAX_CONNECTIONS // 2, later
+    assert STATE_STALENESS_SECONDS < 2.0
+    with store.read() as conn:
+        row = conn.execute(
+            select(destination_state).where(destination_state.c.domain == "dest.test")
+        ).one()
+    assert row.slow_low == 0.5 and row.slow_reason == "421 4.7.0"
