@@ -199,14 +199,16 @@ class StoreState:
                     # Free, or held by someone whose lease ran out (a killed worker): ours.
                     # Concurrent takers of one slot queue on its row; the later one finds it
                     # held and tries the next.
-                    stmt = self._insert(t).values(
-                        host=host, slot=n, holder=holder, lease_until=now + lease
+                    stmt = (
+                        self._insert(t)
+                        .values(host=host, slot=n, holder=holder, lease_until=now + lease)
+                        .on_conflict_do_update(
+                            index_elements=["host", "slot"],
+                            set_={"holder": holder, "lease_until": now + lease},
+                            where=t.c.lease_until <= now,
+                        )
+                        .returning(t.c.slot)
                     )
-                    stmt = stmt.on_conflict_do_update(
-                        index_elements=["host", "slot"],
-                        set_={"holder": holder, "lease_until": now + lease},
-                        where=t.c.lease_until <= now,
-                    ).returning(t.c.slot)
                     if conn.execute(stmt).first() is not None:
                         return n
                 return None

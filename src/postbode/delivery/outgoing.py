@@ -12,7 +12,7 @@ import random
 import traceback
 import uuid
 import zlib
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -235,7 +235,9 @@ class Outgoing:
         delivery back from such a wait keeps the slot it was released with."""
         if not jobs:
             return jobs
-        booked = {j.id: slot for j in jobs if (slot := _booked_slot(j.row)) is not None}
+        booked: dict[Hashable, tuple[float, str]] = {
+            j.id: slot for j in jobs if (slot := _booked_slot(j.row)) is not None
+        }
         go, waits = await asyncio.to_thread(self.shaper.admit, domain, [j.id for j in jobs], booked)
         for job in jobs:
             if job.id in waits:

@@ -459,6 +459,8 @@ class _Handler:
 
     async def handle_DATA(self, server: _SinkSMTP, session: Session, envelope: Envelope) -> str:
         sink = self._sink
+        if sink.data_delay:
+            await asyncio.sleep(sink.data_delay)
         queue_id = sink._next_queue_id()
         reply, _ = await self._decide(
             server,
@@ -504,11 +506,13 @@ class SmtpSink:
         data_size_limit: int | None = 32 * 1024 * 1024,
         session_timeout: float = 300.0,
         pipelining: bool = False,
+        data_delay: float = 0.0,
     ) -> None:
         """`port=0` binds a free port (read it from `.port`); `tls` offers STARTTLS with a
         self-signed certificate naming `hostname`, `tls_names`, "localhost" and the bound
         address; `require_tls` refuses mail before STARTTLS (530, RFC 3207 §4); `pipelining`
-        offers PIPELINING (RFC 2920)."""
+        offers PIPELINING (RFC 2920); `data_delay` seconds pass before each reply to the end
+        of DATA (a busy receiver: connections stay open longer)."""
         self._host = host
         self._requested_port = port
         self._random_host = False
@@ -519,6 +523,7 @@ class SmtpSink:
         self._tls_names = tuple(dict.fromkeys([hostname, *tls_names, "localhost"]))
         self._smtputf8 = smtputf8
         self._pipelining = pipelining
+        self.data_delay = data_delay
         self._data_size_limit = data_size_limit
         self._session_timeout = session_timeout
 

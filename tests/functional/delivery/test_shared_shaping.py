@@ -105,7 +105,9 @@ def wait_delivered(store: Store, count: int, nodes: list[PostbodeProcess]) -> No
 
 @pytest.fixture
 def sink() -> Iterator[SmtpSink]:
-    with SmtpSink() as server:
+    # A busy receiver: each message takes 20 ms, so every worker's connections stay open
+    # together (without shared slots four workers open up to sixteen).
+    with SmtpSink(data_delay=0.02) as server:
         yield server
 
 
@@ -121,6 +123,7 @@ def nodes(store: Store, sink: SmtpSink, tmp_path: Path) -> Iterator[list[Postbod
         "POSTBODE_SHAPING_RATE_PER_MINUTE": "0",
         # Each worker sends what it claims over several connections at once (50 a connection).
         "POSTBODE_DELIVERY_BATCH_SIZE": "200",
+        "POSTBODE_SHAPING_MAX_WAIT_SECONDS": "20",
     }
     with ExitStack() as stack:
         started = [
@@ -148,8 +151,8 @@ def test_the_cluster_opens_at_most_the_configured_connections_and_slows_down_tog
     # connection limit for all (4 -> 2); within 2 s no worker opens a third.
     sink.script.add(Rule.connect(THROTTLED, "220 mx.dest.test ESMTP"))
     before = len(sink.opened())
-    queue(store, shop.app_id, 800, "b")
-    wait_delivered(store, 1600, nodes)
+    queue(store, shop.app_id, 400, "b")
+    wait_delivered(store, 1200, nodes)
     assert sink.replies(Stage.CONNECT).count(THROTTLED) == 1
     opened = sink.opened()[before:]
     throttled_at = opened[0][0]  # the first connection after the rule is the refused one
