@@ -1,8 +1,8 @@
 """shared shaping: per-destination rate and slow-down state, and leased connection slots per
 MX host, so the limits hold for every worker process on every node
 
-Revision ID: 0010
-Revises: 0009
+Revision ID: 0011
+Revises: 0010
 Create Date: 2026-12-07 15:00:00.000000
 """
 
@@ -13,8 +13,8 @@ from alembic import op
 
 import postbode.store.schema
 
-revision: str = "0010"
-down_revision: str | None = "0009"
+revision: str = "0011"
+down_revision: str | None = "0010"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
