@@ -683,7 +683,11 @@ class _Generator:
         if at is None or not self.draws(HELD_RATE):
             return at
         if not d.record(
-            at, "delivery.held", {"reason": "held for review: sending spike"}, status="held"
+            at,
+            "delivery.held",
+            {"reason": "held for review: sending spike"},
+            status="held",
+            reply="held for review: sending spike",  # as the worker keeps a hold's reason
         ):
             return None
         at += int(self.rng.uniform(0.5, 30) * 3_600_000)

@@ -14,7 +14,7 @@ from sqlalchemy import ColumnElement, Connection, Row, func, literal_column, sel
 from postbode.events.record import Event, record
 from postbode.events.types import EventType
 from postbode.store.engine import Store
-from postbode.store.schema import DELIVERY_STATUSES, deliveries, messages, utcnow
+from postbode.store.schema import DELIVERY_STATUSES, deliveries, events, messages, utcnow
 
 __all__ = [
     "ACTIONS",
@@ -382,8 +382,28 @@ def list_deliveries(
     query = query.order_by(deliveries.c.id).limit(limit + 1)
     with store.read() as conn:
         rows = conn.execute(query).all()
-    page = rows[:limit]
-    return [_view(r) for r in page], page[-1].id if len(rows) > limit else None
+        page = rows[:limit]
+        reasons = _hold_reasons(conn, [r.id for r in page if r.status == "held"])
+    return [{**_view(r), "hold_reason": reasons.get(r.id)} for r in page], page[-1].id if len(
+        rows
+    ) > limit else None
+
+
+def _hold_reasons(conn: Connection, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, str]:
+    """Why each of these held deliveries is held: the reason of its latest `delivery.held`
+    event (index: events.delivery_id)."""
+    if not ids:
+        return {}
+    found: dict[uuid.UUID, str] = {}
+    for row in conn.execute(
+        select(events.c.delivery_id, events.c.data)
+        .where(events.c.delivery_id.in_(list(ids)), events.c.type == str(EventType.DELIVERY_HELD))
+        .order_by(events.c.created_at, events.c.id)
+    ):
+        reason = (row.data or {}).get("reason")
+        if reason:
+            found[row.delivery_id] = str(reason)
+    return found
 
 
 def queue_summary(store: Store, app_id: int, *, now: datetime | None = None) -> dict[str, Any]:

@@ -795,9 +795,7 @@ def check_send_at(at: datetime, now: datetime) -> datetime:
         )
     at = at.astimezone(now.tzinfo)
     if at - now > MAX_SCHEDULE:
-        raise AcceptError(
-            "send_at is at most 30 days ahead", reason="bad_send_at", field="send_at"
-        )
+        raise AcceptError("send_at is at most 30 days ahead", reason="bad_send_at", field="send_at")
     return at
 
 

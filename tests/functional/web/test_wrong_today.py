@@ -133,3 +133,23 @@ def test_timeline_and_audit_log_read_as_words(
     expect(row).to_contain_text(re.compile(r"delivery\.\w+, delivery\.\w+"))
     assert "['" not in row.inner_text()
     assert watch.errors == []
+
+
+@pytest.mark.parametrize("path", ["/dashboard", "/messages", "/queue"])
+def test_narrow_screens_neither_overflow_nor_hide_navigation(
+    postbode: Postbode, open_page: Callable[..., tuple[Page, Watch]], path: str
+) -> None:
+    postbode.send(["ann@dest.test"], "A message", headers={"X-Postbode-Tag": "a-rather-long-tag"})
+    wait_for(lambda: _statuses(postbode).get(("A message", "ann@dest.test")) == "delivered")
+    page, watch = open_page(postbode.base, "owner@org.test", viewport={"width": 390, "height": 844})
+    page.goto(f"{postbode.base}{path}")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    links = page.locator("nav.nav a")
+    assert links.count() >= 6
+    for i in range(links.count()):
+        box = links.nth(i).bounding_box()
+        assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390, (
+            links.nth(i).inner_text(),
+            box,
+        )
+    assert watch.errors == []

@@ -182,9 +182,17 @@ async def confirm(request: Request, viewer: CanChange) -> Response:
     form = await request.form()
     action = _action(form.get("action"))
     scope = _scope(request, form)
+    flt = _filter_from(form)
+    if scope == "selected" and not form.getlist("ids"):
+        return redirect(
+            request,
+            url("/queue", viewer, **flt),
+            f"Nothing selected: tick the deliveries to {action} first, or use "
+            f"“{action.capitalize()} all…” for everything in this view.",
+            "error",
+        )
     where, described = _where(form, action, scope)
     count = await run_in_threadpool(count_matching, store_of(request), app.id, where)
-    flt = _filter_from(form)
     return render(
         request,
         "queue_confirm.html",

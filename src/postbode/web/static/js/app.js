@@ -17,6 +17,13 @@ document.addEventListener("DOMContentLoaded", () => {
     });
   }
 
+  // Buttons that change something for good ask first (e.g. cancelling one delivery).
+  for (const button of document.querySelectorAll("button[data-confirm]")) {
+    button.addEventListener("click", (event) => {
+      if (!window.confirm(button.dataset.confirm)) event.preventDefault();
+    });
+  }
+
   // Copy buttons next to secrets shown once.
   for (const button of document.querySelectorAll("button.copy[data-copy]")) {
     button.addEventListener("click", async () => {
