@@ -35,11 +35,11 @@ __all__ = [
     "retry",
 ]
 
-QUEUE_STATUSES = ("queued", "deferred", "sending", "held")  # what the queue view shows by default
+QUEUE_STATUSES = ("scheduled", "queued", "deferred", "sending", "held")  # what the queue view shows by default
 CHUNK = 500  # rows changed per transaction in bulk, so no transaction holds the queue for long
 REPLY_CHARS = 100  # last replies are grouped by their first characters (times, ids differ after)
 TOP_GROUPS = 20  # largest groups shown per summary grouping
-_WILL_BE_TRIED = ("queued", "deferred", "sending")  # next_attempt_at means something for these
+_WILL_BE_TRIED = ("scheduled", "queued", "deferred", "sending")  # next_attempt_at means something for these
 
 ActionName = Literal["retry", "cancel", "release"]
 
@@ -56,8 +56,9 @@ class Action:
 ACTIONS: dict[str, Action] = {
     # Due now, whatever the backoff, a hold or an earlier failure said. A row being sent
     # ('sending', leased to a worker) is never touched: its worker records the outcome.
-    "retry": Action("retry", ("deferred", "held", "failed"), "queued"),
-    "cancel": Action("cancel", ("queued", "deferred", "held"), "cancelled"),
+    # A scheduled delivery retried is sent now instead of at its send_at.
+    "retry": Action("retry", ("scheduled", "deferred", "held", "failed"), "queued"),
+    "cancel": Action("cancel", ("scheduled", "queued", "deferred", "held"), "cancelled"),
     "release": Action("release", ("held",), "queued"),
 }
 

@@ -81,7 +81,7 @@ RETRY_AFTER_SECONDS = 5
 PAGE_SIZE = 50
 MAX_PAGE_SIZE = 100
 # Deliveries that will be attempted again show when; for the others next_attempt_at is stale.
-_PENDING = ("queued", "deferred", "sending")
+_PENDING = ("scheduled", "queued", "deferred", "sending")
 _MIME_TYPES = mimetypes.MimeTypes()  # the built-in table only: the same guess on every machine
 
 _BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")

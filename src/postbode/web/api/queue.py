@@ -203,7 +203,7 @@ _DOCS: dict[manage.ActionName, tuple[str, str]] = {
     ),
     "cancel": (
         "Cancel",
-        "A queued, deferred or held delivery is cancelled and never sent "
+        "A scheduled, queued, deferred or held delivery is cancelled and never sent "
         "(event `delivery.cancelled`).",
     ),
     "release": (
