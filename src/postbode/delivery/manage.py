@@ -35,11 +35,13 @@ __all__ = [
     "retry",
 ]
 
-QUEUE_STATUSES = ("scheduled", "queued", "deferred", "sending", "held")  # what the queue view shows by default
+# what the queue view shows by default
+QUEUE_STATUSES = ("scheduled", "queued", "deferred", "sending", "held")
 CHUNK = 500  # rows changed per transaction in bulk, so no transaction holds the queue for long
 REPLY_CHARS = 100  # last replies are grouped by their first characters (times, ids differ after)
 TOP_GROUPS = 20  # largest groups shown per summary grouping
-_WILL_BE_TRIED = ("scheduled", "queued", "deferred", "sending")  # next_attempt_at means something for these
+# next_attempt_at means something for these
+_WILL_BE_TRIED = ("scheduled", "queued", "deferred", "sending")
 
 ActionName = Literal["retry", "cancel", "release"]
 

@@ -217,7 +217,8 @@ def test_bulk_refuses_an_empty_filter_and_states_the_action_does_not_apply_to(
     queue(store, app.app_id, ["a@dest.test"])
     with pytest.raises(BadFilter, match="at least one"):
         manage.change_many(store, app.app_id, "cancel", DeliveryFilter())
-    with pytest.raises(BadFilter, match="cancel applies to queued, deferred or held") as bad:
+    applies = "cancel applies to scheduled, queued, deferred or held"
+    with pytest.raises(BadFilter, match=applies) as bad:
         manage.change_many(store, app.app_id, "cancel", DeliveryFilter(status=["delivered"]))
     assert bad.value.field == "status"
     assert events_of(store) == []
@@ -285,7 +286,13 @@ def test_summary_groups_what_waits(store: Store) -> None:
 
     summary = manage.queue_summary(store, app.app_id, now=oldest + timedelta(minutes=30))
 
-    assert summary["counts"] == {"queued": 0, "deferred": 4, "sending": 0, "held": 1}
+    assert summary["counts"] == {
+        "scheduled": 0,
+        "queued": 0,
+        "deferred": 4,
+        "sending": 0,
+        "held": 1,
+    }
     assert summary["oldest_queued_seconds"] == pytest.approx(1800)
     assert summary["deferred"] == {
         "count": 4,

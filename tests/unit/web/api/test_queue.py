@@ -242,7 +242,13 @@ def test_summary(client: TestClient, store: Store, app: tenancy.NewApp) -> None:
     response = client.get("/api/v1/queue/summary", headers=auth(app))
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["counts"] == {"queued": 1, "deferred": 2, "sending": 0, "held": 1}
+    assert body["counts"] == {
+        "scheduled": 0,
+        "queued": 1,
+        "deferred": 2,
+        "sending": 0,
+        "held": 1,
+    }
     assert body["oldest_queued_seconds"] >= 0
     assert body["deferred"]["by_recipient_domain"] == [
         {"recipient_domain": "gmail.test", "count": 2}
