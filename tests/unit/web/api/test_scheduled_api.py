@@ -82,12 +82,14 @@ def test_scheduled_deliveries_show_in_the_queue_and_cancel(
     [
         ("tomorrow", "RFC 3339"),
         ("2026-12-24T18:00:00", "time zone"),
-        (_iso(datetime.now(UTC) + timedelta(days=31)), "30 days"),
+        ("31 days ahead", "30 days"),
     ],
 )
 def test_a_bad_send_at_is_refused_naming_the_field(
     client: TestClient, send_at: str, says: str
 ) -> None:
+    if send_at == "31 days ahead":  # (computed here: test ids must be the same on every worker)
+        send_at = _iso(datetime.now(UTC) + timedelta(days=31))
     answer = client.post("/api/v1/messages", json={**MSG, "send_at": send_at})
     assert answer.status_code == 422
     error = answer.json()["error"]
