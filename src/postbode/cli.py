@@ -391,33 +391,81 @@ def domain_add(
         _print_json({"domain": row["name"], "app": app_name, "records": records})
     else:
         out.print(f"domain [bold]{row['name']}[/bold] added; publish these records:")
-        _print_table(records, ["purpose", "type", "name", "value"])
+        _print_records(records)
+        out.print(f"(again at any time: postbode domain list --records {row['name']})")
+
+
+def _print_records(records: list[dict[str, str]]) -> None:
+    """DNS records in full, each value on a line of its own, never cut or wrapped to the
+    terminal's width (a DKIM key is copied from here into a zone)."""
+    for r in records:
+        sys.stdout.write(f"\n{r['purpose']}: {r['type']} record at {r['name']}\n")
+        sys.stdout.write(f"  {r['value']}\n")
+    sys.stdout.flush()
+
+
+def _key_columns() -> tuple[Any, ...]:
+    from postbode.store.schema import domains
+
+    c = domains.c
+    return (
+        c.dkim_public_key,
+        c.previous_dkim_selector,
+        c.previous_dkim_public_key,
+        c.previous_dkim_until,
+    )
 
 
 @domain_cmd.command("list")
-def domain_list(as_json: JsonFlag = False) -> None:
-    """List sending domains."""
+def domain_list(
+    names: Annotated[
+        list[str] | None, typer.Argument(help="Only these domains (default: every one).")
+    ] = None,
+    records: Annotated[
+        bool, typer.Option("--records", help="Print each domain's DNS records to publish, too.")
+    ] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """List sending domains; with --records, the DNS records each needs, in full."""
     from sqlalchemy import select
 
     from postbode.store.schema import apps, domains
 
+    settings = get_settings()
+    key_columns = _key_columns()
+    query = (
+        select(
+            domains.c.name,
+            apps.c.name.label("app"),
+            domains.c.dkim_selector,
+            domains.c.verified_at,
+            domains.c.inbound,
+            *key_columns,
+        )
+        .join(apps, apps.c.id == domains.c.app_id)
+        .order_by(domains.c.name)
+    )
+    if names:
+        query = query.where(domains.c.name.in_([n.strip().lower().rstrip(".") for n in names]))
     with _store().read() as conn:
-        rows = [
-            dict(r)
-            for r in conn.execute(
-                select(
-                    domains.c.name,
-                    apps.c.name.label("app"),
-                    domains.c.dkim_selector,
-                    domains.c.verified_at,
-                    domains.c.inbound,
-                )
-                .join(apps, apps.c.id == domains.c.app_id)
-                .order_by(domains.c.name)
-            ).mappings()
-        ]
+        rows = [dict(r) for r in conn.execute(query).mappings()]
+    if names and not rows:
+        _fail(f"no such domain: {', '.join(names)}")
+    for row in rows:
+        found = tenancy.dns_records(row, settings.smtp_hostname, settings.return_path_domain)
+        if row["inbound"]:
+            found = tenancy.inbound_records(row, settings.smtp_hostname) + found
+        row["records"] = found
+        for column in key_columns:
+            del row[column.name]
     if as_json:
-        _print_json(rows)
+        _print_json(
+            rows if records else [{k: v for k, v in r.items() if k != "records"} for r in rows]
+        )
+    elif records:
+        for row in rows:
+            out.print(f"\n[bold]{row['name']}[/bold] (app {row['app']}):")
+            _print_records(row["records"])
     else:
         _print_table(rows, ["name", "app", "dkim_selector", "verified_at", "inbound"])
 

@@ -342,12 +342,30 @@ def generate_dkim_key(bits: int = 2048) -> tuple[str, str]:
     return private_pem, f"v=DKIM1; k=rsa; p={base64.b64encode(public_der).decode()}"
 
 
+def _domain_problem(name: str) -> str:
+    """Why `name` is not a domain name, in words (RFC 1035 §2.3.4: labels of 1-63 octets)."""
+    labels = name.split(".")
+    if not name:
+        return "it is empty"
+    if any(not label for label in labels):
+        return "it has an empty label (two dots in a row, or a dot at the start)"
+    if any(len(label) > 63 for label in labels):
+        return "a label is longer than 63 characters"
+    if len(labels) < 2:
+        return "it needs at least two labels, like example.com"
+    if any(label.startswith("-") or label.endswith("-") for label in labels):
+        return "a label starts or ends with a hyphen"
+    if len(name) > 253:
+        return "it is longer than 253 characters"
+    return "it is not a valid internationalised domain name"
+
+
 def _check_domain(name: str) -> str:
     name = name.strip().lower().rstrip(".")
     try:
         ascii_name = name.encode("idna").decode()
-    except UnicodeError as exc:
-        raise TenancyError(f"invalid domain {name!r}: {exc}") from None
+    except UnicodeError:
+        raise TenancyError(f"invalid domain {name!r}: {_domain_problem(name)}") from None
     labels = ascii_name.split(".")
     if (
         len(labels) < 2
@@ -357,7 +375,7 @@ def _check_domain(name: str) -> str:
             for label in labels
         )
     ):
-        raise TenancyError(f"invalid domain {name!r}")
+        raise TenancyError(f"invalid domain {name!r}: {_domain_problem(ascii_name)}")
     return ascii_name
 
 

@@ -14,8 +14,12 @@ import pytest
 from postbode.testing.process import PostbodeProcess
 
 
-def postbode(data_dir: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+def postbode(
+    data_dir: Path, *args: str, stdin: str = "", columns: int | None = None
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "POSTBODE_DATA_DIR": str(data_dir)}
+    if columns is not None:  # a terminal this wide
+        env["COLUMNS"] = str(columns)
     env.pop("POSTBODE_DATABASE_URL", None)
     return subprocess.run(
         [sys.executable, "-m", "postbode", *args],
@@ -159,3 +163,47 @@ def test_version(tmp_path: Path) -> None:
 
     result = postbode(tmp_path, "--version")
     assert result.returncode == 0 and result.stdout.strip() == f"postbode {__version__}"
+
+
+def test_domain_records_in_full_and_again_later(tmp_path: Path) -> None:
+    assert postbode(tmp_path, "app", "create", "shop").returncode == 0
+    added = postbode(tmp_path, "domain", "add", "shop.test", "--app", "shop", columns=80)
+    assert added.returncode == 0, added.stderr
+    from postbode.config import Settings
+    from postbode.store.engine import create_store
+    from postbode.store.schema import domains
+
+    store = create_store(Settings(data_dir=tmp_path))
+    try:
+        with store.read() as conn:
+            row = conn.execute(domains.select()).one()
+    finally:
+        store.dispose()
+    # The DKIM key whole, on one line, never cut at the terminal's width.
+    assert any(line.strip() == row.dkim_public_key for line in added.stdout.splitlines())
+    assert f"{row.dkim_selector}._domainkey.shop.test" in added.stdout
+    assert "…" not in added.stdout
+
+    again = postbode(tmp_path, "domain", "list", "--records")
+    assert again.returncode == 0, again.stderr
+    assert any(line.strip() == row.dkim_public_key for line in again.stdout.splitlines())
+    listed = json.loads(postbode(tmp_path, "domain", "list", "--records", "--json").stdout)
+    dkim = [r for r in listed[0]["records"] if r["purpose"] == "dkim"]
+    assert dkim[0]["value"] == row.dkim_public_key
+    missing = postbode(tmp_path, "domain", "list", "--records", "other.test")
+    assert missing.returncode == 2 and "no such domain" in missing.stderr
+
+
+def test_a_malformed_domain_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    assert postbode(tmp_path, "app", "create", "shop").returncode == 0
+    for name, why in (
+        ("shop..test", "empty label"),
+        (".shop.test", "empty label"),
+        ("shop", "at least two labels"),
+        ("shop-.test", "hyphen"),
+        ("x" * 64 + ".test", "longer than 63"),
+    ):
+        bad = postbode(tmp_path, "domain", "add", name, "--app", "shop")
+        assert bad.returncode == 2, (name, bad.stderr)
+        assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+        assert why in bad.stderr and "codec" not in bad.stderr and "Traceback" not in bad.stderr
