@@ -307,6 +307,48 @@ def app_hold(
         out.print(f"app [bold]{name}[/bold] was already held")
 
 
+LimitOption = Annotated[int | None, typer.Option(min=0, help="Messages; 0 removes the limit.")]
+
+
+@app_cmd.command("limits")
+def app_limits(
+    name: str,
+    per_minute: LimitOption = None,
+    per_hour: LimitOption = None,
+    per_day: LimitOption = None,
+    credential: Annotated[
+        int | None, typer.Option(help="A credential's id (`credential list`): its own limits.")
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Show or set the app's (or one credential's) sending limits: over one, SMTP answers
+    451 4.7.1 and the API 429 with Retry-After."""
+    from postbode import audit
+    from postbode.abuse import limits
+
+    store, app_id = _app_id(name)
+    changes = {
+        k: v
+        for k, v in (("per_minute", per_minute), ("per_hour", per_hour), ("per_day", per_day))
+        if v is not None
+    }
+    try:
+        with store.write() as conn:
+            after = limits.set_limits(conn, app_id, changes, credential)
+            if changes:
+                target = name if credential is None else f"{name} credential {credential}"
+                org = tenancy.app_by_name(conn, name)["organization_id"]
+                audit.write(conn, org, "cli", "app.limits", target, after.as_json())
+    except (LookupError, ValueError) as exc:
+        _fail(str(exc))
+    shown = {"app": name, "credential": credential, **after.as_json()}
+    if as_json:
+        _print_json(shown)
+    else:
+        for key, value in after.as_json().items():
+            out.print(f"{key}: {'no limit' if value is None else value}")
+
+
 @app_cmd.command("release")
 def app_release(name: str, as_json: JsonFlag = False) -> None:
     """End the app's hold and send its held mail."""

@@ -15,7 +15,8 @@ from postbode.store.engine import Store
 
 SWEEP_EVERY_SECONDS = 30.0  # the longest a dead worker's rows wait past their lease
 COMPACT_STATISTICS_EVERY_SECONDS = 300.0
-RETENTION_EVERY_SECONDS = 60.0  # also how soon an app that stores no bodies loses one
+RETENTION_EVERY_SECONDS = 60.0
+PURGE_SEND_COUNTERS_EVERY_SECONDS = 3600.0  # also how soon an app that stores no bodies loses one
 
 
 def registry(settings: Settings) -> Registry:
@@ -100,7 +101,22 @@ def registry(settings: Settings) -> Registry:
             delay_first=True,
         )
     )
+    reg.add_task(
+        PeriodicTask(
+            "abuse.send_counters",
+            PURGE_SEND_COUNTERS_EVERY_SECONDS,
+            _purge_send_counters,
+            "Deletes the sending-limit counters of windows that ended two days ago.",
+            delay_first=True,
+        )
+    )
     return reg
+
+
+def _purge_send_counters(store: Store) -> int:
+    from postbode.abuse.limits import purge_counters
+
+    return purge_counters(store)
 
 
 def _sweeper(queue: claim.Queue) -> Any:

@@ -24,6 +24,7 @@ from typing import Any
 from sqlalchemy import Connection, Dialect, delete, insert, or_, select
 
 from postbode.abuse import hold as abuse_hold
+from postbode.abuse.limits import Gate, Over
 from postbode.events.record import Event, record
 from postbode.events.types import EventType
 from postbode.metrics import (
@@ -83,6 +84,18 @@ class AcceptError(Exception):
         return f"{self.smtp} {self.message}"
 
 
+class RateLimited(AcceptError):
+    """Over a sending limit of the app or credential (abuse/limits.py): SMTP answers
+    451 4.7.1, the API 429 with Retry-After. Nothing of the message was kept: retry later."""
+
+    def __init__(self, over: Over) -> None:
+        super().__init__(
+            over.message, reason="rate_limited", field=over.field, smtp="451 4.7.1", status=429
+        )
+        self.over = over
+        self.retry_after = over.retry_after
+
+
 class TemporaryAcceptError(Exception):
     """The store could not take the message now: SMTP answers 451, the API 503. Nothing of the
     message was kept, so the client's retry is safe."""
@@ -117,6 +130,7 @@ class Submission:
     ab_variant: str | None = None
     # Later than now: the deliveries wait as `scheduled` and are claimed from this instant.
     send_at: datetime | None = None
+    credential: str | None = None  # the SMTP username or API key lookup: its sending limits
 
 
 @dataclass(frozen=True)
@@ -222,6 +236,7 @@ class Acceptor:
     def __init__(self, store: Store, hostname: str, *, max_batch: int = MAX_BATCH) -> None:
         self.store = store
         self.hostname = hostname
+        self.gate = Gate(store)
         self.max_batch = max_batch
         self._apps: dict[int, _AppInfo] = {}
         self._pending: list[tuple[_Prepared, asyncio.Future[Accepted]]] = []
@@ -436,8 +451,27 @@ class Acceptor:
     def _commit(
         self, batch: list[tuple[_Prepared, asyncio.Future[Accepted]]]
     ) -> list[Accepted | BaseException]:
-        started = time.perf_counter()
         items = [p for p, _ in batch]
+        try:  # sending limits (abuse/limits.py): no write at all for apps without one
+            over = self.gate.take([(p.sub.app_id, p.sub.credential) for p in items])
+        except Exception:
+            log.exception("could not count %d messages against sending limits", len(items))
+            return [TemporaryAcceptError("the store is unavailable, try again later")] * len(items)
+        if not any(over):
+            return self._store(items)
+        kept = [p for p, o in zip(items, over, strict=True) if o is None]
+        stored = iter(self._store(kept) if kept else [])
+        answers: list[Accepted | BaseException] = []
+        for p, o in zip(items, over, strict=True):
+            if o is None:
+                answers.append(next(stored))
+            else:
+                REJECTS.labels(p.sub.source, "rate_limited").inc()
+                answers.append(RateLimited(o))
+        return answers
+
+    def _store(self, items: list[_Prepared]) -> list[Accepted | BaseException]:
+        started = time.perf_counter()
         try:
             # Read before the write transaction, which holds SQLite's one write lock: a
             # suppression that lands meanwhile is as if it landed just after this accept.

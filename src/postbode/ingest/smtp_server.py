@@ -326,6 +326,7 @@ class SubmissionHandler:
             raw=data,
             client_ip=_peer_ip(session),
             client_name=session.host_name,
+            credential=login.username,
         )
         try:
             accepted = await self.acceptor.accept(submission)

@@ -10,9 +10,16 @@ from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 
 from postbode import tenancy
+from postbode.abuse.limits import credential_lookup
 from postbode.web.errors import error_body
 
 APP_ID_KEY = "postbode.api_app_id"  # where the request's scope keeps the authenticated app
+CREDENTIAL_KEY = "postbode.api_credential"  # and the API key's lookup (its sending limits)
+
+
+def note_credential(request: Request, key: str) -> None:
+    """Keep which API key the request came with, for its sending limits (abuse/limits.py)."""
+    request.scope[CREDENTIAL_KEY] = credential_lookup(key.strip())
 
 
 async def api_app_id(request: Request) -> int:
@@ -39,6 +46,7 @@ async def api_app_id(request: Request) -> int:
             headers={"WWW-Authenticate": "Bearer"},
         )
     request.scope[APP_ID_KEY] = app_id
+    note_credential(request, key)
     return app_id
 
 

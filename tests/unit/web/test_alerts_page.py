@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from sqlalchemy import select
 
-from postbode.abuse import alerts
+from postbode.abuse import alerts, limits
 from postbode.store.engine import Store
 from postbode.store.schema import audit_log
 
@@ -49,3 +49,22 @@ def test_hold_release_banner_and_alerts(
         ("admin@org.test", "app.hold"),
         ("admin@org.test", "app.release"),
     ]
+
+
+def test_sending_limits_on_the_app_page(
+    ui: tuple[Store, Org, Callable], admin: Browser, viewer: Browser
+) -> None:
+    store, org, _ = ui
+    assert viewer.post("/settings/apps/shop/limits", {"per_minute": "5"}).status_code == 403
+    saved = admin.post(
+        "/settings/apps/shop/limits", {"per_minute": "100", "per_hour": "", "per_day": "5000"}
+    )
+    assert "Sending limits saved" in admin.flash(saved)
+    with store.read() as conn:
+        assert limits.get_limits(conn, org.shop.app_id) == limits.Limits(100, None, 5000)
+    page = viewer.get("/settings/apps/shop").text
+    assert 'name="per_minute" min="0" max="2147483647" value="100"' in page
+    bad = admin.post("/settings/apps/shop/limits", {"per_minute": "-3"})
+    assert "per_minute" in admin.flash(bad)
+    with store.read() as conn:
+        assert limits.get_limits(conn, org.shop.app_id).per_minute == 100

@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from postbode import audit, dnscheck, tenancy
 from postbode.abuse import alerts as abuse_alerts
 from postbode.abuse import hold as abuse_hold
+from postbode.abuse import limits as abuse_limits
 from postbode.config import Settings
 from postbode.events.types import EventType
 from postbode.store.engine import Store
@@ -333,6 +334,99 @@ async def release_app(app: str, request: Request, caller: Caller) -> Any:
         abuse_hold.release, _store(request), row["id"], _actor(request, caller)
     )
     return {**_app_out(await _app_of(request, caller, app)), "released": released}
+
+
+LimitValue = Annotated[int | None, Field(ge=0, le=2**31 - 1)]
+
+
+class LimitsIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    per_minute: LimitValue = Field(None, description="Messages per minute; null or 0: no limit")
+    per_hour: LimitValue = Field(None, description="Messages per hour; null or 0: no limit")
+    per_day: LimitValue = Field(None, description="Messages per day; null or 0: no limit")
+
+
+class LimitsOut(BaseModel):
+    app: str
+    credential_id: int | None = Field(description="null: the app's own limits")
+    per_minute: int | None
+    per_hour: int | None
+    per_day: int | None
+
+
+async def _limits(
+    request: Request,
+    caller: tenancy.OrgToken,
+    app: str,
+    credential_id: int | None,
+    body: LimitsIn | None,
+) -> dict[str, Any]:
+    row = await _app_of(request, caller, app)
+    changes = body.model_dump(exclude_unset=True) if body is not None else {}
+
+    def run() -> abuse_limits.Limits:
+        with _store(request).write() as conn:
+            after = abuse_limits.set_limits(conn, row["id"], changes, credential_id)
+            if changes:
+                target = app if credential_id is None else f"{app} credential {credential_id}"
+                audit.write(
+                    conn,
+                    caller.organization_id,
+                    caller.actor,
+                    "app.limits",
+                    target,
+                    after.as_json(),
+                    ip=_ip(request),
+                )
+            return after
+
+    try:
+        after = await run_in_threadpool(run)
+    except LookupError:
+        raise ApiError(
+            404, "not_found", f"no credential {credential_id}", "credential_id"
+        ) from None
+    return {"app": app, "credential_id": credential_id, **after.as_json()}
+
+
+@router.get("/apps/{app}/limits", response_model=LimitsOut, summary="An app's sending limits")
+async def get_app_limits(app: str, request: Request, caller: Caller) -> dict[str, Any]:
+    return await _limits(request, caller, app, None, None)
+
+
+@router.patch("/apps/{app}/limits", response_model=LimitsOut, summary="Set sending limits")
+async def set_app_limits(
+    app: str, body: LimitsIn, request: Request, caller: Caller
+) -> dict[str, Any]:
+    """Messages accepted per minute, hour and day (fixed windows in UTC, counted across every
+    node); over one, SMTP answers 451 4.7.1 and the API 429 with Retry-After. Fields left out
+    stay as they are; null or 0 removes a limit."""
+    return await _limits(request, caller, app, None, body)
+
+
+@router.get(
+    "/apps/{app}/credentials/{credential_id}/limits",
+    response_model=LimitsOut,
+    summary="A credential's sending limits",
+)
+async def get_credential_limits(
+    app: str, credential_id: RowId, request: Request, caller: Caller
+) -> dict[str, Any]:
+    return await _limits(request, caller, app, credential_id, None)
+
+
+@router.patch(
+    "/apps/{app}/credentials/{credential_id}/limits",
+    response_model=LimitsOut,
+    summary="Set a credential's sending limits",
+)
+async def set_credential_limits(
+    app: str, credential_id: RowId, body: LimitsIn, request: Request, caller: Caller
+) -> dict[str, Any]:
+    """As the app's limits, for mail sent with this one API key or SMTP login; both the
+    app's and the credential's limits apply."""
+    return await _limits(request, caller, app, credential_id, body)
 
 
 class AlertOut(BaseModel):

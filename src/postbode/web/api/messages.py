@@ -54,6 +54,7 @@ from postbode.ingest.accept import (
     Accepted,
     AcceptError,
     Acceptor,
+    RateLimited,
     Submission,
     TemporaryAcceptError,
     normalise_address,
@@ -66,7 +67,7 @@ from postbode.templates.manage import TemplateError
 from postbode.templates.send import TemplateCache
 from postbode.web.api.fields import Instant
 from postbode.web.api.templates import api_error as template_api_error
-from postbode.web.auth import api_app_id
+from postbode.web.auth import CREDENTIAL_KEY, api_app_id, note_credential
 from postbode.web.errors import ApiError, error_body
 
 MAX_LIST_ENTRIES = 1000  # to/cc/bcc entries parsed at most; smtp_max_recipients is the real cap
@@ -469,6 +470,7 @@ async def caller_app_id(request: Request) -> int:
     if scheme.lower() == "bearer" and key.strip():
         cached = tenancy.recently_authenticated(key.strip())
         if cached is not None:
+            note_credential(request, key)
             return cached
     return await api_app_id(request)
 
@@ -689,10 +691,17 @@ async def _accept(
         idempotency_key=idempotency_key,
         request_hash=request_hash(_canonical(data)) if idempotency_key else None,
         send_at=send_at,
+        credential=request.scope.get(CREDENTIAL_KEY),
         **made,
     )
     try:
         return await acceptor.accept(submission)
+    except RateLimited as exc:
+        raise HTTPException(
+            429,
+            error_body(exc.reason, exc.message, exc.field),
+            headers={"Retry-After": str(exc.retry_after)},
+        ) from None
     except AcceptError as exc:  # IdempotencyConflict (409) among them
         raise ApiError(exc.status, exc.reason, exc.message, exc.field) from None
     except TemporaryAcceptError as exc:

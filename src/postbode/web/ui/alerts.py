@@ -1,18 +1,19 @@
-"""The Alerts page (the organisation's `app.alert`s and its held apps) and holding and
-releasing an app from the UI."""
+"""The Alerts page (the organisation's `app.alert`s and its held apps), holding and releasing
+an app, and its sending limits, from the UI."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from postbode.abuse import alerts, hold
+from postbode.abuse import alerts, hold, limits
 from postbode.web.ui.core import (
     CanChange,
     SignedIn,
     UiError,
     UiRoute,
     Viewer,
+    audit,
     client_ip,
     redirect,
     render,
@@ -76,3 +77,28 @@ async def release_app(request: Request, viewer: CanChange, name: str) -> Respons
         hold.release, store_of(request), app_id, _actor(request, viewer)
     )
     return redirect(request, back, f"{name} released: {released} held deliveries queued.")
+
+
+@router.post("/settings/apps/{name}/limits")
+async def save_limits(request: Request, viewer: CanChange, name: str) -> Response:
+    app_id = _named(viewer, name)
+    form = await request.form()
+    back = url(f"/settings/apps/{name}", viewer)
+    changes: dict[str, int | None] = {}
+    for field in ("per_minute", "per_hour", "per_day"):
+        text = str(form.get(field, "")).strip()
+        if not text:
+            changes[field] = None
+        elif text.isdigit() and int(text) <= limits.MAX_LIMIT:
+            changes[field] = int(text)
+        else:
+            return redirect(request, back, f"{field}: a number of messages, or empty.", "error")
+    store = store_of(request)
+
+    def run() -> None:
+        with store.write() as conn:
+            after = limits.set_limits(conn, app_id, changes)
+            audit(conn, viewer, request, "app.limits", name, after.as_json())
+
+    await run_in_threadpool(run)
+    return redirect(request, back, "Sending limits saved.")

@@ -21,6 +21,7 @@ EQUIVALENTS: dict[str, tuple[str, str]] = {
     "app list": ("get", "/api/v1/apps"),
     "app hold": ("post", "/api/v1/apps/{app}/hold"),
     "app release": ("post", "/api/v1/apps/{app}/release"),
+    "app limits": ("patch", "/api/v1/apps/{app}/limits"),
     "credential create": ("post", "/api/v1/apps/{app}/credentials"),
     "credential list": ("get", "/api/v1/apps/{app}/credentials"),
     "credential revoke": ("delete", "/api/v1/apps/{app}/credentials/{credential_id}"),

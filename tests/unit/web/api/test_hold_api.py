@@ -68,3 +68,37 @@ def test_hold_release_and_alerts(settings: Settings, store: Store) -> None:
         finally:
             assert client.portal is not None
             client.portal.call(acceptor.close)
+
+
+def test_limits_of_an_app_and_a_credential(settings: Settings, store: Store) -> None:
+    tenancy.create_app(store, "shop", "acme")
+    token = str(tenancy.create_org_token(store, "acme", "ops")["token"])
+    org = {"Authorization": f"Bearer {token}"}
+    cred_id = tenancy.list_credentials(store, "shop")[0]["id"]
+    with TestClient(create_app(settings, store)) as client:
+        none = client.get("/api/v1/apps/shop/limits", headers=org).json()
+        assert none == {
+            "app": "shop",
+            "credential_id": None,
+            "per_minute": None,
+            "per_hour": None,
+            "per_day": None,
+        }
+        set_ = client.patch("/api/v1/apps/shop/limits", json={"per_minute": 100}, headers=org)
+        assert set_.status_code == 200 and set_.json()["per_minute"] == 100
+        more = client.patch("/api/v1/apps/shop/limits", json={"per_day": 5000}, headers=org)
+        assert (more.json()["per_minute"], more.json()["per_day"]) == (100, 5000)
+        off = client.patch("/api/v1/apps/shop/limits", json={"per_minute": 0}, headers=org)
+        assert off.json()["per_minute"] is None
+        bad = client.patch("/api/v1/apps/shop/limits", json={"per_hour": -5}, headers=org)
+        assert bad.status_code == 422 and bad.json()["error"]["field"] == "per_hour"
+        extra = client.patch("/api/v1/apps/shop/limits", json={"per_week": 5}, headers=org)
+        assert extra.status_code == 422
+        path = f"/api/v1/apps/shop/credentials/{cred_id}/limits"
+        cred = client.patch(path, json={"per_hour": 10}, headers=org)
+        assert cred.status_code == 200 and cred.json()["credential_id"] == cred_id
+        assert client.get(path, headers=org).json()["per_hour"] == 10
+        missing = client.get(f"/api/v1/apps/shop/credentials/{cred_id + 99}/limits", headers=org)
+        assert missing.status_code == 404
+        entries = client.get("/api/v1/audit", headers=org).json()["data"]
+        assert sum(e["action"] == "app.limits" for e in entries) == 4

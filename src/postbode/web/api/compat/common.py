@@ -20,6 +20,7 @@ from postbode.web.api.messages import (
     body_limit,
     describe_validation_error,
 )
+from postbode.web.auth import note_credential
 from postbode.web.errors import ApiError
 
 
@@ -32,9 +33,15 @@ class Refusal(Exception):
     code: str
     message: str
     field: str | None = None
+    retry_after: int | None = None  # seconds, for a 429 (a sending limit): Retry-After
 
     def __str__(self) -> str:
         return self.message
+
+
+def retry_headers(retry_after: int | None) -> dict[str, str] | None:
+    """Retry-After for an answer that says when to come back (RFC 9110 §10.2.3)."""
+    return {"Retry-After": str(retry_after)} if retry_after is not None else None
 
 
 class TooLarge(Exception):
@@ -67,6 +74,7 @@ async def app_for_key(request: Request, key: str) -> int | None:
     key = key.strip()
     if not key:
         return None
+    note_credential(request, key)
     cached = tenancy.recently_authenticated(key)
     if cached is not None:
         return cached
@@ -117,8 +125,13 @@ async def accept(request: Request, app_id: int, body: SendRequest) -> Accepted:
         detail = exc.detail
         if isinstance(detail, dict) and "error" in detail:
             error = detail["error"]
+            retry = (exc.headers or {}).get("Retry-After", "")
             raise Refusal(
-                exc.status_code, error["code"], error["message"], error["field"]
+                exc.status_code,
+                error["code"],
+                error["message"],
+                error["field"],
+                int(retry) if retry.isdigit() else None,
             ) from None
         raise Refusal(exc.status_code, "error", str(detail)) from None
 

@@ -54,12 +54,16 @@ FIELDS = {
 class MailgunError(Exception):
     """An answer in Mailgun's error shape: `{"message": "…"}`."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, retry_after: int | None = None) -> None:
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.retry_after = status, message, retry_after
 
     def response(self) -> JSONResponse:
-        return JSONResponse({"message": self.message}, status_code=self.status)
+        return JSONResponse(
+            {"message": self.message},
+            status_code=self.status,
+            headers=common.retry_headers(self.retry_after),
+        )
 
 
 class MailgunMessage(BaseModel):
@@ -252,7 +256,7 @@ def refusal(exc: common.Refusal, domain: str, lists: dict[str, list[str]]) -> Ma
     if exc.code == "app_suspended":
         return MailgunError(403, f"Domain {domain} is not allowed to send: the app is suspended")
     if exc.status in (413, 429) or exc.status >= 500:
-        return MailgunError(exc.status, exc.message)
+        return MailgunError(exc.status, exc.message, exc.retry_after)
     if head in lists and index is not None and index < len(lists[head]):
         return MailgunError(
             400, f"'{head}' parameter is not a valid address. please check documentation"

@@ -58,15 +58,20 @@ TEMPLATE_FIELDS = ("TemplateId", "TemplateAlias", "TemplateModel", "InlineCss")
 class PostmarkError(Exception):
     """An answer in Postmark's error shape: `{"ErrorCode": n, "Message": "…"}`."""
 
-    def __init__(self, status: int, error_code: int, message: str) -> None:
+    def __init__(
+        self, status: int, error_code: int, message: str, retry_after: int | None = None
+    ) -> None:
         super().__init__(message)
         self.status, self.error_code, self.message = status, error_code, message
+        self.retry_after = retry_after
 
     def body(self) -> dict[str, Any]:
         return {"ErrorCode": self.error_code, "Message": self.message}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(
+            self.body(), status_code=self.status, headers=common.retry_headers(self.retry_after)
+        )
 
 
 # -- the request as Postmark documents it (for the OpenAPI document) ---------------------------
@@ -266,7 +271,9 @@ def refusal(exc: common.Refusal, lists: dict[str, list[str]], data: Any) -> Post
     if exc.code == "app_suspended":
         return PostmarkError(422, NOT_ALLOWED_TO_SEND, "Not allowed to send: the app is suspended.")
     if exc.status == 429:
-        return PostmarkError(429, RATE_LIMITED, "Rate limit exceeded: " + exc.message)
+        return PostmarkError(
+            429, RATE_LIMITED, "Rate limit exceeded: " + exc.message, exc.retry_after
+        )
     if exc.status >= 500:
         return PostmarkError(exc.status, 100, "Maintenance: " + exc.message)
     if head in lists and index is not None and index < len(lists[head]):

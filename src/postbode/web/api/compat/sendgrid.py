@@ -75,13 +75,22 @@ KNOWN_PERSONALIZATION = {
 class SendGridError(Exception):
     """An answer in SendGrid's error shape."""
 
-    def __init__(self, status: int, message: str, field: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        field: str | None = None,
+        retry_after: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.field = status, message, field
+        self.retry_after = retry_after
 
     def response(self) -> JSONResponse:
         body = {"errors": [{"message": self.message, "field": self.field, "help": HELP}]}
-        return JSONResponse(body, status_code=self.status)
+        return JSONResponse(
+            body, status_code=self.status, headers=common.retry_headers(self.retry_after)
+        )
 
 
 # -- the request as SendGrid documents it (for the OpenAPI document) ---------------------------
@@ -353,7 +362,7 @@ def refusal(exc: common.Refusal, where: str) -> SendGridError:
     if exc.code == "app_suspended":
         return SendGridError(403, "Forbidden: the app is suspended.")
     if exc.status in (413, 429) or exc.status >= 500:
-        return SendGridError(exc.status, exc.message)
+        return SendGridError(exc.status, exc.message, retry_after=exc.retry_after)
     return SendGridError(400, exc.message, _field(exc, where))
 
 
