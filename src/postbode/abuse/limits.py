@@ -198,8 +198,11 @@ class Gate:
                     apps.c.limit_per_hour,
                     apps.c.limit_per_day,
                 ).where(apps.c.id == app_id)
-            ).one()
-            app = _Scoped(f"app:{app_id}", "app", row.name, _limits(row), app_id, now)
+            ).first()
+            # An app deleted meanwhile has no limits: storing its message fails on its own.
+            found = _limits(row) if row is not None else Limits()
+            name = row.name if row is not None else str(app_id)
+            app = _Scoped(f"app:{app_id}", "app", name, found, app_id, now)
             cred: _Scoped | None = None
             if credential:
                 c = conn.execute(
