@@ -85,6 +85,23 @@ class Settings(BaseSettings):
     smtp_max_message_size: int = Field(
         25 * 1024 * 1024, description="Largest message accepted, in bytes (SMTP SIZE)."
     )
+    smtp_max_unauthenticated_message_size: int = Field(
+        10 * 1024 * 1024,
+        ge=1024,
+        description="Largest message accepted without AUTH (bounces, inbound mail), in bytes; "
+        "refused with 552 5.3.4 as it streams in.",
+    )
+    smtp_max_unauthenticated_sessions: int = Field(
+        200,
+        ge=1,
+        description="Sessions that may be in a mail transaction without AUTH at once, per "
+        "listener process; more are turned away with 421 4.7.0.",
+    )
+    smtp_max_unauthenticated_sessions_per_ip: int = Field(
+        20,
+        ge=1,
+        description="Of those, how many may come from one client address.",
+    )
     smtp_max_recipients: int = Field(50, description="Most recipients accepted per message.")
     smtp_tls_cert: Path | None = Field(
         None,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import ipaddress
 import logging
 import re
@@ -14,6 +15,7 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
@@ -21,12 +23,16 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
 from postbode import tenancy
 from postbode.config import Settings
 from postbode.ingest.accept import AcceptError, Acceptor, Submission, TemporaryAcceptError
+from postbode.ingest.smtp_data import TOO_BIG, DataReader
 from postbode.metrics import REJECTS
 from postbode.store.engine import Store
 
 log = logging.getLogger(__name__)
 
 AUTH_FAILURE_WINDOW = 600.0
+# Messages taken without AUTH that are read into memory and handed on at once; the others wait
+# with theirs in the spool. Bounds the memory strangers can make a listener hold.
+UNAUTHENTICATED_AT_ONCE = 4
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,38 @@ class AuthThrottle:
             self._failures.clear()
 
 
+class UnauthenticatedSessions:
+    """This listener's sessions in a mail transaction without AUTH, per client address and in
+    all: past either cap, the next is turned away. (Memory is a process's own: the caps are
+    per listener process.)"""
+
+    def __init__(self, total: int, per_ip: int) -> None:
+        self.total = total
+        self.per_ip = per_ip
+        self._by_ip: dict[str, int] = {}
+        self._count = 0
+
+    def admit(self, ip: str) -> bool:
+        if self._count >= self.total or self._by_ip.get(ip, 0) >= self.per_ip:
+            return False
+        self._by_ip[ip] = self._by_ip.get(ip, 0) + 1
+        self._count += 1
+        return True
+
+    def leave(self, ip: str) -> None:
+        left = self._by_ip.get(ip, 0) - 1
+        if left < 0:
+            return
+        if left:
+            self._by_ip[ip] = left
+        else:
+            del self._by_ip[ip]
+        self._count -= 1
+
+    def __len__(self) -> int:
+        return self._count
+
+
 # RFC 2034 / RFC 3463: when ENHANCEDSTATUSCODES is offered, replies carry a status code.
 # aiosmtpd's own replies mostly don't; these are the codes its replies map to.
 _ENHANCED_FOR = {
@@ -122,10 +160,20 @@ class PostbodeSMTP(SMTP):
     """aiosmtpd's protocol with Postbode's policies: enhanced status codes on every reply,
     PIPELINING advertised, AUTH without TLS only from loopback."""
 
-    def __init__(self, handler: SubmissionHandler, settings: Settings, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        handler: SubmissionHandler,
+        settings: Settings,
+        spool_dir: Path | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(handler, **kwargs)
+        self._postbode_handler = handler
         self._postbode_settings = settings
+        self._spool_dir = spool_dir
         self._in_ehlo = False
+        # The client address this session was counted under in UnauthenticatedSessions.
+        self.counted_as: str | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -133,6 +181,63 @@ class PostbodeSMTP(SMTP):
         self._auth_require_tls = auth_requires_tls(
             str(peer[0]) if peer else "", self._auth_require_tls
         )
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self.counted_as is not None:
+            self._postbode_handler.sessions.leave(self.counted_as)
+            self.counted_as = None
+        super().connection_lost(error)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        """DATA read as it streams in (aiosmtpd's own buffers every line, as an object of its
+        own, before it checks the size): at most a small buffer in memory, the rest in a
+        spool file; past the limit nothing more is kept and 552 is answered at once, and what
+        the client still sends is read and dropped up to its end-of-data line."""
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None and self.session is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        handler = self._postbode_handler
+        authenticated = bool(self.session.authenticated)
+        if authenticated:
+            limit = self._postbode_settings.smtp_max_message_size
+        else:
+            limit = self._postbode_settings.smtp_max_unauthenticated_message_size
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        data = DataReader(limit, self._spool_dir)
+
+        async def refuse(why: str) -> None:
+            REJECTS.labels("smtp", why).inc()
+            if why == TOO_BIG:
+                # RFC 3463 §3.4: X.3.4 message too big for system.
+                whose = "" if authenticated else " without authentication"
+                await self.push(f"552 5.3.4 Message too big: at most {limit} bytes{whose}")
+            else:
+                await self.push("500 5.5.2 Line too long (RFC 5321 §4.5.3.1.6)")
+
+        try:
+            try:
+                await data.read(self._reader, refuse)
+            except asyncio.IncompleteReadError:
+                return  # the client left during DATA
+            if data.scanner.refusal is not None:
+                self.envelope = Envelope()
+                return
+            slot = contextlib.nullcontext() if authenticated else handler.unauthenticated_at_once
+            async with slot:
+                content = data.message()
+                data.close()
+                self.envelope.content = self.envelope.original_content = content
+                status = await handler.handle_DATA(self, self.session, self.envelope)
+        finally:
+            data.close()
+        self.envelope = Envelope()
+        await self.push(status)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         # aiosmtpd parses every MAIL and RCPT address with the e-mail package's full RFC 5322
@@ -158,6 +263,9 @@ class PostbodeSMTP(SMTP):
             if not self._in_ehlo:
                 status = _with_enhanced_code(status)
         await super().push(status)
+        if isinstance(status, str) and status.startswith("421") and self.transport is not None:
+            # RFC 5321 §3.8: 421 says the server closes the channel; so it does.
+            self.transport.close()
 
 
 def _with_enhanced_code(status: str) -> str:
@@ -195,6 +303,11 @@ class SubmissionHandler:
         self.acceptor = acceptor
         self.local = list(local)
         self.throttle = AuthThrottle(settings.smtp_auth_max_failures)
+        self.sessions = UnauthenticatedSessions(
+            settings.smtp_max_unauthenticated_sessions,
+            settings.smtp_max_unauthenticated_sessions_per_ip,
+        )
+        self.unauthenticated_at_once = asyncio.Semaphore(UNAUTHENTICATED_AT_ONCE)
 
     # -- EHLO ----------------------------------------------------------------------------------
 
@@ -271,6 +384,17 @@ class SubmissionHandler:
     ) -> str:
         if address and not _storable_address(address):
             return "553 5.1.7 Sender address is not valid"
+        if not session.authenticated:
+            limit = self.settings.smtp_max_unauthenticated_message_size
+            if _declared_size(mail_options) > limit:
+                REJECTS.labels("smtp", TOO_BIG).inc()
+                return f"552 5.3.4 Message too big: at most {limit} bytes without authentication"
+            if isinstance(server, PostbodeSMTP) and server.counted_as is None:
+                ip = _peer_ip(session)
+                if not self.sessions.admit(ip):
+                    REJECTS.labels("smtp", "too_many_sessions").inc()
+                    return "421 4.7.0 Too many sessions without authentication, try again later"
+                server.counted_as = ip
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Sender ok"
@@ -335,6 +459,15 @@ class SubmissionHandler:
         except TemporaryAcceptError as exc:
             return f"451 4.3.0 {exc}"
         return f"250 2.0.0 Ok: queued as {accepted.id}"
+
+
+def _declared_size(mail_options: list[str]) -> int:
+    """The SIZE a client declared on MAIL (RFC 1870 §6); 0 when none."""
+    for option in mail_options:
+        name, _, value = option.partition("=")
+        if name.upper() == "SIZE" and value.isdigit():
+            return int(value)
+    return 0
 
 
 def _storable_address(address: str) -> bool:
@@ -415,11 +548,14 @@ async def start_server(
 
     handler = SubmissionHandler(settings, store, acceptor, local)
     context = tls_context or server_context(settings)
+    # Spooled messages go beside the store (a real disk, where /tmp may be memory).
+    spool_dir = settings.data_dir if settings.data_dir.is_dir() else None
 
     def protocol() -> PostbodeSMTP:
         return PostbodeSMTP(
             handler,
             settings,
+            spool_dir,
             hostname=settings.smtp_hostname,
             ident="Postbode",
             data_size_limit=settings.smtp_max_message_size,
