@@ -173,6 +173,22 @@ def check_return_path(expected: str, values: Sequence[str]) -> Verdict:
     return "pass", f"points at {want}"
 
 
+def check_mx(expected: str, values: Sequence[str]) -> Verdict:
+    """An inbound domain's MX names Postbode's SMTP host (RFC 5321 §5.1; the preference is
+    the operator's choice). A null MX (RFC 7505) takes no mail at all."""
+    want = expected.split()[-1].rstrip(".").lower()
+    hosts = [v.split()[-1].rstrip(".").lower() for v in values if v.split()]
+    if not hosts:
+        return "missing", f"no MX record (it should name {want})"
+    if hosts == [""] or all(h in ("", ".") for h in hosts):
+        return "wrong", f"a null MX: this domain takes no mail (it should name {want})"
+    if want not in hosts:
+        return "wrong", f"the MX names {', '.join(hosts)}, not {want}"
+    if len(set(hosts)) > 1:
+        return "pass", f"names {want} (beside {', '.join(sorted(set(hosts) - {want}))})"
+    return "pass", f"names {want}"
+
+
 def check_dmarc(expected: str, values: Sequence[str]) -> Verdict:
     """One DMARC record exists (RFC 7489 §6.6.3: several mean none)."""
     records = [v for v in values if v.replace(" ", "").upper().startswith("V=DMARC1")]
@@ -203,6 +219,7 @@ CHECKS: dict[str, Callable[[str, Sequence[str]], Verdict]] = {
     "dkim_previous": check_dkim,  # a rotated-out key, published while its grace period lasts
     "return_path": check_return_path,
     "dmarc": check_dmarc,
+    "inbound": check_mx,  # only for domains that take mail for the app's routes
 }
 
 
@@ -342,14 +359,16 @@ async def check_domain(
     reader: DnsReader | None = None,
     now: datetime | None = None,
 ) -> DomainCheck:
-    """Look up the domain's four records now, judge them against what Postbode asks to
-    publish, and store the result (dns_status, dns_checked_at, verified_at). Raises
-    TenancyError for a domain Postbode does not know."""
+    """Look up the domain's records now (and its MX when it takes inbound mail), judge them
+    against what Postbode asks to publish, and store the result (dns_status, dns_checked_at,
+    verified_at). Raises TenancyError for a domain Postbode does not know."""
     ascii_name = name.strip().rstrip(".").lower()
     with contextlib.suppress(UnicodeError):  # not a name we could have stored: _load says so
         ascii_name = ascii_name.encode("idna").decode("ascii")
     row = await asyncio.to_thread(_load, store, ascii_name)
     expected = tenancy.dns_records(row, settings.smtp_hostname, settings.return_path_domain)
+    if row.get("inbound"):
+        expected = tenancy.inbound_records(row, settings.smtp_hostname) + expected
     reader = reader or DnsReader.from_settings(settings)
     lookups = await asyncio.gather(*(reader.lookup(r["name"], r["type"]) for r in expected))
     checks = evaluate(expected, lookups, row.get("dns_status") or {})

@@ -18,7 +18,7 @@ from postbode.cli import app as cli
 from postbode.config import Settings, get_settings
 from postbode.dnscheck import DnsReader, Lookup, RecordCheck
 from postbode.store.engine import Store
-from postbode.store.schema import domains, events
+from postbode.store.schema import apps, domains, events
 from postbode.testing.dns import LoopbackDNS
 from postbode.testing.factories import make_app
 
@@ -252,3 +252,36 @@ def test_cli_domain_check(
         assert unknown.exit_code == 2 and "no domain" in unknown.stderr
     finally:
         get_settings.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("found", "status"),
+    [
+        ([], "missing"),
+        (["10 mta.postbode.test"], "pass"),
+        (["10 mta.postbode.test", "20 backup.shop.test"], "pass"),
+        (["10 mx.elsewhere.test"], "wrong"),
+        (["0 ."], "wrong"),
+    ],
+)
+def test_mx_of_an_inbound_domain(found: list[str], status: str) -> None:
+    assert dnscheck.check_mx("10 mta.postbode.test.", found)[0] == status
+
+
+def test_an_inbound_domain_has_its_mx_checked(
+    store: Store, settings: Settings, dns: LoopbackDNS, domain: dict[str, Any]
+) -> None:
+    publish(dns, domain, settings)
+    with store.read() as conn:
+        app_name = conn.execute(
+            select(apps.c.name).where(apps.c.id == domain["app_id"])
+        ).scalar_one()
+    tenancy.add_domain(store, app_name, "shop.test", inbound=True)
+    result = check(store, settings, dns)
+    by = {c.purpose: c for c in result.records}
+    assert by["inbound"].status == "missing"
+    dns.add_mx("shop.test", [(10, settings.smtp_hostname)])
+    result = check(store, settings, dns)
+    by = {c.purpose: c for c in result.records}
+    assert by["inbound"].status == "pass" and result.all_pass
+    assert changes(store)[-1]["after"]["inbound"] == "pass"

@@ -153,3 +153,20 @@ def test_narrow_screens_neither_overflow_nor_hide_navigation(
             box,
         )
     assert watch.errors == []
+
+
+def test_every_dns_record_value_has_a_copy_button(
+    postbode: Postbode, open_page: Callable[..., tuple[Page, Watch]]
+) -> None:
+    page, watch = open_page(
+        postbode.base, "owner@org.test", permissions=["clipboard-read", "clipboard-write"]
+    )
+    page.goto(f"{postbode.base}/settings/apps/shop/domains")
+    rows = page.locator("table.dns tbody tr")
+    assert rows.count() >= 4
+    for i in range(rows.count()):
+        value = rows.nth(i).locator("td.dns-value code").inner_text().strip()
+        rows.nth(i).get_by_role("button", name="Copy").click()
+        expect(rows.nth(i).get_by_role("button")).to_have_text("Copied")
+        assert page.evaluate("navigator.clipboard.readText()") == value
+    assert watch.errors == []

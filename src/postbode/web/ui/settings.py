@@ -199,6 +199,8 @@ async def _domains_page(
     listed = []
     for row in rows:
         records = tenancy.dns_records(row, settings.smtp_hostname, settings.return_path_domain)
+        if row.get("inbound"):
+            records = tenancy.inbound_records(row, settings.smtp_hostname) + records
         status = row["dns_status"] or {}
         fresh = {c.purpose: c for c in live.records} if live and live.domain == row["name"] else {}
         checked: list[dict[str, Any]] = []
