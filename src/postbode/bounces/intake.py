@@ -34,8 +34,13 @@ log = logging.getLogger(__name__)
 TOKEN_RE = re.compile(r"[0-9A-Za-z_-]{8,40}")
 # Bare addresses of the return-path domains that take mail without a token: postmaster
 # (RFC 5321 §4.5.1 requires it), abuse (RFC 2142 §2, where feedback loops send ARF reports)
-# and bounces (for bounces forwarded by hand). These are matched by the original Message-ID.
+# and bounces (for bounces forwarded by hand). A report sent there acts only through a token
+# it carries in the original message's Return-Path (feedback loops return the message as
+# delivered, Return-Path and all); matched by Message-ID alone it is only noted.
 BARE_LOCAL_PARTS = frozenset({"postmaster", "abuse", "bounces"})
+# RFC 5322 §3.6.7: the Return-Path a final delivery adds, in a returned original message.
+RETURN_PATH_RE = re.compile(rb"(?im)^Return-Path:[ \t]*<?([^\s<>@]{1,64})@([^\s<>]{1,255})>?")
+RETURN_PATH_SEARCH_BYTES = 1_000_000
 PARSE_TIMEOUT = 10.0  # seconds; parse() is linear in its bounded input, this is a backstop
 PARSE_CONCURRENCY = 4  # bounces parsed at once: CPU work, off the event loop
 DOMAIN_CACHE_SECONDS = 60.0
@@ -113,6 +118,7 @@ class BounceIntake:
             )
             return f"250 2.0.0 Ok: {report.kind.replace('_', ' ')} dropped"
         rcpts = [r for r in [await self._rcpt(a) for a in rcpt_tos[:MAX_TARGET_RECIPIENTS]] if r]
+        rcpts += await self._returned_paths(data)
         try:
             results = await asyncio.to_thread(self.apply, rcpts, report)
         except Exception:
@@ -123,6 +129,11 @@ class BounceIntake:
         )
         if not results:
             return f"250 2.0.0 Ok: {report.kind} matches no delivery, dropped"
+        if all(r.endswith(":noted") for r in results):
+            return (
+                f"250 2.0.0 Ok: {report.kind} noted; without a return-path token "
+                "it changes nothing"
+            )
         return f"250 2.0.0 Ok: {report.kind} recorded"
 
     # -- parsing --------------------------------------------------------------------------
@@ -149,26 +160,39 @@ class BounceIntake:
     # -- matching (in a thread) -------------------------------------------------------------
 
     def apply(self, rcpts: Sequence[_Rcpt], report: BounceReport) -> list[str]:
-        """Find the deliveries the report is about and apply it, in one transaction."""
+        """Apply the report to the deliveries its VERP tokens name, in one transaction;
+        results as "<delivery id>:<outcome>". Without a token, deliveries its Message-ID and
+        failed recipient name are only noted ("<id>:noted"): every recipient of a message
+        sees its Message-ID, so such a report could come from any of them, about any other."""
         now = utcnow()
         results: list[str] = []
         with self.store.write() as conn:
-            for target, rec in self._targets(conn, rcpts, report):
+            for target, rec in self._by_token(conn, rcpts, report):
                 if report.kind == "complaint":
                     outcome = apply_complaint(conn, target, report, now)
                 else:
                     outcome = apply_dsn(conn, target, rec, self.policy, now)
                 results.append(f"{target.id}:{outcome}")
+            if results:
+                return results
+            for target, rec in self._by_message_id_only(conn, rcpts, report):
+                log.info(
+                    "return path: %s about delivery %s <%s> matched by Message-ID only: "
+                    "noted, not applied",
+                    report.kind,
+                    target.id,
+                    rec.recipient,
+                )
+                results.append(f"{target.id}:noted")
         return results
 
-    def _targets(
+    def _by_token(
         self, conn: Connection, rcpts: Sequence[_Rcpt], report: BounceReport
     ) -> list[tuple[Target, BounceRecord]]:
-        """VERP first: the token names the delivery. Without a usable token (mail to a bare
-        address, a forwarded bounce) the returned original's Message-ID and the failed
-        recipient do."""
+        """The deliveries whose VERP tokens the report was sent to (or carries in a returned
+        Return-Path): a token is known only to the delivery's recipient and its MTAs."""
         found: dict[uuid.UUID, tuple[Target, BounceRecord]] = {}
-        records = report.records or (BounceRecord(None, None, None, "", "unknown", False),)
+        records = _records(report)
         for rcpt in rcpts:
             if rcpt.local.lower() in BARE_LOCAL_PARTS or not TOKEN_RE.fullmatch(rcpt.local):
                 continue
@@ -185,13 +209,19 @@ class BounceIntake:
                 continue
             target = Target.from_row(row)
             found[target.id] = (target, _record_for(records, target.recipient))
-        if found:
-            return list(found.values())
+        return list(found.values())
+
+    def _by_message_id_only(
+        self, conn: Connection, rcpts: Sequence[_Rcpt], report: BounceReport
+    ) -> list[tuple[Target, BounceRecord]]:
+        """Without a token (a report to a bare address, a bounce forwarded by hand): the
+        deliveries the returned original's Message-ID and the failed recipient name."""
+        found: dict[uuid.UUID, tuple[Target, BounceRecord]] = {}
         mid = (report.original_message_id or "").strip()
         if not mid or len(mid) > MAX_MESSAGE_ID or clean_text(mid) != mid:
             return []  # no Message-ID, or none a message of ours could have
         apps = {r.app_id for r in rcpts}
-        for rec in records:
+        for rec in _records(report):
             for target in self._by_message_id(conn, mid, rec.recipient, apps):
                 found.setdefault(target.id, (target, rec))
         return list(found.values())
@@ -208,6 +238,20 @@ class BounceIntake:
         if recipient is None and len(rows) != 1:
             return []  # no recipient named: only a message with one delivery is unambiguous
         return [Target.from_row(r) for r in rows]
+
+    async def _returned_paths(self, data: bytes) -> list[_Rcpt]:
+        """Return-Path addresses of ours in the report (the original message as delivered,
+        which feedback loops return), as if the report had been sent to them."""
+        found: list[_Rcpt] = []
+        for m in RETURN_PATH_RE.finditer(data, 0, RETURN_PATH_SEARCH_BYTES):
+            address = f"{m[1].decode('ascii', 'replace')}@{m[2].decode('ascii', 'replace')}"
+            if self.owns(address):
+                rcpt = await self._rcpt(address)
+                if rcpt is not None and rcpt not in found:
+                    found.append(rcpt)
+            if len(found) >= MAX_TARGET_RECIPIENTS:
+                break
+        return found
 
     def _token_app(self, token: str) -> int | None:
         with self.store.read() as conn:
@@ -246,6 +290,10 @@ class BounceIntake:
 
 def _domain_of(value: str) -> str:
     return value.strip().strip("<>").lower().rstrip(".")
+
+
+def _records(report: BounceReport) -> Sequence[BounceRecord]:
+    return report.records or (BounceRecord(None, None, None, "", "unknown", False),)
 
 
 def _record_for(records: Sequence[BounceRecord], recipient: str) -> BounceRecord:

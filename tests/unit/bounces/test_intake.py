@@ -174,17 +174,15 @@ def test_the_token_wins_over_what_the_report_names(
     assert status_of(store, delivery_id) == "bounced"
 
 
-def test_without_a_token_the_message_id_and_recipient_find_the_delivery(
+def test_without_a_token_the_message_id_and_recipient_only_note_the_delivery(
     intake: BounceIntake, store: Store, shop: int, loop: asyncio.AbstractEventLoop
 ) -> None:
     bob, _, mid = sent(store, shop, "bob@dest.test")
-    carol, _, _ = sent(store, shop, "carol@dest.test")
     reply = run(
         loop, intake.receive("x@dest.test", [f"postmaster@{RETURN}"], dsn("Bob@dest.test", mid))
     )
-    assert reply == "250 2.0.0 Ok: bounce recorded"
-    assert status_of(store, bob) == "bounced"
-    assert status_of(store, carol) == "delivered"
+    assert reply == "250 2.0.0 Ok: bounce noted; without a return-path token it changes nothing"
+    assert status_of(store, bob) == "delivered"
 
 
 def test_a_report_about_someone_else_matches_nothing(
@@ -202,10 +200,17 @@ def test_pb_bounces_addresses_match_only_their_apps_messages(
 ) -> None:
     other = tenancy.create_app(store, "other").app_id
     tenancy.add_domain(store, "other", "other.test")
-    theirs, _, mid = sent(store, other, "bob@dest.test")
-    run(loop, intake.receive("", ["postmaster@pb-bounces.shop.test"], dsn("bob@dest.test", mid)))
+    theirs, token, mid = sent(store, other, "bob@dest.test")
+    for domain in ("shop.test", "other.test"):
+        reply = run(
+            loop, intake.receive("", [f"postmaster@pb-bounces.{domain}"], dsn("bob@dest.test", mid))
+        )
+        noted = "noted" in reply
+        assert noted == (domain == "other.test"), reply
     assert status_of(store, theirs) == "delivered"
-    run(loop, intake.receive("", ["postmaster@pb-bounces.other.test"], dsn("bob@dest.test", mid)))
+    run(loop, intake.receive("", [f"{token}@pb-bounces.shop.test"], dsn("bob@dest.test", mid)))
+    assert status_of(store, theirs) == "delivered"
+    run(loop, intake.receive("", [f"{token}@pb-bounces.other.test"], dsn("bob@dest.test", mid)))
     assert status_of(store, theirs) == "bounced"
 
 
@@ -225,10 +230,10 @@ def test_auto_replies_and_other_mail_are_taken_and_dropped(
         assert conn.execute(select(events.c.type)).scalars().all() == []
 
 
-def test_a_complaint_at_abuse_is_matched_by_message_id(
+def test_a_complaint_at_abuse_is_matched_by_the_returned_return_path(
     intake: BounceIntake, store: Store, shop: int, loop: asyncio.AbstractEventLoop
 ) -> None:
-    delivery_id, _, mid = sent(store, shop)
+    delivery_id, token, mid = sent(store, shop)
     raw = (
         "From: fbl@isp.test\r\nSubject: FW: complaint\r\nMIME-Version: 1.0\r\n"
         'Content-Type: multipart/report; report-type=feedback-report; boundary="A"\r\n'
@@ -236,9 +241,12 @@ def test_a_complaint_at_abuse_is_matched_by_message_id(
         "--A\r\nContent-Type: message/feedback-report\r\n\r\n"
         "Feedback-Type: abuse\r\nVersion: 1\r\n"
         "--A\r\nContent-Type: message/rfc822\r\n\r\n"
+        f"Return-Path: <{token}@{RETURN}>\r\n"
         f"From: orders@shop.test\r\nTo: bob@dest.test\r\nMessage-ID: {mid}\r\n\r\nHi\r\n"
         "--A--\r\n"
     ).encode()
+    without_path = raw.replace(f"Return-Path: <{token}@{RETURN}>\r\n".encode(), b"")
+    assert "noted" in run(loop, intake.receive("", [f"abuse@{RETURN}"], without_path))
     assert run(loop, intake.receive("", [f"abuse@{RETURN}"], raw)) == (
         "250 2.0.0 Ok: complaint recorded"
     )
