@@ -272,3 +272,88 @@ def test_a_busy_address_is_found_through_the_time_index(
     both = MessageQuery((shop,), recipient="busy@dest.test", message_id=f"<{made[1]}@shop.test>")
     assert ids(store, both) == [made[1]]
     assert ids(store, MessageQuery((shop,), recipient="nobody@dest.test")) == []
+
+
+def _set_delivery(store: Store, recipient: str, **values: Any) -> None:
+    from sqlalchemy import update
+
+    with store.write() as conn:
+        conn.execute(update(deliveries).where(deliveries.c.recipient == recipient).values(**values))
+
+
+def test_delivery_filters_hold_for_one_delivery_and_rows_are_deliveries(
+    store: Store, shop: int
+) -> None:
+    mixed = put_message(
+        store,
+        shop,
+        subject="Mixed",
+        recipients=[
+            ("ann@dest.test", "delivered"),
+            ("bob@dest.test", "bounced"),
+            ("cy@grey.test", "deferred"),
+        ],
+    )
+    _set_delivery(store, "ann@dest.test", last_reply="250 2.0.0 OK", mx="mx1.dest.test")
+    _set_delivery(
+        store,
+        "bob@dest.test",
+        last_reply="550 5.1.1 No such user",
+        bounce_category="user_unknown",
+        mx="mx1.dest.test",
+    )
+    _set_delivery(store, "cy@grey.test", last_reply="451 4.7.1 Greylisted", mx="mx.grey.test")
+
+    def rows(**filters: Any) -> list[str]:
+        q = MessageQuery((shop,), **filters)
+        with store.read() as conn:
+            page = search.search(conn, q)
+        return [d["email"] for m in page.rows for d in m["deliveries"]]
+
+    assert rows() == ["ann@dest.test", "bob@dest.test", "cy@grey.test"]
+    assert rows(reply="greylisted") == ["cy@grey.test"]
+    assert rows(category="user_unknown") == ["bob@dest.test"]
+    assert rows(mx="MX1.dest.test") == ["ann@dest.test", "bob@dest.test"]
+    assert rows(mx="mx1.dest.test", status="bounced") == ["bob@dest.test"]
+    assert rows(recipient="ann@dest.test", reply="5.1.1") == []  # not the same delivery
+    assert rows(recipient="bob@dest.test", reply="5.1.1") == ["bob@dest.test"]
+    with pytest.raises(SearchError) as info:
+        rows(category="exploded")
+    assert info.value.field == "category"
+    with store.read() as conn:
+        assert search.count_matches(conn, MessageQuery((shop,))) == 3
+        assert search.count_matches(conn, MessageQuery((shop,), mx="mx1")) == 2
+        # Beyond the bound, the count says "more than".
+        assert search.count_matches(conn, MessageQuery((shop,)), bound=2) == 3
+    with store.read() as conn:
+        row = search.search(conn, MessageQuery((shop,), category="user_unknown"))
+    csv_rows = list(search.csv_rows(row.rows[0]))
+    assert len(csv_rows) == 1
+    found = dict(zip(search.CSV_COLUMNS, csv_rows[0], strict=True))
+    assert found["id"] == str(mixed) and found["recipient"] == "bob@dest.test"
+    assert found["bounce_category"] == "user_unknown"
+    assert found["last_reply"] == "550 5.1.1 No such user"
+
+
+def test_newer_and_older_pages_and_a_jump_to_a_date(store: Store, shop: int) -> None:
+    made = [
+        put_message(store, shop, subject=f"m{i}", at=T0 + timedelta(minutes=i)) for i in range(7)
+    ]
+    newest_first = list(reversed(made))
+    for q in (MessageQuery((shop,)), MessageQuery((shop,), subject="m")):  # indexed, scanned
+        with store.read() as conn:
+            first = search.search(conn, q, limit=3, window=4)
+            assert [r["id"] for r in first.rows] == newest_first[:3]
+            assert first.newer_cursor is None
+            second = search.search(conn, q, cursor=first.next_cursor, limit=3, window=4)
+            assert [r["id"] for r in second.rows] == newest_first[3:6]
+            assert second.newer_cursor is not None
+            back = search.search(conn, q, newer_than=second.newer_cursor, limit=3, window=4)
+            assert [r["id"] for r in back.rows] == newest_first[:3]
+            assert back.newer_cursor is None
+            # Jump to 12:04: the page of messages received before it.
+            jumped = search.search(
+                conn, q, cursor=Cursor.at(T0 + timedelta(minutes=4)), limit=3, window=4
+            )
+            assert [r["id"] for r in jumped.rows] == [made[3], made[2], made[1]]
+            assert jumped.newer_cursor is not None

@@ -43,11 +43,12 @@ from pydantic import (
     field_validator,
 )
 from pydantic_core import PydanticCustomError
-from sqlalchemy import Connection, case, func, select
+from sqlalchemy import Connection, and_, case, func, select, true
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from postbode import tenancy
+from postbode.bounces.classify import CATEGORIES
 from postbode.config import Settings
 from postbode.ingest import mime
 from postbode.ingest.accept import (
@@ -273,6 +274,12 @@ class RecipientOut(BaseModel):
     email: str
     delivery_id: UUID
     status: str
+    last_reply: str | None = Field(None, description="The remote's last reply, in the log")
+    bounce_category: str | None = Field(None, description="In the message log")
+    mx: str | None = Field(None, description="The MX host last tried, in the message log")
+    matched: bool = Field(
+        True, description="In the message log: this delivery matches every delivery filter"
+    )
 
 
 class SendResponse(BaseModel):
@@ -1286,11 +1293,22 @@ def list_messages(
         Instant | None, Query(description="Received at or after (ISO 8601; UTC if no zone)")
     ] = None,
     until: Annotated[Instant | None, Query(description="Received before")] = None,
+    reply: Annotated[
+        str | None, Query(max_length=998, description="Part of a delivery's last reply")
+    ] = None,
+    category: Annotated[
+        str | None,
+        Query(max_length=32, description="A delivery's bounce category (e.g. `user_unknown`)"),
+    ] = None,
+    mx: Annotated[
+        str | None, Query(max_length=253, description="Part of the MX host a delivery was tried at")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = PAGE_SIZE,
     cursor: Annotated[UUID | None, Query(description="`next_cursor` of the previous page")] = None,
 ) -> dict[str, Any]:
     """The caller's messages, newest first, a page at a time (keyset pagination on the
-    time-ordered message id)."""
+    time-ordered message id). `recipient`, `status`, `reply`, `category` and `mx` must all
+    hold for the same delivery; each recipient says whether it is one that `matched`."""
     store: Store = request.app.state.store
     query = select(messages).where(messages.c.app_id == app_id)
     if tag is not None:
@@ -1301,21 +1319,30 @@ def list_messages(
         query = query.where(messages.c.received_at < end)
     if cursor is not None:
         query = query.where(messages.c.id < cursor)
+    # Every delivery filter holds for one and the same delivery.
+    per_delivery: list[Any] = []
+    if status is not None:
+        per_delivery.append(deliveries.c.status == status)
+    if reply:
+        per_delivery.append(deliveries.c.last_reply.icontains(reply.strip(), autoescape=True))
+    if category is not None:
+        if category not in CATEGORIES:
+            raise ApiError(422, "invalid", f"one of: {', '.join(CATEGORIES)}", "category")
+        per_delivery.append(deliveries.c.bounce_category == category)
+    if mx:
+        per_delivery.append(deliveries.c.mx.icontains(mx.strip().rstrip("."), autoescape=True))
     if recipient is not None:
         # Local parts are matched without regard to case, as people type them. The address's
         # own index finds its few messages first (an EXISTS per message would scan them all).
         forms = [f.lower() for f in address_forms(recipient)]
-        wanted = select(deliveries.c.message_id).where(
-            deliveries.c.app_id == app_id, func.lower(deliveries.c.recipient).in_(forms)
-        )
-        if status is not None:
-            wanted = wanted.where(deliveries.c.status == status)
+        per_delivery.append(func.lower(deliveries.c.recipient).in_(forms))
+        wanted = select(deliveries.c.message_id).where(deliveries.c.app_id == app_id, *per_delivery)
         query = query.where(messages.c.id.in_(wanted))
-    elif status is not None:
+    elif per_delivery:
         match = select(deliveries.c.id).where(
             deliveries.c.message_id == messages.c.id,
             deliveries.c.app_id == app_id,
-            deliveries.c.status == status,
+            *per_delivery,
         )
         query = query.where(match.exists())
     query = query.order_by(messages.c.id.desc()).limit(limit + 1)
@@ -1324,18 +1351,33 @@ def list_messages(
         page = rows[:limit]
         by_message: dict[UUID, list[dict[str, Any]]] = {row.id: [] for row in page}
         if page:
+            matched = (
+                and_(*per_delivery).label("matched") if per_delivery else true().label("matched")
+            )
             for d in conn.execute(
                 select(
                     deliveries.c.message_id,
                     deliveries.c.id,
                     deliveries.c.recipient,
                     deliveries.c.status,
+                    deliveries.c.last_reply,
+                    deliveries.c.bounce_category,
+                    deliveries.c.mx,
+                    matched,
                 )
                 .where(deliveries.c.message_id.in_(list(by_message)))
                 .order_by(deliveries.c.recipient, deliveries.c.id)
             ):
                 by_message[d.message_id].append(
-                    {"email": d.recipient, "delivery_id": d.id, "status": d.status}
+                    {
+                        "email": d.recipient,
+                        "delivery_id": d.id,
+                        "status": d.status,
+                        "last_reply": d.last_reply,
+                        "bounce_category": d.bounce_category,
+                        "mx": d.mx,
+                        "matched": bool(d.matched),
+                    }
                 )
     return {
         "data": [{**_message_fields(row), "recipients": by_message[row.id]} for row in page],

@@ -22,6 +22,7 @@ from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from postbode.bounces import suppression
+from postbode.bounces.classify import CATEGORIES
 from postbode.delivery import manage
 from postbode.privacy.audit import EXPORT_CSV, VIEW_MESSAGE, VIEW_RAW
 from postbode.store.engine import Store
@@ -47,7 +48,18 @@ from postbode.web.ui.core import (
 
 router = APIRouter(route_class=UiRoute, include_in_schema=False)
 
-FILTERS = ("recipient", "sender", "subject", "tag", "status", "message_id", "metadata")
+FILTERS = (
+    "recipient",
+    "sender",
+    "subject",
+    "tag",
+    "status",
+    "message_id",
+    "metadata",
+    "reply",
+    "category",
+    "mx",
+)
 MAX_PREVIEW_HEADERS = 200
 
 PREVIEW_CSP = (
@@ -80,6 +92,9 @@ def _query(request: Request, viewer: Viewer) -> tuple[search.MessageQuery, dict[
             metadata=search.parse_metadata(form["metadata"]),
             since=since,
             until=until,
+            reply=form["reply"] or None,
+            category=form["category"] or None,
+            mx=form["mx"] or None,
         )
         search.check(query)
     except search.SearchError as exc:
@@ -88,19 +103,32 @@ def _query(request: Request, viewer: Viewer) -> tuple[search.MessageQuery, dict[
 
 
 @router.get("/messages")
-async def message_log(request: Request, viewer: SignedIn, cursor: str | None = None) -> Response:
+async def message_log(
+    request: Request,
+    viewer: SignedIn,
+    cursor: str | None = None,
+    newer: str | None = None,
+    at: str | None = None,
+) -> Response:
     query, form = _query(request, viewer)
     try:
         after = search.Cursor.decode(cursor)
+        before = search.Cursor.decode(newer)
     except search.SearchError as exc:
         raise UiError(400, exc.message) from None
+    jump = parse_time(at or "")
+    if at and jump is None:
+        raise UiError(400, "at: not a date and time (YYYY-MM-DDTHH:MM, UTC)")
+    if jump is not None and after is None and before is None:
+        after = search.Cursor.at(jump)
     store = store_of(request)
 
-    def run() -> search.Page:
+    def run() -> tuple[search.Page, int]:
         with store.read() as conn:
-            return search.search(conn, query, cursor=after)
+            found = search.search(conn, query, cursor=after, newer_than=before)
+            return found, search.count_matches(conn, query)
 
-    page = await run_in_threadpool(run)
+    page, count = await run_in_threadpool(run)
     filters = {k: v for k, v in form.items() if v}
     names = {a.id: a.name for a in viewer.apps}
     return render(
@@ -116,6 +144,13 @@ async def message_log(request: Request, viewer: SignedIn, cursor: str | None = N
             "next_url": url("/messages", viewer, **filters, cursor=page.next_cursor.encode())
             if page.next_cursor
             else None,
+            "newer_url": url("/messages", viewer, **filters, newer=page.newer_cursor.encode())
+            if page.newer_cursor
+            else None,
+            "count": count,
+            "count_bound": search.COUNT_BOUND,
+            "categories": CATEGORIES,
+            "at": at or "",
             "export_url": url("/messages/export.csv", viewer, **filters),
             "scanned": query.scanned_filters(),
         },
@@ -134,7 +169,7 @@ async def export_messages(request: Request, viewer: SignedIn) -> Response:
         writer = csv.writer(out, lineterminator="\r\n")
         writer.writerow(search.CSV_COLUMNS)
         for row in search.iterate(store, query):
-            writer.writerow(search.csv_values(row))
+            writer.writerows(search.csv_rows(row))
             if out.tell() > 64 * 1024:
                 yield out.getvalue()
                 out.seek(0)

@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Connection, and_, func, or_, select
 
+from postbode.bounces.classify import CATEGORIES
 from postbode.csvcells import csv_cell
 from postbode.ingest.accept import AcceptError
 from postbode.store.engine import Store
@@ -51,11 +52,16 @@ class MessageQuery:
     metadata: tuple[str, str] | None = None  # key, value
     since: datetime | None = None
     until: datetime | None = None
+    reply: str | None = None  # part of a delivery's last reply, case-insensitive
+    category: str | None = None  # a delivery's bounce category (bounces/classify.py)
+    mx: str | None = None  # part of the MX host a delivery was last tried at
 
     def scanned_filters(self) -> list[str]:
         """The filters applied within the bounded scan (no index serves them)."""
         found = [
-            name for name in ("sender", "subject", "status", "metadata") if getattr(self, name)
+            name
+            for name in ("sender", "subject", "status", "metadata", "reply", "category", "mx")
+            if getattr(self, name)
         ]
         if self.recipient and not _whole_address(self.recipient):
             found.append("recipient")
@@ -115,14 +121,20 @@ class Cursor:
         except (ValueError, UnicodeError):
             raise SearchError("cursor", "not a cursor from a previous page") from None
 
+    @classmethod
+    def at(cls, when: datetime) -> Cursor:
+        """Jump to a date: the page of messages received before `when`."""
+        return cls(when if when.tzinfo else when.replace(tzinfo=UTC), uuid.UUID(int=0))
+
 
 @dataclass
 class Page:
     """One page of the log, newest first."""
 
     rows: list[dict[str, Any]]
-    next_cursor: Cursor | None
+    next_cursor: Cursor | None  # older matches go on from here
     scanned_back_to: datetime | None = None  # set when a bounded scan ended before the page filled
+    newer_cursor: Cursor | None = None  # newer matches may lie beyond this (a "newer" page)
 
 
 def _newest_first() -> tuple[Any, Any]:
@@ -133,6 +145,15 @@ def _before(cursor: Cursor) -> ColumnElement[bool]:
     # `received_at <= t` first, so the (app_id, received_at) index bounds the range.
     at = messages.c.received_at
     return and_(at <= cursor.received_at, or_(at < cursor.received_at, messages.c.id < cursor.id))
+
+
+def _after(cursor: Cursor) -> ColumnElement[bool]:
+    at = messages.c.received_at
+    return and_(at >= cursor.received_at, or_(at > cursor.received_at, messages.c.id > cursor.id))
+
+
+def _oldest_first() -> tuple[Any, Any]:
+    return messages.c.received_at.asc(), messages.c.id.asc()
 
 
 def _message_id_forms(value: str) -> list[str]:
@@ -202,6 +223,21 @@ def _named(conn: Connection, q: MessageQuery, app_id: int) -> set[uuid.UUID] | N
 def _scanned(q: MessageQuery, m: Any) -> list[ColumnElement[bool]]:
     """Conditions checked message by message within the bounded scan (`m`: the columns of
     the scanned messages)."""
+    conds = _message_conditions(q, m)
+    per_delivery = _delivery_conditions(q, whole_recipient=False)
+    if per_delivery:
+        if q.recipient and _whole_address(q.recipient):
+            # The index found the address's messages; the state, reply … must be that same
+            # delivery's, not another recipient's of the message.
+            per_delivery.append(_recipient_is(q.recipient))
+        conds.append(
+            select(deliveries.c.id).where(deliveries.c.message_id == m.id, *per_delivery).exists()
+        )
+    return conds
+
+
+def _message_conditions(q: MessageQuery, m: Any) -> list[ColumnElement[bool]]:
+    """The scanned filters on the message itself: subject, sender, metadata."""
     conds: list[ColumnElement[bool]] = []
     if q.subject:
         conds.append(m.subject.icontains(q.subject.strip(), autoescape=True))
@@ -216,21 +252,52 @@ def _scanned(q: MessageQuery, m: Any) -> list[ColumnElement[bool]]:
     if q.metadata:
         key, value = q.metadata
         conds.append(m.metadata[key].as_string() == value)
-    per_delivery: list[ColumnElement[bool]] = []
+    return conds
+
+
+COUNT_BOUND = 1000  # matches counted exactly up to this many; beyond: "more than 1,000"
+
+
+def count_matches(conn: Connection, q: MessageQuery, bound: int = COUNT_BOUND) -> int:
+    """How many deliveries match `q`, counted up to `bound` + 1 (a result above `bound`
+    means "more than `bound`"): the LIMIT keeps a broad search's count cheap."""
+    check(q)
+    conds: list[ColumnElement[bool]] = [
+        messages.c.app_id.in_(list(dict.fromkeys(q.app_ids))),
+        *_bounds(q),
+        *_message_conditions(q, messages.c),
+        *_delivery_conditions(q, whole_recipient=True),
+    ]
+    if q.message_id:
+        conds.append(messages.c.message_id_header.in_(_message_id_forms(q.message_id)))
+    matches = (
+        select(deliveries.c.id)
+        .join(messages, messages.c.id == deliveries.c.message_id)
+        .where(*conds)
+        .limit(bound + 1)
+        .subquery()
+    )
+    return int(conn.execute(select(func.count()).select_from(matches)).scalar_one())
+
+
+def _delivery_conditions(q: MessageQuery, *, whole_recipient: bool) -> list[ColumnElement[bool]]:
+    """What one delivery of a message must match: every filter on deliveries holds for the
+    same delivery (`whole_recipient`: include a whole address, which an index serves)."""
+    conds: list[ColumnElement[bool]] = []
     if q.status:
         # Compared as an expression, so no planner probes by status (thousands of rows each
         # time) instead of by message (a handful): SQLite without ANALYZE would.
-        per_delivery.append(deliveries.c.status.concat("") == q.status)
+        conds.append(deliveries.c.status.concat("") == q.status)
+    if q.category:
+        conds.append(deliveries.c.bounce_category.concat("") == q.category)
+    if q.reply:
+        conds.append(deliveries.c.last_reply.icontains(q.reply.strip(), autoescape=True))
+    if q.mx:
+        conds.append(deliveries.c.mx.icontains(q.mx.strip().rstrip("."), autoescape=True))
     if q.recipient and not _whole_address(q.recipient):
-        per_delivery.append(deliveries.c.recipient.icontains(q.recipient.strip(), autoescape=True))
-    elif q.recipient and per_delivery:
-        # The index found the address's messages; the state must be that same delivery's,
-        # not another recipient's of the message.
-        per_delivery.append(_recipient_is(q.recipient))
-    if per_delivery:
-        conds.append(
-            select(deliveries.c.id).where(deliveries.c.message_id == m.id, *per_delivery).exists()
-        )
+        conds.append(deliveries.c.recipient.icontains(q.recipient.strip(), autoescape=True))
+    elif q.recipient and whole_recipient:
+        conds.append(_recipient_is(q.recipient))
     return conds
 
 
@@ -238,6 +305,8 @@ def check(q: MessageQuery) -> None:
     """SearchError for a filter that cannot be used."""
     if q.status is not None and q.status not in DELIVERY_STATUSES:
         raise SearchError("status", f"unknown status {q.status!r}")
+    if q.category is not None and q.category not in CATEGORIES:
+        raise SearchError("category", f"unknown bounce category {q.category!r}")
     if q.recipient and _whole_address(q.recipient):
         _recipient_forms(q.recipient)
     for f in fields(q):
@@ -257,9 +326,11 @@ def _search_app(
     cursor: Cursor | None,
     limit: int,
     window: int,
+    newer: bool = False,
 ) -> tuple[list[Any], Cursor | None]:
-    """Up to `limit` + 1 matches of one app, newest first, through its index; and, when the
-    bounded scan ran out before finding that many, where it stopped (its oldest message)."""
+    """Up to `limit` + 1 matches of one app, newest first (`newer`: the ones just newer than
+    `cursor`, oldest first), through its index; and, when the bounded scan ran out before
+    finding that many, where it stopped (the last message it looked at)."""
     named = _named(conn, q, app_id)
     if named is not None and not named:
         return [], None
@@ -268,29 +339,25 @@ def _search_app(
     else:  # no such filter, or so many messages that the time index finds them fast
         conds = _indexed(q, app_id)
     if cursor is not None:
-        conds.append(_before(cursor))
+        conds.append(_after(cursor) if newer else _before(cursor))
+    order = _oldest_first() if newer else _newest_first()
     if not q.scanned_filters():
-        query = select(messages).where(*conds).order_by(*_newest_first()).limit(limit + 1)
+        query = select(messages).where(*conds).order_by(*order).limit(limit + 1)
         return list(conn.execute(query).all()), None
     # The window carries whole rows: one read per message, no join back to the table.
-    window_rows = select(messages).where(*conds).order_by(*_newest_first()).limit(window).subquery()
+    window_rows = select(messages).where(*conds).order_by(*order).limit(window).subquery()
     w = window_rows.c
+    in_order = (w.received_at.asc(), w.id.asc()) if newer else (w.received_at.desc(), w.id.desc())
     rows = conn.execute(
-        select(window_rows)
-        .where(*_scanned(q, w))
-        .order_by(w.received_at.desc(), w.id.desc())
-        .limit(limit + 1)
+        select(window_rows).where(*_scanned(q, w)).order_by(*in_order).limit(limit + 1)
     ).all()
     if len(rows) > limit:
         return list(rows), None
     seen = conn.execute(select(func.count()).select_from(window_rows)).scalar_one()
     if seen < window:
         return list(rows), None  # the scan reached the end of the app's messages
-    last = conn.execute(
-        select(window_rows.c.received_at, window_rows.c.id)
-        .order_by(window_rows.c.received_at.asc(), window_rows.c.id.asc())
-        .limit(1)
-    ).one()
+    last_first = (w.received_at.desc(), w.id.desc()) if newer else (w.received_at.asc(), w.id.asc())
+    last = conn.execute(select(w.received_at, w.id).order_by(*last_first).limit(1)).one()
     return list(rows), Cursor(last.received_at, last.id)
 
 
@@ -301,6 +368,7 @@ def search(
     cursor: Cursor | None = None,
     limit: int = PAGE_SIZE,
     window: int = SCAN_WINDOW,
+    newer_than: Cursor | None = None,
 ) -> Page:
     """One page of messages matching `q`, newest first, with their recipients and statuses.
 
@@ -309,6 +377,8 @@ def search(
     filters no index serves, each app looks at most `window` messages; the page then ends
     where the newest such scan stopped, and its cursor goes on from there."""
     check(q)
+    if newer_than is not None:
+        return _newer(conn, q, newer_than, limit, window)
     rows: list[Any] = []
     stopped: Cursor | None = None  # the newest place a scan ended without finding enough
     for app_id in dict.fromkeys(q.app_ids):
@@ -321,22 +391,79 @@ def search(
         rows = [r for r in rows if _key(r) > _key(stopped)]
     rows.sort(key=_key, reverse=True)
     page = rows[:limit]
+    # A page that does not start at the newest message may have newer matches before it.
+    newer = Cursor(*_key(page[0])) if cursor is not None and page else None
     if len(rows) > limit:
-        return Page(_with_recipients(conn, page), Cursor(*_key(page[-1])))
+        return Page(_with_recipients(conn, page, q), Cursor(*_key(page[-1])), None, newer)
     if stopped is not None:
-        return Page(_with_recipients(conn, page), stopped, stopped.received_at)
-    return Page(_with_recipients(conn, page), None)
+        return Page(_with_recipients(conn, page, q), stopped, stopped.received_at, newer)
+    return Page(_with_recipients(conn, page, q), None, None, newer)
 
 
-def _with_recipients(conn: Connection, rows: Sequence[Any]) -> list[dict[str, Any]]:
-    by_message: dict[uuid.UUID, list[dict[str, str]]] = {r.id: [] for r in rows}
+def _newer(conn: Connection, q: MessageQuery, cursor: Cursor, limit: int, window: int) -> Page:
+    """The page of matches just newer than `cursor` (shown newest first, as every page)."""
+    rows: list[Any] = []
+    stopped: Cursor | None = None  # the oldest place a scan (going forward) ended
+    for app_id in dict.fromkeys(q.app_ids):
+        found, stop = _search_app(conn, q, app_id, cursor, limit, window, newer=True)
+        rows.extend(found)
+        if stop is not None and (stopped is None or _key(stop) < _key(stopped)):
+            stopped = stop
+    if stopped is not None:
+        rows = [r for r in rows if _key(r) < _key(stopped)]
+    rows.sort(key=_key)
+    page = rows[:limit]
+    more_newer: Cursor | None = None
+    if len(rows) > limit:
+        more_newer = Cursor(*_key(page[-1]))
+    elif stopped is not None:
+        more_newer = stopped
+    page.reverse()
+    older = Cursor(*_key(page[-1])) if page else cursor
+    return Page(_with_recipients(conn, page, q), older, None, more_newer)
+
+
+def _with_recipients(
+    conn: Connection, rows: Sequence[Any], q: MessageQuery | None = None
+) -> list[dict[str, Any]]:
+    """The page's messages with every recipient (`recipients`) and the deliveries that match
+    the query's delivery filters (`deliveries`: all of them when it has none)."""
+    by_message: dict[uuid.UUID, list[dict[str, Any]]] = {r.id: [] for r in rows}
+    matching: set[uuid.UUID] | None = None
     if rows:
+        ids = list(by_message)
         for d in conn.execute(
-            select(deliveries.c.message_id, deliveries.c.recipient, deliveries.c.status)
-            .where(deliveries.c.message_id.in_(list(by_message)))
+            select(
+                deliveries.c.id,
+                deliveries.c.message_id,
+                deliveries.c.recipient,
+                deliveries.c.status,
+                deliveries.c.last_reply,
+                deliveries.c.bounce_category,
+                deliveries.c.mx,
+                deliveries.c.last_attempt_at,
+            )
+            .where(deliveries.c.message_id.in_(ids))
             .order_by(deliveries.c.recipient, deliveries.c.id)
         ):
-            by_message[d.message_id].append({"email": d.recipient, "status": d.status})
+            by_message[d.message_id].append(
+                {
+                    "delivery_id": d.id,
+                    "email": d.recipient,
+                    "status": d.status,
+                    "last_reply": d.last_reply,
+                    "bounce_category": d.bounce_category,
+                    "mx": d.mx,
+                    "last_attempt_at": d.last_attempt_at,
+                }
+            )
+        conds = _delivery_conditions(q, whole_recipient=True) if q is not None else []
+        if conds:
+            matching = set(
+                conn.execute(
+                    select(deliveries.c.id).where(deliveries.c.message_id.in_(ids), *conds)
+                ).scalars()
+            )
     return [
         {
             "id": r.id,
@@ -352,6 +479,9 @@ def _with_recipients(conn: Connection, rows: Sequence[Any]) -> list[dict[str, An
             "received_at": r.received_at,
             "size": r.size,
             "recipients": by_message[r.id],
+            "deliveries": [
+                d for d in by_message[r.id] if matching is None or d["delivery_id"] in matching
+            ],
         }
         for r in rows
     ]
@@ -382,7 +512,20 @@ CSV_COLUMNS = (
     "recipients",
     "statuses",
     "metadata",
+    "recipient",
+    "status",
+    "last_reply",
+    "bounce_category",
+    "mx",
 )
+
+
+def csv_rows(row: dict[str, Any]) -> Iterator[list[str]]:
+    """A message's CSV rows: one per delivery that matched (the message's columns repeated)."""
+    message = csv_values(row)
+    for d in row["deliveries"]:
+        extra = [d["email"], d["status"], d["last_reply"] or "", d["bounce_category"] or ""]
+        yield message + [csv_cell(v) for v in (*extra, d["mx"] or "")]
 
 
 def csv_values(row: dict[str, Any]) -> list[str]:
