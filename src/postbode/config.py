@@ -227,6 +227,49 @@ class Settings(BaseSettings):
         description="How often every domain's DNS records are looked up again (a change is a "
         "domain.dns_changed event).",
     )
+    abuse_check_every_seconds: float = Field(
+        30.0,
+        description="How often the bounce-rate, complaint-rate and list-bombing guards look "
+        "at every app's recent outcomes.",
+    )
+    abuse_bounce_rate: float = Field(
+        0.10,
+        ge=0,
+        le=1,
+        description="Hard-bounce rate above which an app's new mail is held (docs/abuse.md).",
+    )
+    abuse_bounce_min_deliveries: int = Field(
+        200, ge=1, description="Fewest ended deliveries in the window for the bounce rate to count."
+    )
+    abuse_bounce_window_minutes: int = Field(
+        60, ge=1, description="The bounce-rate and list-bombing guards' window."
+    )
+    abuse_complaint_rate: float = Field(
+        0.003,
+        ge=0,
+        le=1,
+        description="Complaint rate above which an app's new mail is held (the big mailbox "
+        "providers' 0.3 %).",
+    )
+    abuse_complaint_min_deliveries: int = Field(
+        1000, ge=1, description="Fewest deliveries in the window for the complaint rate to count."
+    )
+    abuse_complaint_window_hours: int = Field(
+        24, ge=1, description="The complaint-rate guard's window (complaints come late)."
+    )
+    abuse_list_bombing_min_unknown: int = Field(
+        50,
+        ge=1,
+        description="Fewest never-seen addresses unknown at one domain in the bounce window for "
+        "the list-bombing guard to judge.",
+    )
+    abuse_list_bombing_unknown_rate: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Share of an app's deliveries to one domain that are unknown never-seen "
+        "addresses above which its new mail is held (list bombing).",
+    )
     webhook_allow_private: str = Field(
         "",
         description="Private destinations webhooks may reach anyway: comma-separated CIDRs, "

@@ -103,6 +103,15 @@ def registry(settings: Settings) -> Registry:
     )
     reg.add_task(
         PeriodicTask(
+            "abuse.rates",
+            settings.abuse_check_every_seconds,
+            lambda store: _check_rates(store, settings),
+            "Holds and alerts apps over the hard-bounce rate, the complaint rate or with a "
+            "list-bombing pattern (unknown never-seen addresses at one domain).",
+        )
+    )
+    reg.add_task(
+        PeriodicTask(
             "abuse.send_counters",
             PURGE_SEND_COUNTERS_EVERY_SECONDS,
             _purge_send_counters,
@@ -111,6 +120,12 @@ def registry(settings: Settings) -> Registry:
         )
     )
     return reg
+
+
+def _check_rates(store: Store, settings: Settings) -> int:
+    from postbode.abuse.guards import check_rates
+
+    return len(check_rates(store, settings))
 
 
 def _purge_send_counters(store: Store) -> int:

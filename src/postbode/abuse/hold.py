@@ -14,7 +14,7 @@ from sqlalchemy import Connection, select, update
 from postbode import audit
 from postbode.delivery.manage import CHUNK, DeliveryFilter, change_many
 from postbode.store.engine import Store
-from postbode.store.schema import apps, deliveries, utcnow
+from postbode.store.schema import apps, deliveries, system_values, utcnow
 
 __all__ = [
     "REASON_CHARS",
@@ -28,6 +28,7 @@ __all__ = [
 ]
 
 REASON_CHARS = 500
+_RELEASED = "abuse.released."  # system_values name prefix: when an app was last released
 
 
 class HoldError(ValueError):
@@ -44,6 +45,25 @@ class Actor:
 
 
 DETECTOR = Actor("postbode")
+
+
+def note_release(conn: Connection, app_id: int, at: datetime) -> None:
+    """Remember when the app was released: the guards judge only what happened after it (else
+    the outcomes that tripped them would hold the app again at once)."""
+    name = f"{_RELEASED}{app_id}"
+    changed = conn.execute(
+        system_values.update().where(system_values.c.name == name).values(value=at.isoformat())
+    ).rowcount
+    if not changed:
+        conn.execute(system_values.insert().values(name=name, value=at.isoformat()))
+
+
+def last_release(conn: Connection, app_ids: list[int]) -> dict[int, datetime]:
+    names = [f"{_RELEASED}{i}" for i in app_ids]
+    rows = conn.execute(
+        select(system_values.c.name, system_values.c.value).where(system_values.c.name.in_(names))
+    )
+    return {int(r.name[len(_RELEASED) :]): datetime.fromisoformat(r.value) for r in rows}
 
 
 def reply_text(reason: str) -> str:
@@ -129,6 +149,7 @@ def release(store: Store, app_id: int, actor: Actor) -> int:
             .where(apps.c.id == app_id)
             .values(hold_reason=None, held_at=None, held_by=None)
         )
+        note_release(conn, app_id, utcnow())
         audit.write(
             conn,
             app.organization_id,
