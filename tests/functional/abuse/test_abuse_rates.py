@@ -131,7 +131,11 @@ def test_complaints_above_the_threshold_hold_the_app(
     wait_for(lambda: ended(store) == 200, store)
     assert guards.check_rates(store, settings) == []  # delivered, no complaint yet
     with store.read() as conn:
-        mid = conn.execute(select(messages.c.message_id_header).limit(1)).scalar_one()
+        mid = conn.execute(
+            select(messages.c.message_id_header)
+            .join(deliveries, deliveries.c.message_id == messages.c.id)
+            .where(deliveries.c.recipient == "reader0@dest.test")
+        ).scalar_one()
     report = (
         "From: fbl@isp.test\r\nTo: abuse@return.postbode.localhost\r\n"
         "Subject: FW: complaint\r\nMIME-Version: 1.0\r\n"
