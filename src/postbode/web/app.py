@@ -19,6 +19,7 @@ from postbode.metrics import update_queue_gauges
 from postbode.store.engine import Store
 from postbode.tracking.endpoints import fast_path
 from postbode.tracking.endpoints import router as tracking_router
+from postbode.web.api.abtests import router as abtests_router
 from postbode.web.api.compat import mailgun, postmark, sendgrid
 from postbode.web.api.docs import router as docs_router
 from postbode.web.api.events import router as events_router
@@ -112,6 +113,7 @@ def create_app(settings: Settings, store: Store, acceptor: Acceptor | None = Non
     app.include_router(inbound_router)
     app.include_router(links_router)
     app.include_router(templates_router)
+    app.include_router(abtests_router)
     app.include_router(ui_router)
     app.mount("/static", static_files(), name="static")
     install_error_handlers(app, missing_page)

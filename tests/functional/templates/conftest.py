@@ -42,7 +42,12 @@ def shop(store: Store, dns_server: LoopbackDNS) -> tenancy.NewApp:
 @pytest.fixture
 def postbode(settings: Settings, store: Store, dns_server: LoopbackDNS) -> Iterator[HttpPostbode]:
     changed = settings.model_copy(
-        update={"dns_nameservers": dns_server.nameserver, "smtp_hostname": "mta.postbode.test"}
+        update={
+            "dns_nameservers": dns_server.nameserver,
+            "smtp_hostname": "mta.postbode.test",
+            # the pixel's host; the tests fetch its path from this server
+            "tracking_url": "http://track.postbode.test",
+        }
     )
     with HttpPostbode(changed, store) as server:
         yield server
