@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from sqlalchemy import Connection, Engine, create_engine, event, insert, select, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import NullPool
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -270,13 +271,21 @@ def system_value(store: Store, name: str, make: Callable[[], str]) -> str:
         ).scalar()
     if value is not None:
         return str(value)
-    with store.write() as conn:
-        value = conn.execute(
-            select(system_values.c.value).where(system_values.c.name == name)
-        ).scalar()
-        if value is None:
-            value = make()
-            conn.execute(insert(system_values).values(name=name, value=value))
+    try:
+        with store.write() as conn:
+            value = conn.execute(
+                select(system_values.c.value).where(system_values.c.name == name)
+            ).scalar()
+            if value is None:
+                value = make()
+                conn.execute(insert(system_values).values(name=name, value=value))
+    except IntegrityError:
+        # PostgreSQL: another process stored it between our read and our insert (two first
+        # uses at once); theirs is the one everybody uses.
+        with store.read() as conn:
+            value = conn.execute(
+                select(system_values.c.value).where(system_values.c.name == name)
+            ).scalar_one()
     return str(value)
 
 
