@@ -114,7 +114,11 @@ def test_a_hostile_template_fails_its_send_alone_and_the_server_stays_up(
         "/api/v1/templates",
         json={"alias": "peek", "subject": "s", "text": "line 1\n{{ user.__class__ }}"},
     )
-    for alias, says in (("loop", "steps"), ("huge", "longer than"), ("peek", "__class__")):
+    for alias, says in (
+        ("loop", ("steps", "took more than")),  # whichever bound comes first
+        ("huge", ("longer than",)),
+        ("peek", ("__class__",)),
+    ):
         refused = api.post(
             "/api/v1/messages",
             json={
@@ -126,7 +130,8 @@ def test_a_hostile_template_fails_its_send_alone_and_the_server_stays_up(
         )
         assert refused.status_code == 422, refused.text
         error = refused.json()["error"]
-        assert error["code"] == "template_render" and says in error["message"]
+        assert error["code"] == "template_render"
+        assert any(s in error["message"] for s in says), error["message"]
     assert (
         api.post(
             "/api/v1/messages",

@@ -3,6 +3,7 @@ sandbox that refuses or bounds hostile templates with an error naming the part a
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -55,10 +56,10 @@ def test_a_subject_is_one_line() -> None:
         ("{{ user.__init__.__globals__ }}", "not available"),
         ("{{ range.__globals__ }}", "not available"),
         ("{{ lipsum }}", ""),  # the default globals are gone: undefined, empty
-        ("{% for i in range(100000) %}{% endfor %}", "range() is at most"),
+        ("{% for i in range(100000) %}{% endfor %}", r"range\(\) is at most"),
         (
             "{% for i in range(10000) %}{% for j in range(10000) %}{% endfor %}{% endfor %}",
-            "steps",
+            "steps|took more than",  # whichever bound comes first on a loaded machine
         ),
         ("{{ 'x' * 100000000 }}", "longer than"),
         ("{% for i in range(10000) %}{{ 'x' * 999 }}{% endfor %}", "longer than"),
@@ -75,7 +76,7 @@ def test_a_hostile_template_is_refused_or_bounded(template: str, says: str) -> N
         out = render(Source(subject="s", html="line one\n" + template), {"user": {}, "x": 1})
     except RenderError as exc:
         assert exc.part == "html"
-        assert says in exc.message
+        assert re.search(says, exc.message), exc.message
         if exc.line is not None:
             assert exc.line == 2
     else:
