@@ -411,7 +411,7 @@ def bench_dialect(dialect: str, args: argparse.Namespace) -> list[str]:
     ):
         data_dir = Path(tmp)
         settings = Settings(data_dir=data_dir, database_url=url)
-        store = create_store(settings)  # migrates
+        store = create_store(settings, migrate=True)
         app = tenancy.create_app(store, "bench")
         tenancy.add_domain(store, "bench", "shop.test")
         env = {

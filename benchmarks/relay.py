@@ -295,6 +295,7 @@ def one_run(args: argparse.Namespace, connections: int) -> dict[str, Any]:
     profiler: subprocess.Popen[bytes] | None = None
     client = Client(not args.no_pipelining, args.per_connection, args.starttls)
     try:
+        postbode_cli(env, "migrate")  # PostgreSQL: the processes do not migrate by themselves
         app = json.loads(postbode_cli(env, "app", "create", "bench", "--json"))
         postbode_cli(env, "domain", "add", "shop.test", "--app", "bench")  # DKIM-signs all mail
         server = PostbodeProcess(data_dir, env).start()

@@ -83,7 +83,7 @@ asyncio.run(main())
 def clicks(args: argparse.Namespace, tmp: Path) -> None:
     data_dir = tmp / "clicks"
     settings = Settings(data_dir=data_dir, secret_key=SECRET)
-    store = create_store(settings)
+    store = create_store(settings, migrate=True)
     app = make_app(store, "bench")
     _, delivery_ids = make_queued_message(
         store, app.app_id, [f"r{i}@dest.test" for i in range(args.deliveries)]
@@ -141,7 +141,7 @@ def clicks(args: argparse.Namespace, tmp: Path) -> None:
             )
         # The answers went out first; the events follow in group-committed batches.
         started = time.monotonic()
-        store = create_store(settings)
+        store = create_store(settings, migrate=True)
         count = _count(store, EventType.MESSAGE_CLICKED)
         while True:
             time.sleep(0.2)
@@ -177,7 +177,7 @@ def variants(args: argparse.Namespace, tmp: Path) -> None:
     from postbode.web.app import create_app
 
     settings = Settings(data_dir=tmp / "variants", secret_key=SECRET)
-    store = create_store(settings)
+    store = create_store(settings, migrate=True)
     app = make_app(store, "bench")
     _, (delivery_id,) = make_queued_message(store, app.app_id, ["alice@dest.test"])
     with store.write() as conn:
@@ -284,7 +284,7 @@ def webhooks(args: argparse.Namespace, tmp: Path) -> None:
             webhook_concurrency=args.webhook_concurrency,
             webhook_allow_private="127.0.0.0/8",  # the receiver runs on loopback
         )
-        store = create_store(settings)
+        store = create_store(settings, migrate=True)
         app = make_app(store, "bench")
         policy = DestinationPolicy.from_settings(settings)
         manage.create_webhook(store, app.app_id, f"http://127.0.0.1:{port}/hooks", policy=policy)

@@ -110,7 +110,7 @@ def _sqlite_session_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 @pytest.fixture(scope="session")
 def _postgresql_session_store(pg_url: str) -> Iterator[Store]:
-    store = create_store(Settings(database_url=pg_url))
+    store = create_store(Settings(database_url=pg_url), migrate=True)
     yield store
     store.dispose()
 

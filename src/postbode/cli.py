@@ -46,6 +46,7 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _options(
+    ctx: typer.Context,
     version: Annotated[
         bool,
         typer.Option(
@@ -54,6 +55,17 @@ def _options(
     ] = False,
 ) -> None:
     """Postbode: transactional mail."""
+    from postbode.preflight import BadSetting, check, read
+
+    try:
+        check(settings := read())  # every setting, before any command does anything
+    except BadSetting as exc:
+        _fail(str(exc))
+    if ctx.invoked_subcommand in ("serve", "web", "smtp", "listen", "worker"):
+        from postbode.metrics_dir import use_node_directory
+
+        # Before the metrics are loaded; `serve` starts the node's processes afresh.
+        use_node_directory(settings.data_dir, fresh=ctx.invoked_subcommand == "serve")
 
 
 def _fail(message: str) -> NoReturn:
@@ -71,11 +83,13 @@ InitFlag = Annotated[
 ]
 
 
-def _store(init: bool = False) -> Store:
-    from postbode.store.engine import LostStore
+def _store(init: bool = False, migrate: bool | None = None) -> Store:
+    from postbode.store.engine import LostStore, SchemaMismatch
 
     try:
-        return create_store(get_settings(), init=init)
+        return create_store(get_settings(), init=init, migrate=migrate)
+    except SchemaMismatch as exc:
+        _fail(str(exc))
     except LostStore as exc:
         _fail(
             f"{exc}: refusing to start a new installation over it (a new secret key would "
@@ -107,6 +121,7 @@ def _run(roles: list[str], init: bool = False) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # noise at import
     store = _store(init)
     with contextlib.suppress(ImportError):  # libuv's loop: the same asyncio, less CPU per I/O
         import uvloop
@@ -177,10 +192,12 @@ def _require_role(name: str) -> None:
 
 @app.command()
 def migrate(init: InitFlag = False) -> None:
-    """Apply database migrations (every command also does this on first use)."""
+    """Apply database migrations: on PostgreSQL once per upgrade, before the new release's
+    processes start (they refuse a database at another revision); SQLite is also migrated on
+    first use by any command."""
     from postbode.store.migrate import current_revision
 
-    store = _store(init)
+    store = _store(init, migrate=True)
     out.print(f"schema at revision {current_revision(store)}")
 
 

@@ -58,7 +58,9 @@ class Settings(BaseSettings):
 
     # -- listeners --------------------------------------------------------------------------
     http_host: str = Field("127.0.0.1", description="Address the HTTP API and web UI listen on.")
-    http_port: int = Field(8025, description="Port the HTTP API and web UI listen on.")
+    http_port: int = Field(
+        8025, ge=0, le=65535, description="Port the HTTP API and web UI listen on."
+    )
     http_max_body_bytes: int = Field(
         1024 * 1024,
         ge=1024,
@@ -72,7 +74,9 @@ class Settings(BaseSettings):
         "address is the client's.",
     )
     smtp_host: str = Field("127.0.0.1", description="Address the SMTP listener binds to.")
-    smtp_port: int = Field(2525, description="Port of the SMTP listener (submission and bounces).")
+    smtp_port: int = Field(
+        2525, ge=0, le=65535, description="Port of the SMTP listener (submission and bounces)."
+    )
     smtp_hostname: str = Field(
         "postbode.localhost",
         description="Host name used in the SMTP banner, EHLO and Received headers.",
@@ -83,7 +87,7 @@ class Settings(BaseSettings):
         "and admins; empty: postbode@ and smtp_hostname.",
     )
     smtp_max_message_size: int = Field(
-        25 * 1024 * 1024, description="Largest message accepted, in bytes (SMTP SIZE)."
+        25 * 1024 * 1024, ge=1, description="Largest message accepted, in bytes (SMTP SIZE)."
     )
     smtp_max_unauthenticated_message_size: int = Field(
         10 * 1024 * 1024,
@@ -102,7 +106,7 @@ class Settings(BaseSettings):
         ge=1,
         description="Of those, how many may come from one client address.",
     )
-    smtp_max_recipients: int = Field(50, description="Most recipients accepted per message.")
+    smtp_max_recipients: int = Field(50, ge=1, description="Most recipients accepted per message.")
     smtp_tls_cert: Path | None = Field(
         None,
         description="PEM certificate for STARTTLS; a self-signed one is generated when unset.",
@@ -112,7 +116,9 @@ class Settings(BaseSettings):
         True, description="Refuse AUTH before STARTTLS, except from loopback clients."
     )
     smtp_auth_max_failures: int = Field(
-        5, description="Failed AUTH attempts per client IP per 10 minutes before 421 throttling."
+        5,
+        ge=0,
+        description="Failed AUTH attempts per client IP per 10 minutes before 421 throttling.",
     )
 
     # -- delivery ---------------------------------------------------------------------------
@@ -134,22 +140,29 @@ class Settings(BaseSettings):
         "http://127.0.0.1:8025",
         description="Public base URL of the open/click tracking endpoints.",
     )
-    delivery_concurrency: int = Field(100, description="Deliveries a worker process sends at once.")
-    delivery_batch_size: int = Field(200, description="Deliveries claimed per queue claim.")
-    delivery_lease_seconds: int = Field(
-        300, description="How long a claimed delivery stays leased to one worker."
+    delivery_concurrency: int = Field(
+        100, ge=1, description="Deliveries a worker process sends at once."
     )
-    retry_cap_seconds: int = Field(7200, description="Longest wait between delivery attempts.")
+    delivery_batch_size: int = Field(200, ge=1, description="Deliveries claimed per queue claim.")
+    delivery_lease_seconds: int = Field(
+        300, ge=1, description="How long a claimed delivery stays leased to one worker."
+    )
+    retry_cap_seconds: int = Field(
+        7200, ge=1, description="Longest wait between delivery attempts."
+    )
     max_message_age_seconds: int = Field(
         3 * 24 * 3600,
+        ge=1,
         description="Age after which an undelivered message fails as expired (per-app override).",
     )
-    smtp_connect_timeout: float = Field(30.0, description="Seconds to wait for TCP connect.")
+    smtp_connect_timeout: float = Field(30.0, gt=0, description="Seconds to wait for TCP connect.")
     smtp_command_timeout: float = Field(
-        60.0, description="Seconds to wait for a reply to one SMTP command (RFC 5321 §4.5.3.2)."
+        60.0,
+        gt=0,
+        description="Seconds to wait for a reply to one SMTP command (RFC 5321 §4.5.3.2).",
     )
     smtp_data_timeout: float = Field(
-        300.0, description="Seconds to wait for the reply after the end of DATA."
+        300.0, gt=0, description="Seconds to wait for the reply after the end of DATA."
     )
     tls_policy: str = Field(
         "",
@@ -158,11 +171,13 @@ class Settings(BaseSettings):
     )
     shaping_max_connections: int = Field(
         20,
+        ge=0,
         description="Concurrent connections to one MX host, for every worker process on "
         "every node together (0: no limit).",
     )
     shaping_rate_per_minute: int = Field(
         0,
+        ge=0,
         description="Messages per minute to one recipient domain, for every worker process "
         "on every node together (0: no limit).",
     )
@@ -175,11 +190,13 @@ class Settings(BaseSettings):
     )
     shaping_max_wait_seconds: float = Field(
         5.0,
+        ge=0,
         description="Longest a worker waits for a shaping slot while holding a delivery; "
         "a later slot releases it as deferred until then.",
     )
     shaping_slowdown_seconds: int = Field(
         600,
+        ge=0,
         description="After a throttling reply (421, `too many connections` …) a domain's "
         "limits are halved for this long, then recover over as long again.",
     )
@@ -187,6 +204,7 @@ class Settings(BaseSettings):
     # -- processes --------------------------------------------------------------------------
     workers: int = Field(
         2,
+        ge=0,
         description="Worker processes `postbode serve` starts beside the HTTP and SMTP roles "
         "(0: delivery runs in the serve process itself). Two keep a 2-core machine's cores busy "
         "when mail comes in fast: each signs and sends on its own core.",
@@ -200,6 +218,7 @@ class Settings(BaseSettings):
     )
     runner_poll_seconds: float = Field(
         0.25,
+        gt=0,
         description="How often an idle queue runner looks for work no wake-up announced "
         "(work queued by a process that cannot wake it, retries coming due).",
     )
@@ -207,23 +226,25 @@ class Settings(BaseSettings):
 
     # -- webhooks and tracking --------------------------------------------------------------
     webhook_concurrency: int = Field(
-        50, description="Webhook requests a worker process has in flight at once."
+        50, ge=1, description="Webhook requests a worker process has in flight at once."
     )
     webhook_timeout: float = Field(
-        10.0, description="Seconds a webhook endpoint has to answer one request in full."
+        10.0, gt=0, description="Seconds a webhook endpoint has to answer one request in full."
     )
     webhook_retry_cap_seconds: int = Field(
-        3600, description="Longest wait between attempts of one webhook request."
+        3600, ge=1, description="Longest wait between attempts of one webhook request."
     )
     webhook_retry_window_seconds: int = Field(
-        24 * 3600, description="How long a webhook request is retried before it fails."
+        24 * 3600, ge=0, description="How long a webhook request is retried before it fails."
     )
     webhook_disable_after_seconds: int = Field(
         3 * 24 * 3600,
+        ge=0,
         description="An endpoint failing without one success for this long is disabled.",
     )
     dns_check_every_seconds: int = Field(
         3600,
+        ge=1,
         description="How often every domain's DNS records are looked up again (a change is a "
         "domain.dns_changed event).",
     )
@@ -278,6 +299,7 @@ class Settings(BaseSettings):
     )
     tracking_bot_window_seconds: float = Field(
         10.0,
+        ge=0,
         description="Opens and clicks this soon after delivery are counted as bots (scanners).",
     )
 
@@ -291,21 +313,23 @@ class Settings(BaseSettings):
 
     # -- inbound ----------------------------------------------------------------------------
     inbound_concurrency: int = Field(
-        10, description="Inbound messages a worker process hands to their routes at once."
+        10, ge=1, description="Inbound messages a worker process hands to their routes at once."
     )
     inbound_timeout: float = Field(
-        30.0, description="Seconds a route's endpoint has to answer one hand-off in full."
+        30.0, gt=0, description="Seconds a route's endpoint has to answer one hand-off in full."
     )
     inbound_retry_cap_seconds: int = Field(
-        3600, description="Longest wait between hand-off attempts of one inbound message."
+        3600, ge=1, description="Longest wait between hand-off attempts of one inbound message."
     )
     inbound_retry_window_seconds: int = Field(
         24 * 3600,
+        ge=0,
         description="How long an inbound message is retried before it fails (it is kept, and "
         "can be replayed by hand).",
     )
     inbound_attachment_inline_bytes: int = Field(
         10 * 1024 * 1024,
+        ge=0,
         description="Attachments up to this size travel in the hand-off as base64; larger "
         "ones as a signed link to `inbound_attachment_url`.",
     )
@@ -315,7 +339,7 @@ class Settings(BaseSettings):
         "attachments.",
     )
     inbound_attachment_link_seconds: int = Field(
-        7 * 24 * 3600, description="How long a signed attachment link stays valid."
+        7 * 24 * 3600, ge=1, description="How long a signed attachment link stays valid."
     )
 
     # -- bounces ----------------------------------------------------------------------------
@@ -325,6 +349,7 @@ class Settings(BaseSettings):
     )
     bounce_max_message_size: int = Field(
         10 * 1024 * 1024,
+        ge=1,
         description="Largest bounce or complaint taken at the return path, in bytes "
         "(larger ones are refused with 552 5.3.4).",
     )
@@ -335,14 +360,17 @@ class Settings(BaseSettings):
     )
     soft_bounce_suppress_count: int = Field(
         3,
+        ge=0,
         description="Soft bounces of one address (sync or async, one app) within the window "
         "that suppress it; 0 disables the rule.",
     )
     soft_bounce_window_hours: int = Field(
-        7 * 24, description="The window, in hours, in which soft bounces of an address are counted."
+        7 * 24,
+        ge=1,
+        description="The window, in hours, in which soft bounces of an address are counted.",
     )
     soft_bounce_suppress_days: int = Field(
-        14, description="How long, in days, repeated soft bounces keep an address suppressed."
+        14, ge=0, description="How long, in days, repeated soft bounces keep an address suppressed."
     )
 
     @classmethod

@@ -30,7 +30,7 @@ from postbode.delivery.backoff import retry_hint
 from postbode.delivery.mx import DnsFailure, DnsHardFail, MxLookup, Target
 from postbode.delivery.outcomes import Delivered, HardFail, Held, Outcome, Reply, SoftFail
 from postbode.delivery.shaping import Shaper, Wait, is_throttling
-from postbode.delivery.smtp_sender import Attempt, SmtpSession, SmtpTimeouts, TlsMode
+from postbode.delivery.smtp_sender import Attempt, SmtpSession, SmtpTimeouts, TlsPolicy
 from postbode.events.record import Event, Tally, record
 from postbode.events.types import EventType
 from postbode.metrics import DELIVERIES, IN_FLIGHT, SHAPING_WAITS
@@ -74,29 +74,6 @@ class Job:
     @property
     def recipient(self) -> str:
         return self.row.recipient  # type: ignore[no-any-return]
-
-
-@dataclass(frozen=True)
-class TlsPolicy:
-    """Per-destination TLS modes from a setting like `secure.test=verify,*.bank.test=require`."""
-
-    rules: tuple[tuple[str, TlsMode], ...]
-
-    @classmethod
-    def parse(cls, text: str) -> TlsPolicy:
-        rules: list[tuple[str, TlsMode]] = []
-        for item in filter(None, (part.strip() for part in text.split(","))):
-            pattern, _, mode = item.partition("=")
-            if mode not in ("none", "opportunistic", "require", "verify"):
-                raise ValueError(f"tls_policy: unknown mode {mode!r} for {pattern!r}")
-            rules.append((pattern.strip().lower(), mode))  # type: ignore[arg-type]
-        return cls(tuple(rules))
-
-    def mode_for(self, domain: str) -> TlsMode:
-        for pattern, mode in self.rules:
-            if pattern == domain or (pattern.startswith("*.") and domain.endswith(pattern[1:])):
-                return mode
-        return "opportunistic"
 
 
 class Outgoing:
@@ -359,6 +336,8 @@ class Outgoing:
             lambda: self._write(plans, broken), f"recording {len(jobs)} delivery outcomes"
         )
         for plan in recorded:
+            if plan.event is not None:
+                log_attempt(plan)
             if plan.event is None and plan.job.wait is not None:
                 SHAPING_WAITS.labels(plan.job.row.recipient_domain, plan.job.wait.limit).inc()
             elif plan.outcome:  # an attempt's outcome (a suppression made no attempt)
@@ -603,6 +582,32 @@ class Outgoing:
             "updated_at": now,
         }
         return _Plan(job=job, now=now, values=values)
+
+
+attempt_log = logging.getLogger("postbode.delivery.attempts")
+
+
+def log_attempt(plan: _Plan) -> None:
+    """One structured line (key=value) per delivery attempt recorded, or per delivery ended
+    without one (suppressed, held, expired): what an operator greps and a log shipper parses."""
+    job, attempt = plan.job, plan.attempt
+    reply = (
+        job.outcome.reply if job.outcome is not None and not isinstance(job.outcome, Held) else None
+    )
+    attempt_log.info(
+        "delivery.attempt delivery=%s app=%s domain=%s mx=%s outcome=%s status=%s code=%s "
+        "enhanced=%s duration_ms=%s attempt=%d",
+        job.id,
+        job.row.app_id,
+        job.row.recipient_domain,
+        attempt["mx_host"] if attempt else "-",
+        plan.outcome or "-",
+        plan.values.get("status", "-"),
+        reply.code if reply is not None else "-",
+        (reply.enhanced_status or "-") if reply is not None else "-",
+        attempt["duration_ms"] if attempt else "-",
+        job.row.attempts + (1 if attempt else 0),
+    )
 
 
 def _booked_slot(row: Row[Any]) -> tuple[float, str] | None:

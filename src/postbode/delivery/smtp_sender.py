@@ -900,3 +900,26 @@ async def send_message(
         target_host, ip, port, helo_name, tls_mode, timeouts, tls_context=tls_context
     ) as session:
         return await session.send(mail_from, rcpts, message)
+
+
+@dataclass(frozen=True)
+class TlsPolicy:
+    """Per-destination TLS modes from a setting like `secure.test=verify,*.bank.test=require`."""
+
+    rules: tuple[tuple[str, TlsMode], ...]
+
+    @classmethod
+    def parse(cls, text: str) -> TlsPolicy:
+        rules: list[tuple[str, TlsMode]] = []
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            pattern, _, mode = item.partition("=")
+            if mode not in ("none", "opportunistic", "require", "verify"):
+                raise ValueError(f"tls_policy: unknown mode {mode!r} for {pattern!r}")
+            rules.append((pattern.strip().lower(), mode))  # type: ignore[arg-type]
+        return cls(tuple(rules))
+
+    def mode_for(self, domain: str) -> TlsMode:
+        for pattern, mode in self.rules:
+            if pattern == domain or (pattern.startswith("*.") and domain.endswith(pattern[1:])):
+                return mode
+        return "opportunistic"

@@ -219,8 +219,21 @@ def lost_store(path: Path) -> str | None:
     return None
 
 
-def create_store(settings: StoreSettings, *, pool: bool = True, init: bool = False) -> Store:
-    """The store the settings name, migrated to the newest schema on first use.
+class SchemaMismatch(Exception):
+    """The PostgreSQL database's schema is not the revision this code expects; str() is one
+    line saying what to do."""
+
+
+def create_store(
+    settings: StoreSettings, *, pool: bool = True, init: bool = False, migrate: bool | None = None
+) -> Store:
+    """The store the settings name, at the schema revision this code expects.
+
+    `migrate` None (the default): SQLite is migrated on first use (one installation, one
+    release); PostgreSQL is not, as many processes on many nodes share it and an upgrade is
+    a deliberate step (`postbode migrate`): a database at another revision raises
+    SchemaMismatch. `migrate` True migrates either (the `migrate` command, tests and tools
+    that make a fresh database).
 
     A SQLite database that looks lost (`lost_store`) raises LostStore, unless `init`: then
     it is started afresh, deliberately."""
@@ -247,10 +260,16 @@ def create_store(settings: StoreSettings, *, pool: bool = True, init: bool = Fal
         else:
             kwargs["poolclass"] = NullPool
         engine = create_engine(url, **kwargs)
-    from postbode.store.migrate import ensure_migrated
+    from postbode.store.migrate import ensure_migrated, schema_mismatch
 
     store = Store(engine, writer_lock, settings.secret_key.get_secret_value())
-    ensure_migrated(store)
+    if migrate or (migrate is None and store.is_sqlite):
+        ensure_migrated(store)
+    else:
+        problem = schema_mismatch(store)
+        if problem is not None:
+            store.dispose()
+            raise SchemaMismatch(problem)
     if store.is_sqlite:
         # Fresh planner statistics, sampled (about 0.1 s at a million messages): without them
         # SQLite may pick a full index scan for the message log's searches.

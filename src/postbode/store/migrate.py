@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -74,3 +75,41 @@ def ensure_migrated(store: Store) -> None:
     """Migrate when the database is behind (a fresh data directory, or a new release)."""
     if current_revision(store) != head_revision():
         migrate(store)
+
+
+@contextmanager
+def _quiet_alembic() -> Iterator[None]:
+    """Alembic's INFO lines (plugins, context) say nothing when only the revision is read."""
+    logger = logging.getLogger("alembic")
+    level = logger.level
+    logger.setLevel(max(logging.WARNING, level))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def schema_mismatch(store: Store) -> str | None:
+    """Why this code cannot use the database's schema as it is (one line), or None."""
+    with _quiet_alembic():
+        current, head = current_revision(store), head_revision()
+    if current == head:
+        return None
+    if current is None:
+        return (
+            f"the database has no schema yet (this release expects revision {head}): "
+            "run `postbode migrate`"
+        )
+    with _quiet_alembic():
+        script = ScriptDirectory.from_config(alembic_config())
+        known = {rev.revision for rev in script.walk_revisions()}
+    if current not in known:
+        return (
+            f"the database schema is at revision {current}, newer than this release knows "
+            f"(it expects {head}): upgrade this node, then run `postbode migrate` with the new "
+            "release if not done yet"
+        )
+    return (
+        f"the database schema is at revision {current}, this release expects {head}: "
+        "run `postbode migrate`"
+    )

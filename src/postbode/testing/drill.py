@@ -28,7 +28,7 @@ from postbode import tenancy
 from postbode.config import Settings
 from postbode.store.engine import Store, create_store
 from postbode.store.schema import deliveries
-from postbode.testing.process import PostbodeProcess, free_port
+from postbode.testing.process import PostbodeProcess, free_port, migrate
 from postbode.testing.sink import SmtpSink
 
 PG_VERSION_DIR = Path("/usr/lib/postgresql")
@@ -335,6 +335,7 @@ def run(
     report = Report(messages)
     with contextlib.ExitStack() as stack:
         cluster = stack.enter_context(PrivateCluster())
+        migrate({"POSTBODE_DATABASE_URL": cluster.url})  # as an operator does, once
         store = create_store(Settings(database_url=cluster.url))
         stack.callback(store.dispose)
         app = tenancy.create_app(store, "shop")

@@ -40,6 +40,21 @@ def listening_sockets(port: int) -> int:
     return count
 
 
+_migrated: set[str] = set()  # PostgreSQL databases this process saw `postbode migrate` run on
+
+
+def migrate(env: Mapping[str, str]) -> None:
+    """`postbode migrate` with `env`, as an operator runs it before starting the processes of
+    a release on PostgreSQL (which do not migrate by themselves)."""
+    subprocess.run(
+        [sys.executable, "-m", "postbode", "migrate"],
+        env={**os.environ, **env},
+        check=True,
+        capture_output=True,
+        timeout=START_TIMEOUT,
+    )
+
+
 class PostbodeProcess:
     """`postbode <command>` as a child process; `http_url` once it answers /healthz."""
 
@@ -75,6 +90,10 @@ class PostbodeProcess:
 
     def start(self, timeout: float = START_TIMEOUT) -> PostbodeProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        url = self.env.get("POSTBODE_DATABASE_URL", "")
+        if url.startswith("postgres") and url not in _migrated:
+            migrate(self.env)  # once per database: later starts find it at the right revision
+            _migrated.add(url)
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it open
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "postbode", self.command],
