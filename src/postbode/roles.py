@@ -216,6 +216,8 @@ async def processes_role(rt: Runtime, stop: asyncio.Event) -> None:
             for task in (*waits, stopping):
                 task.cancel()
             for i, child in enumerate(children):
+                if child.returncode is not None:
+                    _forget_live_metrics(child.pid)
                 if child.returncode is not None and not stop.is_set():
                     log.error(
                         "%s process %d exited with %d; restarting",
@@ -234,6 +236,16 @@ async def processes_role(rt: Runtime, stop: asyncio.Event) -> None:
         asyncio.get_running_loop().remove_reader(notify_read)
         os.close(notify_read)
         os.close(notify_write)
+
+
+def _forget_live_metrics(pid: int) -> None:
+    """A child is gone: its live gauges (deliveries in flight) no longer count for the node."""
+    from postbode.metrics import MULTIPROCESS_DIR
+
+    if MULTIPROCESS_DIR:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid, MULTIPROCESS_DIR)  # type: ignore[no-untyped-call]
 
 
 def available_roles() -> dict[str, Role]:

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Literal, Self
 from postbode.delivery.destinations import DestinationRecord, MemoryState, ShapingState, StoreState
 from postbode.delivery.mx import to_ascii_domain
 from postbode.delivery.outcomes import Reply
-from postbode.metrics import SHAPING_SLOWDOWNS
 from postbode.runner.owner import worker_name
 from postbode.store.schema import utcnow
 
@@ -640,6 +639,10 @@ class Shaper:
         limits = self.state.update(domain, now, signal)
         if limits is None:
             return False
+        # Here, not at the top: checking the settings loads this module before the metrics
+        # directory is chosen (see metrics_dir.py).
+        from postbode.metrics import SHAPING_SLOWDOWNS
+
         SHAPING_SLOWDOWNS.labels(domain).inc()
         log.warning(
             "slowing %s down to %s and %d connections per MX host after %r",

@@ -8,14 +8,14 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.responses import FileResponse, JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
 from postbode import __version__
 from postbode.config import Settings
 from postbode.ingest.accept import Acceptor
-from postbode.metrics import update_queue_gauges
+from postbode.metrics import render as render_metrics
 from postbode.store.engine import Store
 from postbode.tracking.endpoints import fast_path
 from postbode.tracking.endpoints import router as tracking_router
@@ -83,8 +83,8 @@ def create_app(settings: Settings, store: Store, acceptor: Acceptor | None = Non
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
-        await run_in_threadpool(update_queue_gauges, store)
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        page = await run_in_threadpool(render_metrics, store)
+        return Response(page, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/favicon.ico", include_in_schema=False)
     async def favicon() -> Response:

@@ -203,3 +203,34 @@ def test_reputation_block_fails_without_suppressing(
         row = conn.execute(select(deliveries)).mappings().one()
         assert conn.execute(select(suppressions)).first() is None
     assert row["bounce_category"] == "blocked" and row["hard"] is False
+
+
+def test_every_attempt_is_one_structured_log_line(
+    postbode: PostbodeInProcess,
+    shop,
+    mx_sink: SmtpSink,
+    store: Store,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app, _ = shop
+    mx_sink.script.add(Rule.rcpt("nobody@dest.test", "550 5.1.1 <nobody@dest.test>: User unknown"))
+    caplog.set_level("INFO", logger="postbode.delivery.attempts")
+    send(postbode, app, ["ann@dest.test", "nobody@dest.test"])
+    wait_for(lambda: sorted(statuses_all(store)) == ["bounced", "delivered"])
+    wait_for(lambda: len([r for r in caplog.records if r.name.endswith("attempts")]) == 2)
+    with store.read() as conn:
+        ids = dict(conn.execute(select(deliveries.c.recipient, deliveries.c.id)).all())
+    lines = {
+        r.getMessage().split(" delivery=")[1].split()[0]: dict(
+            field.split("=", 1) for field in r.getMessage().split()[1:]
+        )
+        for r in caplog.records
+        if r.name == "postbode.delivery.attempts"
+    }
+    delivered, bounced = lines[str(ids["ann@dest.test"])], lines[str(ids["nobody@dest.test"])]
+    assert delivered["app"] == str(app.app_id) and delivered["domain"] == "dest.test"
+    assert delivered["mx"] == "mx1.dest.test" and delivered["outcome"] == "Delivered"
+    assert delivered["status"] == "delivered" and delivered["code"] == "250"
+    assert int(delivered["duration_ms"]) >= 0 and delivered["attempt"] == "1"
+    assert (bounced["outcome"], bounced["status"]) == ("HardFail", "bounced")
+    assert (bounced["code"], bounced["enhanced"]) == ("550", "5.1.1")
