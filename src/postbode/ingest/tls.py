@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import fcntl
+import logging
 import ssl
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from postbode.config import Settings
+
+log = logging.getLogger(__name__)
 
 
 def self_signed(hostname: str) -> tuple[bytes, bytes]:
@@ -40,9 +43,17 @@ def self_signed(hostname: str) -> tuple[bytes, bytes]:
 
 
 def certificate_paths(settings: Settings) -> tuple[Path, Path]:
-    """The configured certificate and key, or a self-signed pair in the data directory."""
+    """The configured certificate and key (smtp_tls_cert, smtp_tls_key: the same files on
+    every node), or, as the single-node default, a self-signed pair made once in the data
+    directory."""
     if settings.smtp_tls_cert and settings.smtp_tls_key:
         return settings.smtp_tls_cert, settings.smtp_tls_key
+    if settings.sqlalchemy_url.startswith("postgresql"):
+        # Several nodes: each would make its own, and a client pinning one sees another.
+        log.warning(
+            "no POSTBODE_SMTP_TLS_CERT/POSTBODE_SMTP_TLS_KEY: this node offers STARTTLS with a "
+            "self-signed certificate of its own; configure files shared by every node"
+        )
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     cert_path = settings.data_dir / "smtp-cert.pem"
     key_path = settings.data_dir / "smtp-key.pem"
