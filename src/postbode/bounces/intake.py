@@ -131,8 +131,7 @@ class BounceIntake:
             return f"250 2.0.0 Ok: {report.kind} matches no delivery, dropped"
         if all(r.endswith(":noted") for r in results):
             return (
-                f"250 2.0.0 Ok: {report.kind} noted; without a return-path token "
-                "it changes nothing"
+                f"250 2.0.0 Ok: {report.kind} noted; without a return-path token it changes nothing"
             )
         return f"250 2.0.0 Ok: {report.kind} recorded"
 

@@ -43,6 +43,7 @@ from postbode.web.ui.core import (
     redirect,
     render,
     store_of,
+    templates,
     url,
 )
 
@@ -285,7 +286,76 @@ def _detail(store: Store, viewer: Viewer, message_id: uuid.UUID) -> dict[str, An
     for attempt in detail["attempts"]:
         by_delivery.setdefault(attempt["delivery_id"], []).append(attempt)
     detail["attempts_by_delivery"] = by_delivery
+    detail["attempt_groups"] = group_attempts(detail["attempts"])
     return detail
+
+
+@dataclass
+class AttemptGroup:
+    """Consecutive attempts of one delivery that went the same way (e.g. 40 greylistings),
+    shown as one: the newest in full, with the count and the time span."""
+
+    attempts: list[dict[str, Any]]  # newest first
+
+    @property
+    def newest(self) -> dict[str, Any]:
+        return self.attempts[0]
+
+    @property
+    def count(self) -> int:
+        return len(self.attempts)
+
+    @property
+    def first_at(self) -> datetime:
+        started: datetime = self.attempts[-1]["started_at"]
+        return started
+
+    @property
+    def last_at(self) -> datetime:
+        started: datetime = self.attempts[0]["started_at"]
+        return started
+
+
+def _same_way(a: dict[str, Any]) -> tuple[Any, ...]:
+    return (
+        a["delivery_id"],
+        a["outcome"],
+        a["mx_host"],
+        a["reply_code"],
+        a["enhanced_status"],
+        (a["reply_text"] or "").strip().lower(),
+    )
+
+
+def group_attempts(attempts: list[dict[str, Any]]) -> list[AttemptGroup]:
+    """Attempts newest first, consecutive ones of a delivery with the same outcome, MX host
+    and reply collapsed into one group (`attempts` as load_message gives them, oldest first)."""
+    groups: list[AttemptGroup] = []
+    last: dict[Any, AttemptGroup] = {}  # per delivery: its newest group so far
+    for attempt in sorted(attempts, key=lambda a: a["started_at"], reverse=True):
+        # Walking back in time: an attempt joins its delivery's group while it went the same way.
+        group = last.get(attempt["delivery_id"])
+        if group is not None and _same_way(group.attempts[-1]) == _same_way(attempt):
+            group.attempts.append(attempt)
+            continue
+        group = AttemptGroup([attempt])
+        last[attempt["delivery_id"]] = group
+        groups.append(group)
+    return groups
+
+
+def transcript_lines(text: str | None) -> list[tuple[str, bool]]:
+    """The transcript's lines, each with whether it is the server refusing (a 4xx or 5xx
+    reply: RFC 5321 §4.2.1), to be highlighted."""
+    lines = []
+    for line in (text or "").splitlines():
+        _, sep, said = line.partition(" S: ")
+        code = said.lstrip()[:1]
+        lines.append((line, bool(sep) and code in ("4", "5")))
+    return lines
+
+
+templates.globals["transcript_lines"] = transcript_lines
 
 
 @router.get("/messages/{message_id}")
