@@ -428,3 +428,35 @@ def test_an_untrusted_certificate_is_refused(
     assert error == CERTIFICATE_TEXT
     assert impostor.requests == []
     assert requests(store)[0].status == "pending"
+
+
+def test_every_webhook_request_attempt_is_one_structured_log_line(
+    settings: Settings,
+    store: Store,
+    make_receiver: Any,
+    start_worker: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level("INFO", logger="postbode.webhooks.deliver")
+    receiver = make_receiver((503, b"busy"))
+    app = make_app(store)
+    hook = create_webhook(store, app.app_id, receiver.url)
+    worker = start_worker(settings)
+    event = emit(store, app.app_id)
+    worker.notify()
+    receiver.wait_for(1)
+    wait_for(lambda: attempt_count(store) == 1)
+
+    def lines() -> list[dict[str, str]]:
+        return [
+            dict(field.split("=", 1) for field in r.getMessage().split()[1:])
+            for r in caplog.records
+            if r.getMessage().startswith("webhook.attempt ")
+        ]
+
+    wait_for(lambda: len(lines()) == 1)
+    (line,) = lines()
+    (request,) = requests(store)
+    assert line["request"] == str(request.id) and line["webhook"] == str(hook["id"])
+    assert line["event"] == str(event.id) and line["url"] == receiver.url
+    assert line["status"] == "503" and int(line["duration_ms"]) >= 0 and line["attempt"] == "1"
