@@ -23,6 +23,7 @@ def _router() -> APIRouter:
         session,
         settings,
         suppressions,
+        templates,
         users,
     )
 
@@ -34,6 +35,7 @@ def _router() -> APIRouter:
         queue,
         suppressions,
         inbound,
+        templates,
         settings,
         users,
         audit,
