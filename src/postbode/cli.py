@@ -61,7 +61,8 @@ def _options(
         check(settings := read())  # every setting, before any command does anything
     except BadSetting as exc:
         _fail(str(exc))
-    if ctx.invoked_subcommand in ("serve", "web", "smtp", "listen", "worker"):
+    running = ctx.invoked_subcommand in ("serve", "web", "smtp", "listen", "worker")
+    if running and "--help" not in sys.argv[1:]:
         from postbode.metrics_dir import use_node_directory
 
         # Before the metrics are loaded; `serve` starts the node's processes afresh.
