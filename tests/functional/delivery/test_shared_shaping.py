@@ -1,6 +1,6 @@
-"""Shaping holds for the whole cluster: two `postbode serve` nodes (two worker processes each)
-on one PostgreSQL open at most the configured connections to an MX host, and a 421 one worker
-meets slows every worker down."""
+"""Shaping holds for the whole cluster: four worker processes (two `postbode serve` nodes of two
+workers each on one PostgreSQL; one node of four on SQLite) open at most the configured
+connections to an MX host, and a 421 one worker meets slows every worker down."""
 
 from __future__ import annotations
 
@@ -30,13 +30,12 @@ from postbode.testing.process import PostbodeProcess
 from postbode.testing.sink import Rule, SmtpSink, Stage
 
 MAX_CONNECTIONS = 4
-NODES = 2
-WORKERS_PER_NODE = 2
+WORKERS = 4
 TIMEOUT = 240.0  # upper bound on a loaded 2-core machine; normally well under a minute
 THROTTLED = "421 4.7.0 Too many connections, slow down"
 
 pytestmark = [
-    pytest.mark.parametrize("store", ["postgresql"], indirect=True),
+    pytest.mark.parametrize("store", ["sqlite", "postgresql"], indirect=True),
     pytest.mark.timeout(600),
 ]
 
@@ -113,12 +112,14 @@ def sink() -> Iterator[SmtpSink]:
 
 @pytest.fixture
 def nodes(store: Store, sink: SmtpSink, tmp_path: Path) -> Iterator[list[PostbodeProcess]]:
+    count = 1 if store.is_sqlite else 2  # SQLite: one machine
+    per_node = WORKERS // count
     env = {
         "POSTBODE_DATABASE_URL": store.engine.url.render_as_string(hide_password=False),
         "POSTBODE_TRANSPORT_MAP": f"dest.test={sink.host}:{sink.port}",
         "POSTBODE_SMTP_HOSTNAME": "mta.postbode.test",
         "POSTBODE_SECRET_KEY": "test-secret-key",
-        "POSTBODE_WORKERS": str(WORKERS_PER_NODE),
+        "POSTBODE_WORKERS": str(per_node),
         "POSTBODE_SHAPING_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
         "POSTBODE_SHAPING_RATE_PER_MINUTE": "0",
         # Each worker sends what it claims over several connections at once (50 a connection).
@@ -127,10 +128,10 @@ def nodes(store: Store, sink: SmtpSink, tmp_path: Path) -> Iterator[list[Postbod
     }
     with ExitStack() as stack:
         started = [
-            stack.enter_context(PostbodeProcess(tmp_path / f"node{i}", env)) for i in range(NODES)
+            stack.enter_context(PostbodeProcess(tmp_path / f"node{i}", env)) for i in range(count)
         ]
         for node in started:
-            assert len(node.children("worker")) == WORKERS_PER_NODE
+            assert len(node.children("worker")) == per_node
         yield started
 
 
