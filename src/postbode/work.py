@@ -16,6 +16,7 @@ from postbode.store.engine import Store
 SWEEP_EVERY_SECONDS = 30.0  # the longest a dead worker's rows wait past their lease
 COMPACT_STATISTICS_EVERY_SECONDS = 300.0
 RETENTION_EVERY_SECONDS = 60.0
+ANOMALIES_EVERY_SECONDS = 300.0  # the hour just ended is judged within minutes of its end
 PURGE_SEND_COUNTERS_EVERY_SECONDS = 3600.0  # also how soon an app that stores no bodies loses one
 
 
@@ -112,6 +113,17 @@ def registry(settings: Settings) -> Registry:
     )
     reg.add_task(
         PeriodicTask(
+            "stats.anomalies",
+            ANOMALIES_EVERY_SECONDS,
+            _check_anomalies,
+            "Compares each app's and tag's volume and delivery rate in the hour just ended "
+            "with its usual level for that hour; raises app.alert (volume_drop, volume_spike, "
+            "delivery_rate_drop).",
+            delay_first=True,
+        )
+    )
+    reg.add_task(
+        PeriodicTask(
             "abuse.send_counters",
             PURGE_SEND_COUNTERS_EVERY_SECONDS,
             _purge_send_counters,
@@ -126,6 +138,12 @@ def _check_rates(store: Store, settings: Settings) -> int:
     from postbode.abuse.guards import check_rates
 
     return len(check_rates(store, settings))
+
+
+def _check_anomalies(store: Store) -> int:
+    from postbode.stats.anomalies import check
+
+    return len(check(store))
 
 
 def _purge_send_counters(store: Store) -> int:

@@ -152,6 +152,7 @@ def test_worker_list_names_every_queue_runner_and_periodic_task(tmp_path: Path) 
         ("task", "stats.compact"),
         ("task", "domains.dns_check"),
         ("task", "privacy.retention"),
+        ("task", "stats.anomalies"),
     } <= set(listed)
     assert all(e["does"] for e in listed.values())
     table = postbode(tmp_path, "worker", "--list")

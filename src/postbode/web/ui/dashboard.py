@@ -3,6 +3,7 @@ top tags, for the organization or one app; the live part refreshes itself (htmx 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -10,7 +11,9 @@ from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from postbode.events.types import EventType
+from postbode.stats import anomalies
 from postbode.stats import queries as stats
+from postbode.store.engine import Store
 from postbode.web.ui.core import SignedIn, UiRoute, redirect, render, store_of, url
 
 router = APIRouter(route_class=UiRoute, include_in_schema=False)
@@ -36,9 +39,13 @@ def _label(at: datetime, size: timedelta) -> str:
 
 
 def chart_data(series: stats.Series) -> dict[str, Any]:
-    """What dashboard.js draws: labels and one line per CHART entry."""
+    """What dashboard.js draws: labels and one line per CHART entry; each bucket's start and
+    end (UTC), so that a click opens the message log of that bucket."""
+    size = series.window.size
     return {
         "labels": [_label(b, series.window.size) for b in series.buckets],
+        "starts": [b.strftime("%Y-%m-%dT%H:%M") for b in series.buckets],
+        "ends": [(b + size).strftime("%Y-%m-%dT%H:%M") for b in series.buckets],
         "bucket_seconds": int(series.window.size.total_seconds()),
         "lines": [
             {"key": name, "label": name, "data": series.counts.get(event, [])}
@@ -47,17 +54,52 @@ def chart_data(series: stats.Series) -> dict[str, Any]:
     }
 
 
+def peaks_and_dips(
+    store: Store, app_ids: list[int], series: stats.Series, log: Callable[..., str]
+) -> list[dict[str, Any]]:
+    """The peaks and dips raised in the chart's window, each with its bucket on the chart and
+    the message log of that hour (and tag)."""
+    window = series.window
+    with store.read() as conn:
+        found = anomalies.marks(conn, app_ids, window.since, window.until)
+    buckets = {b: i for i, b in enumerate(series.buckets)}
+    for mark in found:
+        mark["index"] = buckets.get(stats.bucket_floor(mark["hour"], window.size))
+        tag = mark["tag"] if not str(mark["tag"]).startswith("(") else ""
+        params = {
+            "since": mark["hour"].strftime("%Y-%m-%dT%H:%M"),
+            "until": (mark["hour"] + anomalies.HOUR).strftime("%Y-%m-%dT%H:%M"),
+        }
+        mark["log_url"] = log(**params, tag=tag or None)
+    return found
+
+
 def _context(request: Request, app_ids: list[int], range_name: str) -> dict[str, Any]:
     board = stats.dashboard(
         store_of(request), app_ids, range_name, types=[event for event, _ in CHART]
     )
+    viewer = getattr(request.state, "viewer", None)
+    peaks = peaks_and_dips(
+        store_of(request),
+        app_ids,
+        board.series,
+        lambda **params: url("/messages", viewer, **params),
+    )
+    chart = chart_data(board.series)
+    chart["log_url"] = url("/messages", viewer)
+    chart["marks"] = [
+        {"index": p["index"], "kind": p["kind"], "tag": p["tag"]}
+        for p in peaks
+        if p["index"] is not None
+    ]
     totals, bots = board.summary.totals, board.summary.bots
     delivered = totals.get(stats.DELIVERED, 0)
     return {
         "board": board,
         "range": range_name,
         "ranges": list(stats.RANGES),
-        "chart": chart_data(board.series),
+        "chart": chart,
+        "peaks": peaks,
         "bucket": board.series.window.size,
         "received": totals.get(str(EventType.MESSAGE_RECEIVED), 0),
         "delivered": delivered,

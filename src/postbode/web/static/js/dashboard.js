@@ -23,8 +23,34 @@
     }
   }
 
+  // Peaks and dips raised for a bucket: a marker above it, on its own dataset.
+  function markers(data) {
+    const top = Math.max(1, ...data.lines.map((l) => Math.max(0, ...l.data)));
+    const points = data.labels.map(() => null);
+    for (const mark of data.marks || []) points[mark.index] = top;
+    return {
+      label: "peaks and dips",
+      data: points,
+      showLine: false,
+      pointStyle: "triangle",
+      pointRadius: 7,
+      pointHoverRadius: 9,
+      borderColor: "#b42318",
+      backgroundColor: "#f04438",
+    };
+  }
+
+  // A click on a bucket opens the message log of that bucket's time.
+  function open(data, index) {
+    if (index == null || !data.starts || !data.starts[index]) return;
+    const target = new URL(data.log_url || "/messages", window.location.origin);
+    target.searchParams.set("since", data.starts[index]);
+    target.searchParams.set("until", data.ends[index]);
+    window.location.assign(target.pathname + target.search);
+  }
+
   function datasets(data) {
-    return data.lines.map((line) => ({
+    return [...data.lines.map((line) => ({
       label: line.label,
       data: line.data,
       borderColor: COLORS[line.key] || "#888",
@@ -34,7 +60,7 @@
       pointHoverRadius: 4,
       tension: 0.25,
       fill: line.key === "received",
-    }));
+    })), markers(data)];
   }
 
   function draw() {
@@ -56,6 +82,7 @@
         maintainAspectRatio: false,
         animation: false,
         interaction: { mode: "index", intersect: false },
+        onClick: (_event, elements) => open(read() || data, elements.length ? elements[0].index : null),
         plugins: {
           legend: { position: "bottom", labels: { usePointStyle: true, boxWidth: 8, padding: 16 } },
         },
