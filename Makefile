@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint docs clean
+.PHONY: run test lint docs deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,15 @@ lint: $(VENV)/.installed-dev
 
 test: lint
 	$(BIN)/pytest -n 2 --dist loadgroup -q
+
+# The peers the tests talk to, from Debian's packages (as root): see the README's "Tests".
+deps:
+	apt-get update -qq
+	echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		swaks libnet-ssleay-perl postfix libsasl2-modules chromium libidn12 util-linux postgresql
+	mkdir -p /var/cache/postbode-test-debs
+	cd /var/cache/postbode-test-debs && apt-get download -qq exim4-daemon-light exim4-base exim4-config opensmtpd
 
 docs: $(VENV)/.installed
 	$(BIN)/postbode config --markdown > docs/configuration.md
