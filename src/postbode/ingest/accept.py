@@ -9,6 +9,7 @@ import email.message
 import email.utils
 import hashlib
 import logging
+import re
 import secrets
 import time
 import uuid
@@ -17,6 +18,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from email import errors
+from email.headerregistry import HeaderRegistry
 from email.parser import BytesHeaderParser
 from email.policy import SMTP as SMTP_POLICY
 from typing import Any
@@ -296,6 +299,14 @@ class Acceptor:
             )
         return verified
 
+    def check_authors(self, app_id: int, fields: list[bytes]) -> bool:
+        """The From and Sender fields of a header block (unfolded fields, as `_unfolded`
+        gives them): exactly one From, at most one Sender, every address in them at one of
+        the app's domains. Returns whether all those domains are verified; raises
+        AcceptError (550 5.7.1) otherwise. The one check for SMTP and every API."""
+        authors = author_addresses(fields)
+        return all([self.check_sender(app_id, address) for address in authors])
+
     def prepare(self, sub: Submission) -> _Prepared:
         """Check a submission and build the message as it will be stored (pure but for the
         cached app lookup). Raises AcceptError."""
@@ -313,12 +324,7 @@ class Acceptor:
         fields = _unfolded(head)
         wanted = _wanted_fields(head, fields)
         from_header = wanted.get("from", "")
-        from_addresses = [a for _, a in email.utils.getaddresses([from_header]) if a]
-        if not from_addresses:
-            raise AcceptError(
-                "the message has no From address", reason="no_from", field="from", smtp="550 5.6.0"
-            )
-        verified = self.check_sender(sub.app_id, from_addresses[0])
+        verified = self.check_authors(sub.app_id, fields)
 
         # Control headers become fields; they are not kept in the message.
         tag, stream, metadata = sub.tag, sub.stream, dict(sub.metadata)
@@ -521,6 +527,94 @@ class Acceptor:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
         self._executor.shutdown(wait=True)
+
+
+# A From or Sender value in its plain form, `Name <local@domain>` or `local@domain`: read
+# directly. Anything else (comments, several addresses, quoted strings, encoded words) goes
+# through the e-mail package's RFC 5322 parser.
+_PLAIN_AUTHOR = re.compile(
+    r"^(?:[A-Za-z0-9 .'_-]* ?<(?P<angle>[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9.-]+)>"
+    r"|(?P<bare>[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9.-]+))$"
+)
+_header_registry = HeaderRegistry()
+_SHOWN_ADDRESS = re.compile(r"[^\s<>()\[\],;:\"@]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
+
+
+def author_addresses(fields: list[bytes]) -> list[str]:
+    """Every address in the From field and in the Sender field of a header block, From's
+    first. RFC 5322 §3.6: exactly one From (a mailbox list), at most one Sender (a single
+    mailbox). Raises AcceptError (550 5.7.1) for anything else, and for a value that the
+    parser reads differently from how a lenient mail client may (address-like text outside
+    the address), so that what the recipient sees is what was checked."""
+    values: dict[str, list[str]] = {"from": [], "sender": []}
+    for line in fields:
+        name, sep, value = line.partition(b":")
+        key = name.strip().lower().decode("ascii", "replace")
+        if sep and key in values:
+            # RFC 5322 §2.2.3: unfolding removes the line breaks
+            text = value.replace(b"\r", b"").replace(b"\n", b"").strip()
+            values[key].append(text.decode("utf-8", "replace"))
+    if not values["from"]:
+        raise AcceptError(
+            "the message has no From address", reason="no_from", field="from", smtp="550 5.6.0"
+        )
+    for key, title, most in (("from", "From", 1), ("sender", "Sender", 1)):
+        if len(values[key]) > most:
+            raise AcceptError(
+                f"the message has {len(values[key])} {title} header fields; "
+                f"RFC 5322 allows one",
+                reason=f"several_{key}",
+                field="from",
+                smtp="550 5.7.1",
+            )
+    found = _addresses("From", values["from"][0])
+    if not found:
+        raise AcceptError(
+            "the message has no From address", reason="no_from", field="from", smtp="550 5.6.0"
+        )
+    if values["sender"]:
+        sender = _addresses("Sender", values["sender"][0])
+        if len(sender) != 1:
+            raise AcceptError(
+                "the Sender header field must hold exactly one address",
+                reason="bad_sender",
+                field="from",
+                smtp="550 5.7.1",
+            )
+        found += sender
+    return list(dict.fromkeys(found))
+
+
+def _addresses(title: str, value: str) -> list[str]:
+    plain = _PLAIN_AUTHOR.match(value)
+    if plain:
+        return [plain["angle"] or plain["bare"]]
+    malformed = AcceptError(
+        f"the {title} header field is malformed: give addresses as "
+        "`Name <local@domain>`, separated by commas",
+        reason="malformed_from",
+        field="from",
+        smtp="550 5.7.1",
+    )
+    try:
+        header = _header_registry(title.lower(), value)
+    except Exception:
+        raise malformed from None
+    if any(isinstance(d, errors.InvalidHeaderDefect) for d in header.defects):
+        raise malformed
+    addresses: list[Any] = list(header.addresses)  # type: ignore[attr-defined]
+    if any(not a.domain for a in addresses):
+        raise malformed
+    parsed = [str(a.addr_spec) for a in addresses]
+    # A lenient parser (older mail clients; Python's own getaddresses) must find no other
+    # address: comments and display names holding one are where the tricks hide.
+    lenient = {a.lower() for _, a in email.utils.getaddresses([value]) if "@" in a}
+    if not lenient <= {a.lower() for a in parsed}:
+        raise malformed
+    # What a mail client may show as the author: an address in a display name or comment
+    # ("ceo@other.test" <a@own.test>, encoded or not) must be the app's too.
+    shown = [value, *(str(a.display_name) for a in addresses)]
+    return parsed + [m[0] for text in shown for m in _SHOWN_ADDRESS.finditer(text)]
 
 
 def _unfolded(head: bytes) -> list[bytes]:
