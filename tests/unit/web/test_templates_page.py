@@ -56,6 +56,8 @@ def test_create_preview_and_version(ui: tuple[Store, Org, Callable], admin: Brow
     live = admin.post("/templates/welcome/live?app=shop", {"version": "2"})
     assert "Version 2 is live" in admin.flash(live)
     assert manage.get_template(store, org.shop.app_id, "welcome")["subject"] == "Hey {{ name }}"
+    listed = admin.get("/templates?app=shop")
+    assert listed.status_code == 200 and "Sent (30 days)" in listed.text
 
 
 def test_the_ab_test_page_shows_figures_and_verdict(

@@ -108,6 +108,10 @@ def get_stats(
     until: UntilParam = None,
     tag: Annotated[str | None, Query(max_length=100, description="Only this tag")] = None,
     stream: Annotated[Stream | None, Query()] = None,
+    template: Annotated[
+        str | None,
+        Query(max_length=100, description="Only mail made from this template (its alias)"),
+    ] = None,
     types: Annotated[
         list[str] | None,
         Query(
@@ -131,6 +135,7 @@ def get_stats(
             types=_types(types),
             tag=tag or None,
             stream=stream,
+            template=template or None,
         )
     except StatsError as exc:
         raise _answer(exc) from None

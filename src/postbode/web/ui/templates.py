@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
+from postbode.stats import queries
 from postbode.templates import abtest, manage
 from postbode.templates.send import parse_model
 from postbode.web.ui.core import (
@@ -53,7 +54,11 @@ async def templates_page(request: Request, viewer: SignedIn) -> Response:
     store = store_of(request)
 
     def load() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        return manage.list_templates(store, app.id), abtest.list_tests(store, app.id)
+        rows = manage.list_templates(store, app.id)
+        for row in rows:  # the last 30 days of each (what GET /api/v1/stats?template= gives)
+            _, summary = queries.series_and_summary(store, [app.id], "30d", template=row["alias"])
+            row["stats"] = summary.as_json()
+        return rows, abtest.list_tests(store, app.id)
 
     rows, tests = await run_in_threadpool(load)
     return render(request, "templates.html", {"rows": rows, "tests": tests})

@@ -130,3 +130,32 @@ def test_another_apps_templates_are_not_seen(client: TestClient, store: Store) -
     client.post("/api/v1/templates", json={"alias": "w", "subject": "s", "text": "t"})
     theirs = client.get("/api/v1/templates/w", headers={"Authorization": f"Bearer {other.api_key}"})
     assert theirs.status_code == 404
+
+
+def test_stats_of_one_template(client: TestClient, store: Store) -> None:
+    tenancy.add_domain(store, "shop", "shop.test")
+    client.post("/api/v1/templates", json={"alias": "w", "subject": "s", "text": "t {{ n }}"})
+    for n in range(2):
+        sent = client.post(
+            "/api/v1/messages",
+            json={
+                "from": "a@shop.test",
+                "to": [f"r{n}@dest.test", "x@dest.test"],
+                "template": "w",
+                "model": {"n": n},
+            },
+        )
+        assert sent.status_code == 202, sent.text
+    client.post(
+        "/api/v1/messages",
+        json={"from": "a@shop.test", "to": ["y@dest.test"], "subject": "s", "text": "t"},
+    )
+    one = client.get("/api/v1/stats", params={"template": "w", "range": "1h"}).json()
+    assert one["summary"]["sent"] == 4
+    assert sum(one["series"]["counts"]["delivery.queued"]) == 4
+    everything = client.get("/api/v1/stats", params={"range": "1h"}).json()
+    assert everything["summary"]["sent"] == 5
+    none = client.get("/api/v1/stats", params={"template": "other", "range": "1h"}).json()
+    assert none["summary"]["sent"] == 0
+    both = client.get("/api/v1/stats", params={"template": "w", "tag": "x"})
+    assert both.status_code == 422 and both.json()["error"]["field"] == "tag"
