@@ -3,6 +3,10 @@ with only the API URL and the key changed."""
 
 from __future__ import annotations
 
+import json
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+
 import pytest
 from django.core.mail import EmailMultiAlternatives
 from django.test import override_settings
@@ -10,6 +14,7 @@ from mailgun.client import Client
 
 from postbode import tenancy
 from postbode.store.engine import Store
+from postbode.templates import manage
 from postbode.testing.servers import HttpPostbode
 from postbode.testing.sink import SmtpSink
 
@@ -72,15 +77,47 @@ def test_mailgun_sdk_sends_with_tag_variables_attachments_and_headers(
     assert found["attachments"]["logo.png"] == ("image/png", PNG, "inline", "<logo.png>")
 
 
+def test_templates_with_variables_and_delivery_time(
+    postbode: HttpPostbode, shop: tenancy.NewApp, mx_sink: SmtpSink, store: Store
+) -> None:
+    manage.create_template(
+        store, shop.app_id, "order", subject="Order {{ n }}", text="Total {{ total }}"
+    )
+    mailgun = client(postbode, shop.api_key).messages
+    base = {"from": "orders@shop.test", "to": "alice@dest.test", "template": "order"}
+    sent = mailgun.create(
+        data={**base, "t:variables": json.dumps({"n": 12, "total": "€ 9"})}, domain="shop.test"
+    )
+    assert sent.status_code == 200, sent.text
+    by_header = mailgun.create(
+        data={**base, "to": "bob@dest.test", "h:X-Mailgun-Variables": '{"n": 13, "total": 1}'},
+        domain="shop.test",
+    )
+    assert by_header.status_code == 200, by_header.text
+    received = {m.rcpt_tos[0]: m.message for m in mx_sink.wait_for_sync(2, timeout=30)}
+    assert received["alice@dest.test"]["Subject"] == "Order 12"
+    assert "Total € 9" in received["alice@dest.test"].get_body(("plain",)).get_content()
+    assert received["bob@dest.test"]["Subject"] == "Order 13"
+
+    later = mailgun.create(
+        data={**base, "o:deliverytime": format_datetime(datetime.now(UTC) + timedelta(days=1))},
+        domain="shop.test",
+    )
+    assert later.status_code == 200, later.text
+    assert stored_by_header(store, later.json()["id"]).send_at is not None
+    mixed = mailgun.create(data={**base, "subject": "x"}, domain="shop.test")
+    assert mixed.status_code == 400 and "from the template" in mixed.json()["message"]
+
+
 @pytest.mark.parametrize(
     "option",
     [
-        {"o:deliverytime": "Thu, 13 Oct 2033 18:02:00 +0000"},
         {"recipient-variables": '{"alice@dest.test": {"first": "Alice"}}'},
-        {"template": "order"},
+        {"o:testmode": "yes"},
+        {"t:version": "v2"},
     ],
 )
-def test_what_needs_templates_or_scheduling_is_refused(
+def test_what_postbode_lacks_is_refused(
     postbode: HttpPostbode, shop: tenancy.NewApp, option: dict[str, str]
 ) -> None:
     response = client(postbode, shop.api_key).messages.create(

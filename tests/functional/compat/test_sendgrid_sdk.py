@@ -4,6 +4,7 @@ Postbode with only the host and the key changed."""
 from __future__ import annotations
 
 import base64
+import time
 
 import pytest
 from django.core.mail import EmailMultiAlternatives
@@ -22,9 +23,12 @@ from sendgrid.helpers.mail import (
     Header,
     Mail,
 )
+from sqlalchemy import func, select
 
 from postbode import tenancy
 from postbode.store.engine import Store
+from postbode.store.schema import deliveries
+from postbode.templates import manage
 from postbode.testing.servers import HttpPostbode
 from postbode.testing.sink import SmtpSink
 
@@ -107,14 +111,52 @@ def test_each_personalization_is_a_message(
     assert first.metadata == {"n": "1"} and first.track_opens is True
 
 
-@pytest.mark.parametrize(
-    ("field", "value"),
-    [
-        ("template_id", "d-123"),
-        ("send_at", 1_900_000_000),
-    ],
-)
-def test_what_needs_templates_or_scheduling_is_refused(
+def test_dynamic_templates_and_send_at(
+    postbode: HttpPostbode, shop: tenancy.NewApp, mx_sink: SmtpSink, store: Store
+) -> None:
+    manage.create_template(
+        store, shop.app_id, "d-welcome", subject="Hi {{ name }}", html="<p>Plan {{ plan }}</p>"
+    )
+    sendgrid = client(postbode, shop.api_key).client.mail.send
+    body = {
+        "personalizations": [
+            {
+                "to": [{"email": "a@dest.test"}],
+                "dynamic_template_data": {"name": "Ann", "plan": "Gold"},
+            },
+            {
+                "to": [{"email": "b@dest.test"}],
+                "dynamic_template_data": {"name": "<b>", "plan": "Free"},
+            },
+        ],
+        "from": {"email": "orders@shop.test"},
+        "template_id": "d-welcome",
+    }
+    assert sendgrid.post(request_body=body).status_code == 202
+    received = {m.rcpt_tos[0]: m.message for m in mx_sink.wait_for_sync(2, timeout=30)}
+    assert received["a@dest.test"]["Subject"] == "Hi Ann"
+    assert "Plan Gold" in received["a@dest.test"].get_body(("html",)).get_content()
+    assert received["b@dest.test"]["Subject"] == "Hi <b>"
+    assert "Plan Free" in received["b@dest.test"].get_body(("plain",)).get_content()
+
+    later = {**body, "send_at": int(time.time()) + 3600}
+    later["personalizations"] = [body["personalizations"][0]]
+    answer = sendgrid.post(request_body=later)
+    assert answer.status_code == 202
+    assert stored(store, answer.headers["X-Message-Id"]).send_at is not None
+    with store.read() as conn:
+        assert (
+            conn.execute(
+                select(func.count())
+                .select_from(deliveries)
+                .where(deliveries.c.status == "scheduled")
+            ).scalar_one()
+            == 1
+        )
+
+
+@pytest.mark.parametrize(("field", "value"), [("batch_id", "b-1"), ("ip_pool_name", "p")])
+def test_what_postbode_lacks_is_refused(
     postbode: HttpPostbode, shop: tenancy.NewApp, field: str, value: object
 ) -> None:
     body = order_mail().get()

@@ -5,6 +5,8 @@
 from __future__ import annotations
 
 import base64
+import email.utils
+import json
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -22,13 +24,13 @@ MAX_FORM_FIELDS = 1000
 MAX_FORM_FILES = 100
 YES = {"yes": True, "true": True, "no": False, "false": False, "htmlonly": True}
 
-# Options needing the stored-templates and scheduling issue, or that Postbode lacks:
-# refused with Mailgun's error shape, never ignored.
+# Options Postbode lacks: refused with Mailgun's error shape, never ignored. `template` names
+# a Postbode template by its alias, rendered with `t:variables` (or h:X-Mailgun-Variables);
+# `o:deliverytime` (RFC 2822) schedules the send.
 UNSUPPORTED = {
-    "template": "templates are not supported by this server yet",
+    "t:version": "template versions are chosen in Postbode (the live one is sent)",
     "recipient-variables": "recipient variables are not supported by this server yet",
     "amp-html": "AMP parts are not supported by this server",
-    "o:deliverytime": "scheduled delivery is not supported by this server yet",
     "o:deliverytime-optimize-period": "send time optimisation is not supported",
     "o:time-zone-localize": "time zone localisation is not supported",
     "o:testmode": "test mode is not supported by this server",
@@ -178,8 +180,8 @@ async def translate(form: FormData) -> tuple[dict[str, Any], dict[str, list[str]
     """The native send request of a Mailgun form, and its address lists (for errors)."""
     for name in form:
         why = UNSUPPORTED.get(name)
-        if why is None and name.startswith("t:"):
-            why = "templates are not supported by this server yet"
+        if why is None and name.startswith("t:") and name not in ("t:variables", "t:text"):
+            why = "only t:variables and t:text go with a template here"
         if why is not None:
             raise MailgunError(400, f"'{name}' parameter is not supported: {why}")
     sender = _one(form, "from")
@@ -192,16 +194,33 @@ async def translate(form: FormData) -> tuple[dict[str, Any], dict[str, list[str]
     if not lists["to"]:
         raise MailgunError(400, "to parameter is missing")
     body: dict[str, Any] = {"from": sender, **{k: v for k, v in lists.items() if v}}
+    template = _one(form, "template")
     subject = _one(form, "subject")
-    if subject is None:
-        raise MailgunError(400, "subject parameter is missing")
-    body["subject"] = subject
-    for name in ("text", "html"):
-        value = _one(form, name)
-        if value is not None:
-            body[name] = value
-    if "text" not in body and "html" not in body:
-        raise MailgunError(400, "Need at least one of 'text' or 'html' parameters specified")
+    if template is not None:
+        body["template"] = template
+        body["model"] = _variables(form)
+        for name in ("subject", "text", "html"):
+            if _one(form, name) is not None:
+                raise MailgunError(400, f"'{name}' comes from the template: leave it out")
+    else:
+        if subject is None:
+            raise MailgunError(400, "subject parameter is missing")
+        body["subject"] = subject
+        for name in ("text", "html"):
+            value = _one(form, name)
+            if value is not None:
+                body[name] = value
+        if "text" not in body and "html" not in body:
+            raise MailgunError(400, "Need at least one of 'text' or 'html' parameters specified")
+    delivery_time = _one(form, "o:deliverytime")
+    if delivery_time is not None:
+        try:
+            at = email.utils.parsedate_to_datetime(delivery_time)
+        except (TypeError, ValueError):
+            raise MailgunError(
+                400, "'o:deliverytime' parameter is not a valid RFC 2822 date"
+            ) from None
+        body["send_at"] = at.isoformat()
     tags = _texts(form, "o:tag")
     if len(tags) > 1:
         raise MailgunError(
@@ -233,6 +252,7 @@ async def translate(form: FormData) -> tuple[dict[str, Any], dict[str, list[str]
         elif name.startswith("v:"):
             metadata[name[2:]] = value
         elif name.startswith("o:") and name not in (
+            "o:deliverytime",
             "o:tag",
             "o:tracking",
             "o:tracking-opens",
@@ -247,6 +267,22 @@ async def translate(form: FormData) -> tuple[dict[str, Any], dict[str, list[str]
     if attachments:
         body["attachments"] = attachments
     return body, lists
+
+
+def _variables(form: FormData) -> dict[str, Any]:
+    """A template's model: t:variables, else h:X-Mailgun-Variables (JSON objects)."""
+    for name in ("t:variables", "h:X-Mailgun-Variables"):
+        text = _one(form, name)
+        if text is None:
+            continue
+        try:
+            value = json.loads(text)
+        except (ValueError, RecursionError):
+            raise MailgunError(400, f"'{name}' parameter is not valid JSON") from None
+        if not isinstance(value, dict):
+            raise MailgunError(400, f"'{name}' parameter must be a JSON object")
+        return value
+    return {}
 
 
 def refusal(exc: common.Refusal, domain: str, lists: dict[str, list[str]]) -> MailgunError:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -30,19 +31,16 @@ FIELDS = {
     "metadata": "custom_args",
     "stream": "asm",
 }
-# What needs the stored-templates and scheduling issue (templates, per-recipient
-# substitutions, scheduled sends): refused until that exists, never ignored.
+# What Postbode does not do (legacy substitutions, batches of scheduled sends, IP pools):
+# refused, never ignored. `template_id` names a Postbode template by its alias, rendered with
+# each personalization's `dynamic_template_data`; `send_at` (Unix time) schedules the send.
 UNSUPPORTED_TOP = {
-    "template_id": "templates are not supported by this server yet",
-    "send_at": "scheduled sending is not supported by this server yet",
     "batch_id": "scheduled sending (batches) is not supported by this server yet",
     "ip_pool_name": "IP pools are not supported by this server",
     "sections": "substitution sections are not supported by this server yet",
 }
 UNSUPPORTED_PERSONALIZATION = {
     "substitutions": "substitutions are not supported by this server yet",
-    "dynamic_template_data": "dynamic template data is not supported by this server yet",
-    "send_at": "scheduled sending is not supported by this server yet",
 }
 KNOWN_TOP = {
     "personalizations",
@@ -58,6 +56,8 @@ KNOWN_TOP = {
     "asm",
     "mail_settings",
     "tracking_settings",
+    "template_id",
+    "send_at",
     *UNSUPPORTED_TOP,
 }
 KNOWN_PERSONALIZATION = {
@@ -68,6 +68,8 @@ KNOWN_PERSONALIZATION = {
     "headers",
     "custom_args",
     "from",
+    "dynamic_template_data",
+    "send_at",
     *UNSUPPORTED_PERSONALIZATION,
 }
 
@@ -208,6 +210,15 @@ def translate(data: Any) -> list[tuple[dict[str, Any], str]]:
     if "from" not in data:
         raise SendGridError(400, "The from object must be provided for every email send.", "from")
     common_body: dict[str, Any] = {"from": _address(data["from"], "from")}
+    template = data.get("template_id")
+    if template is not None:
+        if not isinstance(template, str) or not template:
+            raise SendGridError(400, "The template_id must be a string.", "template_id")
+        if data.get("content"):
+            raise SendGridError(400, "Give content or a template_id, not both.", "content")
+        common_body["template"] = template
+    if data.get("send_at") is not None:
+        common_body["send_at"] = _send_at(data["send_at"], "send_at")
     reply_to = data.get("reply_to")
     if reply_to is not None:
         common_body["reply_to"] = _address(reply_to, "reply_to")
@@ -310,8 +321,20 @@ def translate(data: Any) -> list[tuple[dict[str, Any], str]]:
             if found:
                 body[name] = found
         subject = p.get("subject", data.get("subject"))
-        if subject is not None:
+        if subject is not None and template is None:  # a template's subject is its own
             body["subject"] = subject
+        if template is not None:
+            body["model"] = _object(
+                p.get("dynamic_template_data"), f"{where}.dynamic_template_data"
+            )
+        elif p.get("dynamic_template_data") is not None:
+            raise SendGridError(
+                400,
+                "dynamic_template_data needs a template_id.",
+                f"{where}.dynamic_template_data",
+            )
+        if p.get("send_at") is not None:
+            body["send_at"] = _send_at(p["send_at"], f"{where}.send_at")
         headers = {**top_headers, **_object(p.get("headers"), f"{where}.headers")}
         if headers:
             body["headers"] = headers
@@ -320,6 +343,13 @@ def translate(data: Any) -> list[tuple[dict[str, Any], str]]:
             body["metadata"] = args
         out.append((body, where))
     return out
+
+
+def _send_at(value: Any, field: str) -> str:
+    """SendGrid's send_at (Unix seconds) as the RFC 3339 time the native API takes."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**37:
+        raise SendGridError(400, "The send_at must be a Unix timestamp (seconds).", field)
+    return datetime.fromtimestamp(value, UTC).isoformat()
 
 
 def _attachment(item: Any, i: int) -> dict[str, Any]:
