@@ -16,6 +16,7 @@ from postbode.store.engine import Store
 SWEEP_EVERY_SECONDS = 30.0  # the longest a dead worker's rows wait past their lease
 COMPACT_STATISTICS_EVERY_SECONDS = 300.0
 RETENTION_EVERY_SECONDS = 60.0
+REPORTS_EVERY_SECONDS = 900.0  # a period's report goes out within a quarter of an hour
 ANOMALIES_EVERY_SECONDS = 300.0  # the hour just ended is judged within minutes of its end
 PURGE_SEND_COUNTERS_EVERY_SECONDS = 3600.0  # also how soon an app that stores no bodies loses one
 
@@ -124,6 +125,16 @@ def registry(settings: Settings) -> Registry:
     )
     reg.add_task(
         PeriodicTask(
+            "stats.reports",
+            REPORTS_EVERY_SECONDS,
+            lambda store: _send_reports(store, settings),
+            "E-mails the weekly and monthly reports to the users who asked for them, once "
+            "per period, through Postbode itself.",
+            delay_first=True,
+        )
+    )
+    reg.add_task(
+        PeriodicTask(
             "abuse.send_counters",
             PURGE_SEND_COUNTERS_EVERY_SECONDS,
             _purge_send_counters,
@@ -138,6 +149,12 @@ def _check_rates(store: Store, settings: Settings) -> int:
     from postbode.abuse.guards import check_rates
 
     return len(check_rates(store, settings))
+
+
+def _send_reports(store: Store, settings: Settings) -> int:
+    from postbode.stats.reports import send_due
+
+    return send_due(store, settings.alert_sender or f"postbode@{settings.smtp_hostname}")
 
 
 def _check_anomalies(store: Store) -> int:

@@ -153,6 +153,7 @@ def test_worker_list_names_every_queue_runner_and_periodic_task(tmp_path: Path) 
         ("task", "domains.dns_check"),
         ("task", "privacy.retention"),
         ("task", "stats.anomalies"),
+        ("task", "stats.reports"),
     } <= set(listed)
     assert all(e["does"] for e in listed.values())
     table = postbode(tmp_path, "worker", "--list")

@@ -730,3 +730,18 @@ connection_slots = Table(
     Column("lease_until", Float, nullable=False),
     PrimaryKeyConstraint("host", "slot"),
 )
+
+# Who gets an organisation's (or one app's) weekly or monthly report by e-mail, and the last
+# period sent (stats/reports.py), so each period goes out once across every node.
+report_subscriptions = Table(
+    "report_subscriptions",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("organization_id", ForeignKey("organizations.id", ondelete="CASCADE"), nullable=False),
+    Column("user_id", ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    Column("app_id", ForeignKey("apps.id", ondelete="CASCADE")),  # None: every app
+    Column("period", String(8), nullable=False),  # weekly | monthly
+    Column("last_sent", String(16)),  # the period key last sent: 2026-W49, 2026-11
+    _created(),
+    UniqueConstraint("organization_id", "user_id", "app_id", "period"),
+)

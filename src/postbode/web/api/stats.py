@@ -5,12 +5,14 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, Field
+from sqlalchemy import select
 
-from postbode.stats import queries
+from postbode.stats import queries, reports
 from postbode.stats.queries import StatsError
 from postbode.store.engine import Store
+from postbode.store.schema import apps, utcnow
 from postbode.web.api.fields import Instant
 from postbode.web.auth import ApiApp, AuthenticatedRoute
 from postbode.web.errors import ApiError
@@ -170,3 +172,33 @@ def compare_tags(
     except StatsError as exc:
         raise _answer(exc) from None
     return result.as_json()
+
+
+@router.get(
+    "/stats/export",
+    summary="The weekly or monthly report as CSV",
+    response_class=Response,
+    responses={200: {"content": {"text/csv": {}}}},
+)
+def export_stats(
+    request: Request,
+    app_id: ApiApp,
+    format: Annotated[Literal["csv"], Query(description="Only `csv` for now")] = "csv",
+    period: Annotated[
+        Literal["weekly", "monthly"],
+        Query(description="The last complete week (Monday to Monday, UTC) or calendar month"),
+    ] = "weekly",
+) -> Response:
+    """The caller's report of the last complete period: volume, delivery, bounce, open and
+    click rates with the previous period's, top bounce reasons and domains, alerts. Rows:
+    `section, name, value, previous`."""
+    store: Store = request.app.state.store
+    with store.read() as conn:
+        name = conn.execute(select(apps.c.name).where(apps.c.id == app_id)).scalar_one()
+    report = reports.build(store, [app_id], name, reports.last_complete(period, utcnow()))
+    filename = f"postbode-{name}-{report.period.key}.csv"
+    return Response(
+        reports.csv_text(report),
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+    )
