@@ -118,7 +118,20 @@ class Settings(BaseSettings):
     smtp_auth_max_failures: int = Field(
         5,
         ge=0,
-        description="Failed AUTH attempts per client IP per 10 minutes before 421 throttling.",
+        description="Failed AUTH attempts per client IP per 10 minutes before 421 throttling "
+        "(counted in the store, across every node).",
+    )
+    smtp_auth_max_failures_per_user: int = Field(
+        20,
+        ge=1,
+        description="Failed AUTH attempts per user name per 10 minutes, from any address, "
+        "after which its attempts are refused with 454 4.7.0 before any hashing.",
+    )
+    smtp_auth_max_failures_total: int = Field(
+        1000,
+        ge=1,
+        description="Failed AUTH attempts in all per 10 minutes after which every attempt "
+        "that would need a password hash is refused with 454 4.7.0.",
     )
 
     # -- delivery ---------------------------------------------------------------------------

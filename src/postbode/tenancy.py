@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import secrets
@@ -304,8 +305,17 @@ class _VerifiedCache:
 _smtp_verified = _VerifiedCache()
 
 
-def authenticate_smtp(store: Store, username: str, password: str) -> int | None:
-    """The app id an SMTP login belongs to, or None."""
+class NeedsHashing(Exception):
+    """authenticate_smtp was told not to hash, and the password is not one it checked lately."""
+
+
+def authenticate_smtp(
+    store: Store, username: str, password: str, *, may_hash: bool = True
+) -> int | None:
+    """The app id an SMTP login belongs to, or None. An unknown or revoked user name costs
+    the same argon2 check as a wrong password, so the reply time does not tell them apart.
+    With `may_hash` false, only a password verified lately (no hashing) is answered; any
+    other attempt raises NeedsHashing (the caller is throttling)."""
     with store.read() as conn:
         row = conn.execute(
             select(credentials.c.app_id, credentials.c.secret_hash).where(
@@ -314,15 +324,24 @@ def authenticate_smtp(store: Store, username: str, password: str) -> int | None:
                 credentials.c.revoked_at.is_(None),
             )
         ).first()
-    if row is None:
+    if row is not None and _smtp_verified.hit(row.secret_hash, password):
+        return int(row.app_id)
+    if not may_hash:
+        raise NeedsHashing
+    try:
+        _hasher.verify(row.secret_hash if row is not None else _dummy_hash(), password)
+    except (VerificationError, InvalidHashError):
         return None
-    if not _smtp_verified.hit(row.secret_hash, password):
-        try:
-            _hasher.verify(row.secret_hash, password)
-        except (VerificationError, InvalidHashError):
-            return None
-        _smtp_verified.add(row.secret_hash, password)
+    if row is None:  # pragma: no cover - the dummy hash's password is random
+        return None
+    _smtp_verified.add(row.secret_hash, password)
     return int(row.app_id)
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """A hash of a random password, made with the parameters real ones have."""
+    return _hasher.hash(secrets.token_urlsafe(24))
 
 
 # -- sending domains --------------------------------------------------------------------------

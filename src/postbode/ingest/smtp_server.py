@@ -11,8 +11,6 @@ import ipaddress
 import logging
 import re
 import ssl
-import time
-from collections import defaultdict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,16 +18,15 @@ from typing import Any, Protocol
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
 
-from postbode import tenancy
 from postbode.config import Settings
 from postbode.ingest.accept import AcceptError, Acceptor, Submission, TemporaryAcceptError
+from postbode.ingest.auth_throttle import FAILED, IP_BLOCKED, AuthThrottle
 from postbode.ingest.smtp_data import TOO_BIG, DataReader
 from postbode.metrics import REJECTS
 from postbode.store.engine import Store
 
 log = logging.getLogger(__name__)
 
-AUTH_FAILURE_WINDOW = 600.0
 # Messages taken without AUTH that are read into memory and handed on at once; the others wait
 # with theirs in the spool. Bounds the memory strangers can make a listener hold.
 UNAUTHENTICATED_AT_ONCE = 4
@@ -65,30 +62,6 @@ class _Login:
 
     app_id: int
     username: str
-
-
-class AuthThrottle:
-    """Counts failed AUTH attempts per client IP; past the limit the client is turned away."""
-
-    def __init__(self, limit: int, window: float = AUTH_FAILURE_WINDOW) -> None:
-        self.limit = limit
-        self.window = window
-        self._failures: dict[str, deque[float]] = defaultdict(deque)
-
-    def _recent(self, ip: str) -> deque[float]:
-        failures = self._failures[ip]
-        cutoff = time.monotonic() - self.window
-        while failures and failures[0] < cutoff:
-            failures.popleft()
-        return failures
-
-    def blocked(self, ip: str) -> bool:
-        return len(self._recent(ip)) >= self.limit
-
-    def fail(self, ip: str) -> None:
-        self._recent(ip).append(time.monotonic())
-        if len(self._failures) > 100_000:  # a flood of addresses: forget the oldest state
-            self._failures.clear()
 
 
 class UnauthenticatedSessions:
@@ -302,7 +275,7 @@ class SubmissionHandler:
         self.store = store
         self.acceptor = acceptor
         self.local = list(local)
-        self.throttle = AuthThrottle(settings.smtp_auth_max_failures)
+        self.throttle = AuthThrottle(settings, store)
         self.sessions = UnauthenticatedSessions(
             settings.smtp_max_unauthenticated_sessions,
             settings.smtp_max_unauthenticated_sessions_per_ip,
@@ -350,26 +323,26 @@ class SubmissionHandler:
     ) -> str | None:
         """AUTH PLAIN and LOGIN (RFC 4954), checked off the event loop (argon2 is slow)."""
         ip = _peer_ip(session)
-        if self.throttle.blocked(ip):
+        loop = asyncio.get_running_loop()
+        if await loop.run_in_executor(None, self.throttle.ip_blocked, ip):
             REJECTS.labels("smtp", "auth_throttled").inc()
-            await server.push("421 4.7.0 Too many failed authentication attempts, try later")
-            if server.transport is not None:
-                server.transport.close()
+            await server.push(IP_BLOCKED.refusal or "")  # 421: push() hangs up
             return None
         mechanism = args[0].upper()
         credentials = await _read_credentials(server, mechanism, args[1:])
         if credentials is None:
             return None  # a syntax reply was already sent
         username, password = credentials
-        app_id = await asyncio.get_running_loop().run_in_executor(
-            None, tenancy.authenticate_smtp, self.store, username, password
-        )
-        if app_id is None:
-            self.throttle.fail(ip)
-            REJECTS.labels("smtp", "auth_failed").inc()
-            return "535 5.7.8 Authentication credentials invalid"
+        outcome = await loop.run_in_executor(None, self.throttle.login, ip, username, password)
+        if outcome.app_id is None:
+            failed = outcome.refusal == FAILED.refusal
+            REJECTS.labels("smtp", "auth_failed" if failed else "auth_throttled").inc()
+            if outcome.close:
+                await server.push(outcome.refusal or "")
+                return None
+            return outcome.refusal
         session.authenticated = True
-        session.auth_data = _Login(app_id, username)  # type: ignore[assignment]
+        session.auth_data = _Login(outcome.app_id, username)  # type: ignore[assignment]
         return "235 2.7.0 Authentication successful"
 
     # -- envelope ------------------------------------------------------------------------------
