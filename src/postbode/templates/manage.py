@@ -136,6 +136,7 @@ def _template_json(conn: Connection, row: Any) -> dict[str, Any]:
         live = _version_row(conn, row.id, row.live_version)
     shown = live or (versions[0] if versions else None)
     return {
+        "id": row.id,
         "alias": row.alias,
         "name": row.name,
         "live_version": row.live_version,
@@ -260,6 +261,7 @@ def list_templates(store: Store, app_id: int) -> list[dict[str, Any]]:
         ).all()
         return [
             {
+                "id": r.id,
                 "alias": r.alias,
                 "name": r.name,
                 "live_version": r.live_version,
@@ -279,6 +281,17 @@ def get_version(store: Store, app_id: int, alias: str, version: int) -> dict[str
     with store.read() as conn:
         row = _template_row(conn, app_id, alias)
         return {"alias": alias, **_version_json(_version_row(conn, row.id, version))}
+
+
+def alias_of(store: Store, app_id: int, template_id: int) -> str | None:
+    """The alias of the app's template with this id (the `id` the API shows)."""
+    with store.read() as conn:
+        found = conn.execute(
+            select(templates.c.alias).where(
+                templates.c.app_id == app_id, templates.c.id == template_id
+            )
+        ).scalar()
+    return str(found) if found is not None else None
 
 
 def delete_template(store: Store, app_id: int, alias: str) -> None:

@@ -13,6 +13,7 @@ from postmarker.exceptions import ClientError
 
 from postbode import tenancy
 from postbode.store.engine import Store
+from postbode.templates import manage
 from postbode.testing.servers import HttpPostbode
 from postbode.testing.sink import SmtpSink
 
@@ -156,3 +157,47 @@ def test_anymail_postmark_backend_sees_errors(postbode: HttpPostbode, shop: tena
     assert "Sender Signature" in str(foreign.value)
     with anymail_settings(postbode, shop.api_key), pytest.raises(AnymailRecipientsRefused):
         EmailMultiAlternatives("x", "x", "orders@shop.test", ["alice@-dest.test"]).send()
+
+
+def test_postmarker_sends_with_templates(
+    postbode: HttpPostbode, shop: tenancy.NewApp, mx_sink: SmtpSink, store: Store
+) -> None:
+    created = manage.create_template(
+        store, shop.app_id, "receipt", subject="Receipt {{ n }}", html="<p>{{ who }}</p>"
+    )
+    postmark = client(postbode, shop.api_key)
+    by_alias = postmark.emails.send_with_template(
+        TemplateAlias="receipt",
+        TemplateModel={"n": 1, "who": "<Ann>"},
+        From="orders@shop.test",
+        To="ann@dest.test",
+    )
+    assert by_alias["ErrorCode"] == 0
+    by_id = postmark.emails.send_with_template(
+        TemplateId=created["id"],
+        TemplateModel={"n": 2, "who": "Bob"},
+        From="orders@shop.test",
+        To="bob@dest.test",
+    )
+    assert by_id["ErrorCode"] == 0
+    batch = postmark.emails.send_template_batch(
+        {
+            "TemplateAlias": "receipt",
+            "TemplateModel": {"n": 3, "who": "Cy"},
+            "From": "orders@shop.test",
+            "To": "cy@dest.test",
+        },
+        {
+            "TemplateAlias": "nope",
+            "TemplateModel": {},
+            "From": "orders@shop.test",
+            "To": "dee@dest.test",
+        },
+    )
+    assert [r["ErrorCode"] for r in batch] == [0, 300]
+    received = {m.rcpt_tos[0]: m.message for m in mx_sink.wait_for_sync(3, timeout=30)}
+    assert received["ann@dest.test"]["Subject"] == "Receipt 1"
+    assert "&lt;Ann&gt;" in received["ann@dest.test"].get_body(("html",)).get_content()
+    assert received["bob@dest.test"]["Subject"] == "Receipt 2"
+    assert received["cy@dest.test"]["Subject"] == "Receipt 3"
+    assert stored(store, by_alias["MessageID"]).template == "receipt"

@@ -93,6 +93,7 @@ class VersionSummary(BaseModel):
 
 
 class TemplateOut(BaseModel):
+    id: int = Field(description="Postmark's TemplateId names the template by this")
     alias: str
     name: str
     live_version: int | None
@@ -107,6 +108,7 @@ class TemplateOut(BaseModel):
 
 
 class TemplateSummary(BaseModel):
+    id: int
     alias: str
     name: str
     live_version: int | None

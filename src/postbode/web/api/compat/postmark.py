@@ -10,8 +10,10 @@ from typing import Any
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 
 from postbode.ingest.accept import Accepted
+from postbode.templates import manage as template_manage
 from postbode.web.api.compat import common
 from postbode.web.api.compat.schema import json_body
 
@@ -29,6 +31,7 @@ JSON_REQUIRED = 409
 TOO_MANY_BATCH = 410
 RATE_LIMITED = 429
 STREAM_NOT_FOUND = 1235
+TEMPLATE_NOT_FOUND = 1101
 
 # Native field -> Postmark's name for it, for error messages.
 FIELDS = {
@@ -50,8 +53,9 @@ FIELDS = {
 }
 STREAMS = {"outbound": "transactional", "broadcast": "broadcast"}
 TRACK_LINKS = ("None", "HtmlAndText", "HtmlOnly", "TextOnly")
-# Fields of Postmark's template API: templates are not built yet (they come with stored
-# templates); a request naming them is refused, never sent without its template.
+# Fields of Postmark's template sends (/email/withTemplate, /email/batchWithTemplates): a
+# Postbode template by alias (TemplateAlias) or id (TemplateId), rendered with TemplateModel;
+# CSS is always inlined. In /email they are refused, as Postmark refuses them there.
 TEMPLATE_FIELDS = ("TemplateId", "TemplateAlias", "TemplateModel", "InlineCss")
 
 
@@ -159,19 +163,22 @@ def _text(data: dict[str, Any], name: str) -> str | None:
     return value
 
 
-def translate(data: Any) -> tuple[dict[str, Any], dict[str, list[str]]]:
+def translate(
+    data: Any, template: str | None = None
+) -> tuple[dict[str, Any], dict[str, list[str]]]:
     """The native send request for one Postmark message, and its address lists by native
-    field (for error messages); PostmarkError for what Postmark itself would refuse."""
+    field (for error messages); PostmarkError for what Postmark itself would refuse.
+    `template`: the alias of the template a /withTemplate request names."""
     if not isinstance(data, dict):
         raise PostmarkError(422, INVALID_JSON, "The request body must be a JSON object.")
-    for name in TEMPLATE_FIELDS:
-        if data.get(name) is not None:
-            raise PostmarkError(
-                422,
-                INVALID_REQUEST,
-                f"Invalid email request: '{name}' is not supported by this server: "
-                "templates are not available yet.",
-            )
+    if template is None:
+        for name in TEMPLATE_FIELDS:
+            if data.get(name) is not None:
+                raise PostmarkError(
+                    422,
+                    INVALID_REQUEST,
+                    f"Invalid email request: '{name}' belongs to /email/withTemplate.",
+                )
     lists = {
         "to": common.split_addresses(_text(data, "To")),
         "cc": common.split_addresses(_text(data, "Cc")),
@@ -183,17 +190,31 @@ def translate(data: Any) -> tuple[dict[str, Any], dict[str, list[str]]]:
     if not sender:
         raise PostmarkError(422, INVALID_REQUEST, "Invalid 'From' address: ''.")
     body: dict[str, Any] = {"from": sender, **{k: v for k, v in lists.items() if v}}
-    subject = _text(data, "Subject")
-    if subject is not None:
-        body["subject"] = subject
-    for native, name in (("text", "TextBody"), ("html", "HtmlBody")):
-        value = _text(data, name)
-        if value is not None:
-            body[native] = value
-    if "text" not in body and "html" not in body:
-        raise PostmarkError(
-            422, INVALID_REQUEST, "Provide either email TextBody or HtmlBody or both."
-        )
+    if template is not None:
+        for name in ("Subject", "TextBody", "HtmlBody"):
+            if data.get(name) is not None:
+                raise PostmarkError(
+                    422,
+                    INVALID_REQUEST,
+                    f"Invalid email request: '{name}' comes from the template.",
+                )
+        model = data.get("TemplateModel")
+        if model is not None and not isinstance(model, dict):
+            raise PostmarkError(422, INVALID_REQUEST, "Invalid 'TemplateModel': an object.")
+        body["template"] = template
+        body["model"] = model or {}
+    else:
+        subject = _text(data, "Subject")
+        if subject is not None:
+            body["subject"] = subject
+        for native, name in (("text", "TextBody"), ("html", "HtmlBody")):
+            value = _text(data, name)
+            if value is not None:
+                body[native] = value
+        if "text" not in body and "html" not in body:
+            raise PostmarkError(
+                422, INVALID_REQUEST, "Provide either email TextBody or HtmlBody or both."
+            )
     reply_to = common.split_addresses(_text(data, "ReplyTo"))
     if reply_to:
         body["reply_to"] = reply_to[0]
@@ -316,10 +337,32 @@ def sent(accepted: Accepted, lists: dict[str, list[str]]) -> dict[str, Any]:
     return answer
 
 
-async def send_one(request: Request, app_id: int, data: Any) -> dict[str, Any]:
+async def _template_of(request: Request, app_id: int, data: Any) -> str:
+    """The alias a /withTemplate message names by TemplateAlias or TemplateId."""
+    if not isinstance(data, dict):
+        raise PostmarkError(422, INVALID_JSON, "The request body must be a JSON object.")
+    alias, template_id = data.get("TemplateAlias"), data.get("TemplateId")
+    if isinstance(alias, str) and alias:
+        return alias
+    if isinstance(template_id, int) and not isinstance(template_id, bool):
+        found = await run_in_threadpool(
+            template_manage.alias_of, request.app.state.store, app_id, template_id
+        )
+        if found is not None:
+            return found
+        raise PostmarkError(422, TEMPLATE_NOT_FOUND, f"Template {template_id} not found.")
+    raise PostmarkError(
+        422, INVALID_REQUEST, "Invalid email request: give TemplateAlias or TemplateId."
+    )
+
+
+async def send_one(
+    request: Request, app_id: int, data: Any, templated: bool = False
+) -> dict[str, Any]:
     lists: dict[str, list[str]] = {"to": [], "cc": [], "bcc": []}
     try:
-        body, lists = translate(data)
+        template = await _template_of(request, app_id, data) if templated else None
+        body, lists = translate(data, template)
         accepted = await common.accept(request, app_id, common.validate(body))
     except common.Refusal as exc:
         raise refusal(exc, lists, data) from None
@@ -393,25 +436,52 @@ def _routes(router: APIRouter) -> None:
         except PostmarkError as exc:
             return exc.response()
 
-    for path in ("/email/withTemplate", "/email/batchWithTemplates"):
+    @router.post(
+        "/email/withTemplate",
+        response_model=PostmarkSent,
+        responses=_ERRORS,
+        summary="Send a message made from a template (Postmark)",
+    )
+    @router.post("/email/withTemplate/", include_in_schema=False)
+    async def with_template(request: Request) -> JSONResponse:
+        """`TemplateAlias` (or `TemplateId`) names a Postbode template, rendered with
+        `TemplateModel`; the other fields are /email's, without Subject and bodies."""
+        try:
+            app_id = await _caller(request)
+            data = await _json(request)
+            return JSONResponse(await send_one(request, app_id, data, templated=True))
+        except PostmarkError as exc:
+            return exc.response()
 
-        @router.post(
-            path,
-            responses=_ERRORS,
-            summary=f"{path.rsplit('/', 1)[1]} (Postmark): not supported yet",
-        )
-        @router.post(path + "/", include_in_schema=False)
-        async def with_template(request: Request) -> JSONResponse:
-            """Refused with Postmark's error shape: templates are not available yet."""
-            try:
-                await _caller(request)
-            except PostmarkError as exc:
-                return exc.response()
-            return PostmarkError(
-                422,
-                INVALID_REQUEST,
-                "Invalid email request: templates are not supported by this server yet.",
-            ).response()
+    @router.post(
+        "/email/batchWithTemplates",
+        response_model=list[PostmarkSent],
+        responses=_ERRORS,
+        summary="Send up to 500 messages made from templates (Postmark)",
+    )
+    @router.post("/email/batchWithTemplates/", include_in_schema=False)
+    async def batch_with_templates(request: Request) -> JSONResponse:
+        """`{"Messages": [...]}`, each as /email/withTemplate takes it, each answered in
+        order."""
+        try:
+            app_id = await _caller(request)
+            data = await _json(request)
+            items = data.get("Messages") if isinstance(data, dict) else None
+            if not isinstance(items, list):
+                raise PostmarkError(422, INVALID_JSON, "Give the messages as 'Messages': [...].")
+            if len(items) > MAX_BATCH:
+                raise PostmarkError(
+                    422, TOO_MANY_BATCH, f"Too many batch messages: at most {MAX_BATCH}."
+                )
+            results = []
+            for item in items:
+                try:
+                    results.append(await send_one(request, app_id, item, templated=True))
+                except PostmarkError as exc:
+                    results.append(exc.body())
+            return JSONResponse(results)
+        except PostmarkError as exc:
+            return exc.response()
 
 
 router = APIRouter(prefix="/compat/postmark", tags=["compat: postmark"])
