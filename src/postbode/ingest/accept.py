@@ -561,8 +561,7 @@ def author_addresses(fields: list[bytes]) -> list[str]:
     for key, title, most in (("from", "From", 1), ("sender", "Sender", 1)):
         if len(values[key]) > most:
             raise AcceptError(
-                f"the message has {len(values[key])} {title} header fields; "
-                f"RFC 5322 allows one",
+                f"the message has {len(values[key])} {title} header fields; RFC 5322 allows one",
                 reason=f"several_{key}",
                 field="from",
                 smtp="550 5.7.1",

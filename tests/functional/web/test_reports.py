@@ -10,11 +10,18 @@ from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
-from playwright.sync_api import Page
+from playwright.sync_api import Page, expect
 from sqlalchemy import func, select
 
 from postbode.stats import queries, reports
-from postbode.store.schema import deliveries, memberships, messages, users, utcnow
+from postbode.store.schema import (
+    deliveries,
+    memberships,
+    messages,
+    report_subscriptions,
+    users,
+    utcnow,
+)
 from postbode.testing.sink import Rule
 
 from .conftest import Postbode, Watch, wait_for
@@ -58,6 +65,8 @@ def test_the_weekly_report_arrives_with_the_stores_figures(
     summary = queries.summary(postbode.store, app_ids, since=period.since, until=period.until)
     received = summary.totals["message.received"]
     assert received == 2
+    delivered = _count(postbode, deliveries.c.status == "delivered")
+    bounced = _count(postbode, deliveries.c.status == "bounced")
     assert reports.send_due(postbode.store, "reports@postbode.test", now=monday) == 1
     assert reports.send_due(postbode.store, "reports@postbode.test", now=monday) == 0  # once
 
@@ -75,8 +84,8 @@ def test_the_weekly_report_arrives_with_the_stores_figures(
         return [found.group(1).replace(",", ""), found.group(2)]
 
     assert row("received") == [str(received), "0"]
-    assert row("delivered")[0] == str(_count(postbode, deliveries.c.status == "delivered"))
-    assert row("bounced")[0] == str(_count(postbode, deliveries.c.status == "bounced")) == "1"
+    assert row("delivered")[0] == str(delivered) == "3"
+    assert row("bounced")[0] == str(bounced) == "1"
     rate = summary.rates.delivery_rate
     assert rate is not None and "delivery rate" in body
     assert f"{rate * 100:.1f} %" in body
@@ -97,3 +106,27 @@ def test_the_weekly_report_arrives_with_the_stores_figures(
         headers={"Authorization": f"Bearer {postbode.shop.api_key}"},
     )
     assert bad.status == 422 and bad.json()["error"]["field"] == "format"
+
+
+def test_the_reports_page_its_csv_and_asking_for_it_by_mail(
+    postbode: Postbode, open_page: Callable[..., tuple[Page, Watch]]
+) -> None:
+    page, watch = open_page(postbode.base, "viewer@org.test")
+    page.get_by_role("link", name="Reports", exact=True).click()
+    expect(page.locator("h1")).to_have_text("Reports")
+    expect(page.locator("table.report-figures")).to_contain_text("delivery rate")
+    page.get_by_role("link", name="monthly").click()
+    expect(page.locator(".page-head .muted")).to_contain_text("month before")
+    csv_answer = page.request.get(f"{postbode.base}/reports/export.csv?period=monthly")
+    assert csv_answer.status == 200
+    assert csv_answer.text().startswith("section,name,value,previous")
+    page.get_by_role("button", name="E-mail me this report every month").click()
+    expect(page.locator(".flash")).to_contain_text("monthly report by e-mail")
+    with postbode.store.read() as conn:
+        subs = conn.execute(
+            select(report_subscriptions.c.period, users.c.email).join(
+                users, users.c.id == report_subscriptions.c.user_id
+            )
+        ).all()
+    assert [(s.period, s.email) for s in subs] == [("monthly", "viewer@org.test")]
+    assert watch.errors == []

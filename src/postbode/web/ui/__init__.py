@@ -20,6 +20,7 @@ def _router() -> APIRouter:
         messages,
         privacy,
         queue,
+        reports,
         session,
         settings,
         suppressions,
@@ -41,6 +42,7 @@ def _router() -> APIRouter:
         audit,
         privacy,
         alerts,
+        reports,
     )
     for module in modules:
         combined.include_router(module.router)
