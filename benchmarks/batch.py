@@ -51,6 +51,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=5, help="batches sent, one after another")
     parser.add_argument("--size", type=int, default=500, help="recipients per batch")
+    parser.add_argument(
+        "--command",
+        default="web",
+        choices=("web", "serve"),
+        help="`web`: the HTTP process alone (delivery runs elsewhere, as with several "
+        "processes); `serve`: every role in one, its delivery worker busy with the mail",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
@@ -76,7 +83,10 @@ def main() -> None:
                 times.append(time.perf_counter() - started)
                 answer.raise_for_status()
                 assert answer.json()["accepted"] == args.size, answer.text[:500]
-    print(f"batch of {args.size} rendered recipients, {args.runs} runs (SQLite):")
+    print(
+        f"batch of {args.size} rendered recipients, {args.runs} runs "
+        f"(SQLite, postbode {args.command}):"
+    )
     print(
         f"  answered in: median {statistics.median(times) * 1000:.0f} ms, "
         f"min {min(times) * 1000:.0f} ms, max {max(times) * 1000:.0f} ms"
