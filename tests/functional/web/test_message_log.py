@@ -89,3 +89,26 @@ def test_the_log_lists_deliveries_and_filters_by_reply_category_and_mx(
     )
     assert bad.status == 422 and bad.json()["error"]["field"] == "category"
     assert watch.errors == []
+
+
+def test_on_a_phone_log_and_queue_rows_are_cards(
+    postbode: Postbode, open_page: Callable[..., tuple[Page, Watch]]
+) -> None:
+    postbode.sink.script.add(Rule.rcpt("slow@dest.test", "451 4.7.1 Greylisted, try later"))
+    postbode.send(["fast@dest.test", "slow@dest.test"], "On the road")
+    wait_for(lambda: _status(postbode, "slow@dest.test") == "deferred")
+    page, watch = open_page(postbode.base, "admin@org.test", viewport={"width": 390, "height": 844})
+    for path, row in (("/messages", "tr.log-row"), ("/queue", "table.queue-table tbody tr")):
+        page.goto(f"{postbode.base}{path}")
+        first = page.locator(row).first
+        expect(first).to_be_visible()
+        # A card: as wide as the screen allows, no header row, nothing to scroll sideways.
+        box = first.bounding_box()
+        assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390
+        assert page.locator("thead").first.is_hidden()
+        overflow = page.evaluate(
+            "[...document.querySelectorAll('.scroll')].map(e => e.scrollWidth - e.clientWidth)"
+        )
+        assert all(o <= 0 for o in overflow), (path, overflow)
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    assert watch.errors == []
