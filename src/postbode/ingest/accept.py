@@ -30,6 +30,7 @@ from postbode.abuse import hold as abuse_hold
 from postbode.abuse.limits import Gate, Over
 from postbode.events.record import Event, record
 from postbode.events.types import EventType
+from postbode.ingest import mime
 from postbode.metrics import (
     ACCEPT_BATCH_SIZE,
     ACCEPT_COMMIT_SECONDS,
@@ -406,6 +407,10 @@ class Acceptor:
         try:
             if sub.template is None and _names_template(sub.raw):
                 sub = await loop.run_in_executor(None, self._render_template, sub)
+            if sub.source == "smtp" and mime.names_attachments(sub.raw):
+                # The API builds its file names safe; a message from SMTP may hold any.
+                raw = await loop.run_in_executor(None, mime.safe_attachment_names, sub.raw)
+                sub = replace(sub, raw=raw)
             prepared = self.prepare(sub)
         except AcceptError as exc:
             REJECTS.labels(sub.source, exc.reason).inc()

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import binascii
+import contextlib
 import functools
 import random
 import re
 import sys
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from email import message_from_bytes
 from email.errors import HeaderParseError
-from email.header import decode_header
+from email.header import decode_header, make_header
 from email.headerregistry import Address
-from email.message import EmailMessage
-from email.policy import SMTP, SMTPUTF8, EmailPolicy
+from email.message import EmailMessage, Message
+from email.policy import SMTP, SMTPUTF8, EmailPolicy, compat32
+from email.utils import collapse_rfc2231_value
 
 from email_validator import EmailNotValidError, ValidatedEmail, validate_email
 from email_validator.rfc_constants import CASE_INSENSITIVE_MAILBOX_NAMES
@@ -103,6 +107,72 @@ class Attachment:
     params: dict[str, str] = field(default_factory=dict)
     # An inline part (RFC 2392 `cid:` URLs in the HTML refer to it), not an attachment.
     content_id: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "filename", display_filename(self.filename))
+
+
+# -- attachment file names ----------------------------------------------------------------------
+# A file name is shown to the recipient and used by their mail client to save the file. It may
+# not climb directories (`../`, path separators of any system), nor hold control characters,
+# nor Unicode format characters: the bidi overrides (U+202A-U+202E, U+2066-U+2069) make
+# "invoice\u202efdp.exe" read as "invoiceexe.pdf".
+_HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+MAX_FILENAME = 255
+DEFAULT_FILENAME = "attachment"
+
+
+def display_filename(name: str) -> str:
+    """`name` as it may be shown and saved: the last path component, without control,
+    format or unassigned characters, runs of white space made one space, no leading dots,
+    at most MAX_FILENAME characters; DEFAULT_FILENAME when nothing is left."""
+    shown = "".join(
+        " " if unicodedata.category(c) == "Zs" else c
+        for c in name
+        if unicodedata.category(c) not in _HIDDEN_CATEGORIES
+    )
+    base = re.split(r"[/\\]", shown)[-1]
+    base = " ".join(base.split()).lstrip(". ")
+    return base[:MAX_FILENAME].rstrip() or DEFAULT_FILENAME
+
+
+_NAME_PARAM = re.compile(rb"(?i)[\s;](?:file)?name\*?(?:\d+\*?)?\s*=")
+_CRLF_COMPAT = compat32.clone(linesep="\r\n")
+
+
+def names_attachments(raw: bytes) -> bool:
+    """Whether a message may carry a file name (a cheap look before `safe_attachment_names`)."""
+    return _NAME_PARAM.search(raw) is not None
+
+
+def safe_attachment_names(raw: bytes) -> bytes:
+    """The message with every part's file name (Content-Disposition filename, Content-Type
+    name; RFC 2231 or encoded words) made a `display_filename`. The very bytes given when
+    no name needed a change."""
+    msg = message_from_bytes(raw, policy=_CRLF_COMPAT)
+    changed = False
+    for part in msg.walk():
+        for header, param in (("content-disposition", "filename"), ("content-type", "name")):
+            name = _param_text(part, header, param)
+            if name is None:
+                continue
+            safe = display_filename(name)
+            if safe != name:
+                charset = None if safe.isascii() else "utf-8"
+                part.set_param(param, safe, header=header, charset=charset)
+                changed = True
+    return msg.as_bytes() if changed else raw
+
+
+def _param_text(part: Message, header: str, param: str) -> str | None:
+    value = part.get_param(param, header=header)
+    if not value or not isinstance(value, (str, tuple)):
+        return None
+    text = str(collapse_rfc2231_value(value))
+    if "=?" in text:  # RFC 2047 encoded words, which many clients put in file names
+        with contextlib.suppress(HeaderParseError, LookupError, UnicodeDecodeError):
+            text = str(make_header(decode_header(text)))
+    return text
 
 
 @dataclass(frozen=True)

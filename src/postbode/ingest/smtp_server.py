@@ -191,7 +191,7 @@ class PostbodeSMTP(SMTP):
                 whose = "" if authenticated else " without authentication"
                 await self.push(f"552 5.3.4 Message too big: at most {limit} bytes{whose}")
             else:
-                await self.push("500 5.5.2 Line too long (RFC 5321 §4.5.3.1.6)")
+                await self.push("500 5.5.2 Line too long (RFC 5321 section 4.5.3.1.6)")
 
         try:
             try:
