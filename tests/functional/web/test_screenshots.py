@@ -178,9 +178,26 @@ def test_screenshots(
     page.goto(f"{pb.base}/queue?app=shop&view=deferred")
     expect(page.locator("tr", has_text="j.bakker@gmail.test")).to_be_visible()
     page.screenshot(path=str(shots / "queue.png"))
-    for name in ("dashboard", "message", "queue"):
+
+    page.goto(f"{pb.base}/messages?app=shop")
+    expect(page.locator(".match-count")).to_be_visible()
+    page.screenshot(path=str(shots / "messages.png"))
+
+    # On a phone (390 by 844): the navigation wraps, rows are cards, nothing scrolls sideways.
+    phone, phone_watch = open_page(
+        pb.base, "owner@org.test", viewport={"width": 390, "height": 844}
+    )
+    phone.goto(f"{pb.base}/dashboard?app=shop&range=24h")
+    expect(phone.locator("body")).to_have_attribute("data-chart", "drawn")
+    phone.screenshot(path=str(shots / "dashboard-mobile.png"))
+    phone.goto(f"{pb.base}/messages?app=shop")
+    expect(phone.locator(".match-count")).to_be_visible()
+    phone.screenshot(path=str(shots / "messages-mobile.png"))
+    names = ("dashboard", "message", "queue", "messages", "dashboard-mobile", "messages-mobile")
+    for name in names:
         assert (shots / f"{name}.png").stat().st_size > 10_000
     assert watch.dialogs == [] and watch.errors == [] and watch.csp_violations() == []
+    assert phone_watch.errors == [] and phone_watch.csp_violations() == []
 
 
 def _status(pb: Postbode, recipient: str) -> str | None:
