@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import sys
 from datetime import datetime
 from typing import Annotated, Any, NoReturn
@@ -116,19 +115,10 @@ def _print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
 
 
 def _run(roles: list[str], init: bool = False) -> None:
-    from postbode.roles import run_roles
+    from postbode.roles import configure_logging, start
 
-    settings = get_settings()
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
-    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # noise at import
-    store = _store(init)
-    with contextlib.suppress(ImportError):  # libuv's loop: the same asyncio, less CPU per I/O
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    asyncio.run(run_roles(settings, store, roles))
+    configure_logging(get_settings())
+    start(get_settings(), _store(init), roles)
 
 
 # -- processes -------------------------------------------------------------------------------

@@ -11,13 +11,13 @@ import socket
 import sys
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
-from typing import Any
-
-import uvicorn
+from typing import TYPE_CHECKING, Any
 
 from postbode.config import Settings
-from postbode.ingest.accept import Acceptor
 from postbode.store.engine import Store
+
+if TYPE_CHECKING:
+    from postbode.ingest.accept import Acceptor
 
 log = logging.getLogger("postbode")
 
@@ -25,29 +25,46 @@ log = logging.getLogger("postbode")
 @dataclass
 class Runtime:
     """What the roles of one process share: settings, store, and one Acceptor, so mail from
-    SMTP and from the API is group-committed together."""
+    SMTP and from the API is group-committed together. The Acceptor (and the ingest stack
+    behind it) is made on first use: a worker process never needs it."""
 
     settings: Settings
     store: Store
-    acceptor: Acceptor
+    # Called after each commit in this process that queued mail (the Acceptor's listeners).
+    on_commit: list[Callable[[], None]] = field(default_factory=list)
     # Called when another process queued mail (the parent `postbode serve` says so).
     on_wake: list[Callable[[], None]] = field(default_factory=list)
+    _acceptor: Acceptor | None = None
+
+    @property
+    def acceptor(self) -> Acceptor:
+        if self._acceptor is None:
+            from postbode.ingest.accept import Acceptor
+
+            self._acceptor = Acceptor(self.store, self.settings.smtp_hostname)
+            self._acceptor.on_commit = self.on_commit
+        return self._acceptor
+
+    async def close(self) -> None:
+        if self._acceptor is not None:
+            await self._acceptor.close()
 
 
 # A role runs until `stop` is set, then finishes what it has in hand and returns.
 Role = Callable[[Runtime, asyncio.Event], Coroutine[Any, Any, None]]
 
 
-class _Server(uvicorn.Server):
-    """uvicorn without its own signal handling: the process's roles stop together."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
 async def web_role(rt: Runtime, stop: asyncio.Event) -> None:
+    import uvicorn
+
     from postbode.web.app import serving_app
+
+    class _Server(uvicorn.Server):
+        """uvicorn without its own signal handling: the process's roles stop together."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
 
     settings = rt.settings
     config = uvicorn.Config(
@@ -96,7 +113,7 @@ async def smtp_role(rt: Runtime, stop: asyncio.Event) -> None:
     from postbode.ingest.smtp_server import start_server
 
     # Inbound commits wake workers as the acceptor's do (the same listeners).
-    inbound = InboundIntake(rt.settings, rt.store, on_commit=rt.acceptor.on_commit)
+    inbound = InboundIntake(rt.settings, rt.store, on_commit=rt.on_commit)
     await inbound.refresh()
     server = await start_server(
         rt.settings, rt.store, rt.acceptor, [BounceIntake(rt.settings, rt.store), inbound]
@@ -113,17 +130,18 @@ async def worker_role(rt: Runtime, stop: asyncio.Event) -> None:
     commits in this process, by `serve` when a sibling process queued work, and on
     PostgreSQL by NOTIFY from any process on any node."""
     from postbode.runner.periodic import PeriodicRunner
-    from postbode.runner.wakeup import Listener, channel
     from postbode.work import registry
 
     reg = registry(rt.settings)
     runners = {spec.table: spec.make(rt.store) for spec in reg.runners}
     for runner in runners.values():
-        rt.acceptor.on_commit.append(runner.notify)
+        rt.on_commit.append(runner.notify)
         rt.on_wake.append(runner.notify)
     duties = [r.run(stop) for r in runners.values()]
     duties.append(PeriodicRunner(rt.store, reg.tasks).run(stop))
     if not rt.store.is_sqlite:
+        from postbode.runner.wakeup import Listener, channel  # psycopg: not loaded on SQLite
+
         listener = Listener(rt.store, {channel(t): r.notify for t, r in runners.items()})
         duties.append(listener.run(stop))
     await asyncio.gather(*duties)
@@ -170,7 +188,7 @@ def _link_to_parent(rt: Runtime, stop: asyncio.Event) -> None:
         for listener in rt.on_wake:
             listener()
 
-    rt.acceptor.on_commit.append(tell_parent)
+    rt.on_commit.append(tell_parent)
     _on_readable(sys.stdin.fileno(), wake, stop.set)
 
 
@@ -180,14 +198,15 @@ async def processes_role(rt: Runtime, stop: asyncio.Event) -> None:
     `settings.listeners - 1` more HTTP and SMTP listener processes sharing the ports. Each is
     restarted if it dies."""
     kinds = ["worker"] * rt.settings.workers + ["listen"] * (rt.settings.listeners - 1)
+    child_roles = {"worker": ["worker"], "listen": ["web", "smtp"]}
     notify_read, notify_write = os.pipe()  # children -> here: mail was queued
 
     async def spawn(kind: str) -> asyncio.subprocess.Process:
         return await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "postbode",
-            kind,
+            "postbode.child",
+            *child_roles[kind],
             stdin=asyncio.subprocess.PIPE,
             env={**os.environ, CHILD_ENV: "1", NOTIFY_FD_ENV: str(notify_write)},
             pass_fds=(notify_write,),
@@ -206,7 +225,7 @@ async def processes_role(rt: Runtime, stop: asyncio.Event) -> None:
             listener()
 
     children = [await spawn(kind) for kind in kinds]
-    rt.acceptor.on_commit.append(wake)
+    rt.on_commit.append(wake)
     _on_readable(notify_read, queued_in_a_child, lambda: None)
     try:
         while not stop.is_set():
@@ -267,10 +286,27 @@ def serve_roles(settings: Settings) -> list[str]:
     return roles
 
 
+def configure_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # noise at import
+
+
+def start(settings: Settings, store: Store, names: list[str]) -> None:
+    """Run the named roles on a fresh event loop until SIGTERM / SIGINT."""
+    configure_logging(settings)
+    with contextlib.suppress(ImportError):  # libuv's loop: the same asyncio, less CPU per I/O
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    asyncio.run(run_roles(settings, store, names))
+
+
 async def run_roles(settings: Settings, store: Store, names: list[str]) -> None:
     """Run the named roles until SIGTERM / SIGINT, then stop them together."""
     roles = available_roles()
-    rt = Runtime(settings, store, Acceptor(store, settings.smtp_hostname))
+    rt = Runtime(settings, store)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -289,4 +325,4 @@ async def run_roles(settings: Settings, store: Store, names: list[str]) -> None:
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-        await rt.acceptor.close()
+        await rt.close()

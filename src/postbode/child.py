@@ -1,0 +1,41 @@
+"""`python -m postbode.child ROLE…`: how `postbode serve` starts its worker and listener
+processes. The same as `postbode worker` / `postbode listen`, without the command line's
+libraries (typer, rich): each child loads only what its roles use."""
+
+from __future__ import annotations
+
+import sys
+
+from postbode.config import get_settings
+from postbode.metrics_dir import use_node_directory
+from postbode.preflight import BadSetting, check, read
+
+
+def main(argv: list[str]) -> int:
+    try:
+        check(settings := read())
+    except BadSetting as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    use_node_directory(settings.data_dir, fresh=False)  # the directory `serve` emptied
+
+    from postbode.roles import available_roles, configure_logging, start
+    from postbode.store.engine import create_store
+
+    roles = argv or ["worker"]
+    unknown = [r for r in roles if r not in available_roles()]
+    if unknown:
+        sys.stderr.write(f"error: unknown role(s): {', '.join(unknown)}\n")
+        return 2
+    configure_logging(settings)
+    try:
+        store = create_store(get_settings())
+    except Exception as exc:  # database down, schema mismatch: one clear line
+        sys.stderr.write(f"error: cannot open the store: {exc}\n")
+        return 2
+    start(get_settings(), store, roles)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
