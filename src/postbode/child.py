@@ -1,5 +1,5 @@
-"""`python -m postbode.child ROLE…`: how `postbode serve` starts its worker and listener
-processes. The same as `postbode worker` / `postbode listen`, without the command line's
+"""`python -m postbode.child worker|listen`: how `postbode serve` starts its worker and
+listener processes. The same as `postbode worker` / `postbode listen`, without the command line's
 libraries (typer, rich): each child loads only what its roles use."""
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ def main(argv: list[str]) -> int:
     from postbode.roles import available_roles, configure_logging, start
     from postbode.store.engine import create_store
 
-    roles = argv or ["worker"]
-    unknown = [r for r in roles if r not in available_roles()]
-    if unknown:
-        sys.stderr.write(f"error: unknown role(s): {', '.join(unknown)}\n")
+    kinds = {"worker": ["worker"], "listen": ["web", "smtp"]}
+    if len(argv) != 1 or argv[0] not in kinds:
+        sys.stderr.write("usage: python -m postbode.child worker|listen\n")
         return 2
+    roles = kinds[argv[0]]
+    assert set(roles) <= set(available_roles())
     configure_logging(settings)
     try:
         store = create_store(get_settings())

@@ -198,7 +198,6 @@ async def processes_role(rt: Runtime, stop: asyncio.Event) -> None:
     `settings.listeners - 1` more HTTP and SMTP listener processes sharing the ports. Each is
     restarted if it dies."""
     kinds = ["worker"] * rt.settings.workers + ["listen"] * (rt.settings.listeners - 1)
-    child_roles = {"worker": ["worker"], "listen": ["web", "smtp"]}
     notify_read, notify_write = os.pipe()  # children -> here: mail was queued
 
     async def spawn(kind: str) -> asyncio.subprocess.Process:
@@ -206,7 +205,7 @@ async def processes_role(rt: Runtime, stop: asyncio.Event) -> None:
             sys.executable,
             "-m",
             "postbode.child",
-            *child_roles[kind],
+            kind,
             stdin=asyncio.subprocess.PIPE,
             env={**os.environ, CHILD_ENV: "1", NOTIFY_FD_ENV: str(notify_write)},
             pass_fds=(notify_write,),
