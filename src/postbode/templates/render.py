@@ -12,9 +12,10 @@ from typing import Any
 
 import css_inline
 from inscriptis import get_text
-from jinja2 import TemplateSyntaxError, nodes, pass_environment
+from jinja2 import TemplateSyntaxError, nodes, pass_environment, pass_eval_context
 from jinja2.compiler import CodeGenerator, Frame
 from jinja2.exceptions import SecurityError, TemplateError, UndefinedError
+from jinja2.runtime import markup_join, str_join
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from markupsafe import Markup
 
@@ -22,6 +23,8 @@ MAX_OUTPUT = 1_000_000  # characters one part of a rendering may have
 MAX_STEPS = 200_000  # loop turns and output pieces of one rendering
 MAX_SECONDS = 1.0  # wall time of one rendering
 MAX_RANGE = 10_000  # the largest range() a template may ask for
+# Characters one part may build with *, +, ~, join and replace in all (kept in variables or not)
+MAX_BUILT = 10 * MAX_OUTPUT
 MAX_SOURCE = 500_000  # characters of one template part
 # The name under which a layout receives the HTML (or text) it wraps.
 CONTENT = "content"
@@ -42,7 +45,6 @@ _SAFE_METHODS: dict[type, frozenset[str]] = {
             "startswith",
             "endswith",
             "split",
-            "replace",
         }
     ),
 }
@@ -74,6 +76,12 @@ class _Limit(Exception):
 class _Budget:
     steps: int
     deadline: float
+    built: int = 0
+
+    def build(self, chars: int) -> None:
+        self.built += chars
+        if self.built > MAX_BUILT:
+            raise _Limit(f"the template built more than {MAX_BUILT} characters of strings")
 
     def spend(self, steps: int = 1) -> None:
         self.steps -= steps
@@ -92,14 +100,36 @@ def _spend(steps: int = 1) -> None:
         budget.spend(steps)
 
 
+def _build(chars: int) -> None:
+    budget = _budget.get(None)
+    if budget is not None:
+        budget.build(chars)
+
+
 class _BoundedLoops(CodeGenerator):
-    """Compiles every `for` loop so that each turn costs a step of the rendering's budget."""
+    """Compiles every `for` loop so that each turn costs a step of the rendering's budget,
+    and every `~` so that its result's size is checked before it is built."""
 
     def visit_For(self, node: nodes.For, frame: Frame) -> None:
         node.iter = nodes.Call(
             nodes.EnvironmentAttribute("bounded"), [node.iter], [], None, None, lineno=node.lineno
         )
         super().visit_For(node, frame)
+
+    def visit_Concat(self, node: nodes.Concat, frame: Frame) -> None:
+        if frame.eval_ctx.volatile:
+            escape = "context.eval_ctx.autoescape"
+        else:
+            escape = "True" if frame.eval_ctx.autoescape else "False"
+        self.write("environment.checked_concat((")
+        for arg in node.nodes:
+            self.visit(arg, frame)
+            self.write(", ")
+        self.write(f"), {escape})")
+
+
+def _size(value: Any) -> int:
+    return len(value) if isinstance(value, str | list | tuple) else len(str(value))
 
 
 def _too_long(value: Any, times: Any) -> bool:
@@ -110,7 +140,14 @@ def _too_long(value: Any, times: Any) -> bool:
 
 class _Environment(ImmutableSandboxedEnvironment):
     code_generator_class = _BoundedLoops
-    intercepted_binops = frozenset({"*", "**", "%"})
+    intercepted_binops = frozenset({"+", "*", "**", "%"})
+
+    def checked_concat(self, parts: tuple[Any, ...], autoescape: bool) -> str:
+        size = sum(_size(p) for p in parts)
+        if size > MAX_OUTPUT:
+            raise _Limit(f"the result of ~ would be longer than {MAX_OUTPUT} characters")
+        _build(size)
+        return markup_join(parts) if autoescape else str_join(parts)
 
     def bounded(self, iterable: Iterable[Any]) -> Iterator[Any]:
         for item in iterable:
@@ -132,8 +169,21 @@ class _Environment(ImmutableSandboxedEnvironment):
         return super().getattr(obj, attribute)
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if (
+            operator == "+"
+            and isinstance(left, str | list | tuple)
+            and isinstance(right, str | list | tuple)
+            and len(left) + len(right) > MAX_OUTPUT
+        ):
+            raise _Limit(f"the result of + would be longer than {MAX_OUTPUT} characters")
         if operator == "*" and (_too_long(left, right) or _too_long(right, left)):
             raise _Limit(f"the result of * would be longer than {MAX_OUTPUT} characters")
+        if operator == "+" and isinstance(left, str | list | tuple):
+            _build(len(left) + _size(right))
+        if operator == "*" and isinstance(left, str | list | tuple) and isinstance(right, int):
+            _build(len(left) * max(right, 0))
+        if operator == "*" and isinstance(right, str | list | tuple) and isinstance(left, int):
+            _build(len(right) * max(left, 0))
         if operator == "**" and isinstance(right, int | float) and abs(right) > 64:
             raise _Limit("an exponent is at most 64")
         if operator == "%" and isinstance(left, str):
@@ -166,6 +216,31 @@ def _bounded_filter(name: str, limit_arg: int) -> Any:
     return apply
 
 
+@pass_eval_context
+def _join(eval_ctx: Any, value: Any, d: str = "", attribute: Any = None) -> str:
+    items = list(value)
+    size = sum(_size(i) for i in items) + len(items) * _size(d)
+    if size > MAX_OUTPUT:
+        raise _Limit(f"the join would be longer than {MAX_OUTPUT} characters")
+    _build(size)
+    result: str = _BUILTIN_FILTERS["join"](eval_ctx, items, d, attribute)
+    return result
+
+
+@pass_eval_context
+def _replace(eval_ctx: Any, s: Any, old: Any, new: Any, count: int | None = None) -> str:
+    text, before, after = str(s), str(old), str(new)
+    n = text.count(before) if before else len(text) + 1
+    if count is not None:
+        n = min(n, max(count, 0))
+    size = len(text) + n * max(0, len(after) - len(before))
+    if size > MAX_OUTPUT:
+        raise _Limit(f"the replace would be longer than {MAX_OUTPUT} characters")
+    _build(size)
+    result: str = _BUILTIN_FILTERS["replace"](eval_ctx, s, old, new, count)
+    return result
+
+
 def _make_environment(autoescape: bool) -> _Environment:
     env = _Environment(autoescape=autoescape, keep_trailing_newline=True)
     env.globals = {"range": _safe_range}  # no lipsum, cycler, joiner, namespace: not needed
@@ -175,6 +250,11 @@ def _make_environment(autoescape: bool) -> _Environment:
     env.filters["indent"] = _bounded_filter("indent", 100)
     env.filters["center"] = _bounded_filter("center", 200)
     env.filters["wordwrap"] = _bounded_filter("wordwrap", 1000)
+    # batch and slice make lists as long as their argument (filled)
+    env.filters["batch"] = _bounded_filter("batch", MAX_RANGE)
+    env.filters["slice"] = _bounded_filter("slice", MAX_RANGE)
+    env.filters["join"] = _join
+    env.filters["replace"] = _replace
     return env
 
 

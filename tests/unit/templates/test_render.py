@@ -68,6 +68,19 @@ def test_a_subject_is_one_line() -> None:
         ("{{ '%999999999s' % 1 }}", "% formatting"),
         ("{{ 2 ** 100000000 }}", "exponent"),
         ("{{ user.update({'a': 1}) }}", "not available"),
+        # doubling a string a few times, or multiplying it by replace, join, batch …
+        (
+            "{% set a = 'x' * 999999 %}{% set b = a ~ a %}{% set c = b ~ b %}{{ c|length }}",
+            "~ would be longer",
+        ),
+        ("{% set a = 'x' * 999999 %}{% set b = a + a %}{{ b|length }}", r"\+ would be longer"),
+        ("{{ ('x' * 999999)|replace('x', 'x' * 999999) }}", "replace would be longer"),
+        ("{{ ('x' * 999999).replace('x', 'yy') }}", "not available"),
+        ("{{ range(10000)|join('x' * 999999) }}", "join would be longer"),
+        ("{{ [1]|batch(1000000000, 'x')|list }}", "batch filter"),
+        ("{{ [1]|slice(1000000000)|list }}", "slice filter"),
+        # many large strings kept in variables, none too long by itself
+        ("".join(f"{{% set v{i} = 'x' * 999999 %}}" for i in range(50)), "built more than"),
     ],
 )
 def test_a_hostile_template_is_refused_or_bounded(template: str, says: str) -> None:
@@ -104,6 +117,20 @@ def test_a_hostile_render_leaves_other_renders_working() -> None:
     results.append(render(Source(subject="s", text="ok {{ n }}"), {"n": 1}).text)
     t.join()
     assert results == ["ok 1"]
+
+
+def test_ordinary_filters_still_work() -> None:
+    out = render(
+        Source(
+            subject="s",
+            text="{{ names|join(', ') }} {{ 'a-b'|replace('-', '+') }} "
+            "{{ (names|batch(2)|list)|length }} {{ 'x' ~ 1 ~ 'y' }} {{ 'p' + 'q' }} {{ 2 + 3 }}",
+        ),
+        {"names": ["Ann", "Bob", "Cy"]},
+    )
+    assert out.text == "Ann, Bob, Cy a+b 2 x1y pq 5"
+    html = render(Source(subject="s", html="{{ '<b>' ~ name }}"), {"name": "<i>"}).html
+    assert html is not None and "&lt;b&gt;&lt;i&gt;" in html
 
 
 def test_the_output_bound_is_the_documented_one() -> None:
