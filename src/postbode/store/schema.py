@@ -133,6 +133,8 @@ organizations = Table(
     Column("raw_retention_days", Integer, nullable=False, server_default="7"),
     Column("metadata_retention_days", Integer, nullable=False, server_default="90"),
     Column("audit_retention_days", Integer, nullable=False, server_default="365"),
+    # IANA name: the dashboard's "today" and custom ranges, the reports' times are read in it.
+    Column("time_zone", String(64), nullable=False, server_default="UTC"),
     _created(),
 )
 

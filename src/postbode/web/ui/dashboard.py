@@ -4,19 +4,24 @@ top tags, for the organization or one app; the live part refreshes itself (htmx 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from fastapi import APIRouter, Request, Response
+from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from postbode.events.types import EventType
 from postbode.stats import anomalies
 from postbode.stats import queries as stats
 from postbode.store.engine import Store
-from postbode.web.ui.core import SignedIn, UiRoute, redirect, render, store_of, url
+from postbode.store.schema import organizations, utcnow
+from postbode.web.ui.core import SignedIn, UiError, UiRoute, redirect, render, store_of, url
 
 router = APIRouter(route_class=UiRoute, include_in_schema=False)
+UTC_ZONE = ZoneInfo("UTC")
 
 REFRESH_SECONDS = 10
 # The chart's lines: the stats' event names, shown as the delivery states people know.
@@ -30,7 +35,8 @@ CHART: tuple[tuple[str, str], ...] = (
 )
 
 
-def _label(at: datetime, size: timedelta) -> str:
+def _label(at: datetime, size: timedelta, tz: ZoneInfo = UTC_ZONE) -> str:
+    at = at.astimezone(tz)
     if size >= timedelta(days=1):
         return at.strftime("%b %d")
     if size >= timedelta(hours=1):
@@ -38,12 +44,12 @@ def _label(at: datetime, size: timedelta) -> str:
     return at.strftime("%H:%M")
 
 
-def chart_data(series: stats.Series) -> dict[str, Any]:
+def chart_data(series: stats.Series, tz: ZoneInfo = UTC_ZONE) -> dict[str, Any]:
     """What dashboard.js draws: labels and one line per CHART entry; each bucket's start and
     end (UTC), so that a click opens the message log of that bucket."""
     size = series.window.size
     return {
-        "labels": [_label(b, series.window.size) for b in series.buckets],
+        "labels": [_label(b, series.window.size, tz) for b in series.buckets],
         "starts": [b.strftime("%Y-%m-%dT%H:%M") for b in series.buckets],
         "ends": [(b + size).strftime("%Y-%m-%dT%H:%M") for b in series.buckets],
         "bucket_seconds": int(series.window.size.total_seconds()),
@@ -74,10 +80,86 @@ def peaks_and_dips(
     return found
 
 
-def _context(request: Request, app_ids: list[int], range_name: str) -> dict[str, Any]:
-    board = stats.dashboard(
-        store_of(request), app_ids, range_name, types=[event for event, _ in CHART]
-    )
+@dataclass(frozen=True)
+class Span:
+    """The dashboard's time: a named range, "today" or a custom one, read in the
+    organisation's time zone; `params` carry it in links and the live refresh."""
+
+    name: str  # 1h | 24h | 7d | 30d | today | custom
+    since: datetime | None  # UTC; None for a named range
+    until: datetime | None
+    tz: ZoneInfo
+    params: dict[str, str]
+
+    @property
+    def label(self) -> str:
+        zone = self.tz.key
+        if self.name == "today":
+            return f"today ({zone})"
+        if self.name == "custom" and self.since is not None:
+            start = self.since.astimezone(self.tz).strftime("%Y-%m-%d %H:%M")
+            end = (self.until or utcnow()).astimezone(self.tz).strftime("%Y-%m-%d %H:%M")
+            return f"{start} to {end} ({zone})"
+        return f"last {self.name}"
+
+
+def org_time_zone(store: Store, org_id: int) -> ZoneInfo:
+    with store.read() as conn:
+        name = conn.execute(
+            select(organizations.c.time_zone).where(organizations.c.id == org_id)
+        ).scalar()
+    try:
+        return ZoneInfo(str(name or "UTC"))
+    except (ZoneInfoNotFoundError, ValueError):
+        return UTC_ZONE
+
+
+def _local(value: str | None, tz: ZoneInfo, field: str) -> datetime | None:
+    """A `datetime-local` value read in the organisation's time zone, as UTC."""
+    if not value or not value.strip():
+        return None
+    try:
+        at = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise UiError(400, f"{field}: not a time (YYYY-MM-DDTHH:MM)") from None
+    return (at.replace(tzinfo=tz) if at.tzinfo is None else at).astimezone(UTC_ZONE)
+
+
+def span_of(request: Request, tz: ZoneInfo, now: datetime | None = None) -> Span:
+    params = request.query_params
+    wanted = params.get("range", "24h")
+    if wanted == "today":
+        local_now = (now or utcnow()).astimezone(tz)
+        midnight = local_now.replace(hour=0, minute=0, second=0, microsecond=0)
+        return Span("today", midnight.astimezone(UTC_ZONE), None, tz, {"range": "today"})
+    if wanted == "custom" or params.get("since"):
+        since = _local(params.get("since"), tz, "since")
+        until = _local(params.get("until"), tz, "until")
+        if since is None:
+            raise UiError(400, "since: give the start of the range")
+        if until is not None and until <= since:
+            raise UiError(400, "until: must be later than since")
+        kept = {"range": "custom", "since": params.get("since", "")}
+        if params.get("until"):
+            kept["until"] = params.get("until", "")
+        return Span("custom", since, until, tz, kept)
+    name = wanted if wanted in stats.RANGES else "24h"
+    return Span(name, None, None, tz, {"range": name})
+
+
+def _context(request: Request, app_ids: list[int], span: Span) -> dict[str, Any]:
+    try:
+        board = stats.dashboard(
+            store_of(request),
+            app_ids,
+            None if span.since is not None else span.name,
+            since=span.since,
+            until=span.until,
+            types=[event for event, _ in CHART],
+        )
+    except stats.StatsError as exc:
+        raise UiError(400, f"{exc.field}: {exc}") from None
+    range_name = span.name
     viewer = getattr(request.state, "viewer", None)
     peaks = peaks_and_dips(
         store_of(request),
@@ -85,7 +167,7 @@ def _context(request: Request, app_ids: list[int], range_name: str) -> dict[str,
         board.series,
         lambda **params: url("/messages", viewer, **params),
     )
-    chart = chart_data(board.series)
+    chart = chart_data(board.series, span.tz)
     chart["log_url"] = url("/messages", viewer)
     chart["marks"] = [
         {"index": p["index"], "kind": p["kind"], "tag": p["tag"]}
@@ -97,7 +179,8 @@ def _context(request: Request, app_ids: list[int], range_name: str) -> dict[str,
     return {
         "board": board,
         "range": range_name,
-        "ranges": list(stats.RANGES),
+        "ranges": [*stats.RANGES, "today"],
+        "span": span,
         "chart": chart,
         "peaks": peaks,
         "bucket": board.series.window.size,
@@ -115,11 +198,6 @@ def _context(request: Request, app_ids: list[int], range_name: str) -> dict[str,
     }
 
 
-def _range(request: Request) -> str:
-    wanted = request.query_params.get("range", "24h")
-    return wanted if wanted in stats.RANGES else "24h"
-
-
 @router.get("/")
 async def home(request: Request, viewer: SignedIn) -> Response:
     return redirect(request, url("/dashboard", viewer))
@@ -127,14 +205,14 @@ async def home(request: Request, viewer: SignedIn) -> Response:
 
 @router.get("/dashboard")
 async def dashboard_page(request: Request, viewer: SignedIn) -> Response:
-    range_name = _range(request)
-    context = await run_in_threadpool(_context, request, viewer.app_ids, range_name)
+    tz = await run_in_threadpool(org_time_zone, store_of(request), viewer.org_id)
+    context = await run_in_threadpool(_context, request, viewer.app_ids, span_of(request, tz))
     return render(request, "dashboard.html", context)
 
 
 @router.get("/dashboard/live")
 async def dashboard_live(request: Request, viewer: SignedIn) -> Response:
     """The part of the dashboard that refreshes itself: numbers, chart data, tables."""
-    range_name = _range(request)
-    context = await run_in_threadpool(_context, request, viewer.app_ids, range_name)
+    tz = await run_in_threadpool(org_time_zone, store_of(request), viewer.org_id)
+    context = await run_in_threadpool(_context, request, viewer.app_ids, span_of(request, tz))
     return render(request, "_dashboard_live.html", context)

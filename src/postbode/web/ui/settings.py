@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import uuid
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from fastapi import APIRouter, Request, Response
 from sqlalchemy import select, update
@@ -16,10 +17,11 @@ from postbode import dnscheck, tenancy
 from postbode.events.types import EventType
 from postbode.privacy.audit import RETENTION
 from postbode.store.engine import Store
-from postbode.store.schema import apps, domains
+from postbode.store.schema import apps, domains, organizations
 from postbode.web.ui.core import (
     AppRef,
     CanChange,
+    IsOwner,
     SignedIn,
     UiError,
     UiRoute,
@@ -32,6 +34,7 @@ from postbode.web.ui.core import (
     store_of,
     url,
 )
+from postbode.web.ui.dashboard import org_time_zone
 from postbode.webhooks import manage as webhooks
 from postbode.webhooks.destinations import DestinationPolicy
 
@@ -74,7 +77,40 @@ def _page(request: Request, section: str, app: AppRef, **context: Any) -> Respon
 async def apps_page(request: Request, viewer: SignedIn) -> Response:
     listed = await run_in_threadpool(tenancy.list_apps, store_of(request))
     mine = [a for a in listed if a["organization"] == viewer.org_name]
-    return render(request, "settings_apps.html", {"apps_listed": mine})
+    zone = await run_in_threadpool(org_time_zone, store_of(request), viewer.org_id)
+    return render(request, "settings_apps.html", {"apps_listed": mine, "time_zone": zone.key})
+
+
+@router.post("/settings/time-zone")
+async def set_time_zone(request: Request, viewer: IsOwner) -> Response:
+    """The organisation's time zone (owners): an IANA name."""
+    form = await request.form()
+    name = str(form.get("time_zone") or "").strip()[:64]
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return redirect(request, url("/settings", viewer), f"Unknown time zone {name!r}.", "error")
+    store = store_of(request)
+
+    def save() -> None:
+        with store.write() as conn:
+            conn.execute(
+                update(organizations)
+                .where(organizations.c.id == viewer.org_id)
+                .values(time_zone=name)
+            )
+
+    await run_in_threadpool(save)
+    await run_in_threadpool(
+        audit_now,
+        store,
+        viewer,
+        request,
+        "organization.time_zone",
+        viewer.org_name,
+        {"time_zone": name},
+    )
+    return redirect(request, url("/settings", viewer), f"Time zone set to {name}.")
 
 
 @router.post("/settings/apps")
