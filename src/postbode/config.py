@@ -266,6 +266,29 @@ class Settings(BaseSettings):
         description="How often the bounce-rate, complaint-rate and list-bombing guards look "
         "at every app's recent outcomes.",
     )
+    abuse_spike_check_every_seconds: float = Field(
+        2.0,
+        description="How often every app's rate over the last minute is compared with its "
+        "baseline (a burst of 50 messages a second is caught within about 150).",
+    )
+    abuse_spike_factor: float = Field(
+        10.0,
+        ge=1,
+        description="A spike: above this many times the app's (or tag's) baseline for the hour "
+        "of the week …",
+    )
+    abuse_spike_floor_per_minute: float = Field(
+        100.0,
+        ge=1,
+        description="… and above this many messages a minute, however small the baseline.",
+    )
+    abuse_spike_new_app_per_minute: float = Field(
+        0.0,
+        ge=0,
+        description="An app (or tag) without any history in the last four weeks is a spike "
+        "above this many messages a minute; 0: new apps are not judged (a first import or "
+        "load test would look like one).",
+    )
     abuse_bounce_rate: float = Field(
         0.10,
         ge=0,

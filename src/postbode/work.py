@@ -105,6 +105,15 @@ def registry(settings: Settings) -> Registry:
     )
     reg.add_task(
         PeriodicTask(
+            "abuse.spikes",
+            settings.abuse_spike_check_every_seconds,
+            lambda store: _check_spikes(store, settings),
+            "Holds and alerts apps (or tags) sending far above their baseline for the hour of "
+            "the week (a leaked key, an abused form).",
+        )
+    )
+    reg.add_task(
+        PeriodicTask(
             "abuse.rates",
             settings.abuse_check_every_seconds,
             lambda store: _check_rates(store, settings),
@@ -143,6 +152,12 @@ def registry(settings: Settings) -> Registry:
         )
     )
     return reg
+
+
+def _check_spikes(store: Store, settings: Settings) -> int:
+    from postbode.abuse.spikes import check_spikes
+
+    return len(check_spikes(store, settings))
 
 
 def _check_rates(store: Store, settings: Settings) -> int:

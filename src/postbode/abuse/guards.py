@@ -282,7 +282,8 @@ def check_rates(
         for app_id in sorted(open_apps):
             # the widest window's counts serve the complaint window when it is the widest
             pre = counts[app_id] if t.complaint_window >= t.bounce_window else None
-            trip = judge_app(conn, app_id, now, t, released.get(app_id), pre)
+            last = released.get(app_id)
+            trip = judge_app(conn, app_id, now, t, last.at if last else None, pre)
             if trip is not None:
                 found.append((app_id, trip))
     for app_id, trip in found:

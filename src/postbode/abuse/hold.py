@@ -3,23 +3,25 @@ status `held` (and its hold reason) and its queued mail is not sent; a release s
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, func, select, update
 
 from postbode import audit
 from postbode.delivery.manage import CHUNK, DeliveryFilter, change_many
 from postbode.store.engine import Store
-from postbode.store.schema import apps, deliveries, system_values, utcnow
+from postbode.store.schema import apps, deliveries, stat_counters, system_values, utcnow
 
 __all__ = [
     "REASON_CHARS",
     "Actor",
     "HoldError",
+    "Release",
     "hold",
     "hold_in",
     "holds",
@@ -48,22 +50,47 @@ DETECTOR = Actor("postbode")
 
 
 def note_release(conn: Connection, app_id: int, at: datetime) -> None:
-    """Remember when the app was released: the guards judge only what happened after it (else
-    the outcomes that tripped them would hold the app again at once)."""
+    """Remember when the app was released, and what it had sent in that minute so far: the
+    guards and the spike check judge only what happened after it (else what tripped them would
+    hold the app again at once)."""
+    minute = at.replace(second=0, microsecond=0)
+    counted = conn.execute(
+        select(stat_counters.c.tag, func.sum(stat_counters.c.count))
+        .where(
+            stat_counters.c.app_id == app_id,
+            stat_counters.c.event_type == "message.received",
+            stat_counters.c.bucket == minute,
+        )
+        .group_by(stat_counters.c.tag)
+    )
+    value = json.dumps({"at": at.isoformat(), "minute": {t or "": int(n) for t, n in counted}})
     name = f"{_RELEASED}{app_id}"
     changed = conn.execute(
-        system_values.update().where(system_values.c.name == name).values(value=at.isoformat())
+        system_values.update().where(system_values.c.name == name).values(value=value)
     ).rowcount
     if not changed:
-        conn.execute(system_values.insert().values(name=name, value=at.isoformat()))
+        conn.execute(system_values.insert().values(name=name, value=value))
 
 
-def last_release(conn: Connection, app_ids: list[int]) -> dict[int, datetime]:
+@dataclass(frozen=True)
+class Release:
+    at: datetime
+    minute: dict[str, int]  # messages received per tag in the minute of the release, before it
+
+
+def last_release(conn: Connection, app_ids: list[int]) -> dict[int, Release]:
+    """When each of these apps was last released (apps never released are left out)."""
     names = [f"{_RELEASED}{i}" for i in app_ids]
     rows = conn.execute(
         select(system_values.c.name, system_values.c.value).where(system_values.c.name.in_(names))
     )
-    return {int(r.name[len(_RELEASED) :]): datetime.fromisoformat(r.value) for r in rows}
+    found: dict[int, Release] = {}
+    for r in rows:
+        data = json.loads(r.value)
+        found[int(r.name[len(_RELEASED) :])] = Release(
+            datetime.fromisoformat(data["at"]), dict(data.get("minute") or {})
+        )
+    return found
 
 
 def reply_text(reason: str) -> str:

@@ -28,6 +28,7 @@ from sqlalchemy import Connection, Dialect, delete, insert, or_, select
 
 from postbode.abuse import hold as abuse_hold
 from postbode.abuse.limits import Gate, Over
+from postbode.abuse.spikes import SpikeWatch
 from postbode.events.record import Event, record
 from postbode.events.types import EventType
 from postbode.ingest import mime
@@ -241,6 +242,7 @@ class Acceptor:
         self.store = store
         self.hostname = hostname
         self.gate = Gate(store)
+        self.spikes = SpikeWatch(store)
         self.max_batch = max_batch
         self._apps: dict[int, _AppInfo] = {}
         self._pending: list[tuple[_Prepared, asyncio.Future[Accepted]]] = []
@@ -522,6 +524,10 @@ class Acceptor:
                     answers.append(TemporaryAcceptError("the store is unavailable, try later"))
         ACCEPT_BATCH_SIZE.observe(len(items))
         ACCEPT_COMMIT_SECONDS.observe(time.perf_counter() - started)
+        # abuse/spikes.py: a burst is judged as it comes in, after the commit
+        self.spikes.seen(
+            p.sub.app_id for p, a in zip(items, answers, strict=True) if isinstance(a, Accepted)
+        )
         return answers
 
     async def close(self) -> None:

@@ -131,11 +131,11 @@ def test_complaints_above_the_threshold_hold_the_app(
     wait_for(lambda: ended(store) == 200, store)
     assert guards.check_rates(store, settings) == []  # delivered, no complaint yet
     with store.read() as conn:
-        mid = conn.execute(
-            select(messages.c.message_id_header)
+        mid, token = conn.execute(
+            select(messages.c.message_id_header, deliveries.c.verp_token)
             .join(deliveries, deliveries.c.message_id == messages.c.id)
             .where(deliveries.c.recipient == "reader0@dest.test")
-        ).scalar_one()
+        ).one()
     report = (
         "From: fbl@isp.test\r\nTo: abuse@return.postbode.localhost\r\n"
         "Subject: FW: complaint\r\nMIME-Version: 1.0\r\n"
@@ -148,7 +148,8 @@ def test_complaints_above_the_threshold_hold_the_app(
         "--A--\r\n"
     ).encode()
     intake = BounceIntake(settings, store)
-    answer = asyncio.run(intake.receive("", ["abuse@return.postbode.localhost"], report))
+    # The feedback loop sends the report to the message's return path (its VERP token).
+    answer = asyncio.run(intake.receive("", [f"{token}@return.postbode.localhost"], report))
     assert answer == "250 2.0.0 Ok: complaint recorded"
     [(app_id, trip)] = guards.check_rates(store, settings)
     assert app_id == shop.app_id
