@@ -66,7 +66,13 @@ async def web_role(rt: Runtime, stop: asyncio.Event) -> None:
         def capture_signals(self) -> Iterator[None]:
             yield
 
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started:
+                listening.set()
+
     settings = rt.settings
+    listening = asyncio.Event()
     config = uvicorn.Config(
         serving_app(settings, rt.store, rt.acceptor),
         host=settings.http_host,
@@ -90,13 +96,40 @@ async def web_role(rt: Runtime, stop: asyncio.Event) -> None:
             ) from exc
     serving = asyncio.create_task(server.serve(sockets=sockets))
     stopping = asyncio.create_task(stop.wait())
+    greeting = asyncio.create_task(_greet(rt, listening))
     await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    greeting.cancel()
     server.should_exit = True
     await serving
     stopping.cancel()
     if not server.started:
         raise RuntimeError(
             f"HTTP server could not listen on {settings.http_host}:{settings.http_port}"
+        )
+
+
+async def _greet(rt: Runtime, listening: asyncio.Event) -> None:
+    """Once the web UI listens: where it is and how to get in (a new installation's first
+    step is its setup page, which makes the owner account)."""
+    await listening.wait()
+    from sqlalchemy import func, select
+
+    from postbode.store.schema import users
+
+    def has_users() -> bool:
+        with rt.store.read() as conn:
+            return bool(conn.execute(select(func.count()).select_from(users)).scalar_one())
+
+    host = rt.settings.http_host
+    base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{rt.settings.http_port}"
+    if await asyncio.to_thread(has_users):
+        log.info("web UI at %s/ (sign in at %s/login)", base, base)
+    else:
+        log.info(
+            "web UI at %s/ - no user yet: open %s/setup to create the owner account "
+            "(or: postbode user create EMAIL --password-stdin --admin)",
+            base,
+            base,
         )
 
 

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -209,3 +210,37 @@ def test_a_malformed_domain_is_one_line_and_exit_2(tmp_path: Path) -> None:
         assert bad.returncode == 2, (name, bad.stderr)
         assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
         assert why in bad.stderr and "codec" not in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_serve_says_where_the_ui_is_and_how_to_get_in(tmp_path: Path) -> None:
+    server = PostbodeProcess(tmp_path, {"POSTBODE_LOG_LEVEL": "info"})
+    server.start()
+    try:
+        setup = f"{server.http_url}/setup"
+        deadline = time.monotonic() + 20
+        while setup not in server.log() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert f"no user yet: open {setup} to create the owner account" in server.log()
+        assert httpx.get(setup).status_code == 200
+    finally:
+        assert server.stop() == 0, server.log()
+    created = postbode(
+        tmp_path,
+        "user",
+        "create",
+        "me@shop.test",
+        "--password-stdin",
+        "--admin",
+        stdin="a long password\n",
+    )
+    assert created.returncode == 0, created.stderr
+    again = PostbodeProcess(tmp_path, {"POSTBODE_LOG_LEVEL": "info"})
+    again.start()
+    try:
+        login = f"{again.http_url}/login"
+        deadline = time.monotonic() + 20
+        while login not in again.log() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert f"sign in at {login}" in again.log()
+    finally:
+        assert again.stop() == 0, again.log()
