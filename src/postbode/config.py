@@ -89,6 +89,11 @@ class Settings(BaseSettings):
     smtp_max_message_size: int = Field(
         25 * 1024 * 1024, ge=1, description="Largest message accepted, in bytes (SMTP SIZE)."
     )
+    allow_unverified_domains: bool = Field(
+        False,
+        description="Let apps send from domains whose DKIM and SPF records were not found yet "
+        "(for development and tests: `make run` sets it); otherwise such mail is refused.",
+    )
     smtp_max_unauthenticated_message_size: int = Field(
         10 * 1024 * 1024,
         ge=1024,

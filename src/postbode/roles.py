@@ -41,7 +41,11 @@ class Runtime:
         if self._acceptor is None:
             from postbode.ingest.accept import Acceptor
 
-            self._acceptor = Acceptor(self.store, self.settings.smtp_hostname)
+            self._acceptor = Acceptor(
+                self.store,
+                self.settings.smtp_hostname,
+                allow_unverified=self.settings.allow_unverified_domains,
+            )
             self._acceptor.on_commit = self.on_commit
         return self._acceptor
 

@@ -238,9 +238,18 @@ class Acceptor:
     on disk. A failed batch is retried message by message, so one bad message cannot fail the
     others, and whatever still fails gets a temporary error, never 250."""
 
-    def __init__(self, store: Store, hostname: str, *, max_batch: int = MAX_BATCH) -> None:
+    def __init__(
+        self,
+        store: Store,
+        hostname: str,
+        *,
+        max_batch: int = MAX_BATCH,
+        allow_unverified: bool = False,
+    ) -> None:
         self.store = store
         self.hostname = hostname
+        # Settings.allow_unverified_domains: mail from a domain not verified yet is taken.
+        self.allow_unverified = allow_unverified
         self.gate = Gate(store)
         self.spikes = SpikeWatch(store)
         self.max_batch = max_batch
@@ -308,7 +317,20 @@ class Acceptor:
         the app's domains. Returns whether all those domains are verified; raises
         AcceptError (550 5.7.1) otherwise. The one check for SMTP and every API."""
         authors = author_addresses(fields)
-        return all([self.check_sender(app_id, address) for address in authors])
+        verified = [self.check_sender(app_id, address) for address in authors]
+        if not self.allow_unverified:
+            for address, ok in zip(authors, verified, strict=True):
+                if not ok:
+                    domain = address.rpartition("@")[2].lower().rstrip(".")
+                    raise AcceptError(
+                        f"sender domain {domain!r} is not verified yet: publish the records "
+                        f"`postbode domain list --records` shows, then `postbode domain check "
+                        f"{domain}`",
+                        reason="unverified_domain",
+                        field="from",
+                        smtp="550 5.7.1",
+                    )
+        return all(verified)
 
     def prepare(self, sub: Submission) -> _Prepared:
         """Check a submission and build the message as it will be stored (pure but for the

@@ -70,7 +70,11 @@ class PostbodeInProcess:
 
         async def start() -> asyncio.Server:
             self._stop = asyncio.Event()
-            self.acceptor = Acceptor(self.store, self.settings.smtp_hostname)
+            self.acceptor = Acceptor(
+                self.store,
+                self.settings.smtp_hostname,
+                allow_unverified=self.settings.allow_unverified_domains,
+            )
             if self.run_worker:
                 self.worker = DeliveryWorker(self.settings, self.store)
                 self.acceptor.on_commit.append(self.worker.notify)

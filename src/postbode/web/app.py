@@ -65,7 +65,9 @@ def create_app(settings: Settings, store: Store, acceptor: Acceptor | None = Non
     )
     app.state.settings = settings
     app.state.store = store
-    app.state.acceptor = acceptor or Acceptor(store, settings.smtp_hostname)
+    app.state.acceptor = acceptor or Acceptor(
+        store, settings.smtp_hostname, allow_unverified=settings.allow_unverified_domains
+    )
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> JSONResponse:

@@ -97,7 +97,7 @@ class InboundPostbode:
 
         async def start() -> None:
             self.stop = asyncio.Event()
-            self.acceptor = Acceptor(store, settings.smtp_hostname)
+            self.acceptor = Acceptor(store, settings.smtp_hostname, allow_unverified=True)
             self.worker = InboundWorker(settings, store)
             self.intake = InboundIntake(settings, store, on_commit=[self.worker.notify])
             await self.intake.refresh()
