@@ -321,10 +321,10 @@ def test_delivery_filters_hold_for_one_delivery_and_rows_are_deliveries(
         rows(category="exploded")
     assert info.value.field == "category"
     with store.read() as conn:
-        assert search.count_matches(conn, MessageQuery((shop,))) == 3
-        assert search.count_matches(conn, MessageQuery((shop,), mx="mx1")) == 2
+        assert search.count_matches(conn, MessageQuery((shop,))) == (3, False)
+        assert search.count_matches(conn, MessageQuery((shop,), mx="mx1")) == (2, False)
         # Beyond the bound, the count says "more than".
-        assert search.count_matches(conn, MessageQuery((shop,)), bound=2) == 3
+        assert search.count_matches(conn, MessageQuery((shop,)), bound=2) == (3, False)
     with store.read() as conn:
         row = search.search(conn, MessageQuery((shop,), category="user_unknown"))
     csv_rows = list(search.csv_rows(row.rows[0]))
@@ -357,3 +357,15 @@ def test_newer_and_older_pages_and_a_jump_to_a_date(store: Store, shop: int) -> 
             )
             assert [r["id"] for r in jumped.rows] == [made[3], made[2], made[1]]
             assert jumped.newer_cursor is not None
+
+
+def test_a_count_with_scanned_filters_looks_at_the_newest_window(store: Store, shop: int) -> None:
+    for i in range(5):
+        put_message(store, shop, subject=f"match {i}", at=T0 + timedelta(minutes=i))
+    with store.read() as conn:
+        assert search.count_matches(conn, MessageQuery((shop,), subject="match")) == (5, False)
+        # Only the newest 3 messages are looked at: 3 match, and the count says so.
+        limited = search.count_matches(conn, MessageQuery((shop,), subject="match"), window=3)
+        assert limited == (3, True)
+        # An indexed filter counts everything.
+        assert search.count_matches(conn, MessageQuery((shop,)), window=3) == (5, False)

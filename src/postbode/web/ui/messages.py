@@ -124,12 +124,12 @@ async def message_log(
         after = search.Cursor.at(jump)
     store = store_of(request)
 
-    def run() -> tuple[search.Page, int]:
+    def run() -> tuple[search.Page, tuple[int, bool]]:
         with store.read() as conn:
             found = search.search(conn, query, cursor=after, newer_than=before)
             return found, search.count_matches(conn, query)
 
-    page, count = await run_in_threadpool(run)
+    page, (count, count_limited) = await run_in_threadpool(run)
     filters = {k: v for k, v in form.items() if v}
     names = {a.id: a.name for a in viewer.apps}
     return render(
@@ -149,6 +149,8 @@ async def message_log(
             if page.newer_cursor
             else None,
             "count": count,
+            "count_limited": count_limited,
+            "scan_window": search.SCAN_WINDOW,
             "count_bound": search.COUNT_BOUND,
             "categories": CATEGORIES,
             "at": at or "",

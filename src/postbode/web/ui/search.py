@@ -258,12 +258,41 @@ def _message_conditions(q: MessageQuery, m: Any) -> list[ColumnElement[bool]]:
 COUNT_BOUND = 1000  # matches counted exactly up to this many; beyond: "more than 1,000"
 
 
-def count_matches(conn: Connection, q: MessageQuery, bound: int = COUNT_BOUND) -> int:
+def count_window(conn: Connection, q: MessageQuery, window: int = SCAN_WINDOW) -> Any:
+    """With filters no index serves, the count looks at each app's newest `window` messages
+    only, as a page does: the condition for that (None when no app has more)."""
+    if not q.scanned_filters():
+        return None
+    parts = []
+    limited = False
+    for app_id in dict.fromkeys(q.app_ids):
+        cutoff = conn.execute(
+            select(messages.c.received_at)
+            .where(messages.c.app_id == app_id, *_bounds(q))
+            .order_by(messages.c.received_at.desc())
+            .offset(window - 1)
+            .limit(1)
+        ).scalar()
+        if cutoff is None:
+            parts.append(messages.c.app_id == app_id)
+        else:
+            limited = True
+            parts.append(and_(messages.c.app_id == app_id, messages.c.received_at >= cutoff))
+    return or_(*parts) if limited else None
+
+
+def count_matches(
+    conn: Connection, q: MessageQuery, bound: int = COUNT_BOUND, window: int = SCAN_WINDOW
+) -> tuple[int, bool]:
     """How many deliveries match `q`, counted up to `bound` + 1 (a result above `bound`
-    means "more than `bound`"): the LIMIT keeps a broad search's count cheap."""
+    means "more than `bound`"): the LIMIT keeps a broad search's count cheap. With filters no
+    index serves, only each app's newest `window` messages are looked at; the second value
+    says whether that limited the count."""
     check(q)
+    within = count_window(conn, q, window)
     conds: list[ColumnElement[bool]] = [
         messages.c.app_id.in_(list(dict.fromkeys(q.app_ids))),
+        *([within] if within is not None else []),
         *_bounds(q),
         *_message_conditions(q, messages.c),
         *_delivery_conditions(q, whole_recipient=True),
@@ -277,7 +306,8 @@ def count_matches(conn: Connection, q: MessageQuery, bound: int = COUNT_BOUND) -
         .limit(bound + 1)
         .subquery()
     )
-    return int(conn.execute(select(func.count()).select_from(matches)).scalar_one())
+    count = int(conn.execute(select(func.count()).select_from(matches)).scalar_one())
+    return count, within is not None
 
 
 def _delivery_conditions(q: MessageQuery, *, whole_recipient: bool) -> list[ColumnElement[bool]]:
