@@ -248,12 +248,26 @@ async def processes_role(rt: Runtime, stop: asyncio.Event) -> None:
             pass_fds=(notify_write,),
         )
 
+    turn = 0
+
     def wake() -> None:
-        for kind, child in zip(kinds, children, strict=True):
-            if kind == "worker" and child.stdin is not None and child.returncode is None:
-                transport = child.stdin.transport
-                if transport.get_write_buffer_size() < 64:  # a wake-up is already pending
-                    child.stdin.write(b"\n")
+        """Wake one worker process per commit, in turn: a commit's rows are claimed by
+        whichever looks first, and waking every process made the others run empty claims
+        (most of the CPU per message at low concurrency). Work a busy process cannot take
+        waits at most one poll for the others."""
+        nonlocal turn
+        workers = [
+            child
+            for kind, child in zip(kinds, children, strict=True)
+            if kind == "worker" and child.stdin is not None and child.returncode is None
+        ]
+        if not workers:
+            return
+        turn = (turn + 1) % len(workers)
+        child = workers[turn]
+        assert child.stdin is not None
+        if child.stdin.transport.get_write_buffer_size() < 64:  # else a wake-up is pending
+            child.stdin.write(b"\n")
 
     def queued_in_a_child() -> None:
         wake()

@@ -25,6 +25,12 @@ STOP_GRACE_SECONDS = 30.0  # on SIGTERM: how long deliveries in hand may take to
 Group = tuple[str, list[Row[Any]]]  # (recipient domain, its deliveries)
 
 
+# A woken idle runner waits this long before claiming: at low concurrency one claim and one
+# outcome transaction then serve a few messages instead of one (less CPU per message, a few
+# ms more to delivery).
+GATHER_SECONDS = 0.02
+
+
 def options(settings: Settings) -> RunnerOptions:
     """How much one process's delivery runner takes on, from the settings."""
     return RunnerOptions(
@@ -32,6 +38,7 @@ def options(settings: Settings) -> RunnerOptions:
         batch_size=settings.delivery_batch_size,
         lease=timedelta(seconds=settings.delivery_lease_seconds),
         poll_seconds=settings.runner_poll_seconds,
+        gather_seconds=GATHER_SECONDS,
         stop_grace_seconds=STOP_GRACE_SECONDS,
     )
 

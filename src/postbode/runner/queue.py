@@ -70,6 +70,9 @@ class RunnerOptions:
     batch_size: int  # rows per claim at most
     lease: timedelta  # how long a claimed row stays ours without renewal
     poll_seconds: float = 0.25  # idle: how often to look for work no wake-up announced
+    # Idle and woken: how long to let further commits land before claiming, so that one claim
+    # (one write transaction) takes the rows of several small commits together.
+    gather_seconds: float = 0.0
     stop_grace_seconds: float = 30.0  # on stop: how long the work in hand may take to finish
 
 
@@ -124,6 +127,8 @@ class QueueRunner(Generic[U]):
                 if not rows:
                     self.wakeup.clear()
                     await self._wait(stop, timeout=self.options.poll_seconds)
+                    if self.wakeup.is_set() and self.options.gather_seconds > 0:
+                        await self._wait(stop, timeout=self.options.gather_seconds, wakeup=False)
                     continue
                 await self._start(rows)
         finally:
