@@ -22,6 +22,8 @@ __all__ = [
     "Thresholds",
     "Trip",
     "check_rates",
+    "counts",
+    "hard_bounces",
     "judge_bombing",
     "judge_bounces",
     "judge_complaints",
@@ -140,7 +142,7 @@ def judge_bombing(domain: str, unknown_new: int, outcomes: int, t: Thresholds) -
 # -- reading the store -------------------------------------------------------------------------
 
 
-def _counts(
+def counts(
     conn: Connection, since: datetime, app_ids: list[int] | None
 ) -> dict[int, dict[str, int]]:
     query = (
@@ -159,7 +161,7 @@ def _counts(
     return found
 
 
-def _hard_bounces(conn: Connection, app_id: int, since: datetime) -> int:
+def hard_bounces(conn: Connection, app_id: int, since: datetime) -> int:
     return int(
         conn.execute(
             select(func.count())
@@ -231,23 +233,23 @@ def judge_app(
     now: datetime,
     t: Thresholds,
     released: datetime | None,
-    counts: Mapping[str, int] | None = None,
+    known: Mapping[str, int] | None = None,
 ) -> Trip | None:
     """The first guard the app trips, reading what happened since the later of each window's
     start and its last release."""
     since_b = max(now - t.bounce_window, released) if released else now - t.bounce_window
     since_c = max(now - t.complaint_window, released) if released else now - t.complaint_window
-    short = _counts(conn, since_b, [app_id]).get(app_id, {})
+    short = counts(conn, since_b, [app_id]).get(app_id, {})
     outcomes = short.get(DELIVERED, 0) + short.get(BOUNCED, 0)
     if short.get(BOUNCED, 0):
-        trip = judge_bounces(outcomes, _hard_bounces(conn, app_id, since_b), t)
+        trip = judge_bounces(outcomes, hard_bounces(conn, app_id, since_b), t)
         if trip is None:
             trip = _bombing(conn, app_id, since_b, t)
         if trip is not None:
             return trip
-    long = counts if counts is not None and released is None else None
+    long = known if known is not None and released is None else None
     if long is None:
-        long = _counts(conn, since_c, [app_id]).get(app_id, {})
+        long = counts(conn, since_c, [app_id]).get(app_id, {})
     if long.get(COMPLAINED, 0):
         return judge_complaints(long.get(DELIVERED, 0), long[COMPLAINED], t)
     return None
@@ -262,9 +264,9 @@ def check_rates(
     now = now or utcnow()
     widest = now - max(t.bounce_window, t.complaint_window)
     with store.read() as conn:
-        counts = _counts(conn, widest, None)
+        recent = counts(conn, widest, None)
         candidates = [
-            app_id for app_id, c in counts.items() if c.get(BOUNCED, 0) or c.get(COMPLAINED, 0)
+            app_id for app_id, c in recent.items() if c.get(BOUNCED, 0) or c.get(COMPLAINED, 0)
         ]
         if not candidates:
             return []
@@ -281,7 +283,7 @@ def check_rates(
         found: list[tuple[int, Trip]] = []
         for app_id in sorted(open_apps):
             # the widest window's counts serve the complaint window when it is the widest
-            pre = counts[app_id] if t.complaint_window >= t.bounce_window else None
+            pre = recent[app_id] if t.complaint_window >= t.bounce_window else None
             last = released.get(app_id)
             trip = judge_app(conn, app_id, now, t, last.at if last else None, pre)
             if trip is not None:

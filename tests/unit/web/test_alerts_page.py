@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import delete, insert, select
 
 from postbode.abuse import alerts, limits
 from postbode.store.engine import Store
-from postbode.store.schema import audit_log
+from postbode.store.schema import audit_log, stat_counters, system_values
 
 from .conftest import Browser, Org
 
@@ -68,3 +69,41 @@ def test_sending_limits_on_the_app_page(
     assert "per_minute" in admin.flash(bad)
     with store.read() as conn:
         assert limits.get_limits(conn, org.shop.app_id).per_minute == 100
+
+
+def test_the_alerts_page_shows_what_the_detectors_see(
+    ui: tuple[Store, Org, Callable], viewer: Browser
+) -> None:
+    store, org, _ = ui
+    with store.write() as conn:  # an earlier test's release of an app with the same id
+        conn.execute(delete(system_values).where(system_values.c.name.like("abuse.%")))
+    page = viewer.get("/alerts").text
+    assert "What the detectors see" in page and "no history" in page and "not judged" in page
+    now = datetime.now(UTC)
+    hour = now.replace(minute=0, second=0, microsecond=0)
+    rows = [
+        (hour - timedelta(weeks=1), "message.received", 120),
+        (now.replace(second=0, microsecond=0), "message.received", 42),
+        (now.replace(second=0, microsecond=0), "delivery.delivered", 300),
+        (now.replace(second=0, microsecond=0), "message.complained", 3),
+    ]
+    with store.write() as conn:
+        conn.execute(
+            insert(stat_counters),
+            [
+                {
+                    "app_id": org.shop.app_id,
+                    "stream": "transactional",
+                    "tag": "",
+                    "bucket": at,
+                    "event_type": kind,
+                    "count": n,
+                    "bot_count": 0,
+                }
+                for at, kind, n in rows
+            ],
+        )
+    page = viewer.get("/alerts?app=shop").text
+    assert "42.0/min" in page and "2.0/min" in page and "100/min" in page
+    row = page[page.index('id="abuse-figures"') :][:3000]
+    assert "1.00 % of 300" in row, row  # complaints: 3 of 300 delivered

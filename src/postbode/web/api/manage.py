@@ -20,6 +20,7 @@ from postbode import audit, dnscheck, tenancy
 from postbode.abuse import alerts as abuse_alerts
 from postbode.abuse import hold as abuse_hold
 from postbode.abuse import limits as abuse_limits
+from postbode.abuse.figures import app_figures
 from postbode.config import Settings
 from postbode.events.types import EventType
 from postbode.store.engine import Store
@@ -427,6 +428,22 @@ async def set_credential_limits(
     """As the app's limits, for mail sent with this one API key or SMTP login; both the
     app's and the credential's limits apply."""
     return await _limits(request, caller, app, credential_id, body)
+
+
+@router.get("/apps/{app}/abuse", summary="What the abuse detectors see of an app")
+async def app_abuse_figures(app: str, request: Request, caller: Caller) -> dict[str, Any]:
+    """The rate over the last minute against the baseline for this hour of the week and the
+    spike threshold (null: not judged), and the hard-bounce and complaint rates against their
+    thresholds (docs/abuse.md), with the app's hold."""
+    row = await _app_of(request, caller, app)
+    settings: Settings = request.app.state.settings
+
+    def load() -> dict[str, Any]:
+        with _store(request).read() as conn:
+            return app_figures(conn, [row["id"]], settings)[row["id"]]
+
+    figures = await run_in_threadpool(load)
+    return {"app": app, "hold_reason": row["hold_reason"], **figures}
 
 
 class AlertOut(BaseModel):

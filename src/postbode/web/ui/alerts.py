@@ -3,10 +3,13 @@ an app, and its sending limits, from the UI."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from postbode.abuse import alerts, hold, limits
+from postbode.abuse.figures import app_figures
 from postbode.web.ui.core import (
     CanChange,
     SignedIn,
@@ -18,6 +21,7 @@ from postbode.web.ui.core import (
     redirect,
     render,
     safe_next,
+    settings_of,
     store_of,
     url,
 )
@@ -31,18 +35,31 @@ SHOWN = 200  # alerts listed on the page, newest first
 async def alerts_page(request: Request, viewer: SignedIn) -> Response:
     store = store_of(request)
 
-    def load() -> list[dict[str, object]]:
+    shown = [viewer.app] if viewer.app else viewer.apps
+    settings = settings_of(request)
+
+    def load() -> tuple[list[dict[str, Any]], dict[int, dict[str, Any]]]:
         with store.read() as conn:
-            return alerts.recent(
+            rows = alerts.recent(
                 conn,
                 viewer.org_id,
                 app_id=viewer.app.id if viewer.app else None,
                 limit=SHOWN,
             )
+            return rows, app_figures(conn, [a.id for a in shown], settings)
 
-    rows = await run_in_threadpool(load)
+    rows, figures = await run_in_threadpool(load)
     held = [a for a in viewer.apps if a.hold_reason and (viewer.app in (None, a))]
-    return render(request, "alerts.html", {"alerts": rows, "held": held, "kinds": alerts.KINDS})
+    return render(
+        request,
+        "alerts.html",
+        {
+            "alerts": rows,
+            "held": held,
+            "kinds": alerts.KINDS,
+            "figures": [(a, figures[a.id]) for a in shown],
+        },
+    )
 
 
 def _actor(request: Request, viewer: Viewer) -> hold.Actor:

@@ -102,3 +102,15 @@ def test_limits_of_an_app_and_a_credential(settings: Settings, store: Store) -> 
         assert missing.status_code == 404
         entries = client.get("/api/v1/audit", headers=org).json()["data"]
         assert sum(e["action"] == "app.limits" for e in entries) == 4
+
+
+def test_what_the_detectors_see(settings: Settings, store: Store) -> None:
+    tenancy.create_app(store, "shop", "acme")
+    token = str(tenancy.create_org_token(store, "acme", "ops")["token"])
+    with TestClient(create_app(settings, store)) as client:
+        got = client.get("/api/v1/apps/shop/abuse", headers={"Authorization": f"Bearer {token}"})
+    assert got.status_code == 200, got.text
+    body = got.json()
+    assert body["app"] == "shop" and body["hold_reason"] is None
+    assert (body["per_minute"], body["baseline_per_minute"]) == (0.0, None)
+    assert (body["bounce_threshold"], body["complaint_threshold"]) == (0.10, 0.003)
