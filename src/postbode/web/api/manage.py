@@ -221,6 +221,10 @@ class AppCreated(BaseModel):
     smtp_password: str = Field(description="Shown this once")
 
 
+# A null maximum message age means the installation's setting; nothing else may be null.
+NULLABLE_APP_SETTINGS = frozenset({"max_message_age_seconds"})
+
+
 class AppPatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -272,8 +276,9 @@ async def update_app(app: str, body: AppPatch, request: Request, caller: Caller)
     """Tracking defaults, maximum message age, retention, and status (suspend / resume)."""
     await _app_of(request, caller, app)
     changes = body.model_dump(exclude_unset=True)
-    if "status" in changes and changes["status"] is None:
-        raise ApiError(422, "invalid", "status is active or suspended", "status")
+    for name, value in changes.items():
+        if value is None and name not in NULLABLE_APP_SETTINGS:
+            raise ApiError(422, "invalid", f"{name} cannot be null", name)
     after, changed = await _call(tenancy.update_app, _store(request), app, **changes)
     if changed:
         _audit(request, caller, "app.settings", app, {"changed": changed})

@@ -75,6 +75,11 @@ def test_apps_and_credentials(client: TestClient, store: Store, token: str) -> N
     assert (changed.json()["track_opens"], changed.json()["raw_retention_days"]) == (True, 7)
     bad = client.patch("/api/v1/apps/shop", json={"raw_retention_days": -1}, headers=h)
     assert bad.status_code == 422 and bad.json()["error"]["field"] == "raw_retention_days"
+    for field in ("track_clicks", "raw_retention_days", "status"):  # null is no value for these
+        bad = client.patch("/api/v1/apps/shop", json={field: None}, headers=h)
+        assert bad.status_code == 422 and bad.json()["error"]["field"] == field, bad.text
+    unset = client.patch("/api/v1/apps/shop", json={"max_message_age_seconds": None}, headers=h)
+    assert unset.status_code == 200 and unset.json()["max_message_age_seconds"] is None
     assert client.post("/api/v1/apps/shop/suspend", headers=h).json()["status"] == "suspended"
     assert client.post("/api/v1/apps/shop/resume", headers=h).json()["status"] == "active"
 
