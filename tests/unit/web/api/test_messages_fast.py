@@ -97,8 +97,9 @@ def both(
         return await real(request)
 
     monkeypatch.setattr(api, "_fast_send", counted)
-    route_acceptor = acceptor_class(store, settings.smtp_hostname)
-    fast_acceptor = acceptor_class(store, settings.smtp_hostname)
+    allow = settings.allow_unverified_domains
+    route_acceptor = acceptor_class(store, settings.smtp_hostname, allow_unverified=allow)
+    fast_acceptor = acceptor_class(store, settings.smtp_hostname, allow_unverified=allow)
     with (
         TestClient(create_app(settings, store, route_acceptor)) as route,
         TestClient(serving_app(settings, store, fast_acceptor)) as fast,
