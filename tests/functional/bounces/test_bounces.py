@@ -50,7 +50,7 @@ def postbode_for(settings: Settings, store: Store, mx: str) -> Iterator[Postbode
         yield server
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
+def wait_for(predicate: Callable[[], bool], timeout: float = 60.0) -> None:
     """Poll the store until `predicate` holds (a bounce arrives when the remote sends it)."""
     deadline = time.monotonic() + timeout
     while not predicate():
