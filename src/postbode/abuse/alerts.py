@@ -4,12 +4,8 @@ organisation's owners and admins, at most once per kind, app and hour on any num
 
 from __future__ import annotations
 
-import email.utils
-import secrets
-import zlib
 from collections.abc import Mapping
 from datetime import datetime, timedelta
-from email.message import EmailMessage
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, insert, select
@@ -17,17 +13,14 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from postbode.events.record import Event, record
 from postbode.events.types import EventType
+from postbode.ingest.system_mail import SYSTEM_SOURCE, queue_system_mail
 from postbode.store.engine import Store
 from postbode.store.schema import (
     UTCDateTime,
     alert_state,
     app_alerts,
     apps,
-    deliveries,
     memberships,
-    messages,
-    new_id,
-    raw_messages,
     users,
     utcnow,
 )
@@ -50,7 +43,6 @@ ALERT_INTERVAL = timedelta(hours=1)  # at most one alert per kind and app in thi
 ALERT_TAG = "postbode-alert"
 # messages.source of mail Postbode writes itself: an app hold does not hold it, so the people
 # told about a hold hear of it.
-SYSTEM_SOURCE = "system"
 
 
 def _claim_statement(dialect: Any) -> Any:
@@ -184,15 +176,6 @@ def _mail_people(
     recipients = _recipients(conn, organization_id)
     if not recipients:
         return
-    message_id = new_id()
-    header_id = f"<{message_id}@{sender.rpartition('@')[2] or 'postbode'}>"
-    mail = EmailMessage()
-    mail["From"] = f"Postbode <{sender}>"
-    mail["To"] = ", ".join(recipients)
-    mail["Subject"] = f"Postbode alert: {describe(data)}"[:200]
-    mail["Date"] = email.utils.format_datetime(now)
-    mail["Message-ID"] = header_id
-    mail["Auto-Submitted"] = "auto-generated"  # RFC 3834 §5
     lines = [
         f"Postbode raised a {data['kind']} alert for the app {data['app']}.",
         "",
@@ -208,73 +191,17 @@ def _mail_people(
     else:
         lines.append("Nothing was held.")
     lines += ["", f"At most one {data['kind']} alert per app and hour is sent."]
-    mail.set_content("\n".join(lines))
-    raw = mail.as_bytes()
-    conn.execute(
-        insert(messages).values(
-            id=message_id,
-            app_id=app_id,
-            source=SYSTEM_SOURCE,
-            stream="transactional",
-            tag=ALERT_TAG,
-            metadata={"alert_id": str(data["alert_id"])},
-            message_id_header=header_id,
-            mail_from=sender,
-            from_header=str(mail["From"]),
-            subject=str(mail["Subject"]),
-            size=len(raw),
-            domain_verified=False,
-            track_opens=False,
-            track_clicks=False,
-            received_at=now,
-        )
+    queue_system_mail(
+        conn,
+        app_id=app_id,
+        sender=sender,
+        recipients=recipients,
+        subject=f"Postbode alert: {describe(data)}",
+        body="\n".join(lines),
+        tag=ALERT_TAG,
+        now=now,
+        metadata={"alert_id": str(data["alert_id"])},
     )
-    conn.execute(
-        insert(raw_messages).values(
-            message_id=message_id, compression="zlib", data=zlib.compress(raw)
-        )
-    )
-    events: list[Event] = [
-        Event(
-            app_id=app_id,
-            type=EventType.MESSAGE_RECEIVED,
-            tag=ALERT_TAG,
-            message_id=message_id,
-            data={"source": SYSTEM_SOURCE, "recipients": len(recipients)},
-            at=now,
-        )
-    ]
-    rows = []
-    for rcpt in recipients:
-        delivery_id = new_id()
-        rows.append(
-            {
-                "id": delivery_id,
-                "message_id": message_id,
-                "app_id": app_id,
-                "recipient": rcpt,
-                "recipient_domain": rcpt.rpartition("@")[2].lower(),
-                "status": "queued",
-                "attempts": 0,
-                "next_attempt_at": now,
-                "first_queued_at": now,
-                "verp_token": secrets.token_hex(12),
-                "updated_at": now,
-            }
-        )
-        events.append(
-            Event(
-                app_id=app_id,
-                type=EventType.DELIVERY_QUEUED,
-                tag=ALERT_TAG,
-                message_id=message_id,
-                delivery_id=delivery_id,
-                recipient=rcpt,
-                at=now,
-            )
-        )
-    conn.execute(insert(deliveries), rows)
-    record(conn, events)
 
 
 def recent(

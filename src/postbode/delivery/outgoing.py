@@ -19,7 +19,6 @@ from typing import Any
 
 from sqlalchemy import Connection, Row, insert, select
 
-from postbode.abuse.alerts import SYSTEM_SOURCE
 from postbode.abuse.hold import reply_text
 from postbode.bounces import suppression
 from postbode.bounces.classify import Classification, classify, load_rules
@@ -40,7 +39,15 @@ from postbode.store.claim import DELIVERIES as DELIVERY_QUEUE
 from postbode.store.claim import release_in, release_many
 from postbode.store.engine import Store
 from postbode.store.retry import is_transient, retrying
-from postbode.store.schema import apps, attempts, domains, messages, raw_messages, utcnow
+from postbode.store.schema import (
+    SYSTEM_SOURCE,
+    apps,
+    attempts,
+    domains,
+    messages,
+    raw_messages,
+    utcnow,
+)
 from postbode.tracking.rewrite import track
 
 log = logging.getLogger(__name__)

@@ -5,29 +5,22 @@ and an e-mail that Postbode sends through itself to the users who asked for it."
 from __future__ import annotations
 
 import csv
-import email.utils
 import io
-import secrets
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from email.message import EmailMessage
 from typing import Any
 
 from sqlalchemy import Connection, func, insert, select, update
 
-from postbode.events.record import Event, record
 from postbode.events.types import EventType
+from postbode.ingest.system_mail import queue_system_mail
 from postbode.stats import queries
 from postbode.store.engine import Store
 from postbode.store.schema import (
     app_alerts,
     apps,
     deliveries,
-    messages,
-    new_id,
-    raw_messages,
     report_subscriptions,
     users,
     utcnow,
@@ -35,7 +28,6 @@ from postbode.store.schema import (
 
 PERIODS = ("weekly", "monthly")
 REPORT_TAG = "postbode-report"
-SYSTEM_SOURCE = "system"  # as abuse.alerts: mail Postbode writes itself, not held by a hold
 TOP = 5
 
 
@@ -334,81 +326,15 @@ def queue_mail(
     body: str,
     now: datetime,
 ) -> None:
-    """A message Postbode writes itself, queued for delivery like any other (in `conn`'s
-    transaction): its message, raw source, deliveries and events."""
-    message_id = new_id()
-    header_id = f"<{message_id}@{sender.rpartition('@')[2] or 'postbode'}>"
-    mail = EmailMessage()
-    mail["From"] = f"Postbode <{sender}>"
-    mail["To"] = ", ".join(recipients)
-    mail["Subject"] = subject[:200]
-    mail["Date"] = email.utils.format_datetime(now)
-    mail["Message-ID"] = header_id
-    mail["Auto-Submitted"] = "auto-generated"  # RFC 3834 §5
-    mail.set_content(body)
-    raw = mail.as_bytes()
-    conn.execute(
-        insert(messages).values(
-            id=message_id,
-            app_id=app_id,
-            source=SYSTEM_SOURCE,
-            stream="transactional",
-            tag=REPORT_TAG,
-            metadata={},
-            message_id_header=header_id,
-            mail_from=sender,
-            from_header=str(mail["From"]),
-            subject=str(mail["Subject"]),
-            size=len(raw),
-            domain_verified=False,
-            track_opens=False,
-            track_clicks=False,
-            received_at=now,
-        )
+    """The report as a message Postbode writes itself, queued for delivery like any other (in
+    `conn`'s transaction)."""
+    queue_system_mail(
+        conn,
+        app_id=app_id,
+        sender=sender,
+        recipients=recipients,
+        subject=subject,
+        body=body,
+        tag=REPORT_TAG,
+        now=now,
     )
-    conn.execute(
-        insert(raw_messages).values(
-            message_id=message_id, compression="zlib", data=zlib.compress(raw)
-        )
-    )
-    events = [
-        Event(
-            app_id=app_id,
-            type=EventType.MESSAGE_RECEIVED,
-            tag=REPORT_TAG,
-            message_id=message_id,
-            data={"source": SYSTEM_SOURCE, "recipients": len(recipients)},
-            at=now,
-        )
-    ]
-    rows = []
-    for rcpt in recipients:
-        delivery_id = new_id()
-        rows.append(
-            {
-                "id": delivery_id,
-                "message_id": message_id,
-                "app_id": app_id,
-                "recipient": rcpt,
-                "recipient_domain": rcpt.rpartition("@")[2].lower(),
-                "status": "queued",
-                "attempts": 0,
-                "next_attempt_at": now,
-                "first_queued_at": now,
-                "verp_token": secrets.token_hex(12),
-                "updated_at": now,
-            }
-        )
-        events.append(
-            Event(
-                app_id=app_id,
-                type=EventType.DELIVERY_QUEUED,
-                tag=REPORT_TAG,
-                message_id=message_id,
-                delivery_id=delivery_id,
-                recipient=rcpt,
-                at=now,
-            )
-        )
-    conn.execute(insert(deliveries), rows)
-    record(conn, events)

@@ -241,12 +241,15 @@ organization_tokens = Table(
 
 # -- messages and their deliveries ----------------------------------------------------------
 
+# The source of mail Postbode writes itself (alerts, reports): an app's hold never holds it.
+SYSTEM_SOURCE = "system"
+
 messages = Table(
     "messages",
     metadata,
     _id(),
     Column("app_id", ForeignKey("apps.id", ondelete="CASCADE"), nullable=False),
-    Column("source", String(8), nullable=False),  # smtp | api
+    Column("source", String(8), nullable=False),  # smtp | api | SYSTEM_SOURCE
     Column("stream", String(16), nullable=False, default="transactional"),
     Column("tag", String(100)),
     Column("metadata", JSON, nullable=False, default=dict),
