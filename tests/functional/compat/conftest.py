@@ -1,5 +1,5 @@
-"""Peers for the compatible-API tests: a loopback DNS server, an MX sink for dest.test, the
-shop app with its DKIM key published, Postbode in-process with its HTTP side, and Django
+"""Peers for the compatible-API tests, beside the functional tests' DNS server, MX sink and shop
+app (tests/functional/conftest.py): Postbode in-process with its HTTP side, and Django
 configured for django-anymail."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from postbode.store.engine import Store
 from postbode.store.schema import messages
 from postbode.testing.dns import LoopbackDNS
 from postbode.testing.servers import HttpPostbode
-from postbode.testing.sink import Received, SmtpSink
+from postbode.testing.sink import Received
 
 if not django_settings.configured:
     django_settings.configure(
@@ -35,27 +35,7 @@ if not django_settings.configured:
     django.setup()
 
 
-@pytest.fixture
-def dns_server() -> Iterator[LoopbackDNS]:
-    with LoopbackDNS() as server:
-        yield server
 
-
-@pytest.fixture
-def mx_sink(dns_server: LoopbackDNS) -> Iterator[SmtpSink]:
-    """The only MX of dest.test: a sink on a random 127.x.y.z port 25."""
-    with SmtpSink.on_random_loopback(tls=True) as sink:
-        dns_server.add_mx("dest.test", [(10, "mx1.dest.test")])
-        dns_server.add_a("mx1.dest.test", sink.host)
-        yield sink
-
-
-@pytest.fixture
-def shop(store: Store, dns_server: LoopbackDNS) -> tenancy.NewApp:
-    created = tenancy.create_app(store, "shop")
-    domain = tenancy.add_domain(store, "shop", "shop.test")
-    dns_server.add_txt(f"{domain['dkim_selector']}._domainkey.shop.test", domain["dkim_public_key"])
-    return created
 
 
 @pytest.fixture

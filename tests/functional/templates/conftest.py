@@ -1,5 +1,5 @@
-"""What the template tests share: a loopback DNS server, an MX sink for dest.test, the shop
-app with its DKIM key published, and Postbode in-process with its HTTP side."""
+"""What the template tests add to the functional tests' peers (tests/functional/conftest.py):
+Postbode in-process with its HTTP side, and an API client of the shop app."""
 
 from __future__ import annotations
 
@@ -14,29 +14,6 @@ from postbode.config import Settings
 from postbode.store.engine import Store
 from postbode.testing.dns import LoopbackDNS
 from postbode.testing.servers import HttpPostbode
-from postbode.testing.sink import SmtpSink
-
-
-@pytest.fixture
-def dns_server() -> Iterator[LoopbackDNS]:
-    with LoopbackDNS() as server:
-        yield server
-
-
-@pytest.fixture
-def mx_sink(dns_server: LoopbackDNS) -> Iterator[SmtpSink]:
-    with SmtpSink.on_random_loopback(tls=False) as sink:
-        dns_server.add_mx("dest.test", [(10, "mx1.dest.test")])
-        dns_server.add_a("mx1.dest.test", sink.host)
-        yield sink
-
-
-@pytest.fixture
-def shop(store: Store, dns_server: LoopbackDNS) -> tenancy.NewApp:
-    created = tenancy.create_app(store, "shop")
-    domain = tenancy.add_domain(store, "shop", "shop.test")
-    dns_server.add_txt(f"{domain['dkim_selector']}._domainkey.shop.test", domain["dkim_public_key"])
-    return created
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
-"""What the delivery tests share: a loopback DNS server, an MX sink it names for dest.test, the
-shop app with its DKIM key published there, and Postbode in-process resolving through it."""
+"""What the functional tests share unless a folder or module has its own: a loopback DNS
+server, an MX sink it names for dest.test, the shop app with its DKIM key published there, and
+Postbode in-process resolving through it."""
 
 from __future__ import annotations
 
