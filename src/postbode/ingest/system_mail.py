@@ -30,11 +30,13 @@ def queue_system_mail(
     subject: str,
     body: str,
     tag: str,
+    html: str | None = None,
     now: datetime,
     metadata: Mapping[str, Any] | None = None,
 ) -> uuid.UUID:
-    """Queue a plain-text message from `sender` to `recipients` (one delivery each): its
-    message, raw source, deliveries and events. Returns the message id."""
+    """Queue a message from `sender` to `recipients` (one delivery each): its message, raw
+    source, deliveries and events. Plain text, or with `html` multipart/alternative (RFC 2046
+    §5.1.4: the text part first, the richer one last). Returns the message id."""
     message_id = new_id()
     header_id = f"<{message_id}@{sender.rpartition('@')[2] or 'postbode'}>"
     mail = EmailMessage()
@@ -45,6 +47,8 @@ def queue_system_mail(
     mail["Message-ID"] = header_id
     mail["Auto-Submitted"] = "auto-generated"  # RFC 3834 §5
     mail.set_content(body)
+    if html is not None:
+        mail.add_alternative(html, subtype="html")
     raw = mail.as_bytes()
     conn.execute(
         insert(messages).values(

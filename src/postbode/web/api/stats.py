@@ -186,7 +186,10 @@ def export_stats(
     format: Annotated[Literal["csv"], Query(description="Only `csv` for now")] = "csv",
     period: Annotated[
         Literal["weekly", "monthly"],
-        Query(description="The last complete week (Monday to Monday, UTC) or calendar month"),
+        Query(
+            description="The last complete week (midnight Monday to midnight Monday) or "
+            "calendar month, in the organisation's time zone"
+        ),
     ] = "weekly",
 ) -> Response:
     """The caller's report of the last complete period: volume, delivery, bounce, open and
@@ -194,8 +197,12 @@ def export_stats(
     `section, name, value, previous`."""
     store: Store = request.app.state.store
     with store.read() as conn:
-        name = conn.execute(select(apps.c.name).where(apps.c.id == app_id)).scalar_one()
-    report = reports.build(store, [app_id], name, reports.last_complete(period, utcnow()))
+        app = conn.execute(
+            select(apps.c.name, apps.c.organization_id).where(apps.c.id == app_id)
+        ).one()
+        zone = reports.organization_zone(conn, app.organization_id)
+    name = str(app.name)
+    report = reports.build(store, [app_id], name, reports.last_complete(period, utcnow(), zone))
     filename = f"postbode-{name}-{report.period.key}.csv"
     return Response(
         reports.csv_text(report),

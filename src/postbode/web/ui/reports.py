@@ -7,8 +7,18 @@ from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from postbode.stats import reports
+from postbode.store.engine import Store
 from postbode.store.schema import utcnow
-from postbode.web.ui.core import SignedIn, UiError, UiRoute, redirect, render, store_of, url
+from postbode.web.ui.core import (
+    SignedIn,
+    UiError,
+    UiRoute,
+    Viewer,
+    redirect,
+    render,
+    store_of,
+    url,
+)
 
 router = APIRouter(route_class=UiRoute, include_in_schema=False)
 
@@ -20,17 +30,19 @@ def _period(request: Request) -> str:
     return wanted
 
 
+def _build(store: Store, viewer: Viewer, period: str) -> reports.Report:
+    """The last complete period of the organisation (or the app in view), in its time zone."""
+    scope = f"{viewer.org_name} / {viewer.app.name}" if viewer.app else viewer.org_name
+    with store.read() as conn:
+        zone = reports.organization_zone(conn, viewer.org_id)
+    period_ = reports.last_complete(period, utcnow(), zone)
+    return reports.build(store, viewer.app_ids, scope, period_)
+
+
 @router.get("/reports")
 async def report_page(request: Request, viewer: SignedIn) -> Response:
     period = _period(request)
-    scope = f"{viewer.org_name} / {viewer.app.name}" if viewer.app else viewer.org_name
-    report = await run_in_threadpool(
-        reports.build,
-        store_of(request),
-        viewer.app_ids,
-        scope,
-        reports.last_complete(period, utcnow()),
-    )
+    report = await run_in_threadpool(_build, store_of(request), viewer, period)
     return render(
         request,
         "reports.html",
@@ -48,14 +60,7 @@ async def report_page(request: Request, viewer: SignedIn) -> Response:
 @router.get("/reports/export.csv")
 async def report_csv(request: Request, viewer: SignedIn) -> Response:
     period = _period(request)
-    scope = f"{viewer.org_name} / {viewer.app.name}" if viewer.app else viewer.org_name
-    report = await run_in_threadpool(
-        reports.build,
-        store_of(request),
-        viewer.app_ids,
-        scope,
-        reports.last_complete(period, utcnow()),
-    )
+    report = await run_in_threadpool(_build, store_of(request), viewer, period)
     return Response(
         reports.csv_text(report),
         media_type="text/csv; charset=utf-8",
