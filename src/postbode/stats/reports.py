@@ -189,6 +189,21 @@ def _event_counts(
     return totals, bots
 
 
+def _slice(
+    store: Store, app_ids: Sequence[int], begin: datetime, end: datetime
+) -> tuple[dict[str, int], dict[str, int]]:
+    """The counts of [begin, end), less than a UTC day: from the event rows while they hold
+    that whole day (its events add up to its counters), else (retention deleted them) from
+    the counter rows, each counted where its bucket starts."""
+    day = _utc_day(begin)
+    kept, _ = _event_counts(store, app_ids, day, day + DAY)
+    counted = queries.summary(store, app_ids, since=day, until=day + DAY).totals
+    if all(kept.get(t, 0) == counted.get(t, 0) for t in COUNTED):
+        return _event_counts(store, app_ids, begin, end)
+    s = queries.summary(store, app_ids, since=begin, until=end)
+    return dict(s.totals), dict(s.bots)
+
+
 def _figures(store: Store, app_ids: Sequence[int], since: datetime, until: datetime) -> Figures:
     """One period's numbers. Counter rows older than a few days are merged into UTC days
     (stats/rollup.py), which a local midnight cuts through: the whole UTC days inside the
@@ -207,7 +222,7 @@ def _figures(store: Store, app_ids: Sequence[int], since: datetime, until: datet
         slices = [(since, until)]
     for begin, end in slices:
         if begin < end:
-            more_totals, more_bots = _event_counts(store, app_ids, begin, end)
+            more_totals, more_bots = _slice(store, app_ids, begin, end)
             _add(totals, more_totals)
             _add(bots, more_bots)
     r = queries.rates(totals, bots)
