@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import fcntl
+import functools
 import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, inspect, text
 
 from postbode.store.engine import Store
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+
+# Alembic and the migration scripts it loads cost a process ~10 MiB that it keeps: a process
+# whose store is at the head revision (every start but the first after an upgrade) reads the
+# revisions without it, from the scripts' text and the alembic_version table.
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 _PG_LOCK_KEY = 0x706F7374626F6465  # "postbode"
@@ -22,6 +28,8 @@ _PG_LOCK_KEY = 0x706F7374626F6465  # "postbode"
 
 def alembic_config(conn: Connection | None = None, secret: str | None = None) -> Config:
     """`secret`: the configured installation secret key, for migrations that seal values."""
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.attributes["connection"] = conn
@@ -30,13 +38,54 @@ def alembic_config(conn: Connection | None = None, secret: str | None = None) ->
     return cfg
 
 
+_REVISION = re.compile(r"^revision(?::[^=]*)?=\s*[\"']([^\"']+)[\"']", re.MULTILINE)
+_DOWN_REVISION = re.compile(
+    r"^down_revision(?::[^=]*)?=\s*(?:None|[\"']([^\"']*)[\"'])\s*$", re.MULTILINE
+)
+
+
+@functools.cache
 def head_revision() -> str | None:
+    """The newest revision of this release's migrations."""
+    return _head_from_scripts() or _alembic_head()
+
+
+def _head_from_scripts() -> str | None:
+    """The head read from the scripts' `revision` and `down_revision` lines: the one revision
+    no other names as its parent; None when that is not plain (then alembic decides)."""
+    revisions: set[str] = set()
+    parents: set[str] = set()
+    for script in (MIGRATIONS / "versions").glob("*.py"):
+        source = script.read_text()
+        revision = _REVISION.findall(source)
+        down = _DOWN_REVISION.findall(source)
+        if len(revision) != 1 or len(down) != 1:
+            return None  # not the plain form (a merge, a tuple of parents): ask alembic
+        revisions.add(revision[0])
+        if down[0]:
+            parents.add(down[0])
+    heads = revisions - parents
+    return heads.pop() if len(heads) == 1 and parents <= revisions else None
+
+
+def _alembic_head() -> str | None:
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
 def current_revision(store: Store) -> str | None:
+    """The revision the database's schema is at (None: no schema yet)."""
     with store.engine.connect() as conn:
-        return MigrationContext.configure(conn).get_current_revision()
+        if not inspect(conn).has_table("alembic_version"):
+            return None
+        versions = conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
+    if len(versions) > 1:  # several heads: alembic says what that means
+        from alembic.runtime.migration import MigrationContext
+
+        with store.engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+    return versions[0] if versions else None
 
 
 @contextmanager
@@ -67,6 +116,8 @@ def _migration_lock(store: Store) -> Iterator[None]:
 
 def migrate(store: Store, revision: str = "head") -> None:
     """Apply every migration up to `revision`."""
+    from alembic import command
+
     with _migration_lock(store), store.engine.begin() as conn:
         command.upgrade(alembic_config(conn, store.configured_secret), revision)
 
@@ -100,6 +151,8 @@ def schema_mismatch(store: Store) -> str | None:
             f"the database has no schema yet (this release expects revision {head}): "
             "run `postbode migrate`"
         )
+    from alembic.script import ScriptDirectory
+
     with _quiet_alembic():
         script = ScriptDirectory.from_config(alembic_config())
         known = {rev.revision for rev in script.walk_revisions()}

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import create_engine, inspect
 
 from postbode.store.engine import Store
 from postbode.store.migrate import alembic_config, current_revision, head_revision, migrate
@@ -48,3 +49,19 @@ def test_the_newest_migration_goes_down_and_up_again(store: Store) -> None:
     assert current_revision(store) == head_revision()
     assert differences(store) == []
     assert "worker_roles" in inspect(store.engine).get_table_names()
+
+
+def test_the_head_read_from_the_scripts_is_alembics() -> None:
+    # Processes at the head revision check it without loading alembic (postbode/store/migrate.py).
+    from postbode.store.migrate import _alembic_head, _head_from_scripts
+
+    assert _head_from_scripts() is not None
+    assert _head_from_scripts() == _alembic_head() == head_revision()
+
+
+def test_a_database_without_a_schema_has_no_revision(tmp_path: Path) -> None:
+    empty = Store(create_engine(f"sqlite:///{tmp_path / 'empty.db'}"), None, "secret")
+    try:
+        assert current_revision(empty) is None
+    finally:
+        empty.dispose()
