@@ -10,7 +10,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, and_, func, select
-from sqlalchemy.orm import aliased
 
 from postbode.abuse import alerts, hold
 from postbode.config import Settings
@@ -178,7 +177,7 @@ def hard_bounces(conn: Connection, app_id: int, since: datetime) -> int:
 
 def _bombing(conn: Connection, app_id: int, since: datetime, t: Thresholds) -> Trip | None:
     """The domain with the most unknown-user bounces for never-seen addresses, judged."""
-    earlier = aliased(deliveries)
+    earlier = deliveries.alias()  # Core: the ORM stays out of worker processes
     seen_before = (
         select(earlier.c.id)
         .where(
