@@ -1,5 +1,6 @@
-"""Live DNS check of a sending domain's records (SPF, DKIM, return path, DMARC), stored on the
-domain with a domain.dns_changed event when a record's status changes."""
+"""Live DNS check of a sending domain's records (SPF, DKIM, return path and the return-path
+domain's MX, DMARC; an inbound domain's MX), stored on the domain with a domain.dns_changed
+event when a record's status changes."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from postbode.store.engine import Store
 from postbode.store.schema import domains, utcnow
 
 Status = Literal["pass", "missing", "wrong"]
-PURPOSES = ("spf", "dkim", "return_path", "dmarc")
+PURPOSES = ("spf", "dkim", "return_path", "return_path_mx", "dmarc")
 VERIFYING = ("dkim", "return_path")  # both pass: the domain is verified
 
 
@@ -174,8 +175,9 @@ def check_return_path(expected: str, values: Sequence[str]) -> Verdict:
 
 
 def check_mx(expected: str, values: Sequence[str]) -> Verdict:
-    """An inbound domain's MX names Postbode's SMTP host (RFC 5321 §5.1; the preference is
-    the operator's choice). A null MX (RFC 7505) takes no mail at all."""
+    """An inbound domain's (or the return-path domain's) MX names Postbode's SMTP host (RFC
+    5321 §5.1; the preference is the operator's choice). A null MX (RFC 7505) takes no mail
+    at all."""
     want = expected.split()[-1].rstrip(".").lower()
     hosts = [v.split()[-1].rstrip(".").lower() for v in values if v.split()]
     if not hosts:
@@ -218,6 +220,7 @@ CHECKS: dict[str, Callable[[str, Sequence[str]], Verdict]] = {
     "dkim": check_dkim,
     "dkim_previous": check_dkim,  # a rotated-out key, published while its grace period lasts
     "return_path": check_return_path,
+    "return_path_mx": check_mx,  # where bounces arrive: the return-path domain's MX
     "dmarc": check_dmarc,
     "inbound": check_mx,  # only for domains that take mail for the app's routes
 }

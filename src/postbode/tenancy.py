@@ -465,6 +465,14 @@ def dns_records(
             "name": f"{RETURN_PATH_LABEL}.{name}",
             "value": return_path_domain,
         },
+        # Bounces go to <token>@<return-path domain> (RFC 5321 §4.5.5), so that domain must
+        # take mail at Postbode: one record for every sending domain, published once.
+        {
+            "purpose": "return_path_mx",
+            "type": "MX",
+            "name": return_path_domain.strip().rstrip(".").lower(),
+            "value": f"10 {smtp_hostname}.",
+        },
         {
             "purpose": "dmarc",
             "type": "TXT",

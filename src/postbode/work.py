@@ -98,8 +98,9 @@ def registry(settings: Settings) -> Registry:
             "domains.dns_check",
             float(settings.dns_check_every_seconds),
             lambda store: _check_domains(store, settings),
-            "Looks up every domain's SPF, DKIM, return-path and DMARC records again; a change "
-            "is a domain.dns_changed event.",
+            "Looks up every domain's SPF, DKIM, return-path (CNAME, and the return-path "
+            "domain's MX) and DMARC records, and an inbound domain's MX, again; a change is a "
+            "domain.dns_changed event.",
             delay_first=True,
         )
     )

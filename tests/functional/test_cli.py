@@ -77,7 +77,7 @@ def test_domain_add_prints_records_and_user_create(tmp_path: Path) -> None:
     result = postbode(tmp_path, "domain", "add", "shop.test", "--app", "shop", "--json")
     assert result.returncode == 0, result.stderr
     records = {r["purpose"] for r in json.loads(result.stdout)["records"]}
-    assert records == {"spf", "dkim", "return_path", "dmarc"}
+    assert records == {"spf", "dkim", "return_path", "return_path_mx", "dmarc"}
     user = postbode(
         tmp_path,
         "user",

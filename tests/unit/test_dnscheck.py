@@ -21,6 +21,7 @@ from postbode.store.engine import Store
 from postbode.store.schema import apps, domains, events
 from postbode.testing.dns import LoopbackDNS
 from postbode.testing.factories import make_app
+from postbode.work import registry
 
 SPF = "v=spf1 a:postbode.localhost ~all"
 KEY = "v=DKIM1; k=rsa; p=MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEAx"
@@ -129,10 +130,18 @@ def domain(store: Store) -> dict[str, Any]:
     return tenancy.add_domain(store, app.name, "shop.test")
 
 
-def publish(dns: LoopbackDNS, domain: dict[str, Any], settings: Settings) -> None:
+def publish(
+    dns: LoopbackDNS, domain: dict[str, Any], settings: Settings, *, mx: bool = True
+) -> None:
     for r in tenancy.dns_records(domain, settings.smtp_hostname, settings.return_path_domain):
         if r["type"] == "CNAME":
             dns.add_cname(r["name"], r["value"])
+        elif r["type"] == "MX":
+            if mx:
+                preference, host = r["value"].split()
+                dns.add_mx(r["name"], [(int(preference), host.rstrip("."))])
+            else:
+                dns.add_zone(r["name"].rpartition(".")[2])  # answered (NXDOMAIN), not refused
         else:
             dns.add_txt(r["name"], r["value"])  # the 2048-bit key: split in 255-byte strings
 
@@ -164,6 +173,7 @@ def test_published_records_pass_and_verify_the_domain(
         ("spf", "pass"),
         ("dkim", "pass"),
         ("return_path", "pass"),
+        ("return_path_mx", "pass"),
         ("dmarc", "pass"),
     ]
     assert result.verified and result.all_pass and result.changed
@@ -219,6 +229,53 @@ def test_dns_failures_keep_the_domain_verified(
     assert by["dkim"].status == "pass" and by["dkim"].error is not None
     assert by["dmarc"].status == "pass" and "in time" in (by["dmarc"].error or "")
     assert result.verified_at == first.verified_at and not result.changed
+
+
+def test_the_return_path_domains_mx_is_checked_again_periodically(
+    store: Store, settings: Settings, dns: LoopbackDNS, domain: dict[str, Any]
+) -> None:
+    """Bounces come back to <token>@<return-path domain>: its MX must name Postbode. The
+    domains.dns_check task looks it up with the rest; a missing record, a wrong one and a
+    failing lookup are three different things."""
+    settings = settings.model_copy(update={"dns_nameservers": dns.nameserver})
+    (task,) = [t for t in registry(settings).tasks if t.name == "domains.dns_check"]
+    rp = settings.return_path_domain
+    publish(dns, domain, settings, mx=False)
+    task.run(store)
+    result = check(store, settings, dns)
+    by = {c.purpose: c for c in result.records}
+    mx = by["return_path_mx"]
+    assert (mx.type, mx.name, mx.expected) == ("MX", rp, f"10 {settings.smtp_hostname}.")
+    assert mx.status == "missing" and mx.error is None
+    assert mx.detail == f"no MX record (it should name {settings.smtp_hostname})"
+    # Verification is DKIM and the return-path CNAME; the MX is reported beside them.
+    assert result.verified and not result.all_pass
+    assert changes(store)[-1]["after"]["return_path_mx"] == "missing"
+
+    dns.add_mx(rp, [(10, "mx.elsewhere.test")])
+    task.run(store)
+    assert changes(store)[-1]["after"]["return_path_mx"] == "wrong"
+    with store.read() as conn:
+        stored = conn.execute(select(domains.c.dns_status)).scalar_one()
+    assert stored["return_path_mx"] == "wrong"
+
+    dns.remove(rp)
+    dns.add_mx(rp, [(20, "backup.elsewhere.test"), (10, settings.smtp_hostname)])
+    task.run(store)
+    last = changes(store)[-1]
+    assert (last["before"]["return_path_mx"], last["after"]["return_path_mx"]) == ("wrong", "pass")
+    result = check(store, settings, dns)
+    assert result.all_pass and not result.changed
+
+    # SERVFAIL is not "missing": the last known status stays, with the error, and no event.
+    dns.servfail(rp, "MX")
+    events_before = len(changes(store))
+    task.run(store)
+    result = check(store, settings, dns, timeout=0.5)
+    mx = {c.purpose: c for c in result.records}["return_path_mx"]
+    assert mx.status == "pass" and mx.error is not None and "SERVFAIL" in mx.error
+    assert mx.detail.startswith("DNS error:")
+    assert len(changes(store)) == events_before
 
 
 def test_unknown_domain(store: Store, settings: Settings, dns: LoopbackDNS) -> None:

@@ -225,6 +225,25 @@ def test_check_a_domains_dns_in_place(
     expect(card.locator("tr", has_text="spf")).to_contain_text("v=spf1 mx -all")
     expect(card.locator("tr", has_text="dmarc").locator(".badge")).to_have_text("missing")
     assert page.url == url
+
+    # The return-path domain's MX (bounces arrive there): a failing lookup is not "missing".
+    mx_row = card.locator("tr", has_text="return path mx")
+    expect(mx_row).to_contain_text(settings.return_path_domain)
+    expect(mx_row.locator(".dns-value code")).to_have_text(f"10 {settings.smtp_hostname}.")
+    postbode.dns.servfail(settings.return_path_domain, "MX")
+    with page.expect_response(lambda r: "/check" in r.url and r.status == 200):
+        card.get_by_role("button", name="Check DNS now").click()
+    mx_row = page.locator(f"#domain-{domain['id']} tr", has_text="return path mx")
+    expect(mx_row.locator(".badge")).to_have_text("lookup failed")
+    expect(mx_row).to_contain_text("last known: missing")  # never answered so far
+    expect(mx_row).to_contain_text("SERVFAIL")
+    postbode.dns.heal(settings.return_path_domain, "MX")
+    postbode.dns.add_mx(settings.return_path_domain, [(10, settings.smtp_hostname)])
+    with page.expect_response(lambda r: "/check" in r.url and r.status == 200):
+        page.locator(f"#domain-{domain['id']}").get_by_role("button", name="Check DNS now").click()
+    mx_row = page.locator(f"#domain-{domain['id']} tr", has_text="return path mx")
+    expect(mx_row.locator(".badge")).to_have_text("pass")
+    expect(mx_row).to_contain_text(f"names {settings.smtp_hostname}")
     clean(watch)
 
 

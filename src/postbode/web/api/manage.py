@@ -564,7 +564,8 @@ async def revoke_credential(
 
 class DnsRecord(BaseModel):
     purpose: str = Field(
-        description="spf, dkim, dkim_previous (during a rotation), return_path, dmarc"
+        description="inbound (MX, for --inbound domains), spf, dkim, dkim_previous (during a "
+        "rotation), return_path, return_path_mx (the return-path domain's MX), dmarc"
     )
     type: str
     name: str

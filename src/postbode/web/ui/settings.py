@@ -248,6 +248,7 @@ async def _domains_page(
                     "check": now.status if now else str(status.get(record["purpose"], "")),
                     "found": list(now.found) if now else None,
                     "detail": now.detail if now else "",
+                    "error": now.error if now else None,
                 }
             )
         listed.append({**row, "records": checked, "live": bool(fresh)})

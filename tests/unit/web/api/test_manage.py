@@ -130,7 +130,13 @@ def test_domains_and_dkim_rotation(client: TestClient, store: Store, token: str)
     assert added.status_code == 201, added.text
     domain = added.json()
     assert domain["name"] == "shop.test"
-    assert [r["purpose"] for r in domain["records"]] == ["spf", "dkim", "return_path", "dmarc"]
+    assert [r["purpose"] for r in domain["records"]] == [
+        "spf",
+        "dkim",
+        "return_path",
+        "return_path_mx",
+        "dmarc",
+    ]
     old = domain["dkim_selector"]
     rotated = client.post(
         "/api/v1/apps/shop/domains/shop.test/rotate-dkim", json={"grace_days": 3}, headers=h
