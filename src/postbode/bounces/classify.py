@@ -43,8 +43,12 @@ _ADDR_RE = re.compile(
 _SPACE_RE = re.compile(r"\s+")
 # Reply codes inside a text ("550-5.7.1 …" on every line of a multi-line reply, RFC 5321
 # §4.2.1) split phrases; the codes are read separately, so phrase matching drops them.
+# OpenSMTPD joins the lines of a multi-line reply by dropping each later line's "550-" and a
+# one-digit-detail code ("5.7.1 "), so a longer code stays glued to the line before it
+# ("… Gmail5.7.26 requires …"): that code goes too.
 _REPLY_PREFIX_RE = re.compile(
     r"(?<![\w.])[245]\d\d(?:-|(?= [245]\.\d))(?: ?[245]\.\d{1,3}\.\d{1,3}\b)?"
+    r"|(?:(?<=[A-Za-z,;:)])|(?<=[A-Za-z]\.))[245]\.\d{1,3}\.\d{2,3}(?= )"
 )
 
 # Where a rule stands in the order of evidence (see docs/bounces.md):

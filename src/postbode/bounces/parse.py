@@ -433,6 +433,8 @@ def remote_status(diagnostic: str) -> tuple[str | None, int | None]:
     return status, code
 
 
+# A notice line that gives one recipient its reply: "a@b: 550 …" (OpenSMTPD's report).
+_NOTICE_LINE_RE = re.compile(r"[ \t]*<?[^\s<>@:]{1,64}@[^\s<>:]{1,255}>?:[ \t]*[45]\d\d(?:[ -]|$)")
 # RFC 5321 §4.3.2: the replies DATA may give (551 and 553 answer only MAIL and RCPT).
 _DATA_REPLY_CODES = frozenset({450, 451, 452, 550, 552, 554})
 _STATUS_POS_RE = re.compile(r"(?<![\w.])[245]\.\d{1,3}\.\d{1,3}(?!\.?\d)")
@@ -459,6 +461,7 @@ def _make_record(
     context: str = "",
     action: str | None = None,
     remote_mta: str | None = None,
+    first_hand: bool = False,
 ) -> BounceRecord:
     diagnostic = diagnostic[: MAX_DIAGNOSTIC * 4]
     diag = _SPACES_RE.sub(" ", diagnostic).strip()[:MAX_DIAGNOSTIC]
@@ -494,6 +497,7 @@ def _make_record(
     if (
         cls.category == "user_unknown"
         and stage is None
+        and not first_hand
         and reply_code in _DATA_REPLY_CODES
         and (status or "")[1:4] != ".1."
     ):
@@ -894,6 +898,16 @@ def _dsn_records(
                 status = text_status
         comment = status_field.partition("(")[2]
         diagnostic = diag_text or block
+        # RFC 3464 §2.3.6 makes Diagnostic-Code optional. A report whose fields give only
+        # the reporting MTA's own class (X.0.0) and whose notice gives each recipient the
+        # reply on its own line, "a@b: 550 …" (OpenSMTPD writes the reply its own SMTP
+        # session got there, one line per envelope), carries the remote server's reply
+        # first-hand: no relay stands between that reply and this report.
+        first_hand = (
+            not diag_text
+            and (find_status(status_field) or "5.0.0").endswith(".0.0")
+            and _NOTICE_LINE_RE.match(block) is not None
+        )
         if action in ("delivered", "relayed", "expanded") or (status or "").startswith("2"):
             ok.append(
                 BounceRecord(
@@ -921,6 +935,7 @@ def _dsn_records(
             action=action,
             remote_mta=remote.strip() or None,
             context=block or (report if len(groups) == 1 else ""),
+            first_hand=first_hand,
         )
         failed.append(out)
         if len(failed) >= MAX_RECORDS:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from postbode.bounces.classify import normalize_text
 from postbode.bounces.parse import parse, remote_status, smtp_stage
 
 # Postfix's notice to the postmaster when its SMTP server refused mail (smtpd_chat.c,
@@ -227,3 +228,82 @@ recipients. This is a permanent error. The following address(es) failed:
 """
     [record] = parse(raw).records
     assert (record.category, record.hard) == ("blocked", False)
+
+
+def _opensmtpd_report(line: str, diagnostic: str | None = None) -> bytes:
+    """A report as OpenSMTPD 6.8 writes it (bounce.c): the reply its SMTP session got on
+    the recipient's own line, and a delivery-status part with its own X.0.0 only."""
+    diag = f"Diagnostic-Code: smtp; {diagnostic}\n" if diagnostic else ""
+    return f"""\
+Subject: Delivery status notification: failed
+From: Mailer Daemon <MAILER-DAEMON@relay.shop.test>
+To: orders@shop.test
+MIME-Version: 1.0
+Content-Type: multipart/mixed;boundary="7486628355998212447/relay.shop.test"
+
+This is a MIME-encapsulated message.
+
+--7486628355998212447/relay.shop.test
+Content-Description: Notification
+Content-Type: text/plain; charset=us-ascii
+
+    Hi!
+
+    This is the MAILER-DAEMON, please DO NOT REPLY to this email.
+
+    An error has occurred while attempting to deliver a message for
+    the following list of recipients:
+
+ivy@dest.test: {line}
+
+    Below is a copy of the original message:
+
+--7486628355998212447/relay.shop.test
+Content-Description: Delivery Report
+Content-Type: message/delivery-status
+
+Reporting-MTA: dns; relay.shop.test
+
+Final-Recipient: rfc822; ivy@dest.test
+Action: failed
+Status: 5.0.0
+{diag}
+--7486628355998212447/relay.shop.test--
+""".encode()
+
+
+def test_a_code_less_no_such_user_given_first_hand_on_the_recipients_line_is_hard() -> None:
+    # OpenSMTPD names no SMTP command, but the reply on the recipient's line is the one its
+    # own session got: no relay stands between it and the report.
+    for line in (
+        "550 Unrouteable address",
+        "550 Invalid Recipient - https://community.mimecast.com/docs/DOC-1369#550",
+        "552 1 Requested mail action aborted, mailbox not found",
+    ):
+        [record] = parse(_opensmtpd_report(line)).records
+        assert (record.recipient, record.category, record.hard) == (
+            "ivy@dest.test",
+            "user_unknown",
+            True,
+        ), line
+
+
+def test_the_same_reply_quoted_by_a_relay_without_its_stage_suppresses_nobody() -> None:
+    # A Diagnostic-Code quoting a remote reply with neither an X.1 code nor the command it
+    # answered: filtering gateways refuse after DATA in these words (docs/bounces.md).
+    raw = _opensmtpd_report("see below", diagnostic="550 Unrouteable address")
+    [record] = parse(raw).records
+    assert (record.category, record.hard) == ("blocked", False)
+
+
+def test_a_multi_line_reply_joined_by_opensmtpd_keeps_its_phrases_apart() -> None:
+    # OpenSMTPD drops "550-" and a one-digit-detail code from each later line of a reply;
+    # a longer code stays glued to the word before it.
+    joined = (
+        "550-5.7.26 This mail has been blocked because the sender is unauthenticated. "
+        "Gmail5.7.26 requires all senders to authenticate with either SPF or DKIM."
+    )
+    assert "gmail requires" in normalize_text(joined)
+    assert normalize_text("no mailbox here by that name. (#5.1.1)").endswith("(#5.1.1)")
+    [record] = parse(_opensmtpd_report(joined)).records
+    assert (record.status, record.category) == ("5.7.26", "auth_failure")
