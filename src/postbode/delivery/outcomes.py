@@ -148,6 +148,7 @@ class SoftFail:
     reply: Reply | None
     retry_after: float | None
     reason: str
+    stage: str | None = None  # as in HardFail
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,10 +156,14 @@ class HardFail:
     """A permanent failure: do not retry (5xx, or a local decision such as SMTPUTF8).
 
     `reply` is the full remote reply, or None when the failure was decided locally.
+    `stage` is the SMTP command the reply answered ("connect", "mail", "rcpt", "data"),
+    when a remote server refused: RFC 5321 §3.3 gives the same words different meanings
+    there (an unknown user at RCPT is a bad address, after DATA a content filter).
     """
 
     reply: Reply | None
     reason: str
+    stage: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -496,6 +496,7 @@ class Outgoing:
                     reply.code if reply else None,
                     reply_text or outcome.reason,
                     rules=self.rules,
+                    stage=outcome.stage,
                 )
                 job.classification = found
                 values.update(

@@ -169,13 +169,25 @@ def _soft(reply: Reply | None, reason: str) -> SoftFail:
     return SoftFail(reply, retry_hint(reply.text) if reply else None, reason)
 
 
+# The SMTP stage each refused command stands for, as bounce classification names it
+# (bounces.classify.STAGES): the greeting, MAIL, RCPT, and DATA with the end of data.
+_STAGE_OF = {
+    "greeting": "connect",
+    "MAIL FROM": "mail",
+    "RCPT TO": "rcpt",
+    "DATA": "data",
+    "message": "data",
+}
+
+
 def _negative(reply: Reply, what: str) -> SoftFail | HardFail:
     """The outcome of a 4xx/5xx reply to a command; any other unexpected reply leaves
     the conversation out of step, so it ends the session."""
+    stage = _STAGE_OF.get(what)
     if reply.is_permanent:
-        return HardFail(reply, f"{what} rejected")
+        return HardFail(reply, f"{what} rejected", stage)
     if reply.is_transient:
-        return _soft(reply, f"{what} deferred")
+        return SoftFail(reply, retry_hint(reply.text), f"{what} deferred", stage)
     raise _Broken(_soft(reply, f"unexpected reply to {what}"))
 
 

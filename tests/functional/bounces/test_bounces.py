@@ -274,6 +274,31 @@ def _deliveries_to(store: Store, rcpt: str) -> list[dict[str, Any]]:
         ]
 
 
+def test_a_sync_refusal_is_classified_with_the_command_it_answered(
+    with_sink: PostbodeInProcess, shop: tenancy.NewApp, sink: SmtpSink, store: Store
+) -> None:
+    # The same code-less words at RCPT and after the end of DATA: RFC 5321 §3.3 verifies
+    # recipients at RCPT, so only there do they say the address is bad; after DATA the
+    # server had taken the recipient, and a content filter answered.
+    words = "550 No such user here"
+    sink.script.add(Rule.rcpt("ivy@dest.test", words))
+    sink.script.add(Rule.data(words, match="jo@dest.test"))
+    send(with_sink, shop, ["ivy@dest.test"])
+    send(with_sink, shop, ["jo@dest.test"], subject="after data")
+    wait_for(
+        lambda: (
+            [r["status"] for r in _deliveries_to(store, "ivy@dest.test")] == ["bounced"]
+            and [r["status"] for r in _deliveries_to(store, "jo@dest.test")] == ["bounced"]
+        )
+    )
+    [ivy] = _deliveries_to(store, "ivy@dest.test")
+    [jo] = _deliveries_to(store, "jo@dest.test")
+    assert (ivy["bounce_category"], ivy["hard"]) == ("user_unknown", True)
+    assert (jo["bounce_category"], jo["hard"]) == ("blocked", False)
+    assert "jo@dest.test" not in listed(store)
+    assert listed(store)["ivy@dest.test"][0] == "user_unknown"
+
+
 def test_a_reputation_block_fails_as_blocked_and_never_suppresses(
     with_sink: PostbodeInProcess, shop: tenancy.NewApp, sink: SmtpSink, store: Store
 ) -> None:
