@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import re
 import tomllib
 from collections.abc import Callable, Iterable
@@ -229,57 +228,160 @@ def _compile_text(name: str, texts: list[str]) -> re.Pattern[str] | None:
         raise RulesError(f"{name}: bad regular expression: {exc}") from exc
 
 
-# The standard library's own regular-expression parser, only read (never changed), to find
-# the literal strings a pattern needs; without it (another Python) there is no prefilter.
-try:
-    _sre_parse: Any = importlib.import_module("re._parser")
-    _sre: Any = importlib.import_module("re._constants")
-except ImportError:  # pragma: no cover
-    _sre_parse = _sre = None
+# ------------------------------------------------------------------ the literal prefilter
+# Before a rule's regular expression runs, an `in` test checks that the text holds one of
+# the literal strings every match of the rule needs. They are read from the rule's own
+# pattern by the small reader below, which knows the part of Python's syntax the rules use
+# (literals and escapes, classes, groups, lookarounds, alternation, quantifiers) and gives
+# up on anything else: a rule without literals is simply always tried.
+
+
+class _NoLiterals(Exception):
+    """The pattern uses syntax the literal reader does not follow."""
+
+
+# An item of a parsed sequence: ("lit", char) | ("group", alternatives) | ("other", None),
+# with its repeat bounds (lo, hi); hi None is unbounded.
+_Item = tuple[str, Any, int, int | None]
+_CLASS_ESCAPES = frozenset("sSwWdDbBAZ")
+_QUANT_RE = re.compile(r"\{(\d*)(?:(,)(\d*))?\}")
+
+
+def _read_alternatives(p: str, i: int, depth: int) -> tuple[list[list[_Item]], int]:
+    """Parse p[i:] up to the ")" closing this depth (or the end): its alternatives."""
+    alternatives: list[list[_Item]] = [[]]
+    while i < len(p):
+        ch = p[i]
+        if ch == "|":
+            alternatives.append([])
+            i += 1
+            continue
+        if ch == ")":
+            if depth == 0:
+                raise _NoLiterals(p)
+            return alternatives, i + 1
+        kind: str
+        value: Any = None
+        if ch == "\\":
+            if i + 1 >= len(p):
+                raise _NoLiterals(p)
+            nxt = p[i + 1]
+            if nxt in _CLASS_ESCAPES:
+                kind = "other"
+            elif nxt.isalnum():
+                raise _NoLiterals(p)  # backreferences, \x.., \n: not in the rules
+            else:
+                kind, value = "lit", nxt
+            i += 2
+        elif ch == "[":
+            j = i + 1
+            if j < len(p) and p[j] == "^":
+                j += 1
+            if j < len(p) and p[j] == "]":
+                j += 1
+            while j < len(p) and p[j] != "]":
+                j += 2 if p[j] == "\\" else 1
+            if j >= len(p):
+                raise _NoLiterals(p)
+            kind, i = "other", j + 1
+        elif ch == "(":
+            if p.startswith("(?:", i):
+                inner, i = _read_alternatives(p, i + 3, depth + 1)
+                kind, value = "group", inner
+            elif p.startswith(("(?=", "(?!"), i) or p.startswith(("(?<=", "(?<!"), i):
+                start = i + (4 if p[i + 2] == "<" else 3)
+                _, i = _read_alternatives(p, start, depth + 1)
+                kind = "other"  # an assertion: zero-width, needs nothing
+            elif p.startswith("(?", i):
+                raise _NoLiterals(p)  # flags, named groups, conditionals
+            else:
+                inner, i = _read_alternatives(p, i + 1, depth + 1)
+                kind, value = "group", inner
+        elif ch in ".^$":
+            kind, i = "other", i + 1
+        elif ch in "*+?":
+            raise _NoLiterals(p)  # a quantifier with nothing before it
+        else:
+            kind, value, i = "lit", ch, i + 1
+        lo: int = 1
+        hi: int | None = 1
+        quantified = True
+        if i < len(p) and p[i] in "*+?":
+            lo, hi = {"*": (0, None), "+": (1, None), "?": (0, 1)}[p[i]]
+            i += 1
+        elif i < len(p) and p[i] == "{" and (m := _QUANT_RE.match(p, i)) and m.group(0) != "{}":
+            lo = int(m.group(1) or 0)
+            hi = None if m.group(2) and not m.group(3) else int(m.group(3) or m.group(1) or 0)
+            i = m.end()
+        else:
+            quantified = False
+        if quantified and i < len(p) and p[i] in "?+":
+            i += 1  # lazy or possessive: the same bounds
+        alternatives[-1].append((kind, value, lo, hi))
+    if depth:
+        raise _NoLiterals(p)
+    return alternatives, i
+
+
+def _sequence_literals(items: list[_Item]) -> frozenset[str] | None:
+    """A set of strings of which every match of the sequence contains one, or None."""
+    candidates: list[frozenset[str]] = []
+    run: list[str] = []
+
+    def flush() -> None:
+        if run:
+            candidates.append(frozenset({"".join(run)}))
+            run.clear()
+
+    for kind, value, lo, hi in items:
+        if kind == "lit" and lo >= 1:
+            run.append(value)
+            if hi != 1:
+                flush()  # more copies may follow: the run cannot go on past them
+            continue
+        flush()
+        if kind == "group" and lo >= 1:
+            sub = _alternatives_literals(value)
+            if sub:
+                candidates.append(sub)
+    flush()
+    if not candidates:
+        return None
+    # The most selective: the set whose shortest string is longest.
+    return max(candidates, key=lambda c: (min(len(x) for x in c), -len(c)))
+
+
+def _alternatives_literals(alternatives: list[list[_Item]]) -> frozenset[str] | None:
+    found: set[str] = set()
+    for items in alternatives:
+        sub = _sequence_literals(items)
+        if sub is None:
+            return None
+        found |= sub
+    return frozenset(found)
 
 
 def _required(pattern: str) -> frozenset[str] | None:
     """Literal strings of which every match of `pattern` contains one (None: no such set
     found). A cheap `in` test on them skips most rules before their regular expression."""
-    if _sre_parse is None:  # pragma: no cover
-        return None
     try:
-        tree = _sre_parse.parse(pattern)
-    except (re.error, RecursionError, ValueError):  # pragma: no cover - compiled already
+        alternatives, _ = _read_alternatives(pattern, 0, 0)
+    except (_NoLiterals, RecursionError):
         return None
-    found = _sequence_required(list(tree))
-    if found is None or min(len(x) for x in found) < 2:
+    found = _alternatives_literals(alternatives)
+    if not found or min(len(x) for x in found) < 2:
         return None
-    return found
+    return _shortest(found)
 
 
-def _sequence_required(items: list[Any]) -> frozenset[str] | None:
-    candidates: list[frozenset[str]] = []
-    run: list[str] = []
-    for op, av in items:
-        if op is _sre.LITERAL:
-            run.append(chr(av))
-            continue
-        if run:
-            candidates.append(frozenset({"".join(run)}))
-            run = []
-        sub: frozenset[str] | None = None
-        if op is _sre.SUBPATTERN:
-            sub = _sequence_required(list(av[-1]))
-        elif op is _sre.BRANCH:
-            branches = [_sequence_required(list(b)) for b in av[1]]
-            if all(b is not None for b in branches):
-                sub = frozenset().union(*(b for b in branches if b is not None))
-        elif op in (_sre.MAX_REPEAT, _sre.MIN_REPEAT) and av[0] >= 1:
-            sub = _sequence_required(list(av[2]))
-        if sub:
-            candidates.append(sub)
-    if run:
-        candidates.append(frozenset({"".join(run)}))
-    if not candidates:
-        return None
-    # The most selective: the set whose shortest literal is longest.
-    return max(candidates, key=lambda c: (min(len(x) for x in c), -len(c)))
+def _shortest(literals: frozenset[str]) -> frozenset[str]:
+    """The set less every string that contains another of the set: a text that holds the
+    longer one holds the shorter, so the shorter alone is as good a test and a cheaper one."""
+    kept: list[str] = []
+    for lit in sorted(literals, key=len):
+        if not any(k in lit for k in kept):
+            kept.append(lit)
+    return frozenset(kept)
 
 
 _WORD_REF_RE = re.compile(r"\{([a-z_]+)\}")
@@ -351,7 +453,7 @@ def _rule_required(texts: list[str]) -> frozenset[str] | None:
     parts = [_required(_lower_pattern(t)) for t in texts]
     if any(p is None for p in parts):
         return None
-    return frozenset().union(*(p for p in parts if p is not None))
+    return _shortest(frozenset().union(*(p for p in parts if p is not None)))
 
 
 def parse_rules(data: dict[str, Any], source: str = "<data>") -> Rules:

@@ -112,3 +112,27 @@ def test_leaving_each_family_out_strictly_stays_close(held_out_strict: dict[str,
     # Strictly: every phrase only the left-out family contains goes, published or not.
     assert held_out_strict["accuracy"]["reason"]["accuracy"] >= 0.80
     assert held_out_strict["accuracy"]["hard"]["accuracy"] >= 0.90
+
+
+def test_the_literal_prefilter_never_skips_a_rule_that_would_match() -> None:
+    # Every text a rule could read: each sample's whole text, in every window a rule sees,
+    # and the published replies. Where a rule's expression matches, its literals are there.
+    from postbode.bounces.classify import load_rules, normalize_text
+    from postbode.bounces.parse import message_text
+
+    texts = [normalize_text(t) for t in _published_texts()]
+    for path in sorted((CORPUS / "eml").rglob("*.eml")):
+        whole = normalize_text(message_text(path.read_bytes()))
+        texts += [whole[i : i + 1000] for i in range(0, len(whole), 500)]
+    rules = [r for r in load_rules().rules if r.text is not None]
+    filtered = [r for r in rules if r.required is not None]
+    # Most phrase rules have literals to test (else the prefilter would be doing nothing).
+    assert len(filtered) >= len(rules) // 2
+    matched = 0
+    for rule in filtered:
+        assert rule.text is not None and rule.required is not None
+        for text in texts:
+            if rule.text.search(text) is not None:
+                matched += 1
+                assert any(lit in text for lit in rule.required), (rule.name, text[:200])
+    assert matched > 100
