@@ -236,6 +236,7 @@ def test_the_reports_page_its_csv_and_asking_for_it_by_mail(
     page.get_by_role("link", name="Reports", exact=True).click()
     expect(page.locator("h1")).to_have_text("Reports")
     expect(page.locator("table.report-figures")).to_contain_text("delivery rate")
+    expect(page.locator(".page-head .muted")).to_contain_text("times in UTC")  # the default
     page.get_by_role("link", name="monthly").click()
     expect(page.locator(".page-head .muted")).to_contain_text("month before")
     csv_answer = page.request.get(f"{postbode.base}/reports/export.csv?period=monthly")

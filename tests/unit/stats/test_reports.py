@@ -24,6 +24,7 @@ from postbode.store.engine import Store
 from postbode.store.schema import (
     app_alerts,
     apps,
+    events,
     messages,
     organizations,
     raw_messages,
@@ -222,3 +223,24 @@ def test_mail_a_minute_either_side_of_local_midnight_lands_in_its_period(
     assert "<script" not in page.lower() and "<style" not in page.lower()
     assert 'style="' in page  # the CSS went inline
     assert last_minute in page
+
+
+def test_a_slice_whose_events_retention_deleted_falls_back_to_the_days_counters(
+    store: Store,
+) -> None:
+    """Once the event rows of a cut UTC day are gone, its day row of counters counts in the
+    period where that UTC day starts: less exact, never lost or counted twice."""
+    _, app_id, _ = _org_in(store, "America/Los_Angeles")
+    boundary = datetime(2026, 3, 2, 8, tzinfo=UTC)  # Monday 2 March 00:00 PST
+    _received_at(store, app_id, boundary - MINUTE, boundary, boundary + MINUTE)
+    period = reports.last_complete("weekly", datetime(2026, 3, 9, 7, 20, tzinfo=UTC), LOS_ANGELES)
+    rollup.compact(store, now=datetime(2026, 4, 20, tzinfo=UTC))
+    report = reports.build(store, [app_id], "shop", period)
+    assert (report.now.received, report.previous.received) == (2, 1)
+    with store.write() as conn:
+        conn.execute(
+            events.delete().where(events.c.app_id == app_id, events.c.type == "message.received")
+        )
+    report = reports.build(store, [app_id], "shop", period)
+    # The 2 March UTC day row (all three) starts at 00:00 UTC, in the week before.
+    assert (report.now.received, report.previous.received) == (0, 3)
