@@ -38,6 +38,7 @@ from postbode.web.api.templates import router as templates_router
 from postbode.web.api.webhooks import router as webhooks_router
 from postbode.web.errors import install_error_handlers
 from postbode.web.limits import BodyLimit
+from postbode.web.timing import ServerTiming
 from postbode.web.ui import STATIC, static_files
 from postbode.web.ui import router as ui_router
 from postbode.web.ui.core import MAX_UPLOAD_BYTES, missing_page
@@ -120,6 +121,7 @@ def create_app(settings: Settings, store: Store, acceptor: Acceptor | None = Non
     app.mount("/static", static_files(), name="static")
     install_error_handlers(app, missing_page)
     app.add_middleware(BodyLimit, default=settings.http_max_body_bytes, limits=_limits(settings))
+    app.add_middleware(ServerTiming)
     return app
 
 

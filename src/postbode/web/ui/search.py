@@ -290,8 +290,12 @@ def count_matches(
     says whether that limited the count."""
     check(q)
     within = count_window(conn, q, window)
+    app_ids = list(dict.fromkeys(q.app_ids))
     conds: list[ColumnElement[bool]] = [
-        messages.c.app_id.in_(list(dict.fromkeys(q.app_ids))),
+        messages.c.app_id.in_(app_ids),
+        # A delivery's app is its message's: said of the delivery too, so that a recipient is
+        # found through the (app_id, lower(recipient)) index, not by reading every delivery.
+        deliveries.c.app_id.in_(app_ids),
         *([within] if within is not None else []),
         *_bounds(q),
         *_message_conditions(q, messages.c),
