@@ -33,7 +33,7 @@ deps:
 	apt-get update -qq
 	echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-		swaks libnet-ssleay-perl postfix libsasl2-modules chromium libidn12 util-linux postgresql
+		swaks libnet-ssleay-perl postfix libsasl2-modules chromium libidn12 util-linux postgresql rspamd
 	mkdir -p /var/cache/postbode-test-debs
 	cd /var/cache/postbode-test-debs && apt-get download -qq exim4-daemon-light exim4-base exim4-config opensmtpd
 

@@ -332,6 +332,34 @@ class Settings(BaseSettings):
         description="Share of an app's deliveries to one domain that are unknown never-seen "
         "addresses above which its new mail is held (list bombing).",
     )
+    rspamd_url: str | None = Field(
+        None,
+        description="Base URL of an rspamd normal worker (e.g. `http://127.0.0.1:11333`): every "
+        "message submitted or received is scored by its /checkv2 before it is accepted; unset, "
+        "nothing is scanned (docs/abuse.md).",
+    )
+    rspamd_hold_score: float = Field(
+        6.0,
+        description="A message scoring at least this is accepted but held, with rspamd's "
+        "symbols shown, until someone releases it (rspamd's own `add header` score).",
+    )
+    rspamd_reject_score: float = Field(
+        15.0,
+        description="A message scoring at least this is refused: SMTP 550 5.7.1, HTTP 422 "
+        "(rspamd's own `reject` score; GTUBE scores it).",
+    )
+    rspamd_timeout: float = Field(
+        5.0,
+        gt=0,
+        le=60,
+        description="Seconds an accept waits for rspamd's verdict before giving up on it.",
+    )
+    rspamd_fail_open: bool = Field(
+        True,
+        description="When rspamd does not answer in time (or errs): true accepts the message "
+        'unscored, with a logged warning and `postbode_content_scans_total{result="error"}`; '
+        "false answers SMTP 451 4.3.0 / HTTP 503 so the client retries.",
+    )
     webhook_allow_private: str = Field(
         "",
         description="Private destinations webhooks may reach anyway: comma-separated CIDRs, "

@@ -152,3 +152,14 @@ SHAPING_SLOWDOWNS = Counter(
     "Adaptive slow-downs after a throttling reply (421, too many connections …), by domain.",
     ["domain"],
 )
+CONTENT_SCANS = Counter(
+    "postbode_content_scans_total",
+    "Messages scored by rspamd, by direction (outbound, inbound) and result (clean, held, "
+    "refused, error: rspamd did not answer).",
+    ["direction", "result"],
+)
+CONTENT_SCAN_SECONDS = Histogram(
+    "postbode_content_scan_seconds",
+    "Time rspamd took to score a message, as the accept path waits for it.",
+    buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0),
+)

@@ -92,6 +92,14 @@ def _problems(settings: Settings) -> Iterator[tuple[str, str]]:
         value = getattr(settings, name)
         if not value.startswith(("http://", "https://")):
             yield name, f"{value!r} is not an http:// or https:// URL"
+    if settings.rspamd_url and not settings.rspamd_url.startswith(("http://", "https://")):
+        yield "rspamd_url", f"{settings.rspamd_url!r} is not an http:// or https:// URL"
+    if settings.rspamd_reject_score <= settings.rspamd_hold_score:
+        yield (
+            "rspamd_reject_score",
+            f"{settings.rspamd_reject_score} is not above rspamd_hold_score "
+            f"({settings.rspamd_hold_score})",
+        )
     if settings.listeners > 1 and 0 in (settings.http_port, settings.smtp_port):
         yield "listeners", "more than one listener needs fixed ports (not 0)"
     yield from _tls_problems(settings)

@@ -39,12 +39,14 @@ class Runtime:
     @property
     def acceptor(self) -> Acceptor:
         if self._acceptor is None:
+            from postbode.abuse.content import ContentScanner
             from postbode.ingest.accept import Acceptor
 
             self._acceptor = Acceptor(
                 self.store,
                 self.settings.smtp_hostname,
                 allow_unverified=self.settings.allow_unverified_domains,
+                scanner=ContentScanner.from_settings(self.settings),
             )
             self._acceptor.on_commit = self.on_commit
         return self._acceptor

@@ -14,8 +14,17 @@ from postbode import tenancy
 from postbode.config import Settings
 from postbode.store.engine import Store
 from postbode.testing.dns import LoopbackDNS
+from postbode.testing.rspamd import Rspamd, rspamd_binary, rspamd_session
 from postbode.testing.servers import PostbodeInProcess, StartPostbode
 from postbode.testing.sink import SmtpSink
+
+
+@pytest.fixture(scope="session")
+def rspamd() -> Iterator[Rspamd]:
+    """A private rspamd on loopback for the whole session (content scoring tests)."""
+    if rspamd_binary() is None:
+        pytest.skip("the rspamd binary is not installed: apt-get install rspamd (make deps)")
+    yield from rspamd_session()
 
 
 @pytest.fixture

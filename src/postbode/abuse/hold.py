@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, func, select, update
+from sqlalchemy import Connection, func, or_, select, update
 
 from postbode import audit
+from postbode.abuse.content import HOLD_PREFIX
 from postbode.delivery.manage import CHUNK, DeliveryFilter, change_many
 from postbode.store.engine import Store
 from postbode.store.schema import apps, deliveries, stat_counters, system_values, utcnow
@@ -166,9 +167,11 @@ def hold(store: Store, app_id: int, reason: str, actor: Actor) -> bool:
 
 def release(store: Store, app_id: int, actor: Actor) -> int:
     """End the app's hold and send its held mail; returns how many deliveries were released.
-        Deliveries parked by an error (they carry a traceback) stay held: they are released one by
-        one from the queue view, once the error is understood. Releasing an app that is not held
-    sends whatever an earlier, interrupted release left held. Raises HoldError (no such app)."""
+    Deliveries parked by an error (they carry a traceback) stay held: they are released one by
+    one from the queue view, once the error is understood; so do those held for their content
+    (abuse/content.py), which a person judges message by message. Releasing an app that is not
+    held sends whatever an earlier, interrupted release left held. Raises HoldError (no such
+    app)."""
     with store.write() as conn:
         app = _app(conn, app_id)
         conn.execute(
@@ -194,6 +197,10 @@ def release(store: Store, app_id: int, actor: Actor) -> int:
             deliveries.c.app_id == app_id,
             deliveries.c.status == "held",
             deliveries.c.error.is_(None),
+            or_(
+                deliveries.c.last_reply.is_(None),
+                ~deliveries.c.last_reply.startswith(HOLD_PREFIX, autoescape=True),
+            ),
         )
         if after is not None:
             query = query.where(deliveries.c.id > after)

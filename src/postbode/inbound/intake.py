@@ -18,6 +18,7 @@ from typing import Any
 
 from sqlalchemy import insert
 
+from postbode.abuse import content
 from postbode.config import Settings
 from postbode.events.record import Event, record
 from postbode.events.types import EventType
@@ -51,6 +52,8 @@ class _Arrival:
     data: bytes
     client: Client | None
     ids: list[Any]
+    verdict: content.Verdict | None = None
+    content_hold: str | None = None  # held for its content, whatever its routes say
 
 
 def check_message(data: bytes) -> str | None:
@@ -131,6 +134,8 @@ class InboundIntake:
         self._loaded = float("-inf")
         self._refreshing: asyncio.Task[None] | None = None
         self._writer: BatchWriter[_Arrival] = BatchWriter(self._write)
+        # abuse/content.py: inbound mail is scored by rspamd too, when one is configured
+        self.scanner = content.ContentScanner.from_settings(settings)
 
     # -- the route table -----------------------------------------------------------------
 
@@ -189,6 +194,10 @@ class InboundIntake:
                 return "451 4.3.0 Routes changed while the message arrived, try again"
             rcpts.append((rcpt, found))
         arrival = _Arrival(mail_from, rcpts, data, client, [new_id() for _ in rcpts])
+        if self.scanner is not None:
+            refusal = await self._score(arrival, self.scanner)
+            if refusal is not None:
+                return refusal
         try:
             await self._writer.submit(arrival)
         except RoutesChanged:
@@ -200,8 +209,44 @@ class InboundIntake:
             listener()
         return f"250 2.0.0 Ok: queued as {arrival.ids[0]}"
 
+    async def _score(self, arrival: _Arrival, scanner: content.ContentScanner) -> str | None:
+        """Score the arrival with rspamd (as mail from outside: no User); the SMTP reply
+        refusing it at the reject score, else None (held at the hold score)."""
+        client = arrival.client
+        try:
+            verdict = await scanner.scan(
+                arrival.data,
+                direction="inbound",
+                ip=client.ip if client else None,
+                helo=client.helo if client else None,
+                mail_from=arrival.mail_from,
+                rcpts=[r for r, _ in arrival.rcpts],
+                queue_id=str(arrival.ids[0]),
+            )
+        except content.ScanUnavailable:
+            REJECTS.labels("smtp", "inbound_content_unavailable").inc()
+            return "451 4.3.0 The content scanner is unavailable, try again later"
+        if verdict is None:
+            return None
+        arrival.verdict = verdict
+        decision = content.judge(verdict.score, scanner.thresholds)
+        if decision == "refuse":
+            REJECTS.labels("smtp", "inbound_content").inc()
+            log.info(
+                "inbound: message from <%s> refused for its content: score %g: %s",
+                arrival.mail_from,
+                verdict.score,
+                content.named(verdict),
+            )
+            return f"550 5.7.1 {content.refuse_text(verdict, scanner.thresholds)}"
+        if decision == "hold":
+            arrival.content_hold = content.hold_text(verdict, scanner.thresholds)
+        return None
+
     async def close(self) -> None:
         await self._writer.flush()
+        if self.scanner is not None:
+            await self.scanner.close()
 
     # -- storing (in a thread) -------------------------------------------------------------
 
@@ -247,7 +292,9 @@ class InboundIntake:
                     "id": inbound_id,
                     "app_id": route.app_id,
                     "route_id": route.id,
-                    "action": "hold" if route.action == "hold" else "post",
+                    "action": "hold"
+                    if route.action == "hold" or arrival.content_hold is not None
+                    else "post",
                     "mail_from": _text(arrival.mail_from, 320),
                     "rcpt_to": _text(rcpt, 320),
                     "mailbox_hash": _text(found.mailbox_hash, 320),
@@ -258,6 +305,10 @@ class InboundIntake:
                     "client_ip": ip[:45],
                     "helo": helo,
                     "raw": compressed,
+                    "spam_score": arrival.verdict.score if arrival.verdict else None,
+                    "spam_symbols": arrival.verdict.symbols_json() if arrival.verdict else None,
+                    # why it is held (shown until it is released to its route)
+                    "last_error": arrival.content_hold,
                     "status": "pending",
                     "attempts": 0,
                     "next_attempt_at": now,
@@ -282,6 +333,16 @@ class InboundIntake:
                         "subject": fields.get("subject", ""),
                         "mailbox_hash": found.mailbox_hash,
                         "size": len(raw),
+                        **(
+                            {"spam_score": arrival.verdict.score}
+                            if arrival.verdict is not None
+                            else {}
+                        ),
+                        **(
+                            {"held_for": arrival.content_hold}
+                            if arrival.content_hold is not None
+                            else {}
+                        ),
                     },
                 )
             )

@@ -36,6 +36,8 @@ _SUMMARY = (
     inbound_messages.c.received_at,
     inbound_messages.c.delivered_at,
     inbound_messages.c.verification,
+    inbound_messages.c.spam_score,
+    inbound_messages.c.spam_symbols,
 )
 
 

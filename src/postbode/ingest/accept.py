@@ -26,6 +26,8 @@ from typing import Any
 
 from sqlalchemy import Connection, Dialect, delete, insert, or_, select
 
+from postbode.abuse import alerts as abuse_alerts
+from postbode.abuse import content
 from postbode.abuse import hold as abuse_hold
 from postbode.abuse.limits import Gate, Over
 from postbode.abuse.spikes import SpikeWatch
@@ -201,6 +203,10 @@ class _Prepared:
     recipients: list[str]
     received_at: datetime
     compressed: bytes  # `raw`, zlib-compressed as it is stored
+    # rspamd's verdict (abuse/content.py), when a scanner is configured
+    verdict: content.Verdict | None = None
+    content_hold: str | None = None  # the reason its deliveries are held for their content
+    content_alert: dict[str, Any] | None = None  # the `content` alert's figures
 
 
 _header_parser = BytesHeaderParser(policy=SMTP_POLICY)
@@ -245,9 +251,12 @@ class Acceptor:
         *,
         max_batch: int = MAX_BATCH,
         allow_unverified: bool = False,
+        scanner: content.ContentScanner | None = None,
     ) -> None:
         self.store = store
         self.hostname = hostname
+        # abuse/content.py: every message scored by rspamd before it is accepted (None: not)
+        self.scanner = scanner
         # Settings.allow_unverified_domains: mail from a domain not verified yet is taken.
         self.allow_unverified = allow_unverified
         self.gate = Gate(store)
@@ -436,6 +445,8 @@ class Acceptor:
                 raw = await loop.run_in_executor(None, mime.safe_attachment_names, sub.raw)
                 sub = replace(sub, raw=raw)
             prepared = self.prepare(sub)
+            if self.scanner is not None:
+                prepared = await self._score(prepared, self.scanner)
         except AcceptError as exc:
             REJECTS.labels(sub.source, exc.reason).inc()
             raise
@@ -449,6 +460,69 @@ class Acceptor:
         assert self._wakeup is not None
         self._wakeup.set()
         return await future
+
+    async def _score(self, p: _Prepared, scanner: content.ContentScanner) -> _Prepared:
+        """`p` with rspamd's verdict, held when it scores at the hold threshold; AcceptError
+        (550 5.7.1 / 422) at the reject threshold. The message is scored as it will be sent
+        (with its Received and Message-ID fields), before anything of it is stored."""
+        sub = p.sub
+        try:
+            verdict = await scanner.scan(
+                p.raw,
+                direction="outbound",
+                ip=sub.client_ip,
+                helo=sub.client_name,
+                mail_from=sub.mail_from,
+                rcpts=p.recipients,
+                # Authenticated mail: rspamd judges it as outbound (no SPF/RBL on the client).
+                user=f"app-{sub.app_id}",
+                queue_id=str(p.id),
+            )
+        except content.ScanUnavailable:
+            REJECTS.labels(sub.source, "content_unavailable").inc()
+            raise TemporaryAcceptError(
+                "the content scanner is unavailable, try again later"
+            ) from None
+        if verdict is None:  # rspamd away and failing open: accepted unscored (logged)
+            return p
+        t = scanner.thresholds
+        decision = content.judge(verdict.score, t)
+        if decision == "refuse":
+            figures = content.figures(
+                verdict, t, "refused", message_id_header=p.message_id_header, source=sub.source
+            )
+            try:
+                await asyncio.get_running_loop().run_in_executor(
+                    None, self._alert_refused, sub.app_id, figures
+                )
+            except Exception:  # the refusal stands; the alert is what is lost
+                log.exception("could not record the content alert of app %d", sub.app_id)
+            log.info(
+                "message from app %d refused for its content: score %g: %s",
+                sub.app_id,
+                verdict.score,
+                content.named(verdict),
+            )
+            raise AcceptError(
+                content.refuse_text(verdict, t),
+                reason="content_rejected",
+                field="content",
+                smtp="550 5.7.1",
+                status=422,
+            )
+        if decision == "hold":
+            return replace(
+                p,
+                verdict=verdict,
+                content_hold=content.hold_text(verdict, t),
+                content_alert=content.figures(
+                    verdict, t, "held", message_id=str(p.id), source=sub.source
+                ),
+            )
+        return replace(p, verdict=verdict)
+
+    def _alert_refused(self, app_id: int, figures: dict[str, Any]) -> None:
+        abuse_alerts.raise_alert(self.store, app_id, "content", figures)
 
     def _render_template(self, sub: Submission) -> Submission:
         """The submission with its body made from the template its X-Postbode-Template header
@@ -560,6 +634,8 @@ class Acceptor:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
         self._executor.shutdown(wait=True)
+        if self.scanner is not None:
+            await self.scanner.close()
 
 
 # A From or Sender value in its plain form, `Name <local@domain>` or `local@domain`: read
@@ -738,6 +814,7 @@ class _Rows:
     raw: list[dict[str, Any]] = field(default_factory=list)
     deliveries: list[dict[str, Any]] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
+    alerts: list[tuple[int, dict[str, Any]]] = field(default_factory=list)  # content holds
 
     def add(
         self, p: _Prepared, suppressed: set[tuple[int, str, str]], held: dict[int, str]
@@ -768,8 +845,12 @@ class _Rows:
                 "ab_test_id": sub.ab_test_id,
                 "ab_variant": sub.ab_variant,
                 "send_at": sub.send_at,
+                "spam_score": p.verdict.score if p.verdict is not None else None,
+                "spam_symbols": p.verdict.symbols_json() if p.verdict is not None else None,
             }
         )
+        if p.content_alert is not None:
+            self.alerts.append((sub.app_id, p.content_alert))
         self.raw.append({"message_id": p.id, "compression": "zlib", "data": p.compressed})
         common: dict[str, Any] = {
             "app_id": sub.app_id,
@@ -796,12 +877,18 @@ class _Rows:
                 sub.stream,
             ) in suppressed
             # A held app's scheduled mail stays scheduled: the worker holds it when it is due.
+            # Mail held for its content waits for a person whenever it was due.
+            reason = None
             if is_suppressed:
                 status, event_type = "suppressed", EventType.DELIVERY_SUPPRESSED
+            elif p.content_hold is not None:
+                status, event_type = "held", EventType.DELIVERY_HELD
+                reason = p.content_hold
             elif scheduled:
                 status, event_type = "scheduled", EventType.DELIVERY_QUEUED
             elif hold_reason is not None:
                 status, event_type = "held", EventType.DELIVERY_HELD
+                reason = abuse_hold.reply_text(hold_reason)
             else:
                 status, event_type = "queued", EventType.DELIVERY_QUEUED
             delivery_id = new_id()
@@ -818,9 +905,7 @@ class _Rows:
                     "first_queued_at": due,
                     "verp_token": secrets.token_hex(12),
                     "updated_at": p.received_at,
-                    "last_reply": abuse_hold.reply_text(hold_reason)
-                    if status == "held" and hold_reason is not None
-                    else None,
+                    "last_reply": reason,
                 }
             )
             self.events.append(
@@ -831,8 +916,8 @@ class _Rows:
                     recipient=rcpt,
                     data={"send_at": due.isoformat()}
                     if status == "scheduled"
-                    else {"reason": abuse_hold.reply_text(hold_reason)}
-                    if status == "held" and hold_reason is not None
+                    else {"reason": reason}
+                    if reason is not None
                     else {},
                     **common,
                 )
@@ -851,6 +936,7 @@ class _Rows:
                 )
             ],
             self.events,
+            self.alerts,
         )
 
 
@@ -865,11 +951,16 @@ class _ReadyRows:
 
     inserts: list[PreparedRows]
     events: list[Event]
+    alerts: list[tuple[int, dict[str, Any]]]
 
     def write(self, conn: Connection) -> None:
         for prepared in self.inserts:
             BulkInsert.execute(conn, prepared)
         record(conn, self.events)
+        # A message held for its content: the app's people hear of it (abuse/alerts.py, at
+        # most one `content` alert per app and hour), in the transaction that stores it.
+        for app_id, figures in self.alerts:
+            abuse_alerts.raise_alert_in(conn, app_id, "content", figures)
 
 
 def _store_batch(

@@ -500,6 +500,9 @@ inbound_messages = Table(
     Column("raw", LargeBinary, nullable=False),  # zlib-compressed
     # SPF, DKIM and DMARC as computed once, before the first hand-off (inbound/verify.py)
     Column("verification", JSON),
+    # rspamd's verdict (abuse/content.py), when a content scanner is configured
+    Column("spam_score", Float),
+    Column("spam_symbols", JSON),
     *_lease_columns(),
     Column("last_status_code", Integer),
     Column("last_error", Text),

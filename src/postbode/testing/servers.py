@@ -11,6 +11,7 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 
 from postbode import tenancy
+from postbode.abuse.content import ContentScanner
 from postbode.config import Settings
 from postbode.ingest.accept import Acceptor
 from postbode.store.engine import Store
@@ -74,6 +75,7 @@ class PostbodeInProcess:
                 self.store,
                 self.settings.smtp_hostname,
                 allow_unverified=self.settings.allow_unverified_domains,
+                scanner=ContentScanner.from_settings(self.settings),
             )
             if self.run_worker:
                 self.worker = DeliveryWorker(self.settings, self.store)

@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
 from postbode import __version__
+from postbode.abuse.content import ContentScanner
 from postbode.config import Settings
 from postbode.ingest.accept import Acceptor
 from postbode.metrics import render as render_metrics
@@ -67,7 +68,10 @@ def create_app(settings: Settings, store: Store, acceptor: Acceptor | None = Non
     app.state.settings = settings
     app.state.store = store
     app.state.acceptor = acceptor or Acceptor(
-        store, settings.smtp_hostname, allow_unverified=settings.allow_unverified_domains
+        store,
+        settings.smtp_hostname,
+        allow_unverified=settings.allow_unverified_domains,
+        scanner=ContentScanner.from_settings(settings),
     )
 
     @app.get("/healthz", include_in_schema=False)

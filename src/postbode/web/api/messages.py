@@ -349,9 +349,25 @@ class MessageSummary(_MessageBase):
     recipients: list[RecipientOut]
 
 
+class ContentSymbol(BaseModel):
+    name: str = Field(description="rspamd's symbol, e.g. `GTUBE`, `R_SUSPICIOUS_URL`")
+    score: float
+    options: list[str] = Field(description="What the symbol matched (addresses, URLs …)")
+
+
+class ContentScore(BaseModel):
+    score: float = Field(description="rspamd's score for the message as accepted")
+    symbols: list[ContentSymbol] = Field(description="Highest score first")
+
+
 class MessageDetail(_MessageBase):
     track_opens: bool
     track_clicks: bool
+    content: ContentScore | None = Field(
+        None,
+        description="rspamd's verdict when a content scanner is configured "
+        "(`POSTBODE_RSPAMD_URL`); null when the message was not scanned",
+    )
     recipients: list[DeliveryOut]
     attempts: list[AttemptOut] = Field(description="Oldest first")
     events: list[EventOut] = Field(description="Oldest first")
@@ -1185,6 +1201,9 @@ def load_message(conn: Connection, app_id: int, id: UUID) -> dict[str, Any]:
         **_message_fields(msg),
         "track_opens": msg.track_opens,
         "track_clicks": msg.track_clicks,
+        "content": None
+        if msg.spam_score is None
+        else {"score": msg.spam_score, "symbols": msg.spam_symbols or []},
         "recipients": [
             {
                 "email": d.recipient,

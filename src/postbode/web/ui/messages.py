@@ -282,6 +282,7 @@ def _detail(store: Store, viewer: Viewer, message_id: uuid.UUID) -> dict[str, An
     raw = _raw(store, message_id)
     detail["app_id"] = app_id
     detail["raw_purged_at"] = purged
+    detail["content_score"] = detail.get("content")  # rspamd's verdict, if scanned
     detail["content"] = parse_source(raw) if raw is not None else None
     detail["bounces"] = [e for e in detail["events"] if e["type"] == "delivery.bounced"]
     by_delivery: dict[Any, list[dict[str, Any]]] = {}
