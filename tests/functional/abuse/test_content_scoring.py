@@ -30,6 +30,9 @@ from postbode.testing.rspamd import CONTENT_RULE, GTUBE, MIDDLE_MARKER, MIDDLE_S
 from postbode.testing.servers import HttpPostbode
 from postbode.testing.sink import SmtpSink
 
+# One private rspamd per test session: its tests share an xdist worker.
+pytestmark = pytest.mark.xdist_group("rspamd")
+
 PASSWORD = "a long password for the owner"
 StartScanning = Callable[..., HttpPostbode]
 

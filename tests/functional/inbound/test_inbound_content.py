@@ -18,6 +18,9 @@ from postbode.testing.rspamd import CONTENT_RULE, GTUBE, MIDDLE_MARKER, MIDDLE_S
 from .conftest import Endpoint, InboundPostbode
 from .test_inbound import add_route, inbound_rows, send, wait_status
 
+# One private rspamd per test session: its tests share an xdist worker.
+pytestmark = pytest.mark.xdist_group("rspamd")
+
 
 @pytest.fixture
 def scanning(
