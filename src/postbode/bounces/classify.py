@@ -42,13 +42,23 @@ _ADDR_RE = re.compile(
 _SPACE_RE = re.compile(r"\s+")
 # Reply codes inside a text ("550-5.7.1 …" on every line of a multi-line reply, RFC 5321
 # §4.2.1) split phrases; the codes are read separately, so phrase matching drops them.
-# OpenSMTPD joins the lines of a multi-line reply by dropping each later line's "550-" and a
-# one-digit-detail code ("5.7.1 "), so a longer code stays glued to the line before it
-# ("… Gmail5.7.26 requires …"): that code goes too.
 _REPLY_PREFIX_RE = re.compile(
     r"(?<![\w.])[245]\d\d(?:-|(?= [245]\.\d))(?: ?[245]\.\d{1,3}\.\d{1,3}\b)?"
-    r"|(?:(?<=[A-Za-z,;:)])|(?<=[A-Za-z]\.))[245]\.\d{1,3}\.\d{2,3}(?= )"
 )
+# OpenSMTPD joins the lines of a multi-line reply by dropping each later line's "550-" and a
+# one-digit-detail code ("5.7.1 "), so a longer code stays glued to the line before it
+# ("… Gmail5.7.26 requires …"): that code goes too. (The expression starts with the code, which
+# the engine finds fast; the character before it is checked only where one is found.)
+_LONG_CODE_RE = re.compile(r"[245]\.\d{1,3}\.\d{2,3}(?= )")
+
+
+def _unglue(m: re.Match[str]) -> str:
+    text, i = m.string, m.start()
+    before = text[i - 1] if i else " "
+    if before.isalpha() or before in ",;:)" or (before == "." and i > 1 and text[i - 2].isalpha()):
+        return " "
+    return m.group(0)
+
 
 # Where a rule stands in the order of evidence (see docs/bounces.md):
 #   code     an RFC 3463 enhanced status code decides, text may refine within `refine`
@@ -268,8 +278,10 @@ def _read_alternatives(p: str, i: int, depth: int) -> tuple[list[list[_Item]], i
             nxt = p[i + 1]
             if nxt in _CLASS_ESCAPES:
                 kind = "other"
+            elif nxt in "nt":
+                kind, value = "lit", "\n" if nxt == "n" else "\t"
             elif nxt.isalnum():
-                raise _NoLiterals(p)  # backreferences, \x.., \n: not in the rules
+                raise _NoLiterals(p)  # backreferences, \x.., \1: not in the rules
             else:
                 kind, value = "lit", nxt
             i += 2
@@ -361,7 +373,7 @@ def _alternatives_literals(alternatives: list[list[_Item]]) -> frozenset[str] | 
     return frozenset(found)
 
 
-def _required(pattern: str) -> frozenset[str] | None:
+def required_literals(pattern: str) -> frozenset[str] | None:
     """Literal strings of which every match of `pattern` contains one (None: no such set
     found). A cheap `in` test on them skips most rules before their regular expression."""
     try:
@@ -450,7 +462,7 @@ def _compile_rule(index: int, raw: dict[str, Any], words: dict[str, str] | None 
 def _rule_required(texts: list[str]) -> frozenset[str] | None:
     if not texts:
         return None
-    parts = [_required(_lower_pattern(t)) for t in texts]
+    parts = [required_literals(_lower_pattern(t)) for t in texts]
     if any(p is None for p in parts):
         return None
     return _shortest(frozenset().union(*(p for p in parts if p is not None)))
@@ -504,6 +516,8 @@ def normalize_text(text: str) -> str:
         text = _ADDR_RE.sub("<@>", text)
     if "-" in text or "." in text:
         text = _REPLY_PREFIX_RE.sub(" ", text)
+        if "." in text:
+            text = _LONG_CODE_RE.sub(_unglue, text)
     return _SPACE_RE.sub(" ", text).strip().lower()
 
 
@@ -650,8 +664,12 @@ def _classify(
     text_only = _text_only(ruleset)
 
     def match(rule: Rule) -> bool:
-        if rule.required is not None and not any(lit in body for lit in rule.required):
-            return False
+        if rule.required is not None:
+            for lit in rule.required:
+                if lit in body:
+                    break
+            else:
+                return False
         if rule.name in text_only and rule.text is not None:
             return rule.text.search(body) is not None
         return rule.matches(status, reply_code, body, stage)

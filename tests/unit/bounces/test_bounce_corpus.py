@@ -136,3 +136,17 @@ def test_the_literal_prefilter_never_skips_a_rule_that_would_match() -> None:
                 matched += 1
                 assert any(lit in text for lit in rule.required), (rule.name, text[:200])
     assert matched > 100
+    # The same for the SMTP stage patterns, which read the raw text lower-cased.
+    from postbode.bounces.parse import _STAGE_ALTERNATIVES
+
+    raw = [
+        message_text(path.read_bytes()).lower() for path in sorted((CORPUS / "eml").rglob("*.eml"))
+    ]
+    stage_matches = 0
+    for _stage, pattern, literals in _STAGE_ALTERNATIVES:
+        assert literals is not None, pattern.pattern
+        for text in raw:
+            if pattern.search(text) is not None:
+                stage_matches += 1
+                assert any(lit in text for lit in literals), pattern.pattern
+    assert stage_matches > 50
