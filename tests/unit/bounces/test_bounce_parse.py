@@ -327,3 +327,24 @@ def test_non_english_diagnostics_are_classified() -> None:
         "leo@dest.test",
         "mailbox_full",
     )
+
+
+def test_header_fields_unfold_and_the_first_value_wins() -> None:
+    from postbode.bounces.parse import _split_head
+
+    head, body = _split_head(
+        "Subject: one\n\ttwo\nBad Name: x\n folded into nothing\nSubject: again\n"
+        "Message-ID:\n <a@b.test>\nno colon here\n continued\nX-Empty:\n\nbody\n"
+    )
+    assert head == {"subject": "one two", "message-id": " <a@b.test>", "x-empty": ""}
+    assert body == "body\n"
+
+
+def test_the_returned_original_is_cut_off_whatever_the_case_of_the_text() -> None:
+    from postbode.bounces.parse import _original_mark
+
+    assert _original_mark("Delivery failed.\n\n----- Original Message -----\nTo: a") == 18
+    assert _original_mark("--- Below this line is a copy of the message.") == 0
+    # "İ" lower-cases to two characters: offsets still come from the text itself.
+    assert _original_mark("İstanbul\nnothing\n  ORIGINAL MESSAGE FOLLOWS\n") == 17
+    assert _original_mark("no mark in here\n") is None
