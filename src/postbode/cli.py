@@ -255,11 +255,12 @@ def settings_markdown() -> str:
 def app_create(
     name: str,
     as_json: JsonFlag = False,
-    organization: Annotated[str, typer.Option(help="Organization to create it in.")] = (
-        tenancy.DEFAULT_ORGANIZATION
-    ),
+    organization: Annotated[
+        str, typer.Option("--organization", "--org", help="Organization to create it in.")
+    ] = tenancy.DEFAULT_ORGANIZATION,
 ) -> None:
-    """Create an app with an API key and an SMTP login (shown once)."""
+    """Create an app with an API key and an SMTP login (shown once). App names are unique
+    within an organization; other organizations may have apps of the same name."""
     try:
         created = tenancy.create_app(_store(), name, organization)
     except tenancy.TenancyError as exc:
@@ -284,11 +285,21 @@ def app_list(as_json: JsonFlag = False) -> None:
         )
 
 
-def _app_id(name: str) -> tuple[Store, int]:
+# Where an app name needs its organisation: when several organisations have an app of it.
+AppOrgOption = Annotated[
+    str | None,
+    typer.Option(
+        "--org",
+        help="The app's organization (needed only when several have an app of this name).",
+    ),
+]
+
+
+def _app_id(name: str, organization: str | None) -> tuple[Store, int]:
     store = _store()
     try:
         with store.read() as conn:
-            return store, int(tenancy.app_by_name(conn, name)["id"])
+            return store, int(tenancy.app_by_name(conn, name, organization)["id"])
     except tenancy.TenancyError as exc:
         _fail(str(exc))
 
@@ -298,11 +309,12 @@ def app_hold(
     name: str,
     reason: Annotated[str, typer.Option(help="Why: shown with every held delivery.")],
     as_json: JsonFlag = False,
+    organization: AppOrgOption = None,
 ) -> None:
     """Hold the app's mail: new mail is accepted as held, queued mail waits, until released."""
     from postbode.abuse import hold
 
-    store, app_id = _app_id(name)
+    store, app_id = _app_id(name, organization)
     try:
         changed = hold.hold(store, app_id, reason, hold.Actor("cli"))
     except hold.HoldError as exc:
@@ -328,13 +340,14 @@ def app_limits(
         int | None, typer.Option(help="A credential's id (`credential list`): its own limits.")
     ] = None,
     as_json: JsonFlag = False,
+    organization: AppOrgOption = None,
 ) -> None:
     """Show or set the app's (or one credential's) sending limits: over one, SMTP answers
     451 4.7.1 and the API 429 with Retry-After."""
     from postbode import audit
     from postbode.abuse import limits
 
-    store, app_id = _app_id(name)
+    store, app_id = _app_id(name, organization)
     changes = {
         k: v
         for k, v in (("per_minute", per_minute), ("per_hour", per_hour), ("per_day", per_day))
@@ -345,7 +358,7 @@ def app_limits(
             after = limits.set_limits(conn, app_id, changes, credential)
             if changes:
                 target = name if credential is None else f"{name} credential {credential}"
-                org = tenancy.app_by_name(conn, name)["organization_id"]
+                org = tenancy.app_by_name(conn, name, organization)["organization_id"]
                 audit.write(conn, org, "cli", "app.limits", target, after.as_json())
     except (LookupError, ValueError) as exc:
         _fail(str(exc))
@@ -358,11 +371,11 @@ def app_limits(
 
 
 @app_cmd.command("release")
-def app_release(name: str, as_json: JsonFlag = False) -> None:
+def app_release(name: str, as_json: JsonFlag = False, organization: AppOrgOption = None) -> None:
     """End the app's hold and send its held mail."""
     from postbode.abuse import hold
 
-    store, app_id = _app_id(name)
+    store, app_id = _app_id(name, organization)
     released = hold.release(store, app_id, hold.Actor("cli"))
     if as_json:
         _print_json({"app": name, "held": False, "released": released})
@@ -376,10 +389,13 @@ def credential_create(
     kind: Annotated[str, typer.Option(help="api or smtp.")] = "api",
     name: Annotated[str, typer.Option(help="A label, e.g. where it is used.")] = "",
     as_json: JsonFlag = False,
+    organization: AppOrgOption = None,
 ) -> None:
     """Create an API key or SMTP login (the secret is shown once)."""
     try:
-        created = tenancy.create_credential(_store(), app_name, kind, name)
+        created = tenancy.create_credential(
+            _store(), app_name, kind, name, organization=organization
+        )
     except tenancy.TenancyError as exc:
         _fail(str(exc))
     if as_json:
@@ -393,10 +409,11 @@ def credential_create(
 def credential_list(
     app_name: Annotated[str, typer.Option("--app", help="The app's name.")],
     as_json: JsonFlag = False,
+    organization: AppOrgOption = None,
 ) -> None:
     """List an app's credentials (never their secrets)."""
     try:
-        rows = tenancy.list_credentials(_store(), app_name)
+        rows = tenancy.list_credentials(_store(), app_name, organization=organization)
     except tenancy.TenancyError as exc:
         _fail(str(exc))
     if as_json:
@@ -426,12 +443,16 @@ def domain_add(
         bool, typer.Option("--inbound", help="It also takes mail for the app's routes.")
     ] = False,
     as_json: JsonFlag = False,
+    organization: AppOrgOption = None,
 ) -> None:
     """Register a sending domain (with --inbound: one that takes mail for the app's routes,
-    too); prints the DNS records to publish."""
+    too); prints the DNS records to publish. Another organization may claim the same name:
+    the claim whose own DKIM record is found in DNS holds it (`postbode domain check`)."""
     settings = get_settings()
     try:
-        row = tenancy.add_domain(_store(), app_name, domain, inbound=inbound)
+        row = tenancy.add_domain(
+            _store(), app_name, domain, inbound=inbound, organization=organization
+        )
     except tenancy.TenancyError as exc:
         _fail(str(exc))
     records = tenancy.dns_records(row, settings.smtp_hostname, settings.return_path_domain)
@@ -479,7 +500,7 @@ def domain_list(
     """List sending domains; with --records, the DNS records each needs, in full."""
     from sqlalchemy import select
 
-    from postbode.store.schema import apps, domains
+    from postbode.store.schema import apps, domains, organizations
 
     settings = get_settings()
     key_columns = _key_columns()
@@ -487,13 +508,15 @@ def domain_list(
         select(
             domains.c.name,
             apps.c.name.label("app"),
+            organizations.c.name.label("organization"),
             domains.c.dkim_selector,
             domains.c.verified_at,
             domains.c.inbound,
             *key_columns,
         )
         .join(apps, apps.c.id == domains.c.app_id)
-        .order_by(domains.c.name)
+        .join(organizations, organizations.c.id == apps.c.organization_id)
+        .order_by(domains.c.name, domains.c.verified_at.is_(None), domains.c.id)
     )
     if names:
         query = query.where(domains.c.name.in_([n.strip().lower().rstrip(".") for n in names]))
@@ -514,10 +537,12 @@ def domain_list(
         )
     elif records:
         for row in rows:
-            out.print(f"\n[bold]{row['name']}[/bold] (app {row['app']}):")
+            out.print(f"\n[bold]{row['name']}[/bold] (app {row['app']}, {row['organization']}):")
             _print_records(row["records"])
     else:
-        _print_table(rows, ["name", "app", "dkim_selector", "verified_at", "inbound"])
+        _print_table(
+            rows, ["name", "app", "organization", "dkim_selector", "verified_at", "inbound"]
+        )
 
 
 # -- inbound routes --------------------------------------------------------------------------
@@ -541,6 +566,7 @@ def route_add(
     action: Annotated[str, typer.Option(help="post, hold or reject.")] = "post",
     format: Annotated[str, typer.Option("--format", help="native or postmark.")] = "native",
     as_json: JsonFlag = False,
+    organization: AppOrgOption = None,
 ) -> None:
     """Add a route; prints it with its signing secret (shown once)."""
     from postbode.inbound import routes
@@ -549,7 +575,7 @@ def route_add(
     store = _store()
     policy = DestinationPolicy.from_settings(get_settings())
     try:
-        app_id = routes.app_id_by_name(store, app_name)
+        app_id = routes.app_id_by_name(store, app_name, organization)
         created = routes.create_route(
             store, app_id, match, url=url, action=action, format=format, policy=policy
         )
@@ -566,13 +592,14 @@ def route_add(
 def route_list(
     app_name: Annotated[str, typer.Option("--app", help="The app's name.")],
     as_json: JsonFlag = False,
+    organization: AppOrgOption = None,
 ) -> None:
     """List an app's routes."""
     from postbode.inbound import routes
 
     store = _store()
     try:
-        rows = routes.list_routes(store, routes.app_id_by_name(store, app_name))
+        rows = routes.list_routes(store, routes.app_id_by_name(store, app_name, organization))
     except routes.RouteError as exc:
         _fail(exc.message)
     if as_json:
@@ -585,13 +612,14 @@ def route_list(
 def route_remove(
     app_name: Annotated[str, typer.Option("--app", help="The app's name.")],
     match: Annotated[str, typer.Option("--match", help="The route's pattern.")],
+    organization: AppOrgOption = None,
 ) -> None:
     """Remove a route; mail for its addresses is refused from then on."""
     from postbode.inbound import routes
 
     store = _store()
     try:
-        app_id = routes.app_id_by_name(store, app_name)
+        app_id = routes.app_id_by_name(store, app_name, organization)
         routes.delete_route(store, app_id, routes.route_id_by_pattern(store, app_id, match))
     except routes.RouteError as exc:
         _fail(exc.message)
@@ -676,20 +704,44 @@ def token_revoke(token_id: int, organization: OrgOption = tenancy.DEFAULT_ORGANI
 
 
 @domain_cmd.command("check")
-def domain_check(domain: str, as_json: JsonFlag = False) -> None:
+def domain_check(
+    domain: str,
+    as_json: JsonFlag = False,
+    app_name: Annotated[
+        str | None,
+        typer.Option("--app", help="The app whose claim to check (needed when several claim it)."),
+    ] = None,
+    organization: AppOrgOption = None,
+) -> None:
     """Look up a domain's DNS records now and store the verdicts (exit status 1 unless every
-    record passes, so a script can wait for DNS)."""
+    record passes, so a script can wait for DNS). A claim whose records pass is not verified
+    while another app's claim of the name is: this says which."""
     from postbode import dnscheck
 
+    store = _store()
     try:
-        result = asyncio.run(dnscheck.check_domain(_store(), get_settings(), domain))
+        app_id = None
+        if app_name is not None:
+            with store.read() as conn:
+                app_id = int(tenancy.app_by_name(conn, app_name, organization)["id"])
+        result = asyncio.run(dnscheck.check_domain(store, get_settings(), domain, app_id=app_id))
+        with store.read() as conn:
+            holder = tenancy.verified_elsewhere(conn, result.domain, result.app_id)
     except tenancy.TenancyError as exc:
         _fail(str(exc))
     if as_json:
-        _print_json(result.as_json())
+        shown = result.as_json()
+        if holder is not None:  # the operator's view: the other claim is named
+            shown["verified_claim"] = {k: holder[k] for k in ("app", "organization")}
+        _print_json(shown)
     else:
         state = "verified" if result.verified else "not verified"
         out.print(f"domain [bold]{result.domain}[/bold]: {state}")
+        if holder is not None:
+            out.print(
+                f"[yellow]the verified claim is app {holder['app']!r} of organization "
+                f"{holder['organization']!r}: this claim cannot be verified while it is[/]"
+            )
         colours = {"pass": "green", "missing": "yellow", "wrong": "red"}
         table = Table("record", "status", "name", "detail")
         for c in result.records:

@@ -21,7 +21,9 @@ from sqlalchemy import Connection, select, update
 from postbode import tenancy
 from postbode.stats import rollup
 from postbode.store.engine import Store
-from postbode.store.schema import apps, domains, utcnow
+from postbode.store.schema import apps, domains, organizations, utcnow
+
+DEMO_ORG = tenancy.DEFAULT_ORGANIZATION  # where demo apps are made
 
 # Seeded mail keeps its raw content (and full attempt transcripts) for the newest day only;
 # older messages are marked raw-purged, as retention would leave them, so a million messages
@@ -1141,10 +1143,15 @@ def _raw_message(
 
 
 def ensure_demo_app(store: Store, name: str) -> tuple[int, str]:
-    """The app named `name` and a sending domain of it; a missing app is created with a
-    verified domain `<name>.test` and open and click tracking on."""
+    """The app named `name` (of the default organisation) and a sending domain of it; a
+    missing app is created with a verified domain `<name>.test` and open and click tracking
+    on."""
     with store.read() as conn:
-        app_id = conn.execute(select(apps.c.id).where(apps.c.name == name)).scalar()
+        app_id = conn.execute(
+            select(apps.c.id)
+            .join(organizations, organizations.c.id == apps.c.organization_id)
+            .where(apps.c.name == name, organizations.c.name == DEMO_ORG)
+        ).scalar()
     if app_id is None:
         app_id = tenancy.create_app(store, name).app_id
         with store.write() as conn:
@@ -1157,14 +1164,19 @@ def ensure_demo_app(store: Store, name: str) -> tuple[int, str]:
         ).scalar()
     if domain is None:
         slug = name.replace("_", "-").strip("-") or "demo"
+        domain = f"{slug}.test"
+        with store.read() as conn:
+            if tenancy.verified_elsewhere(conn, domain, int(app_id)) is not None:
+                domain = f"{slug}-{secrets.token_hex(3)}.test"  # held by another app
         try:
-            domain = tenancy.add_domain(store, name, f"{slug}.test")["name"]
-        except tenancy.TenancyError:  # taken by another app
-            domain = tenancy.add_domain(store, name, f"{slug}-{secrets.token_hex(3)}.test")["name"]
+            domain = tenancy.add_domain(store, name, domain, organization=DEMO_ORG)["name"]
+        except tenancy.TenancyError:  # claimed by another app of the organisation
+            domain = f"{slug}-{secrets.token_hex(3)}.test"
+            domain = tenancy.add_domain(store, name, domain, organization=DEMO_ORG)["name"]
         with store.write() as conn:
             conn.execute(
                 update(domains)
-                .where(domains.c.name == domain)
+                .where(domains.c.app_id == app_id, domains.c.name == domain)
                 .values(
                     verified_at=utcnow(),
                     dns_checked_at=utcnow(),

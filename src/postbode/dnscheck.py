@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -16,6 +17,7 @@ import dns.exception
 import dns.nameserver
 import dns.resolver
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 
 from postbode import tenancy
 from postbode.config import Settings
@@ -23,7 +25,9 @@ from postbode.delivery.mx import parse_nameservers
 from postbode.events.record import Event, record
 from postbode.events.types import EventType
 from postbode.store.engine import Store
-from postbode.store.schema import domains, utcnow
+from postbode.store.schema import apps, domains, organizations, utcnow
+
+log = logging.getLogger(__name__)
 
 Status = Literal["pass", "missing", "wrong"]
 PURPOSES = ("spf", "dkim", "return_path", "return_path_mx", "dmarc")
@@ -310,19 +314,53 @@ class DomainCheck:
         }
 
 
-def _load(store: Store, name: str) -> dict[str, Any]:
+def _load(store: Store, name: str, app_id: int | None) -> dict[str, Any]:
+    """The claim of `name` by `app_id`; without an app, the only claim of the name (the
+    operator's command line: several claims need the app named)."""
+    query = select(domains).where(domains.c.name == name)
+    if app_id is not None:
+        query = query.where(domains.c.app_id == app_id)
     with store.read() as conn:
-        row = conn.execute(select(domains).where(domains.c.name == name)).mappings().first()
-    if row is None:
+        rows = conn.execute(query.order_by(domains.c.id)).mappings().all()
+        if len(rows) > 1:
+            claims = conn.execute(
+                select(apps.c.name.label("app"), organizations.c.name.label("org"))
+                .join(domains, domains.c.app_id == apps.c.id)
+                .join(organizations, organizations.c.id == apps.c.organization_id)
+                .where(domains.c.name == name)
+                .order_by(domains.c.id)
+            ).all()
+            listed = ", ".join(f"{c.app} ({c.org})" for c in claims)
+            raise tenancy.TenancyError(
+                f"several apps claim {name!r}: {listed}; name one with --app (and --org)"
+            )
+    if not rows:
         raise tenancy.TenancyError(f"no domain {name!r}")
-    return dict(row)
+    return dict(rows[0])
 
 
 def _save(
     store: Store, row: dict[str, Any], checks: list[RecordCheck], now: datetime
 ) -> DomainCheck:
     """Store the verdicts; a change of any record's status writes a domain.dns_changed event
-    in the same transaction."""
+    in the same transaction. A claim becomes verified only while no other claim of the name
+    is (the store's unique index holds that across nodes too): otherwise it stays pending,
+    answered like any claim whose records are not there yet, and the operator's log names
+    the conflict."""
+    try:
+        return _save_once(store, row, checks, now, may_verify=True)
+    except IntegrityError:  # another node verified another claim of the name meanwhile
+        return _save_once(store, row, checks, now, may_verify=False)
+
+
+def _save_once(
+    store: Store,
+    row: dict[str, Any],
+    checks: list[RecordCheck],
+    now: datetime,
+    *,
+    may_verify: bool,
+) -> DomainCheck:
     after = statuses(checks)
     with store.write() as conn:
         current = conn.execute(
@@ -330,6 +368,18 @@ def _save(
         ).one()
         before = dict(current.dns_status or {})
         since = verified_at(checks, current.verified_at, now)
+        if since is not None and current.verified_at is None:
+            holder = tenancy.verified_elsewhere(conn, row["name"], row["app_id"])
+            if holder is not None or not may_verify:
+                log.warning(
+                    "domain %s: the claim of app %s passes its DNS check, but the name is held "
+                    "by the verified claim of app %s of organization %s; it stays unverified",
+                    row["name"],
+                    row["app_id"],
+                    holder["app"] if holder else "(another)",
+                    holder["organization"] if holder else "(another)",
+                )
+                since = None
         changed = before != after
         conn.execute(
             update(domains)
@@ -359,16 +409,19 @@ async def check_domain(
     settings: Settings,
     name: str,
     *,
+    app_id: int | None = None,
     reader: DnsReader | None = None,
     now: datetime | None = None,
 ) -> DomainCheck:
-    """Look up the domain's records now (and its MX when it takes inbound mail), judge them
-    against what Postbode asks to publish, and store the result (dns_status, dns_checked_at,
-    verified_at). Raises TenancyError for a domain Postbode does not know."""
+    """Look up the records of `app_id`'s claim of the domain now (and its MX when it takes
+    inbound mail), judge them against what Postbode asks that claim to publish (its own DKIM
+    selector and key), and store the result (dns_status, dns_checked_at, verified_at).
+    Without `app_id`, the name's only claim. Raises TenancyError for a domain Postbode does
+    not know (or, without an app, one several apps claim)."""
     ascii_name = name.strip().rstrip(".").lower()
     with contextlib.suppress(UnicodeError):  # not a name we could have stored: _load says so
         ascii_name = ascii_name.encode("idna").decode("ascii")
-    row = await asyncio.to_thread(_load, store, ascii_name)
+    row = await asyncio.to_thread(_load, store, ascii_name, app_id)
     expected = tenancy.dns_records(row, settings.smtp_hostname, settings.return_path_domain)
     if row.get("inbound"):
         expected = tenancy.inbound_records(row, settings.smtp_hostname) + expected
@@ -383,6 +436,10 @@ async def check_all(
 ) -> list[DomainCheck]:
     """Check every domain, one after the other (for a periodic duty)."""
     with store.read() as conn:
-        names = list(conn.execute(select(domains.c.name).order_by(domains.c.name)).scalars())
+        claims = conn.execute(
+            select(domains.c.name, domains.c.app_id).order_by(domains.c.name, domains.c.id)
+        ).all()
     reader = reader or DnsReader.from_settings(settings)
-    return [await check_domain(store, settings, n, reader=reader) for n in names]
+    return [
+        await check_domain(store, settings, c.name, app_id=c.app_id, reader=reader) for c in claims
+    ]

@@ -10,6 +10,7 @@ import secrets
 import string
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -86,12 +87,15 @@ def _check_name(name: str) -> str:
 
 
 def create_app(store: Store, name: str, organization: str = DEFAULT_ORGANIZATION) -> NewApp:
-    """Create an app with one API key and one SMTP credential."""
+    """Create an app with one API key and one SMTP credential. App names are unique within
+    their organisation; another organisation's apps do not matter (nor are they told)."""
     _check_name(name)
     with store.write() as conn:
-        if conn.execute(select(apps.c.id).where(apps.c.name == name)).first():
-            raise TenancyError(f"an app named {name!r} already exists")
         org_id = ensure_organization(conn, organization)
+        if conn.execute(
+            select(apps.c.id).where(apps.c.organization_id == org_id, apps.c.name == name)
+        ).first():
+            raise TenancyError(f"an app named {name!r} already exists")
         # a new app starts with its organization's retention defaults (privacy/retention.py)
         raw_days, metadata_days = conn.execute(
             select(
@@ -113,11 +117,36 @@ def create_app(store: Store, name: str, organization: str = DEFAULT_ORGANIZATION
     return NewApp(app_id, name, api_key, username, password)
 
 
-def app_by_name(conn: Connection, name: str) -> dict[str, Any]:
-    row = conn.execute(select(apps).where(apps.c.name == name)).mappings().first()
-    if row is None:
-        raise TenancyError(f"no app named {name!r}")
-    return dict(row)
+# Which organisation an app name is read in: its name, its id, or None (any, if only one
+# organisation has an app of that name: the operator's command line).
+Organization = str | int | None
+
+
+class AmbiguousApp(TenancyError):
+    """Several organisations have an app of the name, and none was named."""
+
+
+def app_by_name(conn: Connection, name: str, organization: Organization = None) -> dict[str, Any]:
+    """The app called `name` in `organization`. Without an organisation, the one app of that
+    name in the installation, and AmbiguousApp when several organisations have one (only
+    the operator looks apps up that way: every other caller names its organisation)."""
+    query = select(apps).where(apps.c.name == name)
+    if isinstance(organization, int):
+        query = query.where(apps.c.organization_id == organization)
+    elif organization is not None:
+        query = query.join(organizations, organizations.c.id == apps.c.organization_id).where(
+            organizations.c.name == organization
+        )
+    rows = conn.execute(query.limit(2)).mappings().all()
+    if not rows:
+        where = f" in organization {organization!r}" if isinstance(organization, str) else ""
+        raise TenancyError(f"no app named {name!r}{where}")
+    if len(rows) > 1:
+        raise AmbiguousApp(
+            f"several organizations have an app named {name!r}: name one with --org "
+            "(`postbode app list` shows each app's organization)"
+        )
+    return dict(rows[0])
 
 
 def list_apps(store: Store) -> list[dict[str, Any]]:
@@ -182,10 +211,12 @@ def _create_smtp_credential(
     return username, password
 
 
-def create_credential(store: Store, app_name: str, kind: str, name: str = "") -> dict[str, Any]:
+def create_credential(
+    store: Store, app_name: str, kind: str, name: str = "", *, organization: Organization = None
+) -> dict[str, Any]:
     """A new API key or SMTP login for the app; its secret is in the result, and nowhere else."""
     with store.write() as conn:
-        app = app_by_name(conn, app_name)
+        app = app_by_name(conn, app_name, organization)
         if kind == "api":
             key = _create_api_key(conn, app["id"], name)
             lookup = key[len(API_KEY_PREFIX) :].split("_", 1)[0]
@@ -215,9 +246,11 @@ def revoke_credential(store: Store, credential_id: int, app_id: int | None = Non
     _api_keys.clear()  # this process forgets at once; others within API_KEY_CACHE_SECONDS
 
 
-def list_credentials(store: Store, app_name: str) -> list[dict[str, Any]]:
+def list_credentials(
+    store: Store, app_name: str, *, organization: Organization = None
+) -> list[dict[str, Any]]:
     with store.read() as conn:
-        app = app_by_name(conn, app_name)
+        app = app_by_name(conn, app_name, organization)
         rows = conn.execute(
             select(
                 credentials.c.id,
@@ -398,24 +431,44 @@ def _check_domain(name: str) -> str:
     return ascii_name
 
 
-def add_domain(store: Store, app_name: str, name: str, *, inbound: bool = False) -> dict[str, Any]:
-    """Register a sending domain for an app, with a new 2048-bit DKIM key. `inbound`: it also
-    takes mail for the app's routes (a domain the app has already is switched to inbound)."""
+def add_domain(
+    store: Store,
+    app_name: str,
+    name: str,
+    *,
+    inbound: bool = False,
+    organization: Organization = None,
+) -> dict[str, Any]:
+    """Claim a sending domain for an app, with a new 2048-bit DKIM key under a selector of its
+    own. `inbound`: it also takes mail for the app's routes (a domain the app has already is
+    switched to inbound).
+
+    Any app may claim any name, whoever else claimed it: the claim holds the name once its
+    own DKIM record is found in DNS (dnscheck), and at most one claim of a name holds it.
+    So the answer is the same whether another organisation claimed the name or not."""
     name = _check_domain(name)
     private_pem, public_txt = generate_dkim_key()
     selector = f"pb{secrets.token_hex(3)}"
     with store.write() as conn:
-        app = app_by_name(conn, app_name)
-        owner = conn.execute(select(domains.c.app_id).where(domains.c.name == name)).first()
-        if owner is not None and inbound and owner.app_id == app["id"]:
-            conn.execute(update(domains).where(domains.c.name == name).values(inbound=True))
+        app = app_by_name(conn, app_name, organization)
+        claims = conn.execute(
+            select(domains.c.id, domains.c.app_id, apps.c.name.label("app"))
+            .join(apps, apps.c.id == domains.c.app_id)
+            .where(domains.c.name == name, apps.c.organization_id == app["organization_id"])
+        ).all()
+        own = next((c for c in claims if c.app_id == app["id"]), None)
+        if own is not None and inbound:
+            conn.execute(update(domains).where(domains.c.id == own.id).values(inbound=True))
             return dict(
-                conn.execute(select(domains).where(domains.c.name == name)).mappings().one()
+                conn.execute(select(domains).where(domains.c.id == own.id)).mappings().one()
             )
-        if owner is not None:
+        if own is not None:
             raise TenancyError(f"domain {name!r} is already registered")
-        conn.execute(
-            insert(domains).values(
+        if claims:  # another app of the same organisation: telling it tells nobody else
+            raise TenancyError(f"domain {name!r} is already registered to app {claims[0].app!r}")
+        domain_id = conn.execute(
+            insert(domains)
+            .values(
                 app_id=app["id"],
                 name=name,
                 dkim_selector=selector,
@@ -423,9 +476,67 @@ def add_domain(store: Store, app_name: str, name: str, *, inbound: bool = False)
                 dkim_public_key=public_txt,
                 inbound=inbound,
             )
-        )
-        row = conn.execute(select(domains).where(domains.c.name == name)).mappings().one()
+            .returning(domains.c.id)
+        ).scalar_one()
+        row = conn.execute(select(domains).where(domains.c.id == domain_id)).mappings().one()
     return dict(row)
+
+
+def holders(claims: Iterable[Any], *, allow_unverified: bool) -> dict[str, Any]:
+    """The claim that holds each name, of `claims` (rows with name, app_id, verified_at): the
+    verified one; with `allow_unverified` (development), the only claim of a name no claim
+    has verified. A name several apps claim and none verified is nobody's."""
+    by_name: dict[str, list[Any]] = {}
+    for claim in claims:
+        by_name.setdefault(str(claim.name).lower(), []).append(claim)
+    held: dict[str, Any] = {}
+    for name, found in by_name.items():
+        verified = [c for c in found if c.verified_at is not None]
+        if verified:
+            held[name] = verified[0]
+        elif allow_unverified and len(found) == 1:
+            held[name] = found[0]
+    return held
+
+
+def domain_holders(
+    conn: Connection, *, allow_unverified: bool, inbound_only: bool = False
+) -> dict[str, int]:
+    """{name: app id} of every domain name held (`holders`): the app whose mail, bounces and
+    inbound mail the name stands for. `inbound_only`: names whose holder takes inbound mail."""
+    rows = conn.execute(
+        select(domains.c.name, domains.c.app_id, domains.c.verified_at, domains.c.inbound)
+    ).all()
+    return {
+        name: int(row.app_id)
+        for name, row in holders(rows, allow_unverified=allow_unverified).items()
+        if row.inbound or not inbound_only
+    }
+
+
+def verified_elsewhere(conn: Connection, name: str, app_id: int) -> dict[str, Any] | None:
+    """The verified claim of `name` by another app than `app_id`, with its app and
+    organisation names (for the operator), or None."""
+    row = (
+        conn.execute(
+            select(
+                domains.c.id,
+                domains.c.app_id,
+                apps.c.name.label("app"),
+                organizations.c.name.label("organization"),
+            )
+            .join(apps, apps.c.id == domains.c.app_id)
+            .join(organizations, organizations.c.id == apps.c.organization_id)
+            .where(
+                domains.c.name == name,
+                domains.c.app_id != app_id,
+                domains.c.verified_at.is_not(None),
+            )
+        )
+        .mappings()
+        .first()
+    )
+    return None if row is None else dict(row)
 
 
 def inbound_records(domain: dict[str, Any], smtp_hostname: str) -> list[dict[str, str]]:
@@ -671,7 +782,7 @@ APP_SETTINGS = (
 
 
 def update_app(
-    store: Store, app_name: str, **changes: Any
+    store: Store, app_name: str, *, organization: Organization = None, **changes: Any
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Change an app's settings (APP_SETTINGS) or status (`active` | `suspended`); returns
     the app after the change and what changed ({field: [before, after]})."""
@@ -681,11 +792,11 @@ def update_app(
     if "status" in changes and changes["status"] not in ("active", "suspended"):
         raise TenancyError("status is active or suspended")
     with store.write() as conn:
-        before = app_by_name(conn, app_name)
+        before = app_by_name(conn, app_name, organization)
         values = {k: v for k, v in changes.items() if before[k] != v}
         if values:
             conn.execute(update(apps).where(apps.c.id == before["id"]).values(**values))
-        after = app_by_name(conn, app_name)
+        after = app_by_name(conn, app_name, before["organization_id"])
     return after, {k: [before[k], after[k]] for k in values}
 
 
@@ -698,8 +809,8 @@ def rotate_dkim(
     store: Store,
     domain_name: str,
     *,
+    app_id: int,
     grace_days: float = DKIM_GRACE_DAYS,
-    app_id: int | None = None,
 ) -> dict[str, Any]:
     """A new DKIM key under a new selector signs the domain's mail from now on; the previous
     key stays in the DNS records (and should stay published) for `grace_days`, so mail
@@ -710,10 +821,11 @@ def rotate_dkim(
     private_pem, public_txt = generate_dkim_key()
     name = _check_domain(domain_name)
     with store.write() as conn:
-        query = select(domains).where(domains.c.name == name)
-        if app_id is not None:
-            query = query.where(domains.c.app_id == app_id)
-        row = conn.execute(query).mappings().first()
+        row = (
+            conn.execute(select(domains).where(domains.c.name == name, domains.c.app_id == app_id))
+            .mappings()
+            .first()
+        )
         if row is None:
             raise TenancyError(f"no domain {name!r}")
         selector = row["dkim_selector"]

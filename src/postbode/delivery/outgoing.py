@@ -156,8 +156,21 @@ class Outgoing:
         return jobs
 
     def signing_keys(self, jobs: Sequence[Job]) -> dict[tuple[int, str], Any]:
-        """The DKIM keys of the From domains in these jobs, by (app, domain)."""
+        """The DKIM keys of the From domains in these jobs, by (app, domain): each app's own
+        claim of the name, unless another app's claim of it is verified (then the app's mail
+        goes unsigned: the name is not its to sign for)."""
         names = {_from_domain(j.message.mail_from, j.message.from_header) for j in jobs}
+        apps_of_jobs = {j.row.app_id for j in jobs}
+        other = domains.alias("other")
+        held_elsewhere = (
+            select(other.c.id)
+            .where(
+                other.c.name == domains.c.name,
+                other.c.app_id != domains.c.app_id,
+                other.c.verified_at.is_not(None),
+            )
+            .exists()
+        )
         with self.store.read() as conn:
             rows = conn.execute(
                 select(
@@ -166,7 +179,11 @@ class Outgoing:
                     domains.c.dkim_selector,
                     domains.c.dkim_private_key,
                     domains.c.dns_status,
-                ).where(domains.c.name.in_(names))
+                ).where(
+                    domains.c.name.in_(names),
+                    domains.c.app_id.in_(apps_of_jobs),
+                    ~held_elsewhere,
+                )
             ).all()
         return {(r.app_id, r.name): r for r in rows}
 

@@ -142,7 +142,9 @@ class InboundIntake:
     def load(self) -> None:
         """Read the routes and inbound domains now (blocking)."""
         with self.store.read() as conn:
-            table, domains = load_table(conn)
+            table, domains = load_table(
+                conn, allow_unverified=self.settings.allow_unverified_domains
+            )
         self._table, self._domains, self._loaded = table, domains, time.monotonic()
 
     async def refresh(self) -> None:

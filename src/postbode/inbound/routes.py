@@ -20,8 +20,9 @@ from typing import Any
 
 from sqlalchemy import Connection, delete, insert, select, update
 
+from postbode import tenancy
 from postbode.store.engine import Store
-from postbode.store.schema import ROUTE_ACTIONS, ROUTE_FORMATS, apps, domains, routes, utcnow
+from postbode.store.schema import ROUTE_ACTIONS, ROUTE_FORMATS, domains, routes, utcnow
 from postbode.store.sealing import seal
 from postbode.webhooks.destinations import DestinationPolicy
 from postbode.webhooks.manage import STRICT, WebhookError, check_url
@@ -171,16 +172,18 @@ def create_route(
     secret = generate_secret()
     sealed = seal(store, secret)
     with store.write() as conn:
-        owner = conn.execute(
-            select(domains.c.app_id, domains.c.inbound).where(domains.c.name == domain)
+        claim = conn.execute(
+            select(domains.c.inbound).where(domains.c.name == domain, domains.c.app_id == app_id)
         ).first()
-        if owner is None or owner.app_id != app_id or not owner.inbound:
+        if claim is None or not claim.inbound:
             raise RouteError(
                 f"{domain} is not an inbound domain of this app "
                 f"(add it with `postbode domain add {domain} --app NAME --inbound`)",
                 field="match",
             )
-        if conn.execute(select(routes.c.id).where(routes.c.pattern == stored)).first():
+        if conn.execute(
+            select(routes.c.id).where(routes.c.app_id == app_id, routes.c.pattern == stored)
+        ).first():
             raise RouteError(
                 f"a route for {stored} exists already", code="conflict", field="match", status=409
             )
@@ -247,12 +250,13 @@ def delete_route(store: Store, app_id: int, route_id: int) -> None:
         conn.execute(delete(routes).where(routes.c.id == route_id))
 
 
-def app_id_by_name(store: Store, name: str) -> int:
-    with store.read() as conn:
-        app_id = conn.execute(select(apps.c.id).where(apps.c.name == name)).scalar()
-    if app_id is None:
-        raise RouteError(f"no app named {name!r}", code="not_found", field="app", status=404)
-    return int(app_id)
+def app_id_by_name(store: Store, name: str, organization: str | int | None = None) -> int:
+    """The app called `name` (in `organization`: see tenancy.app_by_name)."""
+    try:
+        with store.read() as conn:
+            return int(tenancy.app_by_name(conn, name, organization)["id"])
+    except tenancy.TenancyError as exc:
+        raise RouteError(str(exc), code="not_found", field="app", status=404) from None
 
 
 def route_id_by_pattern(store: Store, app_id: int, pattern: str) -> int:
@@ -266,9 +270,15 @@ def route_id_by_pattern(store: Store, app_id: int, pattern: str) -> int:
     return int(route_id)
 
 
-def load_table(conn: Connection) -> tuple[dict[str, Route], dict[str, int]]:
+def load_table(
+    conn: Connection, *, allow_unverified: bool
+) -> tuple[dict[str, Route], dict[str, int]]:
     """Every enabled route by pattern, and every inbound domain with its app: what the SMTP
-    listener matches recipients against."""
+    listener matches recipients against. A domain is the app's whose claim holds it
+    (tenancy.holders: the verified claim, or in development the only one), and only that
+    app's routes at it are in the table: another organisation's claim of the name takes
+    none of its mail."""
+    inbound = tenancy.domain_holders(conn, allow_unverified=allow_unverified, inbound_only=True)
     table = {
         r.pattern: Route.from_row(r)
         for r in conn.execute(
@@ -281,12 +291,7 @@ def load_table(conn: Connection) -> tuple[dict[str, Route], dict[str, int]]:
                 routes.c.format,
             ).where(routes.c.enabled.is_(True))
         )
-    }
-    inbound = {
-        str(d.name).lower(): int(d.app_id)
-        for d in conn.execute(
-            select(domains.c.name, domains.c.app_id).where(domains.c.inbound.is_(True))
-        )
+        if inbound.get(r.pattern.rpartition("@")[2]) == r.app_id
     }
     return table, inbound
 

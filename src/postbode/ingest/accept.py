@@ -187,6 +187,9 @@ class _AppInfo:
     domains: dict[str, bool]  # name -> verified
     loaded_at: float
     tracking_allowed: bool = True  # False: no pixel or click link, whatever a message asks
+    # Names of the app's claims that another app's verified claim holds: never sent from,
+    # even where unverified domains may send (development).
+    held_elsewhere: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -288,8 +291,20 @@ class Acceptor:
                         apps.c.tracking_allowed,
                     ).where(apps.c.id == app_id)
                 ).one()
+                other = domains.alias("other")
+                held_elsewhere = (
+                    select(other.c.id)
+                    .where(
+                        other.c.name == domains.c.name,
+                        other.c.app_id != domains.c.app_id,
+                        other.c.verified_at.is_not(None),
+                    )
+                    .exists()
+                )
                 names = conn.execute(
-                    select(domains.c.name, domains.c.verified_at).where(domains.c.app_id == app_id)
+                    select(
+                        domains.c.name, domains.c.verified_at, held_elsewhere.label("taken")
+                    ).where(domains.c.app_id == app_id)
                 ).all()
             info = _AppInfo(
                 app.status,
@@ -298,6 +313,7 @@ class Acceptor:
                 {n.name: n.verified_at is not None for n in names},
                 time.monotonic(),
                 app.tracking_allowed,
+                frozenset(n.name for n in names if n.taken),
             )
             self._apps[app_id] = info
         return info
@@ -327,18 +343,20 @@ class Acceptor:
         AcceptError (550 5.7.1) otherwise. The one check for SMTP and every API."""
         authors = author_addresses(fields)
         verified = [self.check_sender(app_id, address) for address in authors]
-        if not self.allow_unverified:
-            for address, ok in zip(authors, verified, strict=True):
-                if not ok:
-                    domain = address.rpartition("@")[2].lower().rstrip(".")
-                    raise AcceptError(
-                        f"sender domain {domain!r} is not verified yet: publish the records "
-                        f"`postbode domain list --records` shows, then `postbode domain check "
-                        f"{domain}`",
-                        reason="unverified_domain",
-                        field="from",
-                        smtp="550 5.7.1",
-                    )
+        held_elsewhere = self.app_info(app_id).held_elsewhere
+        for address, ok in zip(authors, verified, strict=True):
+            domain = address.rpartition("@")[2].lower().rstrip(".")
+            # The same answer whether the records are missing or another organisation holds
+            # the name: this app is not told who does.
+            if not ok and (not self.allow_unverified or domain in held_elsewhere):
+                raise AcceptError(
+                    f"sender domain {domain!r} is not verified yet: publish the records "
+                    f"`postbode domain list --records` shows, then `postbode domain check "
+                    f"{domain}`",
+                    reason="unverified_domain",
+                    field="from",
+                    smtp="550 5.7.1",
+                )
         return all(verified)
 
     def prepare(self, sub: Submission) -> _Prepared:

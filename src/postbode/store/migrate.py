@@ -118,8 +118,42 @@ def migrate(store: Store, revision: str = "head") -> None:
     """Apply every migration up to `revision`."""
     from alembic import command
 
-    with _migration_lock(store), store.engine.begin() as conn:
+    with _migration_lock(store), _migrating(store) as conn:
         command.upgrade(alembic_config(conn, store.configured_secret), revision)
+
+
+def downgrade(store: Store, revision: str) -> None:
+    """Undo migrations down to `revision` (for tests and for going back a release)."""
+    from alembic import command
+
+    with _migration_lock(store), _migrating(store) as conn:
+        command.downgrade(alembic_config(conn, store.configured_secret), revision)
+
+
+@contextmanager
+def _migrating(store: Store) -> Iterator[Connection]:
+    """A connection in a transaction for migrations. On SQLite, foreign keys are not enforced
+    while they run: a migration that changes a constraint copies the table, and dropping the
+    old copy would otherwise delete (ON DELETE CASCADE) every row that refers to it. They are
+    checked before the commit instead, and enforced again after."""
+    with store.engine.connect() as conn:
+        if not store.is_sqlite:
+            with conn.begin():
+                yield conn
+            return
+        # On the driver's connection: SQLAlchemy would begin a transaction first, and inside
+        # one SQLite ignores this pragma.
+        driver = conn.connection.dbapi_connection
+        assert driver is not None
+        driver.execute("PRAGMA foreign_keys=OFF")
+        try:
+            with conn.begin():
+                yield conn
+                broken = conn.exec_driver_sql("PRAGMA foreign_key_check").all()
+                if broken:
+                    raise RuntimeError(f"the migration broke foreign keys: {broken[:5]}")
+        finally:
+            driver.execute("PRAGMA foreign_keys=ON")
 
 
 def ensure_migrated(store: Store) -> None:

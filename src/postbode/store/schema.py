@@ -183,7 +183,8 @@ apps = Table(
     # Sending limits (abuse/limits.py): messages accepted per minute, hour, day; NULL: none.
     *_limit_columns(),
     _created(),
-    UniqueConstraint("name"),
+    # Names are the organisation's own: another organisation may have an app of the same name.
+    UniqueConstraint("organization_id", "name"),
 )
 
 credentials = Table(
@@ -208,7 +209,9 @@ domains = Table(
     metadata,
     Column("id", Integer, primary_key=True),
     Column("app_id", ForeignKey("apps.id", ondelete="CASCADE"), nullable=False),
-    Column("name", String(253), nullable=False, unique=True),
+    # A claim: any app may add any name (each claim with its own DKIM key and selector); DNS
+    # decides who holds it. At most one claim of a name is verified (the index below).
+    Column("name", String(253), nullable=False),
     Column("dkim_selector", String(63), nullable=False),
     Column("dkim_private_key", Text, nullable=False),
     Column("dkim_public_key", Text, nullable=False),  # the TXT value: v=DKIM1; k=rsa; p=…
@@ -223,6 +226,16 @@ domains = Table(
     Column("previous_dkim_public_key", Text),
     Column("previous_dkim_until", UTCDateTime),
     _created(),
+    UniqueConstraint("app_id", "name"),
+    Index(None, "name"),
+    # The verified claim of a name is the one that sends, signs and takes its mail.
+    Index(
+        "uq_domains_verified_name",
+        "name",
+        unique=True,
+        postgresql_where=text("verified_at IS NOT NULL"),
+        sqlite_where=text("verified_at IS NOT NULL"),
+    ),
 )
 
 organization_tokens = Table(
@@ -476,8 +489,9 @@ routes = Table(
     Column("secret", String(100), nullable=False),  # whsec_…, sealed: signs the hand-off
     Column("enabled", Boolean, nullable=False, default=True),
     _created(),
-    UniqueConstraint("pattern"),
-    Index(None, "app_id"),
+    # Per app: the listener takes only the routes of the app holding the domain (verified).
+    UniqueConstraint("app_id", "pattern"),
+    Index(None, "pattern"),
 )
 
 inbound_messages = Table(

@@ -5,13 +5,12 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
 
 from postbode.store.engine import Store
-from postbode.store.migrate import alembic_config, current_revision, head_revision, migrate
+from postbode.store.migrate import current_revision, downgrade, head_revision, migrate
 from postbode.store.schema import metadata
 
 # Expression indexes cannot be compared by autogenerate (they are written by hand).
@@ -42,8 +41,7 @@ def test_the_migrated_schema_is_the_declared_one(store: Store) -> None:
 
 
 def test_the_newest_migration_goes_down_and_up_again(store: Store) -> None:
-    with store.engine.begin() as conn:
-        command.downgrade(alembic_config(conn), "-1")
+    downgrade(store, "-1")
     assert current_revision(store) != head_revision()
     migrate(store, "head")
     assert current_revision(store) == head_revision()
@@ -65,3 +63,26 @@ def test_a_database_without_a_schema_has_no_revision(tmp_path: Path) -> None:
         assert current_revision(empty) is None
     finally:
         empty.dispose()
+
+
+def test_names_per_organisation_keep_every_row_on_the_way(store: Store) -> None:
+    """0015 copies `apps` on SQLite: the apps' credentials and domains survive it both ways."""
+    from sqlalchemy import func, select
+
+    from postbode import tenancy
+    from postbode.store.schema import credentials, domains
+
+    tenancy.create_app(store, "shop")
+    tenancy.add_domain(store, "shop", "shop.test")
+
+    def counted() -> tuple[int, int]:
+        with store.read() as conn:
+            return (
+                conn.execute(select(func.count()).select_from(credentials)).scalar_one(),
+                conn.execute(select(func.count()).select_from(domains)).scalar_one(),
+            )
+
+    downgrade(store, "0014")
+    assert counted() == (2, 1)
+    migrate(store)
+    assert counted() == (2, 1)

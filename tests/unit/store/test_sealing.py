@@ -4,11 +4,10 @@ again to sign; the migration seals the rows an older release kept in clear."""
 from __future__ import annotations
 
 import pytest
-from alembic import command
 from sqlalchemy import insert, select
 
 from postbode.store.engine import Store
-from postbode.store.migrate import alembic_config, migrate
+from postbode.store.migrate import downgrade, migrate
 from postbode.store.schema import routes, utcnow, webhooks
 from postbode.store.sealing import (
     SealError,
@@ -49,8 +48,7 @@ def test_new_webhooks_are_stored_sealed(store: Store) -> None:
 def test_the_migration_seals_secrets_kept_in_clear(store: Store) -> None:
     app = make_app(store)
     hook_secret, old_secret, route_secret = generate_secret(), generate_secret(), generate_secret()
-    with store.engine.begin() as conn:
-        command.downgrade(alembic_config(conn), "0008")
+    downgrade(store, "0008")
     try:
         with store.write() as conn:
             conn.execute(

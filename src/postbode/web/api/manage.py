@@ -173,8 +173,16 @@ def _org_name(store: Store, organization_id: int) -> str:
 def _app(store: Store, caller: tenancy.OrgToken, name: str) -> dict[str, Any]:
     """The caller's app called `name`; 404 for an app of another organization too."""
     with store.read() as conn:
-        row = conn.execute(select(apps).where(apps.c.name == name)).mappings().first()
-    if row is None or row["organization_id"] != caller.organization_id:
+        row = (
+            conn.execute(
+                select(apps).where(
+                    apps.c.name == name, apps.c.organization_id == caller.organization_id
+                )
+            )
+            .mappings()
+            .first()
+        )
+    if row is None:
         raise ApiError(404, "not_found", f"no app named {name!r}", "app")
     return dict(row)
 
@@ -279,7 +287,13 @@ async def update_app(app: str, body: AppPatch, request: Request, caller: Caller)
     for name, value in changes.items():
         if value is None and name not in NULLABLE_APP_SETTINGS:
             raise ApiError(422, "invalid", f"{name} cannot be null", name)
-    after, changed = await _call(tenancy.update_app, _store(request), app, **changes)
+    after, changed = await _call(
+        tenancy.update_app,
+        _store(request),
+        app,
+        organization=caller.organization_id,
+        **changes,
+    )
     if changed:
         _audit(request, caller, "app.settings", app, {"changed": changed})
     return _app_out(after)
@@ -287,7 +301,13 @@ async def update_app(app: str, body: AppPatch, request: Request, caller: Caller)
 
 async def _set_status(request: Request, caller: tenancy.OrgToken, app: str, status: str) -> Any:
     await _app_of(request, caller, app)
-    after, changed = await _call(tenancy.update_app, _store(request), app, status=status)
+    after, changed = await _call(
+        tenancy.update_app,
+        _store(request),
+        app,
+        organization=caller.organization_id,
+        status=status,
+    )
     if changed:
         action = "app.suspend" if status == "suspended" else "app.resume"
         _audit(request, caller, action, app)
@@ -521,7 +541,11 @@ class CredentialCreated(BaseModel):
 async def list_credentials(app: str, request: Request, caller: Caller) -> dict[str, Any]:
     """API keys and SMTP logins, never their secrets."""
     await _app_of(request, caller, app)
-    return {"data": await _call(tenancy.list_credentials, _store(request), app)}
+    return {
+        "data": await _call(
+            tenancy.list_credentials, _store(request), app, organization=caller.organization_id
+        )
+    }
 
 
 @router.post(
@@ -535,7 +559,14 @@ async def create_credential(
 ) -> dict[str, Any]:
     """Its secret is in this answer and nowhere else."""
     await _app_of(request, caller, app)
-    created = await _call(tenancy.create_credential, _store(request), app, body.kind, body.name)
+    created = await _call(
+        tenancy.create_credential,
+        _store(request),
+        app,
+        body.kind,
+        body.name,
+        organization=caller.organization_id,
+    )
     _audit(
         request,
         caller,
@@ -693,7 +724,14 @@ async def list_domains(app: str, request: Request, caller: Caller) -> dict[str, 
 async def add_domain(app: str, body: DomainIn, request: Request, caller: Caller) -> dict[str, Any]:
     """A new domain with its own 2048-bit DKIM key; the answer lists the records to publish."""
     await _app_of(request, caller, app)
-    row = await _call(tenancy.add_domain, _store(request), app, body.name, inbound=body.inbound)
+    row = await _call(
+        tenancy.add_domain,
+        _store(request),
+        app,
+        body.name,
+        inbound=body.inbound,
+        organization=caller.organization_id,
+    )
     _audit(request, caller, "domain.add", row["name"], {"app": app, "inbound": body.inbound})
     return _domain_out(request, row, app)
 
@@ -716,7 +754,9 @@ async def check_domain(app: str, domain: str, request: Request, caller: Caller) 
     row = await _domain(request, caller, app, domain)
     settings: Settings = request.app.state.settings
     try:
-        result = await dnscheck.check_domain(_store(request), settings, row["name"])
+        result = await dnscheck.check_domain(
+            _store(request), settings, row["name"], app_id=row["app_id"]
+        )
     except tenancy.TenancyError as exc:
         raise ApiError(404, "not_found", str(exc), "domain") from None
     return result.as_json()
@@ -736,7 +776,11 @@ async def rotate_dkim(
     row = await _domain(request, caller, app, domain)
     previous = row["dkim_selector"]
     after = await _call(
-        tenancy.rotate_dkim, _store(request), row["name"], grace_days=body.grace_days
+        tenancy.rotate_dkim,
+        _store(request),
+        row["name"],
+        app_id=row["app_id"],
+        grace_days=body.grace_days,
     )
     _audit(
         request,

@@ -152,7 +152,9 @@ async def create_app(request: Request, viewer: CanChange) -> Response:
 @router.get("/settings/apps/{name}")
 async def credentials_page(request: Request, viewer: SignedIn, name: str) -> Response:
     app = _app(viewer, name)
-    creds = await run_in_threadpool(tenancy.list_credentials, store_of(request), app.name)
+    creds = await run_in_threadpool(
+        tenancy.list_credentials, store_of(request), app.name, organization=viewer.org_id
+    )
     return await run_in_threadpool(_page, request, "credentials", app, credentials=creds)
 
 
@@ -164,7 +166,9 @@ async def create_credential(request: Request, viewer: CanChange, name: str) -> R
     label = str(form.get("name", "")).strip()[:100]
     store = store_of(request)
     try:
-        created = await run_in_threadpool(tenancy.create_credential, store, app.name, kind, label)
+        created = await run_in_threadpool(
+            tenancy.create_credential, store, app.name, kind, label, organization=viewer.org_id
+        )
     except tenancy.TenancyError as exc:
         return redirect(request, url(f"/settings/apps/{app.name}", viewer), str(exc), "error")
     await run_in_threadpool(
@@ -270,7 +274,7 @@ async def check_domain(request: Request, viewer: CanChange, name: str, domain_id
     )
     if row is None:
         raise UiError(404, f"No domain {domain_id} in {app.name}.")
-    live = await dnscheck.check_domain(store, settings_of(request), row["name"])
+    live = await dnscheck.check_domain(store, settings_of(request), row["name"], app_id=app.id)
     await run_in_threadpool(
         audit_now,
         store,
@@ -291,7 +295,9 @@ async def add_domain(request: Request, viewer: CanChange, name: str) -> Response
     store = store_of(request)
     back = url(f"/settings/apps/{app.name}/domains", viewer)
     try:
-        row = await run_in_threadpool(tenancy.add_domain, store, app.name, domain)
+        row = await run_in_threadpool(
+            tenancy.add_domain, store, app.name, domain, organization=viewer.org_id
+        )
     except tenancy.TenancyError as exc:
         return redirect(request, back, str(exc), "error")
     await run_in_threadpool(
