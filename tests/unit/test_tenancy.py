@@ -118,3 +118,22 @@ def test_users_and_roles(store: Store) -> None:
         tenancy.create_user(store, "x@shop.test", "short")
     with pytest.raises(tenancy.TenancyError, match="unknown role"):
         tenancy.create_user(store, "x@shop.test", "long enough", role="god")
+
+
+def test_the_verified_claim_holds_a_name_and_only_a_sole_claim_stands_in_for_it() -> None:
+    from collections import namedtuple
+    from datetime import UTC, datetime
+
+    claim = namedtuple("claim", "name app_id verified_at")
+    now = datetime.now(UTC)
+    claims = [
+        claim("held.test", 1, None),
+        claim("held.test", 2, now),
+        claim("Shared.test", 3, None),
+        claim("shared.test", 4, None),
+        claim("alone.test", 5, None),
+    ]
+    strict = tenancy.holders(claims, allow_unverified=False)
+    assert {n: c.app_id for n, c in strict.items()} == {"held.test": 2}
+    lenient = tenancy.holders(claims, allow_unverified=True)
+    assert {n: c.app_id for n, c in lenient.items()} == {"held.test": 2, "alone.test": 5}
