@@ -26,6 +26,7 @@ __all__ = [
     "NotFound",
     "WrongState",
     "cancel",
+    "cancel_message",
     "change_many",
     "change_one",
     "get_delivery",
@@ -107,6 +108,7 @@ class DeliveryFilter:
     tag: str | None = None
     older_than_seconds: float | None = None  # queued at least this long ago (first_queued_at)
     ids: Sequence[uuid.UUID] | None = None
+    message_id: uuid.UUID | None = None  # the deliveries of one message
 
     def is_empty(self) -> bool:
         return all(
@@ -117,6 +119,7 @@ class DeliveryFilter:
                 self.tag,
                 self.older_than_seconds,
                 self.ids,
+                self.message_id,
             )
         )
 
@@ -132,6 +135,17 @@ def retry(store: Store, app_id: int, delivery_id: uuid.UUID, *, by: str = "api")
 def cancel(store: Store, app_id: int, delivery_id: uuid.UUID, *, by: str = "api") -> dict[str, Any]:
     """Cancel a queued, deferred or held delivery; returns the delivery."""
     return change_one(store, app_id, delivery_id, "cancel", by=by)
+
+
+def cancel_message(store: Store, app_id: int, message_id: uuid.UUID, *, by: str = "api") -> int:
+    """Cancel every delivery of a message of `app_id` not sent yet (scheduled, queued,
+    deferred or held), each with its `delivery.cancelled`; returns how many. A delivery being
+    sent right now is left to its worker. Raises NotFound for another app's message."""
+    with store.read() as conn:
+        owner = conn.execute(select(messages.c.app_id).where(messages.c.id == message_id)).scalar()
+    if owner != app_id:  # another app's message is as absent as one that never was
+        raise NotFound(f"no message {message_id}", "id")
+    return change_many(store, app_id, "cancel", DeliveryFilter(message_id=message_id), by=by)
 
 
 def release(
@@ -214,6 +228,8 @@ def change_many(
         if not where.ids:
             return 0
         conditions.append(deliveries.c.id.in_(list(where.ids)))
+    if where.message_id is not None:
+        conditions.append(deliveries.c.message_id == where.message_id)
     changed = 0
     after: uuid.UUID | None = None
     while True:

@@ -233,3 +233,17 @@ for _action, (_summary, _description) in _DOCS.items():
         description=_description + " Any other state answers 409.",
         responses=_errors(404, 409),
     )
+
+
+@router.post(
+    "/messages/{id}/cancel",
+    response_model=Changed,
+    summary="Cancel: every delivery of a message not sent yet",
+    responses=_errors(404),
+)
+async def cancel_message(request: Request, app_id: ApiApp, id: UUID) -> dict[str, Any]:
+    """Every scheduled, queued, deferred or held delivery of the message is cancelled and never
+    sent (event `delivery.cancelled` each); `changed` counts them (0 when none was left to
+    cancel). A delivery being sent right now is not touched. Another app's message is 404."""
+    changed = await _call(request, manage.cancel_message, app_id, id)
+    return {"changed": changed}

@@ -479,6 +479,27 @@ async def change_delivery(
     return redirect(request, back, f"Delivery to {before['recipient']} {verb[action]}.")
 
 
+@router.post("/messages/{message_id}/cancel")
+async def cancel_message(request: Request, viewer: CanChange, message_id: uuid.UUID) -> Response:
+    """Every delivery of the message not sent yet, cancelled (as POST
+    /api/v1/messages/{id}/cancel)."""
+    store = store_of(request)
+    app_id = await run_in_threadpool(_owned_app, store, viewer, message_id)
+    back = url(f"/messages/{message_id}", None)
+
+    def run() -> int:
+        changed = manage.cancel_message(store, app_id, message_id, by=viewer.email)
+        with store.write() as conn:
+            audit(conn, viewer, request, "message.cancel", str(message_id), {"changed": changed})
+        return changed
+
+    changed = await run_in_threadpool(run)
+    if not changed:
+        return redirect(request, back, "Nothing to cancel: every delivery was sent or ended.")
+    noun = "delivery" if changed == 1 else "deliveries"
+    return redirect(request, back, f"Message cancelled: {changed} {noun} will not be sent.")
+
+
 @router.post("/messages/{message_id}/suppress")
 async def suppress_recipient(
     request: Request, viewer: CanChange, message_id: uuid.UUID

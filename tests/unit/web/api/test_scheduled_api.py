@@ -3,18 +3,19 @@ queue, are claimed only from send_at, and can be cancelled one by one or in bulk
 
 from __future__ import annotations
 
+import uuid
 import warnings
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from postbode import tenancy
 from postbode.config import Settings
 from postbode.store.claim import DELIVERIES, claim
 from postbode.store.engine import Store
-from postbode.store.schema import deliveries, messages
+from postbode.store.schema import deliveries, events, messages
 from postbode.web.app import create_app
 
 with warnings.catch_warnings():
@@ -75,6 +76,62 @@ def test_scheduled_deliveries_show_in_the_queue_and_cancel(
     assert bulk.json()["changed"] == 5
     with store.read() as conn:
         assert set(conn.execute(select(deliveries.c.status)).scalars()) == {"cancelled"}
+
+
+def test_a_message_is_cancelled_whole_and_only_what_is_not_sent(
+    client: TestClient, store: Store
+) -> None:
+    send_at = _iso(datetime.now(UTC) + timedelta(minutes=30))
+    to = [f"r{i}@dest.test" for i in range(4)]
+    sent = client.post("/api/v1/messages", json={**MSG, "to": to, "send_at": send_at}).json()
+    other = client.post("/api/v1/messages", json={**MSG, "send_at": send_at}).json()
+    ids = {r["email"]: uuid.UUID(r["delivery_id"]) for r in sent["recipients"]}
+    with store.write() as conn:  # one already went out, one is held, one is deferred
+        for email, status in (("r0@dest.test", "delivered"), ("r1@dest.test", "held")):
+            conn.execute(
+                update(deliveries).where(deliveries.c.id == ids[email]).values(status=status)
+            )
+        conn.execute(
+            update(deliveries)
+            .where(deliveries.c.id == ids["r2@dest.test"])
+            .values(status="deferred")
+        )
+
+    answer = client.post(f"/api/v1/messages/{sent['id']}/cancel")
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == {"changed": 3}
+    with store.read() as conn:
+        states = dict(conn.execute(select(deliveries.c.recipient, deliveries.c.status)).all())
+        cancelled = conn.execute(
+            select(events.c.delivery_id, events.c.data).where(events.c.type == "delivery.cancelled")
+        ).all()
+    assert states == {
+        "r0@dest.test": "delivered",
+        "r1@dest.test": "cancelled",
+        "r2@dest.test": "cancelled",
+        "r3@dest.test": "cancelled",
+        "a@dest.test": "scheduled",  # the other message is untouched
+    }
+    assert {e.delivery_id for e in cancelled} == {ids[f"r{i}@dest.test"] for i in (1, 2, 3)}
+    assert {e.data["previous_status"] for e in cancelled} == {"held", "deferred", "scheduled"}
+    # Nothing left to cancel: a count of 0, not an error.
+    assert client.post(f"/api/v1/messages/{sent['id']}/cancel").json() == {"changed": 0}
+
+    # Another app cannot cancel (nor learn of) this app's message.
+    stranger = tenancy.create_app(store, "stranger")
+    refused = client.post(
+        f"/api/v1/messages/{other['id']}/cancel",
+        headers={"Authorization": f"Bearer {stranger.api_key}"},
+    )
+    assert refused.status_code == 404
+    assert refused.json()["error"]["field"] == "id"
+    with store.read() as conn:
+        assert (
+            conn.execute(
+                select(deliveries.c.status).where(deliveries.c.message_id == uuid.UUID(other["id"]))
+            ).scalar_one()
+            == "scheduled"
+        )
 
 
 @pytest.mark.parametrize(
