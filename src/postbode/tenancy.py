@@ -260,6 +260,9 @@ def list_credentials(
                 credentials.c.created_at,
                 credentials.c.last_used_at,
                 credentials.c.revoked_at,
+                credentials.c.limit_per_minute,
+                credentials.c.limit_per_hour,
+                credentials.c.limit_per_day,
             )
             .where(credentials.c.app_id == app["id"])
             .order_by(credentials.c.id)

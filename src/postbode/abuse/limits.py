@@ -136,6 +136,8 @@ def set_limits(
         conn.execute(
             update(table)
             .where(table.c.id == key)
+            # another app's credential is never changed, whatever id is given
+            .where(*([credentials.c.app_id == app_id] if credential_id is not None else []))
             .values({f"limit_{name}": value for name, value in changes.items()})
         )
     return get_limits(conn, app_id, credential_id)

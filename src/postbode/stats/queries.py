@@ -406,22 +406,36 @@ def _scan_template(
     conn: Connection,
     app_ids: Sequence[int] | None,
     win: Window,
-    template: str,
+    template: str | None,
     *,
     stream: str | None = None,
+    by_bucket: bool = True,
 ) -> list[_Cell]:
-    """As `_scan`, for the mail made from one template: counted from the events of its
-    messages (the counters have no template dimension), so the rows read grow with that
-    template's traffic in the window."""
+    """As `_scan`, for the mail made from one template (None: from any template, each cell's
+    `tag` naming its template): counted from the events of its messages (the counters have
+    no template dimension). The join is driven from the app's events in the window (SQLite
+    picks `events (app_id, created_at)`), so it reads the app's events in the window once,
+    whatever the number of templates; an app that never sent from a template costs one
+    index probe."""
     ids = _app_ids(conn, app_ids)
     if not ids:
         return []
+    made_from = (
+        messages.c.template == template
+        if template is not None
+        else messages.c.template.is_not(None)
+    )
+    # An app that never sent from a template (most mail in most apps) costs one index probe,
+    # not a read of the window's events.
+    any_made = select(messages.c.id).where(messages.c.app_id.in_(ids), made_from).limit(1)
+    if conn.execute(any_made).first() is None:
+        return []
     query = (
-        select(events.c.created_at, events.c.type, events.c.data)
+        select(events.c.created_at, events.c.type, events.c.data, messages.c.template)
         .join(messages, messages.c.id == events.c.message_id)
         .where(
             messages.c.app_id.in_(ids),
-            messages.c.template == template,
+            made_from,
             events.c.app_id.in_(ids),
             events.c.created_at >= win.since,
             events.c.created_at < win.until,
@@ -429,15 +443,20 @@ def _scan_template(
     )
     if stream is not None:
         query = query.where(messages.c.stream == stream)
-    counts: dict[tuple[int, str], list[int]] = {}
-    for at, kind, data in conn.execute(query):
+    counts: dict[tuple[int, str, str], list[int]] = {}
+    for at, kind, data, alias in conn.execute(query):
         data = data or {}
         if data.get("repeat"):  # a raw hit, not counted (events/record.py)
             continue
-        cell = counts.setdefault((win.index(at), str(kind)), [0, 0])
+        key = (
+            win.index(at) if by_bucket else 0,
+            "" if template is not None else str(alias),
+            str(kind),
+        )
+        cell = counts.setdefault(key, [0, 0])
         cell[0] += 1
         cell[1] += 1 if data.get("bot") else 0
-    return [_Cell(i, "", kind, n, bots) for (i, kind), (n, bots) in counts.items()]
+    return [_Cell(i, alias, kind, n, bots) for (i, alias, kind), (n, bots) in counts.items()]
 
 
 # -- series and summary --------------------------------------------------------------------------
@@ -875,6 +894,25 @@ def queue_now(
 
 
 # -- everything a dashboard shows ------------------------------------------------------------------
+
+
+def template_stats(
+    store: Store,
+    app_ids: Sequence[int] | None,
+    range: str | None = None,
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    stream: str | None = None,
+    now: datetime | None = None,
+) -> list[TagStats]:
+    """Every template that sent in the window with its totals and rates (each TagStats'
+    `tag` is the template's alias), most sent first: counted as `series_and_summary(...,
+    template=)` counts one, in one scan of the templated mail's events."""
+    win = window(range, since=since, until=until, now=now)
+    with store.read() as conn:
+        cells = _scan_template(conn, app_ids, win, None, stream=stream, by_bucket=False)
+    return sorted(tag_stats_of(cells).values(), key=lambda s: (-s.sent, s.tag))
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 from playwright.sync_api import Page, expect
 from sqlalchemy import func, select
@@ -19,6 +20,7 @@ from postbode import tenancy
 from postbode.events.record import Event, record
 from postbode.events.types import EventType
 from postbode.store.schema import deliveries, messages, utcnow
+from postbode.templates import manage
 from postbode.testing.sink import Rule
 
 from .conftest import Postbode, Watch, wait_for
@@ -133,12 +135,35 @@ def test_screenshots(
             f"Your parcel is on its way ({i + 1})",
             headers={"X-Postbode-Tag": "shipping-update"},
         )
-    for i in range(8):
-        pb.send(
-            [f"customer{i}@dest.test"],
-            "Reset your password",
-            headers={"X-Postbode-Tag": "password-reset"},
+    # Password resets and welcome mails are made from templates, through the API.
+    manage.create_template(
+        pb.store,
+        pb.shop.app_id,
+        "password-reset",
+        subject="Reset your password",
+        html='<p>Hi {{ name }}, <a href="https://shop.test/reset/{{ token }}">reset it</a>.</p>',
+    )
+    manage.create_template(
+        pb.store,
+        pb.shop.app_id,
+        "welcome",
+        subject="Welcome to Fietsenwinkel Jansen, {{ name }}",
+        html="<p>Welcome, {{ name }}!</p>",
+    )
+    for i in range(12):
+        alias = "password-reset" if i < 8 else "welcome"
+        answer = httpx.post(
+            f"{pb.base}/api/v1/messages",
+            headers={"Authorization": f"Bearer {pb.shop.api_key}"},
+            json={
+                "from": "Fietsenwinkel Jansen <service@shop.test>",
+                "to": [f"customer{i}@dest.test"],
+                "template": alias,
+                "model": {"name": f"Klant {i}", "token": f"t{i:04d}"},
+                "tag": alias,
+            },
         )
+        assert answer.status_code == 202, answer.text
     pb.send(
         ["nobody@dest.test"],
         "Welcome to Fietsenwinkel Jansen",

@@ -1,5 +1,5 @@
 """The Alerts page (the organisation's `app.alert`s and its held apps), holding and releasing
-an app, and its sending limits, from the UI."""
+an app, and its sending limits and those of each of its credentials, from the UI."""
 
 from __future__ import annotations
 
@@ -96,11 +96,8 @@ async def release_app(request: Request, viewer: CanChange, name: str) -> Respons
     return redirect(request, back, f"{name} released: {released} held deliveries queued.")
 
 
-@router.post("/settings/apps/{name}/limits")
-async def save_limits(request: Request, viewer: CanChange, name: str) -> Response:
-    app_id = _named(viewer, name)
-    form = await request.form()
-    back = url(f"/settings/apps/{name}", viewer)
+def _limit_changes(form: Any) -> dict[str, int | None] | str:
+    """per_minute, per_hour and per_day of a limits form (empty: no limit), or what is wrong."""
     changes: dict[str, int | None] = {}
     for field in ("per_minute", "per_hour", "per_day"):
         text = str(form.get(field, "")).strip()
@@ -109,7 +106,18 @@ async def save_limits(request: Request, viewer: CanChange, name: str) -> Respons
         elif text.isdigit() and int(text) <= limits.MAX_LIMIT:
             changes[field] = int(text)
         else:
-            return redirect(request, back, f"{field}: a number of messages, or empty.", "error")
+            return f"{field}: a number of messages, or empty."
+    return changes
+
+
+@router.post("/settings/apps/{name}/limits")
+async def save_limits(request: Request, viewer: CanChange, name: str) -> Response:
+    app_id = _named(viewer, name)
+    form = await request.form()
+    back = url(f"/settings/apps/{name}", viewer)
+    changes = _limit_changes(form)
+    if isinstance(changes, str):
+        return redirect(request, back, changes, "error")
     store = store_of(request)
 
     def run() -> None:
@@ -119,3 +127,31 @@ async def save_limits(request: Request, viewer: CanChange, name: str) -> Respons
 
     await run_in_threadpool(run)
     return redirect(request, back, "Sending limits saved.")
+
+
+@router.post("/settings/apps/{name}/credentials/{credential_id}/limits")
+async def save_credential_limits(
+    request: Request, viewer: CanChange, name: str, credential_id: int
+) -> Response:
+    """One API key's or SMTP login's own limits, audited as the CLI and the management API
+    audit them (`app.limits` on "<app> credential <id>")."""
+    app_id = _named(viewer, name)
+    form = await request.form()
+    back = url(f"/settings/apps/{name}", viewer)
+    changes = _limit_changes(form)
+    if isinstance(changes, str):
+        return redirect(request, back, changes, "error")
+    store = store_of(request)
+
+    def run() -> None:
+        with store.write() as conn:
+            limits.get_limits(conn, app_id, credential_id)  # LookupError: not this app's
+            after = limits.set_limits(conn, app_id, changes, credential_id)
+            target = f"{name} credential {credential_id}"
+            audit(conn, viewer, request, "app.limits", target, after.as_json())
+
+    try:
+        await run_in_threadpool(run)
+    except LookupError:
+        raise UiError(404, f"No credential {credential_id} in {name}.") from None
+    return redirect(request, back, f"Sending limits of credential {credential_id} saved.")

@@ -1,5 +1,7 @@
-"""The dashboard: messages over time (Chart.js), rates, the queue now, top bounce reasons and
-top tags, for the organization or one app; the live part refreshes itself (htmx poll)."""
+"""The dashboard: messages over time (Chart.js), rates, the queue now, top bounce reasons, top
+tags and templates, for the organization or one app, and each app's sending health now (its
+rate against its baseline, bounce and complaint rates against their thresholds); the live part
+refreshes itself (htmx poll)."""
 
 from __future__ import annotations
 
@@ -13,17 +15,34 @@ from fastapi import APIRouter, Request, Response
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
+from postbode.abuse.figures import app_figures
 from postbode.events.types import EventType
 from postbode.stats import anomalies
 from postbode.stats import queries as stats
 from postbode.store.engine import Store
 from postbode.store.schema import organizations, utcnow
-from postbode.web.ui.core import SignedIn, UiError, UiRoute, redirect, render, store_of, url
+from postbode.web.ui.core import (
+    AppRef,
+    SignedIn,
+    UiError,
+    UiRoute,
+    Viewer,
+    redirect,
+    render,
+    settings_of,
+    store_of,
+    url,
+)
 
 router = APIRouter(route_class=UiRoute, include_in_schema=False)
 UTC_ZONE = ZoneInfo("UTC")
 
 REFRESH_SECONDS = 10
+NEAR = 0.8  # a figure at this share of its threshold or more is shown as near it
+TEMPLATES_SHOWN = 20  # templates listed on the dashboard, most sent first
+# The templates' figures are counted from events: fetched with the page up to this span, on
+# request beyond it (docs/performance.md: a week of a template-heavy app takes seconds).
+TEMPLATES_AUTO_SPAN = timedelta(days=1)
 # The chart's lines: the stats' event names, shown as the delivery states people know.
 CHART: tuple[tuple[str, str], ...] = (
     (str(EventType.MESSAGE_RECEIVED), "received"),
@@ -78,6 +97,84 @@ def peaks_and_dips(
         }
         mark["log_url"] = log(**params, tag=tag or None)
     return found
+
+
+def cue(value: float | None, threshold: float | None, judged: bool = True) -> str:
+    """How a figure stands against its threshold: `over`, `near` (at NEAR of it or more),
+    `ok`, or `none` (no figure, or not judged at all). Over a threshold on too few deliveries
+    for the detector to act is only `near`."""
+    if value is None or not threshold:
+        return "none"
+    if value > threshold:
+        return "over" if judged else "near"
+    return "near" if value >= NEAR * threshold else "ok"
+
+
+def health_of(app: AppRef, f: dict[str, Any]) -> dict[str, Any]:
+    """One app's figures (abuse.figures.app_figures) with a cue for each, for the dashboard."""
+    return {
+        "app": app,
+        "f": f,
+        "rate": cue(f["per_minute"], f["spike_threshold_per_minute"]),
+        "bounce": cue(
+            f["bounce_rate"],
+            f["bounce_threshold"],
+            judged=f["deliveries"] >= f["bounce_min_deliveries"],
+        ),
+        "complaint": cue(
+            f["complaint_rate"],
+            f["complaint_threshold"],
+            judged=f["delivered"] >= f["complaint_min_deliveries"],
+        ),
+    }
+
+
+def sending_health(request: Request, viewer: Viewer | None) -> list[dict[str, Any]]:
+    """Each app in view with its detectors' figures now and their cues."""
+    if viewer is None:
+        return []
+    shown = [viewer.app] if viewer.app else list(viewer.apps)
+    with store_of(request).read() as conn:
+        figures = app_figures(conn, [a.id for a in shown], settings_of(request))
+    return [health_of(a, figures[a.id]) for a in shown]
+
+
+def template_rows(
+    request: Request, viewer: Viewer | None, span: Span, app_ids: list[int]
+) -> list[dict[str, Any]]:
+    """The templates that sent in the dashboard's range, per app in view, most sent first:
+    counted as the Templates page and GET /api/v1/stats?template= count them."""
+    if viewer is None:
+        return []
+    named = {a.id: a for a in viewer.apps}
+    found: list[dict[str, Any]] = []
+    for app_id in app_ids:
+        app = named.get(app_id)
+        if app is None:
+            continue
+        for t in stats.template_stats(
+            store_of(request),
+            [app_id],
+            None if span.since is not None else span.name,
+            since=span.since,
+            until=span.until,
+        ):
+            opened = t.totals.get(stats.OPENED, 0) - t.bots.get(stats.OPENED, 0)
+            clicked = t.totals.get(stats.CLICKED, 0) - t.bots.get(stats.CLICKED, 0)
+            found.append(
+                {
+                    "app": app.name,
+                    "template": t.tag,
+                    "sent": t.sent,
+                    "delivered": t.totals.get(stats.DELIVERED, 0),
+                    "bounced": t.totals.get(stats.BOUNCED, 0),
+                    "opened": opened,
+                    "clicked": clicked,
+                    "rates": t.rates,
+                }
+            )
+    found.sort(key=lambda r: (-r["sent"], r["app"], r["template"]))
+    return found[:TEMPLATES_SHOWN]
 
 
 @dataclass(frozen=True)
@@ -174,6 +271,7 @@ def _context(request: Request, app_ids: list[int], span: Span) -> dict[str, Any]
         for p in peaks
         if p["index"] is not None
     ]
+    health = sending_health(request, viewer)
     totals, bots = board.summary.totals, board.summary.bots
     delivered = totals.get(stats.DELIVERED, 0)
     return {
@@ -195,6 +293,8 @@ def _context(request: Request, app_ids: list[int], span: Span) -> dict[str, Any]
             "bot": bots.get(stats.CLICKED, 0),
         },
         "refresh": REFRESH_SECONDS,
+        "health": health,
+        "near": NEAR,
     }
 
 
@@ -206,7 +306,10 @@ async def home(request: Request, viewer: SignedIn) -> Response:
 @router.get("/dashboard")
 async def dashboard_page(request: Request, viewer: SignedIn) -> Response:
     tz = await run_in_threadpool(org_time_zone, store_of(request), viewer.org_id)
-    context = await run_in_threadpool(_context, request, viewer.app_ids, span_of(request, tz))
+    span = span_of(request, tz)
+    context = await run_in_threadpool(_context, request, viewer.app_ids, span)
+    window = context["board"].series.window
+    context["auto_templates"] = window.until - window.since <= TEMPLATES_AUTO_SPAN
     return render(request, "dashboard.html", context)
 
 
@@ -216,3 +319,21 @@ async def dashboard_live(request: Request, viewer: SignedIn) -> Response:
     tz = await run_in_threadpool(org_time_zone, store_of(request), viewer.org_id)
     context = await run_in_threadpool(_context, request, viewer.app_ids, span_of(request, tz))
     return render(request, "_dashboard_live.html", context)
+
+
+@router.get("/dashboard/templates")
+async def dashboard_templates(request: Request, viewer: SignedIn) -> Response:
+    """The templates' figures over the dashboard's range, fetched by the page once it is shown:
+    they are counted from events, not counters (a read of the app's events in the range), so
+    neither the page's first paint nor its live refresh waits for them."""
+    tz = await run_in_threadpool(org_time_zone, store_of(request), viewer.org_id)
+    span = span_of(request, tz)
+    try:
+        rows = await run_in_threadpool(template_rows, request, viewer, span, viewer.app_ids)
+    except stats.StatsError as exc:
+        raise UiError(400, f"{exc.field}: {exc}") from None
+    return render(
+        request,
+        "_dashboard_templates.html",
+        {"templates": rows, "templates_shown": TEMPLATES_SHOWN, "span": span},
+    )

@@ -55,9 +55,12 @@ async def templates_page(request: Request, viewer: SignedIn) -> Response:
 
     def load() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         rows = manage.list_templates(store, app.id)
-        for row in rows:  # the last 30 days of each (what GET /api/v1/stats?template= gives)
-            _, summary = queries.series_and_summary(store, [app.id], "30d", template=row["alias"])
-            row["stats"] = summary.as_json()
+        # The last 30 days of each (what GET /api/v1/stats?template= gives), in one scan.
+        found = {t.tag: t for t in queries.template_stats(store, [app.id], "30d")}
+        quiet = {"sent": 0, "rates": queries.rates({}, {}).__dict__}
+        for row in rows:
+            t = found.get(row["alias"])
+            row["stats"] = t.counts_json() if t is not None else quiet
         return rows, abtest.list_tests(store, app.id)
 
     rows, tests = await run_in_threadpool(load)
