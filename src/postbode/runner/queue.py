@@ -12,7 +12,7 @@ from datetime import timedelta
 from typing import Any, Generic, Protocol, TypeVar
 
 from prometheus_client import Counter
-from sqlalchemy import Row, select
+from sqlalchemy import Row, bindparam, select
 
 from postbode.runner.owner import worker_name
 from postbode.store import claim
@@ -101,6 +101,13 @@ class QueueRunner(Generic[U]):
         self._held: set[Any] = set()  # ids claimed by this runner whose unit has not ended
         self._tasks: set[asyncio.Task[None]] = set()
         self._store_errors = 0
+        t = self.queue.table
+        # Made once: building and compiling the statement cost more than running it.
+        self._look = (
+            select(t.c.id)
+            .where(t.c.status.in_(self.queue.due), t.c.next_attempt_at <= bindparam("now"))
+            .limit(1)
+        )
 
     @property
     def in_hand(self) -> int:
@@ -121,16 +128,19 @@ class QueueRunner(Generic[U]):
                     await self._wait(stop, *self._tasks, wakeup=False)
                     continue
                 limit = min(free, self.options.batch_size)
+                # Wake-ups from here on are for rows this claim may not see: they stay set.
+                self.wakeup.clear()
                 rows = await self._store_call(self._claim, limit, stop=stop)
                 if rows is None:  # the store failed; _store_call waited
                     continue
-                if not rows:
-                    self.wakeup.clear()
+                if rows:
+                    await self._start(rows)
+                if len(rows) < limit:
+                    # Everything due was taken: no second look until a wake-up or the poll
+                    # (at low concurrency that look was a read for nothing after each claim).
                     await self._wait(stop, timeout=self.options.poll_seconds)
                     if self.wakeup.is_set() and self.options.gather_seconds > 0:
                         await self._wait(stop, timeout=self.options.gather_seconds, wakeup=False)
-                    continue
-                await self._start(rows)
         finally:
             await self._finish()
             renewing.cancel()
@@ -139,13 +149,8 @@ class QueueRunner(Generic[U]):
     # -- claiming ----------------------------------------------------------------------------
 
     def _claim(self, limit: int) -> Sequence[Row[Any]]:
-        t = self.queue.table
         with self.store.read() as conn:  # a cheap look first: idle polls take no write lock
-            due = conn.execute(
-                select(t.c.id)
-                .where(t.c.status.in_(self.queue.due), t.c.next_attempt_at <= utcnow())
-                .limit(1)
-            ).first()
+            due = conn.execute(self._look, {"now": utcnow()}).first()
         if due is None:
             return []
         return claim.claim(self.store, self.queue, self.owner, limit, self.options.lease)
