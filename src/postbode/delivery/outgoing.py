@@ -73,6 +73,8 @@ class Job:
     wait: Wait | None = None  # not attempted: waiting for a shaping slot until wait.until
     # suppressed since it was queued: (reason, source) of the entry; ended without an attempt
     suppressed: tuple[str, str] | None = None
+    # the From domain's DKIM key row (domain, selector, private key), None when it has none
+    signing_key: Any = None
 
     @property
     def id(self) -> uuid.UUID:
@@ -132,6 +134,10 @@ class Outgoing:
             entries = suppression.reasons_for(
                 conn, {(r.app_id, r.recipient) for r in rows}, key=hash_key
             )
+            # In the same read: a thread hop and a transaction less per connection's worth.
+            keys = self._signing_keys(
+                conn, {_from_domain(m.mail_from, m.from_header) for m in msgs.values()}, app_ids
+            )
         jobs = []
         for row in rows:
             app = app_rows[row.app_id]
@@ -151,16 +157,20 @@ class Outgoing:
                     ),
                     suppressed=entries.get((row.app_id, key, "all"))
                     or entries.get((row.app_id, key, message.stream)),
+                    signing_key=keys.get(
+                        (row.app_id, _from_domain(message.mail_from, message.from_header))
+                    ),
                 )
             )
         return jobs
 
-    def signing_keys(self, jobs: Sequence[Job]) -> dict[tuple[int, str], Any]:
-        """The DKIM keys of the From domains in these jobs, by (app, domain): each app's own
-        claim of the name, unless another app's claim of it is verified (then the app's mail
-        goes unsigned: the name is not its to sign for)."""
-        names = {_from_domain(j.message.mail_from, j.message.from_header) for j in jobs}
-        apps_of_jobs = {j.row.app_id for j in jobs}
+    @staticmethod
+    def _signing_keys(
+        conn: Connection, names: set[str], app_ids: set[int]
+    ) -> dict[tuple[int, str], Any]:
+        """The DKIM keys of these From domains, by (app, domain): each app's own claim of the
+        name, unless another app's claim of it is verified (then the app's mail goes unsigned:
+        the name is not its to sign for)."""
         other = domains.alias("other")
         held_elsewhere = (
             select(other.c.id)
@@ -171,20 +181,19 @@ class Outgoing:
             )
             .exists()
         )
-        with self.store.read() as conn:
-            rows = conn.execute(
-                select(
-                    domains.c.app_id,
-                    domains.c.name,
-                    domains.c.dkim_selector,
-                    domains.c.dkim_private_key,
-                    domains.c.dns_status,
-                ).where(
-                    domains.c.name.in_(names),
-                    domains.c.app_id.in_(apps_of_jobs),
-                    ~held_elsewhere,
-                )
-            ).all()
+        rows = conn.execute(
+            select(
+                domains.c.app_id,
+                domains.c.name,
+                domains.c.dkim_selector,
+                domains.c.dkim_private_key,
+                domains.c.dns_status,
+            ).where(
+                domains.c.name.in_(names),
+                domains.c.app_id.in_(app_ids),
+                ~held_elsewhere,
+            )
+        ).all()
         return {(r.app_id, r.name): r for r in rows}
 
     # -- the checklist ----------------------------------------------------------------------
@@ -200,10 +209,9 @@ class Outgoing:
         ]
         pending = await self.wait_if_rate_limited(domain, pending)
         if pending:
-            keys = await asyncio.to_thread(self.signing_keys, pending)
             for job in pending:
                 track(self.settings, self.store, job)  # tracking/rewrite.py: before signing
-                self.sign(job, keys)
+                self.sign(job)
             targets = await self.resolve_route(domain, pending)
             if targets is not None:
                 await self.send(targets, [j for j in pending if j.outcome is None])
@@ -247,10 +255,10 @@ class Outgoing:
                 job.slot = go[job.id]
         return [j for j in jobs if j.wait is None]
 
-    def sign(self, job: Job, keys: dict[tuple[int, str], Any]) -> None:
+    def sign(self, job: Job) -> None:
         """DKIM-sign with the From domain's key; unsigned (and noted) when it has none."""
         domain = _from_domain(job.message.mail_from, job.message.from_header)
-        key = keys.get((job.row.app_id, domain))
+        key = job.signing_key
         if key is None:
             job.note = f"unsigned: no DKIM key for {domain}"
             return
