@@ -213,6 +213,25 @@ def children(pid: int, command: str) -> list[int]:
     return found
 
 
+def batch_sizes(server: PostbodeProcess) -> dict[str, float]:
+    """Group commits and delivery claims so far and their mean sizes, from the server's
+    /metrics (serve's own, which sums its worker processes'; not the other listeners')."""
+    import httpx
+
+    wanted = {
+        "postbode_accept_batch_size_count": "commits",
+        "postbode_accept_batch_size_sum": "committed",
+        'postbode_runner_claim_size_count{queue="deliveries"}': "claims",
+        'postbode_runner_claim_size_sum{queue="deliveries"}': "claimed",
+    }
+    found = {v: 0.0 for v in wanted.values()}
+    for line in httpx.get(f"{server.http_url}/metrics", timeout=10).text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name in wanted:
+            found[wanted[name]] += float(value)
+    return found
+
+
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
@@ -342,6 +361,7 @@ def one_run(args: argparse.Namespace, connections: int) -> dict[str, Any]:
             "sink": cpu_seconds(sink.pid or 0) - cpu_before["sink"],
             "load generator": time.process_time() - cpu_before["load generator"],
         }
+        batches = batch_sizes(server)
         if profiler is not None:
             profiler.send_signal(2)  # SIGINT: py-spy writes the profile and exits
             profiler.wait(60)
@@ -389,6 +409,10 @@ def one_run(args: argparse.Namespace, connections: int) -> dict[str, Any]:
         "wall_s": last_delivered - start,
         "cpu_ms_per_message": cpu_ms,
         "postbode_cpu_ms_per_message": cpu_ms["serve"] + cpu_ms["workers"],
+        "group_commits": batches["commits"],
+        "messages_per_commit": batches["committed"] / max(batches["commits"], 1),
+        "claims": batches["claims"],
+        "deliveries_per_claim": batches["claimed"] / max(batches["claims"], 1),
         "load_average": os.getloadavg()[0],
     }
 
@@ -412,6 +436,10 @@ def report(f: dict[str, Any]) -> None:
         "CPU per message: "
         + ", ".join(f"{k} {v:.2f} ms" for k, v in f["cpu_ms_per_message"].items())
         + f" (load average {f['load_average']:.1f} on {os.cpu_count()} cores)"
+    )
+    print(
+        f"  {f['group_commits']:,.0f} group commits of {f['messages_per_commit']:.1f} messages, "
+        f"{f['claims']:,.0f} claims of {f['deliveries_per_claim']:.1f} deliveries on average"
     )
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Generic, Protocol, TypeVar
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
 from sqlalchemy import Row, bindparam, select
 
 from postbode.runner.owner import worker_name
@@ -31,6 +31,12 @@ RUNNER_ITEMS = Counter(
     "postbode_runner_items_total",
     "Queue rows a runner finished, by queue and how: handled, parked (a bug), handed back.",
     ["queue", "how"],
+)
+RUNNER_CLAIM_SIZE = Histogram(
+    "postbode_runner_claim_size",
+    "Rows per claim that found work, by queue (small claims cost more CPU per row).",
+    ["queue"],
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500),
 )
 RUNNER_STORE_ERRORS = Counter(
     "postbode_runner_store_errors_total",
@@ -134,6 +140,7 @@ class QueueRunner(Generic[U]):
                 if rows is None:  # the store failed; _store_call waited
                     continue
                 if rows:
+                    RUNNER_CLAIM_SIZE.labels(self.name).observe(len(rows))
                     await self._start(rows)
                 if len(rows) < limit:
                     # Everything due was taken: no second look until a wake-up or the poll
