@@ -369,3 +369,35 @@ def test_a_count_with_scanned_filters_looks_at_the_newest_window(store: Store, s
         assert limited == (3, True)
         # An indexed filter counts everything.
         assert search.count_matches(conn, MessageQuery((shop,)), window=3) == (5, False)
+
+
+def test_a_rare_state_is_found_beyond_the_scan_window_through_its_index(
+    store: Store, shop: int
+) -> None:
+    for i in range(7):
+        put_message(store, shop, subject="noise", at=T0 + timedelta(minutes=i))
+    old = put_message(
+        store,
+        shop,
+        recipients=[("a@dest.test", "delivered"), ("b@dest.test", "deferred")],
+        at=T0 - timedelta(days=1),
+    )
+    put_message(store, shop, recipients=[("c@dest.test", "deferred")], at=T0, tag="other")
+    q = MessageQuery((shop,), status="deferred")
+    with store.read() as conn:
+        page = search.search(conn, q, limit=2, window=5)
+        assert len(page.rows) == 2 and page.rows[1]["id"] == old
+        assert page.scanned_back_to is None and page.next_cursor is None
+        # Counted exactly (deliveries, not messages), not "among the newest 5".
+        assert search.count_matches(conn, q, window=5) == (2, False)
+        both = MessageQuery((shop,), status="deferred", recipient="B@dest.test")
+        assert [r["id"] for r in search.search(conn, both, window=5).rows] == [old]
+        assert search.count_matches(conn, both, window=5) == (1, False)
+        # The state must be that of the delivery that matched the other filters.
+        wrong = MessageQuery((shop,), status="deferred", recipient="a@dest.test")
+        assert search.search(conn, wrong, window=5).rows == []
+        assert search.count_matches(conn, wrong, window=5) == (0, False)
+    # The common state is still found among the newest messages.
+    with store.read() as conn:
+        delivered = search.search(conn, MessageQuery((shop,), status="delivered"), limit=3)
+    assert len(delivered.rows) == 3

@@ -27,6 +27,11 @@ PAGE_SIZE = 50
 # is not full by then says how far back it looked and offers to go on from there.
 SCAN_WINDOW = 20_000
 EXACT_CAP = 5_000  # messages of one Message-ID or address read by id; more: by time index
+# States most deliveries end in: a page of them is found among the newest messages at once,
+# so they are not looked up through the status index first; nor is a state of more than
+# STATE_CAP of an app's deliveries.
+COMMON_STATUSES = frozenset({"delivered"})
+STATE_CAP = 500
 _METADATA_KEY = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 
 
@@ -217,6 +222,16 @@ def _named(conn: Connection, q: MessageQuery, app_id: int) -> set[uuid.UUID] | N
         if len(ids) > EXACT_CAP:
             return None
         found = ids if found is None else found & ids
+    if q.status and q.status not in COMMON_STATUSES:
+        # A state few deliveries are in (deferred, failed, held …): its messages through the
+        # (app_id, status, …) index, instead of probing the newest messages one by one. Counted
+        # first (on the index alone): a state with more (bounced, thousands) is found fast
+        # among the newest messages, and a long list of ids costs more than that.
+        in_state = (deliveries.c.app_id == app_id, deliveries.c.status == q.status)
+        few = select(deliveries.c.app_id).where(*in_state).limit(STATE_CAP + 1).subquery()
+        if conn.execute(select(func.count()).select_from(few)).scalar_one() <= STATE_CAP:
+            ids = set(conn.execute(select(deliveries.c.message_id).where(*in_state)).scalars())
+            found = ids if found is None else found & ids
     return found
 
 
@@ -255,6 +270,7 @@ def _message_conditions(q: MessageQuery, m: Any) -> list[ColumnElement[bool]]:
     return conds
 
 
+_FIRST_ID, _LAST_ID = uuid.UUID(int=0), uuid.UUID(int=(1 << 128) - 1)  # bound an instant
 COUNT_BOUND = 1000  # matches counted exactly up to this many; beyond: "more than 1,000"
 
 
@@ -289,29 +305,52 @@ def count_matches(
     index serves, only each app's newest `window` messages are looked at; the second value
     says whether that limited the count."""
     check(q)
-    within = count_window(conn, q, window)
     app_ids = list(dict.fromkeys(q.app_ids))
+    named = {app_id: _named(conn, q, app_id) for app_id in app_ids}
+    if all(found is not None for found in named.values()):
+        # Every match is among the few messages each app's index named: counted among them,
+        # app by app, with no window.
+        count = 0
+        for app_id, found in named.items():
+            if found and count <= bound:
+                count += _count(conn, q, [app_id], bound + 1 - count, [messages.c.id.in_(found)])
+        return count, False
+    within = count_window(conn, q, window)
+    return _count(conn, q, app_ids, bound + 1, [within] if within is not None else []), (
+        within is not None
+    )
+
+
+def _count(
+    conn: Connection,
+    q: MessageQuery,
+    app_ids: list[int],
+    limit: int,
+    extra: list[ColumnElement[bool]],
+) -> int:
+    """The deliveries of `app_ids` matching `q` and `extra`, counted up to `limit`."""
     conds: list[ColumnElement[bool]] = [
+        *extra,
         messages.c.app_id.in_(app_ids),
-        # A delivery's app is its message's: said of the delivery too, so that a recipient is
-        # found through the (app_id, lower(recipient)) index, not by reading every delivery.
-        deliveries.c.app_id.in_(app_ids),
-        *([within] if within is not None else []),
         *_bounds(q),
         *_message_conditions(q, messages.c),
         *_delivery_conditions(q, whole_recipient=True),
     ]
     if q.message_id:
         conds.append(messages.c.message_id_header.in_(_message_id_forms(q.message_id)))
+    if q.recipient and _whole_address(q.recipient):
+        # A delivery's app is its message's: said of the delivery too, so that the address is
+        # found through the (app_id, lower(recipient)) index (PostgreSQL read every delivery).
+        # Only here: without an address, SQLite would then walk the deliveries by app.
+        conds.append(deliveries.c.app_id.in_(app_ids))
     matches = (
         select(deliveries.c.id)
         .join(messages, messages.c.id == deliveries.c.message_id)
         .where(*conds)
-        .limit(bound + 1)
+        .limit(limit)
         .subquery()
     )
-    count = int(conn.execute(select(func.count()).select_from(matches)).scalar_one())
-    return count, within is not None
+    return int(conn.execute(select(func.count()).select_from(matches)).scalar_one())
 
 
 def _delivery_conditions(q: MessageQuery, *, whole_recipient: bool) -> list[ColumnElement[bool]]:
@@ -378,21 +417,23 @@ def _search_app(
     if not q.scanned_filters():
         query = select(messages).where(*conds).order_by(*order).limit(limit + 1)
         return list(conn.execute(query).all()), None
-    # The window carries whole rows: one read per message, no join back to the table.
-    window_rows = select(messages).where(*conds).order_by(*order).limit(window).subquery()
-    w = window_rows.c
-    in_order = (w.received_at.asc(), w.id.asc()) if newer else (w.received_at.desc(), w.id.desc())
+    # The window: about the `window` newest messages (oldest, going forward) the indexed
+    # conditions select, bounded by the time of the last of them, which the time index gives
+    # alone. The scanned conditions are then checked walking that index, which stops at the
+    # page's last match: a subquery of the window's rows would be read (and sorted) whole.
+    by_time = messages.c.received_at.asc() if newer else messages.c.received_at.desc()
+    edge = conn.execute(
+        select(messages.c.received_at).where(*conds).order_by(by_time).offset(window - 1).limit(1)
+    ).scalar()
+    if edge is not None:
+        # Every message of that instant is in the window; the next page starts past it.
+        conds.append(messages.c.received_at <= edge if newer else messages.c.received_at >= edge)
     rows = conn.execute(
-        select(window_rows).where(*_scanned(q, w)).order_by(*in_order).limit(limit + 1)
+        select(messages).where(*conds, *_scanned(q, messages.c)).order_by(*order).limit(limit + 1)
     ).all()
-    if len(rows) > limit:
-        return list(rows), None
-    seen = conn.execute(select(func.count()).select_from(window_rows)).scalar_one()
-    if seen < window:
-        return list(rows), None  # the scan reached the end of the app's messages
-    last_first = (w.received_at.desc(), w.id.desc()) if newer else (w.received_at.asc(), w.id.asc())
-    last = conn.execute(select(w.received_at, w.id).order_by(*last_first).limit(1)).one()
-    return list(rows), Cursor(last.received_at, last.id)
+    if len(rows) > limit or edge is None:
+        return list(rows), None  # a full page, or the scan reached the end of the messages
+    return list(rows), Cursor(edge, _LAST_ID if newer else _FIRST_ID)
 
 
 def search(
