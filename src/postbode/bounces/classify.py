@@ -529,17 +529,25 @@ def rule_tier(name: str | None, rules: Rules | None = None) -> str | None:
     return _by_name(ruleset).get(name)
 
 
-_DERIVED: dict[int, tuple[Rules, dict[str, str], frozenset[str]]] = {}
+# A text-only rule's alternatives, each with the literals it needs: an alternative whose
+# literals are absent is not searched (one search of the whole alternation tries every
+# alternative at every position of the text).
+_Parts = dict[str, tuple[tuple[frozenset[str] | None, re.Pattern[str]], ...]]
+_DERIVED: dict[int, tuple[Rules, dict[str, str], _Parts]] = {}
 
 
-def _derived(rules: Rules) -> tuple[dict[str, str], frozenset[str]]:
+def _derived(rules: Rules) -> tuple[dict[str, str], _Parts]:
     cached = _DERIVED.get(id(rules))
     if cached is None or cached[0] is not rules:
         if len(_DERIVED) > 64:
             _DERIVED.clear()
         tiers = {r.name: r.tier for r in rules.rules}
-        simple = frozenset(r.name for r in rules.rules if r.text_only)
-        cached = _DERIVED[id(rules)] = (rules, tiers, simple)
+        parts: _Parts = {}
+        for r in rules.rules:
+            if r.text_only:
+                lowered = [_lower_pattern(t) for t in r.patterns]
+                parts[r.name] = tuple((required_literals(t), re.compile(t)) for t in lowered)
+        cached = _DERIVED[id(rules)] = (rules, tiers, parts)
     return cached[1], cached[2]
 
 
@@ -547,7 +555,7 @@ def _by_name(rules: Rules) -> dict[str, str]:
     return _derived(rules)[0]
 
 
-def _text_only(rules: Rules) -> frozenset[str]:
+def _text_parts(rules: Rules) -> _Parts:
     return _derived(rules)[1]
 
 
@@ -661,7 +669,7 @@ def _classify(
         cat = category or rule.category
         return Classification(cat, cat in hard, rule.name)
 
-    text_only = _text_only(ruleset)
+    text_parts = _text_parts(ruleset)
 
     def match(rule: Rule) -> bool:
         if rule.required is not None:
@@ -670,9 +678,19 @@ def _classify(
                     break
             else:
                 return False
-        if rule.name in text_only and rule.text is not None:
-            return rule.text.search(body) is not None
-        return rule.matches(status, reply_code, body, stage)
+        parts = text_parts.get(rule.name)
+        if parts is None:
+            return rule.matches(status, reply_code, body, stage)
+        for literals, pattern in parts:
+            if literals is not None:
+                for lit in literals:
+                    if lit in body:
+                        break
+                else:
+                    continue
+            if pattern.search(body) is not None:
+                return True
+        return False
 
     texts = ruleset.tier("text")
     code_rule = None

@@ -136,6 +136,19 @@ def test_the_literal_prefilter_never_skips_a_rule_that_would_match() -> None:
                 matched += 1
                 assert any(lit in text for lit in rule.required), (rule.name, text[:200])
     assert matched > 100
+    # Each alternative of a phrase rule is searched only where its own literals are.
+    from postbode.bounces.classify import _text_parts
+
+    part_matches = 0
+    for name, parts in _text_parts(load_rules()).items():
+        for literals, pattern in parts:
+            if literals is None:
+                continue
+            for text in texts:
+                if pattern.search(text) is not None:
+                    part_matches += 1
+                    assert any(lit in text for lit in literals), (name, pattern.pattern)
+    assert part_matches > 100
     # The same for the SMTP stage patterns, which read the raw text lower-cased.
     from postbode.bounces.parse import _STAGE_ALTERNATIVES
 
