@@ -482,13 +482,15 @@ def parse_rules(data: dict[str, Any], source: str = "<data>") -> Rules:
         raise RulesError(f"{source}: [words] must map names to regular expressions")
     rules = tuple(_compile_rule(i, r, words) for i, r in enumerate(raw_rules))
     hedge_list = [_expand("hedges", h, words) for h in _strings(data, "hedges")]
-    return Rules(
+    compiled = Rules(
         rules=rules,
         hard_categories=frozenset(hard),
         source=source,
         hedges=_compile_text("hedges", hedge_list),
         hedge_patterns=tuple(hedge_list),
     )
+    _derived(compiled)  # compile each rule's alternatives now, not at the first bounce
+    return compiled
 
 
 @lru_cache(maxsize=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import codecs
+import functools
 import json
 import quopri
 import re
@@ -130,12 +131,20 @@ def _to_bytes(text: str) -> bytes:
     return text.encode("latin-1", "replace")
 
 
+@functools.lru_cache(maxsize=256)
+def _known_charset(charset: str) -> bool:
+    # The codec registry remembers the codecs it found, not the names it did not: an unknown
+    # charset would search every encodings module again for each part that names it.
+    try:
+        codecs.lookup(charset)
+    except LookupError:
+        return False
+    return True
+
+
 def _decode_charset(data: bytes, charset: str | None) -> str:
-    if charset:
-        try:
-            codecs.lookup(charset)
-        except LookupError:
-            charset = None
+    if charset and not _known_charset(charset):
+        charset = None
     if charset:
         return data.decode(charset, "replace")
     try:
