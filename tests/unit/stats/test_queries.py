@@ -256,3 +256,52 @@ def test_dashboard_in_one_call(store: Store, traffic: tuple[int, int]) -> None:
     assert [t.tag for t in board.tags] == ["welcome", "password-reset", ""]
     assert {r.category for r in board.bounce_reasons} == {"user_unknown", "mailbox_full"}
     assert board.queue.depth["queued"] == 0
+
+
+def test_template_stats_count_as_one_template_does(store: Store) -> None:
+    """Every template in one scan, each counted exactly as series_and_summary(template=)
+    counts it: raw repeats left out, bots apart, mail not from a template not counted."""
+    app, other = make_app(store).app_id, make_app(store).app_id
+    made = {}
+    for name, template in (("w1", "welcome"), ("w2", "welcome"), ("r", "receipt"), ("p", None)):
+        made[name], _ = make_queued_message(store, app, [f"{name}@dest.test"])
+        with store.write() as conn:
+            conn.execute(
+                update(messages).where(messages.c.id == made[name]).values(template=template)
+            )
+    theirs, _ = make_queued_message(store, other, ["x@dest.test"])
+    with store.write() as conn:
+        conn.execute(update(messages).where(messages.c.id == theirs).values(template="welcome"))
+    hour = timedelta(hours=1)
+    events = []
+    for name in ("w1", "w2", "r", "p"):
+        events += [
+            ev(app, T.DELIVERY_QUEUED, hour, message_id=made[name]),
+            ev(app, T.DELIVERY_DELIVERED, hour, message_id=made[name]),
+        ]
+    events += [
+        ev(app, T.MESSAGE_OPENED, hour, message_id=made["w1"]),
+        ev(app, T.MESSAGE_OPENED, hour, message_id=made["w2"], data={"bot": True}, bot=True),
+        ev(app, T.MESSAGE_CLICKED, hour, message_id=made["w1"]),
+        ev(  # a repeated click: kept as a record, not counted
+            app, T.MESSAGE_CLICKED, hour, message_id=made["w1"], data={"repeat": True}
+        ),
+        ev(app, T.DELIVERY_BOUNCED, hour, message_id=made["r"]),
+        ev(app, T.MESSAGE_OPENED, timedelta(days=3), message_id=made["r"]),  # before the range
+        ev(other, T.DELIVERY_QUEUED, hour, message_id=theirs),
+    ]
+    with store.write() as conn:
+        record(conn, events)
+
+    found = {t.tag: t for t in queries.template_stats(store, [app], "24h", now=NOW)}
+    assert list(found) == ["welcome", "receipt"]  # most sent first; mail not from one left out
+    for alias, stats in found.items():
+        _, one = queries.series_and_summary(store, [app], "24h", template=alias, now=NOW)
+        assert (stats.totals, stats.bots, stats.rates) == (one.totals, one.bots, one.rates)
+    welcome = found["welcome"]
+    assert welcome.sent == 2 and welcome.totals[queries.CLICKED] == 1
+    assert welcome.rates.open_rate == 0.5  # the bot's open is not a person's
+    assert found["receipt"].totals.get(queries.OPENED, 0) == 0
+    assert queries.template_stats(store, [other], "24h", now=NOW)[0].sent == 1
+    empty = make_app(store).app_id
+    assert queries.template_stats(store, [empty], "30d", now=NOW) == []

@@ -268,5 +268,6 @@ def test_the_endpoints_are_in_the_openapi_document(client: TestClient) -> None:
         "/api/v1/deliveries/{id}/retry",
         "/api/v1/deliveries/{id}/cancel",
         "/api/v1/deliveries/{id}/release",
+        "/api/v1/messages/{id}/cancel",
     ]:
         assert path in paths, path
