@@ -251,7 +251,7 @@ def test_550_is_a_hard_fail_keeping_the_full_reply() -> None:
     outcome = result.outcomes["nobody@dest.test"]
     assert isinstance(outcome, HardFail)
     assert outcome.reply == Reply(550, "5.1.1", "The account does not exist.\nCheck the address.")
-    assert outcome.reason == "RCPT TO rejected"
+    assert (outcome.reason, outcome.stage) == ("RCPT TO rejected", "rcpt")
     assert "550-5.1.1 The account does not exist." in lines(result, "S")
     assert "DATA" not in lines(result, "C")  # no accepted recipient, no DATA
 
@@ -265,6 +265,7 @@ def test_451_is_a_soft_fail_with_the_retry_hint() -> None:
     assert outcome.reply is not None and outcome.reply.code == 451
     assert str(outcome.reply) == "451 4.7.1 Greylisted, please try again in 5 minutes"
     assert outcome.retry_after == 300.0
+    assert outcome.stage == "rcpt"
     assert result.session_error is None
 
 
@@ -300,7 +301,7 @@ def test_rejected_sender_fails_every_recipient() -> None:
         result = send(sink, ["a@dest.test", "b@dest.test"])
     for outcome in result.outcomes.values():
         assert isinstance(outcome, HardFail)
-        assert outcome.reason == "MAIL FROM rejected"
+        assert (outcome.reason, outcome.stage) == ("MAIL FROM rejected", "mail")
 
 
 def test_rejected_message_after_data() -> None:
@@ -310,6 +311,7 @@ def test_rejected_message_after_data() -> None:
     for outcome in result.outcomes.values():
         assert isinstance(outcome, HardFail)
         assert outcome.reply is not None and outcome.reply.enhanced_status == "5.7.1"
+        assert outcome.stage == "data"  # the end of data (RFC 5321 §4.1.1.4)
     assert result.attempt.final_reply is not None
     assert result.attempt.final_reply.code == 554
 
@@ -320,6 +322,7 @@ def test_greeting_554_is_a_hard_fail() -> None:
     for outcome in result.outcomes.values():
         assert isinstance(outcome, HardFail)
         assert outcome.reply is not None and outcome.reply.code == 554
+        assert outcome.stage == "connect"
     assert result.session_error == "greeting rejected"
 
 
