@@ -238,6 +238,9 @@ def test_a_credentials_own_limits_are_set_from_the_app_page_and_audited(
     form = shown[shown.index(f'data-credential="{key["id"]}"') :][:2500]
     assert 'name="per_minute" min="0" max="2147483647" value="30"' in form
     assert 'value="1000"' in form and "disabled" in form  # a viewer sees, cannot change
+    assert re.search(rf'data-limits="{key["id"]}">30/min · 1\u202f000/day<', shown), (
+        "the table lists a credential's own limits"
+    )
 
     bad = admin.post(path, {"per_minute": "lots"})
     assert "per_minute" in admin.flash(bad)
