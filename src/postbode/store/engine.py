@@ -254,7 +254,14 @@ def create_store(
         if path and path != ":memory:":
             writer_lock = WriterLock(Path(f"{path}-writer.lock"))
     else:
-        kwargs: dict[str, Any] = {"pool_pre_ping": True}
+        # No JIT compilation and no parallel workers: the log's and the dashboard's queries
+        # are short; at 10 million deliveries a plan estimated costly enough for JIT spent
+        # ~30 ms compiling to save nothing, and starting workers for a 50-row page cost more
+        # than the page (docs/performance.md).
+        kwargs: dict[str, Any] = {
+            "pool_pre_ping": True,
+            "connect_args": {"options": "-c jit=off -c max_parallel_workers_per_gather=0"},
+        }
         if pool:
             kwargs.update(pool_size=10, max_overflow=20)
         else:
