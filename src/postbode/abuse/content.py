@@ -12,12 +12,13 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from postbode.config import Settings
 from postbode.metrics import CONTENT_SCAN_SECONDS, CONTENT_SCANS
+
+if TYPE_CHECKING:
+    import httpx  # loaded when a scan is made: worker processes import this module, never scan
 
 __all__ = [
     "HOLD_PREFIX",
@@ -202,6 +203,8 @@ class ContentScanner:
         )
 
     def _client_here(self) -> httpx.AsyncClient:
+        import httpx
+
         loop = asyncio.get_running_loop()
         if self._client is None or self._loop is not loop:
             # A client's connections belong to one loop (tests run several loops in turn).
@@ -237,6 +240,8 @@ class ContentScanner:
             headers.append(("Queue-Id", queue_id))
         if self.hostname:
             headers.append(("MTA-Name", self.hostname))
+        import httpx
+
         started = time.perf_counter()
         try:
             reply = await asyncio.wait_for(
