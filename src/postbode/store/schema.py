@@ -364,6 +364,8 @@ deliveries = Table(
     Index(None, "lease_until"),
     # "Messages with a delivery in this state": one probe per message of the log.
     Index(None, "message_id", "app_id", "status"),
+    # An app's recent outcomes (the last hour's hard bounces: abuse.guards, sending health).
+    Index(None, "app_id", "status", "updated_at"),
 )
 # Recipient search ignores case (as people type addresses) without changing what is stored.
 Index(
