@@ -1206,7 +1206,7 @@ def _write(conn: Connection, enc: _Encoder, app_id: int, chunk: _Chunk) -> None:
             "stat_counters",
             ("app_id", "stream", "tag", "bucket", "event_type", "count", "bot_count"),
         )
-        + " ON CONFLICT (app_id, stream, tag, bucket, event_type) DO UPDATE SET"
+        + " ON CONFLICT (app_id, stream, tag, template, bucket, event_type) DO UPDATE SET"
         " count = stat_counters.count + excluded.count,"
         " bot_count = stat_counters.bot_count + excluded.bot_count",
         [

@@ -85,6 +85,7 @@ class Target:
     attempts: int
     stream: str
     tag: str | None
+    template: str | None
 
     @classmethod
     def from_row(cls, row: RowMapping | Mapping[str, Any]) -> Target:
@@ -97,6 +98,7 @@ class Target:
             attempts=row["attempts"],
             stream=row["stream"],
             tag=row["tag"],
+            template=row["template"],
         )
 
 
@@ -109,6 +111,7 @@ TARGET_COLUMNS = (
     deliveries.c.attempts,
     messages.c.stream,
     messages.c.tag,
+    messages.c.template,
 )
 
 
@@ -342,6 +345,7 @@ def _common(target: Target) -> dict[str, Any]:
         "app_id": target.app_id,
         "stream": target.stream,
         "tag": target.tag,
+        "template": target.template,
         "message_id": target.message_id,
         "delivery_id": target.id,
         "recipient": target.recipient,

@@ -256,6 +256,7 @@ def _changeable() -> Any:
         deliveries.c.status,
         messages.c.stream,
         messages.c.tag,
+        messages.c.template,
         messages.c.raw_purged_at,
     ).join(messages, messages.c.id == deliveries.c.message_id)
 
@@ -290,6 +291,7 @@ def _apply(conn: Connection, act: Action, rows: Sequence[Row[Any]], now: datetim
                 type=_event_type(act, row.status),
                 stream=row.stream,
                 tag=row.tag,
+                template=row.template,
                 message_id=row.message_id,
                 delivery_id=row.id,
                 recipient=row.recipient,

@@ -26,6 +26,7 @@ class Event:
     type: EventType
     stream: str = "transactional"
     tag: str | None = None
+    template: str | None = None  # the alias of the template the message was made from
     message_id: uuid.UUID | None = None
     delivery_id: uuid.UUID | None = None
     recipient: str | None = None
@@ -55,7 +56,7 @@ _ENABLED_HOOKS = select(webhooks.c.id, webhooks.c.app_id, webhooks.c.event_types
 def _counter_upsert(dialect: Any) -> Any:
     stmt = dialect.insert(stat_counters)
     return stmt.on_conflict_do_update(
-        index_elements=["app_id", "stream", "tag", "bucket", "event_type"],
+        index_elements=["app_id", "stream", "tag", "template", "bucket", "event_type"],
         set_={
             "count": stat_counters.c.count + stmt.excluded.count,
             "bot_count": stat_counters.c.bot_count + stmt.excluded.bot_count,
@@ -65,7 +66,7 @@ def _counter_upsert(dialect: Any) -> Any:
 
 _UPSERT_COUNTERS = {"sqlite": _counter_upsert(sqlite), "postgresql": _counter_upsert(postgresql)}
 
-CounterKey = tuple[int, str, str, datetime, str]  # app, stream, tag, minute, event type
+CounterKey = tuple[int, str, str, str, datetime, str]  # app, stream, tag, template, minute, type
 
 
 class Tally:
@@ -80,7 +81,7 @@ class Tally:
     def add(self, batch: Iterable[Event]) -> None:
         counts, bots = self.counts, self.bots
         for e in batch:
-            key = (e.app_id, e.stream, e.tag or "", minute(e.at), str(e.type))
+            key = (e.app_id, e.stream, e.tag or "", e.template or "", minute(e.at), str(e.type))
             counts[key] += 1
             if e.bot:
                 bots[key] += 1
@@ -96,8 +97,9 @@ class Tally:
                 "app_id": k[0],
                 "stream": k[1],
                 "tag": k[2],
-                "bucket": k[3],
-                "event_type": k[4],
+                "template": k[3],
+                "bucket": k[4],
+                "event_type": k[5],
                 "count": n,
                 "bot_count": self.bots.get(k, 0),
             }

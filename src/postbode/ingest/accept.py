@@ -874,6 +874,7 @@ class _Rows:
             "app_id": sub.app_id,
             "stream": sub.stream,
             "tag": sub.tag,
+            "template": sub.template,
             "message_id": p.id,
         }
         self.events.append(

@@ -253,6 +253,7 @@ def _erase_messages(
             deliveries.c.status,
             messages.c.stream,
             messages.c.tag,
+            messages.c.template,
         )
         .join(messages, messages.c.id == deliveries.c.message_id)
         .where(deliveries.c.message_id.in_(message_ids))
@@ -336,6 +337,7 @@ def _erase_messages(
                     type=EventType.DELIVERY_CANCELLED,
                     stream=r.stream,
                     tag=r.tag,
+                    template=r.template,
                     message_id=r.message_id,
                     delivery_id=r.id,
                     recipient=hashed if r.id in mine else r.recipient,

@@ -359,9 +359,13 @@ def _scan(
     by_bucket: bool = True,
     by_tag: bool = False,
     tags: Sequence[str] | None = None,
+    template: str | None = None,
+    by_template: bool = False,
 ) -> list[_Cell]:
     """Counter sums per ([bucket of the window,] [tag,] event type), summed in SQL: the rows
-    returned are bounded by buckets x tags x types, whatever the traffic."""
+    returned are bounded by buckets x tags x types, whatever the traffic. `by_template`:
+    per template instead of per tag (each cell's `tag` is the template's alias; mail made
+    from none left out)."""
     ids = _app_ids(conn, app_ids)
     if not ids:
         return []
@@ -370,7 +374,12 @@ def _scan(
     else:
         key, index_of = literal_column("0"), int
     index = key.label("idx")
-    tag_col = stat_counters.c.tag if by_tag else literal_column("''")
+    if by_template:
+        tag_col: ColumnElement[Any] = stat_counters.c.template
+    elif by_tag:
+        tag_col = stat_counters.c.tag
+    else:
+        tag_col = literal_column("''")
     query: Select[Any] = (
         select(
             index,
@@ -386,7 +395,8 @@ def _scan(
         )
         .group_by(
             *(["idx"] if by_bucket else []),
-            *(["tag"] if by_tag else []),
+            # The column, not its label: SQLite would take "tag" as the column of that name.
+            *([tag_col] if by_tag or by_template else []),
             stat_counters.c.event_type,
         )
     )
@@ -394,6 +404,10 @@ def _scan(
         query = query.where(stat_counters.c.tag == tag)
     if tags is not None:
         query = query.where(stat_counters.c.tag.in_(list(tags)))
+    if template is not None:
+        query = query.where(stat_counters.c.template == template)
+    elif by_template:
+        query = query.where(stat_counters.c.template != "")
     if stream is not None:
         query = query.where(stat_counters.c.stream == stream)
     return [
@@ -412,51 +426,16 @@ def _scan_template(
     by_bucket: bool = True,
 ) -> list[_Cell]:
     """As `_scan`, for the mail made from one template (None: from any template, each cell's
-    `tag` naming its template): counted from the events of its messages (the counters have
-    no template dimension). The join is driven from the app's events in the window (SQLite
-    picks `events (app_id, created_at)`), so it reads the app's events in the window once,
-    whatever the number of templates; an app that never sent from a template costs one
-    index probe."""
-    ids = _app_ids(conn, app_ids)
-    if not ids:
-        return []
-    made_from = (
-        messages.c.template == template
-        if template is not None
-        else messages.c.template.is_not(None)
+    `tag` naming its template): the counters' `template` dimension, summed over tags."""
+    return _scan(
+        conn,
+        app_ids,
+        win,
+        stream=stream,
+        by_bucket=by_bucket,
+        template=template,
+        by_template=template is None,
     )
-    # An app that never sent from a template (most mail in most apps) costs one index probe,
-    # not a read of the window's events.
-    any_made = select(messages.c.id).where(messages.c.app_id.in_(ids), made_from).limit(1)
-    if conn.execute(any_made).first() is None:
-        return []
-    query = (
-        select(events.c.created_at, events.c.type, events.c.data, messages.c.template)
-        .join(messages, messages.c.id == events.c.message_id)
-        .where(
-            messages.c.app_id.in_(ids),
-            made_from,
-            events.c.app_id.in_(ids),
-            events.c.created_at >= win.since,
-            events.c.created_at < win.until,
-        )
-    )
-    if stream is not None:
-        query = query.where(messages.c.stream == stream)
-    counts: dict[tuple[int, str, str], list[int]] = {}
-    for at, kind, data, alias in conn.execute(query):
-        data = data or {}
-        if data.get("repeat"):  # a raw hit, not counted (events/record.py)
-            continue
-        key = (
-            win.index(at) if by_bucket else 0,
-            "" if template is not None else str(alias),
-            str(kind),
-        )
-        cell = counts.setdefault(key, [0, 0])
-        cell[0] += 1
-        cell[1] += 1 if data.get("bot") else 0
-    return [_Cell(i, alias, kind, n, bots) for (i, alias, kind), (n, bots) in counts.items()]
 
 
 # -- series and summary --------------------------------------------------------------------------
@@ -622,8 +601,8 @@ def series_and_summary(
     now: datetime | None = None,
     template: str | None = None,
 ) -> tuple[Series, Summary]:
-    """series() and summary() from one scan of the counters (or, for one `template`, of its
-    messages' events)."""
+    """series() and summary() from one scan of the counters (of one tag's or one
+    `template`'s)."""
     wanted = _check_types(types)
     win = window(range, since=since, until=until, now=now)
     with store.read() as conn:
@@ -908,7 +887,7 @@ def template_stats(
 ) -> list[TagStats]:
     """Every template that sent in the window with its totals and rates (each TagStats'
     `tag` is the template's alias), most sent first: counted as `series_and_summary(...,
-    template=)` counts one, in one scan of the templated mail's events."""
+    template=)` counts one, in one scan of the counters."""
     win = window(range, since=since, until=until, now=now)
     with store.read() as conn:
         cells = _scan_template(conn, app_ids, win, None, stream=stream, by_bucket=False)

@@ -27,15 +27,15 @@ LEVELS: tuple[tuple[timedelta, timedelta], ...] = (
 )
 _LOCK_KEY = 0x706273746174  # PostgreSQL advisory lock: one compaction at a time
 
-Key = tuple[int, str, str, datetime, str]  # app, stream, tag, bucket, event type
+Key = tuple[int, str, str, str, datetime, str]  # app, stream, tag, template, bucket, type
 
 
 def fold(rows: Iterable[Any], size: timedelta) -> dict[Key, list[int]]:
-    """Counter rows summed per bucket of `size` (pure): {(app, stream, tag, bucket, type):
-    [count, bots]}."""
+    """Counter rows summed per bucket of `size` (pure): {(app, stream, tag, template, bucket,
+    type): [count, bots]}."""
     merged: dict[Key, list[int]] = {}
     for r in rows:
-        key = (r.app_id, r.stream, r.tag, bucket_floor(r.bucket, size), r.event_type)
+        key = (r.app_id, r.stream, r.tag, r.template, bucket_floor(r.bucket, size), r.event_type)
         sums = merged.setdefault(key, [0, 0])
         sums[0] += r.count
         sums[1] += r.bot_count
@@ -80,12 +80,13 @@ def _compact_range(conn: Connection, start: datetime, end: datetime, size: timed
                 "app_id": app_id,
                 "stream": stream,
                 "tag": tag,
+                "template": template,
                 "bucket": bucket,
                 "event_type": kind,
                 "count": n,
                 "bot_count": bots,
             }
-            for (app_id, stream, tag, bucket, kind), (n, bots) in merged.items()
+            for (app_id, stream, tag, template, bucket, kind), (n, bots) in merged.items()
         ],
     )
     return len(rows) - len(merged)

@@ -612,11 +612,14 @@ stat_counters = Table(
     Column("app_id", ForeignKey("apps.id", ondelete="CASCADE"), nullable=False),
     Column("stream", String(16), nullable=False),
     Column("tag", String(100), nullable=False, default=""),
+    # The alias of the template the message was made from ("": none), so per-template
+    # figures read the counters as per-tag ones do.
+    Column("template", String(100), nullable=False, default="", server_default=""),
     Column("bucket", UTCDateTime, nullable=False),  # the minute
     Column("event_type", String(32), nullable=False),
     Column("count", BigInteger, nullable=False, default=0),
     Column("bot_count", BigInteger, nullable=False, default=0),
-    PrimaryKeyConstraint("app_id", "stream", "tag", "bucket", "event_type"),
+    PrimaryKeyConstraint("app_id", "stream", "tag", "template", "bucket", "event_type"),
     Index(None, "app_id", "bucket"),
 )
 

@@ -587,8 +587,8 @@ class Writer:
     def counters(self, rows: list[tuple[Any, ...]]) -> None:
         sql = (
             "INSERT INTO stat_counters (app_id, stream, tag, bucket, event_type, count, bot_count) "
-            "VALUES ({m}) ON CONFLICT (app_id, stream, tag, bucket, event_type) DO UPDATE SET "
-            "count = stat_counters.count + excluded.count"
+            "VALUES ({m}) ON CONFLICT (app_id, stream, tag, template, bucket, event_type) "
+            "DO UPDATE SET count = stat_counters.count + excluded.count"
         )
         if self.pg:
             with self.conn.cursor() as cur:

@@ -84,6 +84,7 @@ def write_hits(
                 deliveries.c.last_attempt_at,
                 messages.c.stream,
                 messages.c.tag,
+                messages.c.template,
             )
             .join(messages, messages.c.id == deliveries.c.message_id)
             .join(apps, apps.c.id == deliveries.c.app_id)
@@ -173,6 +174,7 @@ def write_hits(
                 type=EventType.MESSAGE_OPENED if hit.kind == "open" else EventType.MESSAGE_CLICKED,
                 stream=d.stream,
                 tag=d.tag,
+                template=d.template,
                 message_id=d.message_id,
                 delivery_id=d.id,
                 recipient=d.recipient,
@@ -440,6 +442,7 @@ def unsubscribe(
                 deliveries.c.recipient,
                 messages.c.stream,
                 messages.c.tag,
+                messages.c.template,
             )
             .join(messages, messages.c.id == deliveries.c.message_id)
             .where(deliveries.c.id == token.delivery_id)
@@ -471,6 +474,7 @@ def unsubscribe(
                 type=EventType.MESSAGE_UNSUBSCRIBED,
                 stream=d.stream,
                 tag=d.tag,
+                template=d.template,
                 message_id=d.message_id,
                 delivery_id=d.id,
                 recipient=d.recipient,

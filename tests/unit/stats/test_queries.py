@@ -259,11 +259,13 @@ def test_dashboard_in_one_call(store: Store, traffic: tuple[int, int]) -> None:
 
 
 def test_template_stats_count_as_one_template_does(store: Store) -> None:
-    """Every template in one scan, each counted exactly as series_and_summary(template=)
-    counts it: raw repeats left out, bots apart, mail not from a template not counted."""
+    """Every template in one scan of the counters, each counted exactly as
+    series_and_summary(template=) counts it: raw repeats left out, bots apart, mail not from a
+    template not counted, whatever its tag."""
     app, other = make_app(store).app_id, make_app(store).app_id
     made = {}
-    for name, template in (("w1", "welcome"), ("w2", "welcome"), ("r", "receipt"), ("p", None)):
+    of = {"w1": "welcome", "w2": "welcome", "r": "receipt", "p": None}
+    for name, template in of.items():
         made[name], _ = make_queued_message(store, app, [f"{name}@dest.test"])
         with store.write() as conn:
             conn.execute(
@@ -273,22 +275,29 @@ def test_template_stats_count_as_one_template_does(store: Store) -> None:
     with store.write() as conn:
         conn.execute(update(messages).where(messages.c.id == theirs).values(template="welcome"))
     hour = timedelta(hours=1)
+
+    def on(app_id: int, kind: T, ago: timedelta, name: str, **kw: Any) -> Event:
+        # as the recorders write them: the message's tag and template alias
+        message_id = theirs if app_id == other else made[name]
+        alias = "welcome" if app_id == other else of[name]
+        tag = "signup" if name == "w2" else "welcome"  # a template's mail under two tags
+        return ev(app_id, kind, ago, tag=tag, template=alias, message_id=message_id, **kw)
+
     events = []
     for name in ("w1", "w2", "r", "p"):
         events += [
-            ev(app, T.DELIVERY_QUEUED, hour, message_id=made[name]),
-            ev(app, T.DELIVERY_DELIVERED, hour, message_id=made[name]),
+            on(app, T.DELIVERY_QUEUED, hour, name),
+            on(app, T.DELIVERY_DELIVERED, hour, name),
         ]
     events += [
-        ev(app, T.MESSAGE_OPENED, hour, message_id=made["w1"]),
-        ev(app, T.MESSAGE_OPENED, hour, message_id=made["w2"], data={"bot": True}, bot=True),
-        ev(app, T.MESSAGE_CLICKED, hour, message_id=made["w1"]),
-        ev(  # a repeated click: kept as a record, not counted
-            app, T.MESSAGE_CLICKED, hour, message_id=made["w1"], data={"repeat": True}
-        ),
-        ev(app, T.DELIVERY_BOUNCED, hour, message_id=made["r"]),
-        ev(app, T.MESSAGE_OPENED, timedelta(days=3), message_id=made["r"]),  # before the range
-        ev(other, T.DELIVERY_QUEUED, hour, message_id=theirs),
+        on(app, T.MESSAGE_OPENED, hour, "w1"),
+        on(app, T.MESSAGE_OPENED, hour, "w2", data={"bot": True}, bot=True),
+        on(app, T.MESSAGE_CLICKED, hour, "w1"),
+        # a repeated click: kept as a record, not counted (as the tracker records one)
+        on(app, T.MESSAGE_CLICKED, hour, "w1", data={"repeat": True}, counted=False),
+        on(app, T.DELIVERY_BOUNCED, hour, "r"),
+        on(app, T.MESSAGE_OPENED, timedelta(days=3), "r"),  # before the range
+        on(other, T.DELIVERY_QUEUED, hour, "x"),
     ]
     with store.write() as conn:
         record(conn, events)
@@ -305,3 +314,8 @@ def test_template_stats_count_as_one_template_does(store: Store) -> None:
     assert queries.template_stats(store, [other], "24h", now=NOW)[0].sent == 1
     empty = make_app(store).app_id
     assert queries.template_stats(store, [empty], "30d", now=NOW) == []
+    # Sums over tags (or everything) add up every template's rows and the untemplated ones.
+    everything = queries.summary(store, [app], "24h", now=NOW)
+    assert everything.totals[queries.QUEUED] == 4 and everything.totals[queries.CLICKED] == 1
+    by_tag = queries.summary(store, [app], "24h", tag="welcome", now=NOW)
+    assert by_tag.totals[queries.QUEUED] == 3  # w1, r and p; w2 is under "signup"

@@ -25,21 +25,31 @@ def test_levels_keep_rows_as_fine_as_any_chart_ending_now_shows_them() -> None:
 
 
 def test_fold_sums_rows_per_bucket() -> None:
-    def row(minute: int, kind: str, n: int, bots: int = 0) -> SimpleNamespace:
+    def row(minute: int, kind: str, n: int, bots: int = 0, template: str = "") -> SimpleNamespace:
         at = datetime(2026, 3, 1, 9, minute, tzinfo=UTC)
         return SimpleNamespace(
-            app_id=1, stream="s", tag="t", bucket=at, event_type=kind, count=n, bot_count=bots
+            app_id=1,
+            stream="s",
+            tag="t",
+            template=template,
+            bucket=at,
+            event_type=kind,
+            count=n,
+            bot_count=bots,
         )
 
-    rows = [row(1, "a", 2), row(59, "a", 3, 1), row(30, "b", 1)]
+    rows = [row(1, "a", 2), row(59, "a", 3, 1), row(30, "b", 1), row(31, "a", 4, 2, "welcome")]
     nine = datetime(2026, 3, 1, 9, tzinfo=UTC)
     assert rollup.fold(rows, timedelta(hours=1)) == {
-        (1, "s", "t", nine, "a"): [5, 1],
-        (1, "s", "t", nine, "b"): [1, 0],
+        (1, "s", "t", "", nine, "a"): [5, 1],
+        (1, "s", "t", "", nine, "b"): [1, 0],
+        (1, "s", "t", "welcome", nine, "a"): [4, 2],  # each template's rows apart
     }
     quarters = rollup.fold(rows, timedelta(minutes=15))
-    assert quarters[(1, "s", "t", nine.replace(minute=45), "a")] == [3, 1]
-    assert rollup.fold(rows, timedelta(days=1))[(1, "s", "t", nine.replace(hour=0), "a")] == [5, 1]
+    assert quarters[(1, "s", "t", "", nine.replace(minute=45), "a")] == [3, 1]
+    assert quarters[(1, "s", "t", "welcome", nine.replace(minute=30), "a")] == [4, 2]
+    day = rollup.fold(rows, timedelta(days=1))
+    assert day[(1, "s", "t", "", nine.replace(hour=0), "a")] == [5, 1]
 
 
 def _buckets(store: Store, since: datetime, until: datetime) -> list[datetime]:
@@ -67,12 +77,26 @@ def test_compaction_keeps_every_statistic(store: Store) -> None:
             batch += [
                 Event(app_id=app, type=T.DELIVERY_DELIVERED, tag="welcome", at=at),
                 Event(app_id=app, type=T.MESSAGE_OPENED, tag="welcome", at=at, bot=m % 2 == 0),
+                *(  # mail from two templates under the same tag
+                    Event(app_id=app, type=kind, tag="welcome", template=alias, at=at, bot=bot)
+                    for alias in ("hello", "receipt")
+                    for kind, bot in (
+                        (T.DELIVERY_QUEUED, False),
+                        (T.DELIVERY_DELIVERED, False),
+                        (T.MESSAGE_OPENED, m % 3 == 0),
+                    )
+                ),
                 Event(app_id=app, type=T.DELIVERY_QUEUED, tag=None, stream="broadcast", at=at),
             ]
     with store.write() as conn:
         record(conn, batch)
     ranges = ("1h", "24h", "7d", "30d")
     before = {r: queries.dashboard(store, [app], r, now=NOW) for r in ranges}
+    templates = {r: queries.template_stats(store, [app], r, now=NOW) for r in ranges}
+    one = {
+        r: queries.series_and_summary(store, [app], r, template="hello", now=NOW) for r in ranges
+    }
+    assert [t.tag for t in templates["30d"]] == ["hello", "receipt"]
     rows = _rows(store)
 
     removed = rollup.compact(store, now=NOW)
@@ -82,6 +106,14 @@ def test_compaction_keeps_every_statistic(store: Store) -> None:
         assert after.summary == board.summary and after.tags == board.tags, name
         assert after.series.counts == board.series.counts, name
         assert after.series.bots == board.series.bots, name
+        # and each template's, kept apart
+        assert queries.template_stats(store, [app], name, now=NOW) == templates[name], name
+        series, summary = queries.series_and_summary(store, [app], name, template="hello", now=NOW)
+        assert (series.counts, series.bots, summary) == (
+            one[name][0].counts,
+            one[name][0].bots,
+            one[name][1],
+        ), name
     # Days beyond 9 days, hours beyond 52 h, quarter hours beyond 4 h, minutes after.
     assert {b.hour for b in _buckets(store, NOW - timedelta(days=30), NOW - timedelta(days=9))} == {
         0

@@ -86,3 +86,38 @@ def test_names_per_organisation_keep_every_row_on_the_way(store: Store) -> None:
     assert counted() == (2, 1)
     migrate(store)
     assert counted() == (2, 1)
+
+
+def test_counters_per_template_merge_on_the_way_down(store: Store) -> None:
+    """0017 puts the template in stat_counters' key; going down, rows that differ only by
+    template become one row with their sums, and going up they stay (as template '')."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import select, text
+
+    from postbode.events.record import Event, record
+    from postbode.events.types import EventType
+    from postbode.testing.factories import make_app
+
+    app = make_app(store).app_id
+    at = datetime(2026, 3, 1, 9, 30, tzinfo=UTC)
+    with store.write() as conn:
+        record(
+            conn,
+            [
+                Event(app, EventType.MESSAGE_OPENED, tag="t", template=alias, at=at, bot=bot)
+                for alias, bot in (("welcome", True), ("receipt", False), (None, False))
+            ],
+        )
+    downgrade(store, "-1")
+    with store.read() as conn:
+        rows = conn.execute(text("SELECT tag, count, bot_count FROM stat_counters")).all()
+    assert [tuple(r) for r in rows] == [("t", 3, 1)]
+    migrate(store)
+    from postbode.store.schema import stat_counters
+
+    with store.read() as conn:
+        after = conn.execute(
+            select(stat_counters.c.template, stat_counters.c.count, stat_counters.c.bot_count)
+        ).all()
+    assert [tuple(r) for r in after] == [("", 3, 1)]
