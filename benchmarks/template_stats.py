@@ -4,6 +4,7 @@ SQLite, with a share of them made from templates, the counters compacted as the 
 does; prints p50/p95 per range next to the rest of the dashboard (stats.queries.dashboard).
 
     python benchmarks/template_stats.py [--messages 200000] [--templated 0.5] [--runs 7]
+                                        [--no-compact]
 """
 
 from __future__ import annotations
@@ -92,6 +93,9 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=200_000)
     parser.add_argument("--templated", type=float, default=0.5, help="share made from templates")
     parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument(
+        "--no-compact", action="store_true", help="leave every minute's counter rows as written"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         store = create_store(Settings(data_dir=Path(scratch)))
@@ -101,10 +105,12 @@ def main() -> None:
         events = seed(store, app.app_id, args.messages, args.templated, random.Random(2026))
         seed(store, quiet.app_id, args.messages // 10, 0.0, random.Random(7))
         # The counters as the periodic compaction leaves them (stats/rollup.py).
-        rollup.compact(store)
+        if not args.no_compact:
+            rollup.compact(store)
         print(
             f"seeded {args.messages:,} messages ({args.templated:.0%} from templates), "
-            f"{events:,} events, in {time.perf_counter() - started:.0f} s (counters compacted)"
+            f"{events:,} events, in {time.perf_counter() - started:.0f} s "
+            f"(counters {'as written' if args.no_compact else 'compacted'})"
         )
         made = sum(t.sent for t in queries.template_stats(store, [app.app_id], "30d"))
         print(f"sent from templates over 30d, as counted: {made:,}")
