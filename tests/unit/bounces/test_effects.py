@@ -425,3 +425,26 @@ def test_control_characters_in_a_report_are_stored_as_spaces(store: Store, app_i
     [(_, data)] = event_list(store, delivery_id)
     assert data["diagnostic"] == "User unknown [31m"
     assert listed(store)[0]["detail"] == "User unknown [31m"
+
+
+def test_dsn_bounces_and_complaints_count_under_the_messages_template(
+    store: Store, app_id: int
+) -> None:
+    from postbode.store.schema import messages
+
+    bounced, complained = sent(store, app_id), sent(store, app_id, "cy@dest.test")
+    with store.write() as conn:
+        ids = select(deliveries.c.message_id).where(deliveries.c.id.in_([bounced, complained]))
+        conn.execute(
+            update(messages).where(messages.c.id.in_(ids)).values(template="welcome", tag="t")
+        )
+    assert apply(store, bounced, USER_UNKNOWN) == "bounced"
+    assert complain(store, complained, arf()) == "complained"
+    with store.read() as conn:
+        rows = conn.execute(
+            select(stat_counters.c.event_type, stat_counters.c.tag, stat_counters.c.template)
+        ).all()
+    assert sorted(tuple(r) for r in rows) == [
+        ("delivery.bounced", "t", "welcome"),
+        ("message.complained", "t", "welcome"),
+    ]

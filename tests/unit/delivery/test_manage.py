@@ -48,6 +48,9 @@ def events_of(store: Store, delivery_id: uuid.UUID | None = None) -> list[Any]:
 def test_retry_makes_a_deferred_delivery_due_now_with_its_event(store: Store) -> None:
     app = make_app(store)
     (d,) = queue(store, app.app_id, ["a@dest.test"], tag="welcome")
+    with store.write() as conn:  # made from a template
+        mine = select(deliveries.c.message_id).where(deliveries.c.id == d)
+        conn.execute(update(messages).where(messages.c.id.in_(mine)).values(template="hello"))
     later = utcnow() + timedelta(hours=1)
     set_row(store, d, status="deferred", next_attempt_at=later, last_reply="451 4.7.1 Later")
 
@@ -61,12 +64,18 @@ def test_retry_makes_a_deferred_delivery_due_now_with_its_event(store: Store) ->
     (event,) = events_of(store, d)
     assert event.type == "delivery.retried"
     assert event.data == {"action": "retry", "previous_status": "deferred", "by": "ops@shop.test"}
-    with store.read() as conn:  # counted with the message's tag, in the same transaction
+    # Counted with the message's tag and template, in the same transaction.
+    with store.read() as conn:
         counted = conn.execute(
-            select(stat_counters.c.event_type, stat_counters.c.tag, stat_counters.c.count)
+            select(
+                stat_counters.c.event_type,
+                stat_counters.c.tag,
+                stat_counters.c.template,
+                stat_counters.c.count,
+            )
         ).all()
     # counted as a retry, not as another recipient taken in (delivery.queued)
-    assert counted == [("delivery.retried", "welcome", 1)]
+    assert counted == [("delivery.retried", "welcome", "hello", 1)]
 
 
 def test_retry_gives_a_failed_delivery_a_fresh_max_age(store: Store) -> None:
