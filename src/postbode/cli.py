@@ -373,10 +373,10 @@ def app_limits(
 @app_cmd.command("release")
 def app_release(name: str, as_json: JsonFlag = False, organization: AppOrgOption = None) -> None:
     """End the app's hold and send its held mail."""
-    from postbode.abuse import hold
+    from postbode.abuse import hold, release
 
     store, app_id = _app_id(name, organization)
-    released = hold.release(store, app_id, hold.Actor("cli"))
+    released = release.release(store, app_id, hold.Actor("cli"))
     if as_json:
         _print_json({"app": name, "held": False, "released": released})
     else:

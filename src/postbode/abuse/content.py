@@ -36,7 +36,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # A held delivery's last reply and `delivery.held` reason start with this: the queue shows it,
-# and an app's release (abuse/hold.py) leaves these to be released one by one.
+# and an app's release (abuse/release.py) leaves these to be released one by one.
 HOLD_PREFIX = "content score"
 MAX_SYMBOLS = 60  # symbols kept per message, the highest-scoring first
 MAX_OPTIONS = 8  # options kept per symbol

@@ -1,33 +1,28 @@
-"""Holding an app's mail and releasing it: while an app is held its new mail is accepted with
-status `held` (and its hold reason) and its queued mail is not sent; a release sends it."""
+"""Holding an app's mail: while an app is held its new mail is accepted with
+status `held` (and its hold reason) and its queued mail is not sent; a release (release.py)
+sends it."""
 
 from __future__ import annotations
 
 import json
-import uuid
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, func, or_, select, update
+from sqlalchemy import Connection, func, select, update
 
 from postbode import audit
-from postbode.abuse.content import HOLD_PREFIX
-from postbode.delivery.manage import CHUNK, DeliveryFilter, change_many
 from postbode.store.engine import Store
-from postbode.store.schema import apps, deliveries, stat_counters, system_values, utcnow
+from postbode.store.schema import apps, stat_counters, system_values, utcnow
 
 __all__ = [
     "REASON_CHARS",
     "Actor",
     "HoldError",
     "Release",
+    "app_row",
     "hold",
     "hold_in",
-    "holds",
-    "release",
-    "reply_text",
 ]
 
 REASON_CHARS = 500
@@ -94,25 +89,7 @@ def last_release(conn: Connection, app_ids: list[int]) -> dict[int, Release]:
     return found
 
 
-def reply_text(reason: str) -> str:
-    """What a delivery held by an app hold shows as its last reply (queue view, message page)."""
-    return f"app held: {reason}"
-
-
-def holds(conn: Connection, app_ids: Iterable[int]) -> dict[int, str]:
-    """The hold reason of each of these apps that is held."""
-    ids = sorted(set(app_ids))
-    if not ids:
-        return {}
-    rows = conn.execute(
-        select(apps.c.id, apps.c.hold_reason).where(
-            apps.c.id.in_(ids), apps.c.hold_reason.is_not(None)
-        )
-    )
-    return {r.id: r.hold_reason for r in rows}
-
-
-def _app(conn: Connection, app_id: int) -> Any:
+def app_row(conn: Connection, app_id: int) -> Any:
     row = conn.execute(
         select(apps.c.id, apps.c.name, apps.c.organization_id, apps.c.hold_reason).where(
             apps.c.id == app_id
@@ -137,7 +114,7 @@ def hold_in(
     reason = " ".join(reason.split())[:REASON_CHARS]
     if not reason:
         raise HoldError("give a reason for the hold")
-    app = _app(conn, app_id)
+    app = app_row(conn, app_id)
     now = now or utcnow()
     changed = conn.execute(
         update(apps)
@@ -163,53 +140,3 @@ def hold(store: Store, app_id: int, reason: str, actor: Actor) -> bool:
     """Hold the app's mail (see `hold_in`); False when it was already held."""
     with store.write() as conn:
         return hold_in(conn, app_id, reason, actor)
-
-
-def release(store: Store, app_id: int, actor: Actor) -> int:
-    """End the app's hold and send its held mail; returns how many deliveries were released.
-    Deliveries parked by an error (they carry a traceback) stay held: they are released one by
-    one from the queue view, once the error is understood; so do those held for their content
-    (abuse/content.py), which a person judges message by message. Releasing an app that is not
-    held sends whatever an earlier, interrupted release left held. Raises HoldError (no such
-    app)."""
-    with store.write() as conn:
-        app = _app(conn, app_id)
-        conn.execute(
-            update(apps)
-            .where(apps.c.id == app_id)
-            .values(hold_reason=None, held_at=None, held_by=None)
-        )
-        note_release(conn, app_id, utcnow())
-        audit.write(
-            conn,
-            app.organization_id,
-            actor.name,
-            "app.release",
-            app.name,
-            {"reason": app.hold_reason} if app.hold_reason else {},
-            ip=actor.ip,
-            user_id=actor.user_id,
-        )
-    released = 0
-    after: uuid.UUID | None = None
-    while True:
-        query = select(deliveries.c.id).where(
-            deliveries.c.app_id == app_id,
-            deliveries.c.status == "held",
-            deliveries.c.error.is_(None),
-            or_(
-                deliveries.c.last_reply.is_(None),
-                ~deliveries.c.last_reply.startswith(HOLD_PREFIX, autoescape=True),
-            ),
-        )
-        if after is not None:
-            query = query.where(deliveries.c.id > after)
-        with store.read() as conn:
-            ids = list(conn.execute(query.order_by(deliveries.c.id).limit(CHUNK)).scalars())
-        if not ids:
-            break
-        released += change_many(
-            store, app_id, "release", DeliveryFilter(ids=ids), by=actor.name, chunk=CHUNK
-        )
-        after = ids[-1]
-    return released

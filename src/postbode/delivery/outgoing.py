@@ -19,7 +19,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Row, insert, select
 
-from postbode.abuse.hold import reply_text
+from postbode.abuse.held import reply_text
 from postbode.bounces import suppression
 from postbode.bounces.classify import Classification, classify, load_rules
 from postbode.bounces.effects import after_smtp_bounce

@@ -28,7 +28,7 @@ from sqlalchemy import Connection, Dialect, delete, insert, or_, select
 
 from postbode.abuse import alerts as abuse_alerts
 from postbode.abuse import content
-from postbode.abuse import hold as abuse_hold
+from postbode.abuse import held as abuse_held
 from postbode.abuse.limits import Gate, Over
 from postbode.abuse.spikes import SpikeWatch
 from postbode.events.record import Event, record
@@ -604,7 +604,7 @@ class Acceptor:
             # suppression that lands meanwhile is as if it landed just after this accept.
             with self.store.read() as conn:
                 suppressed = _suppressed(conn, items)
-                held = abuse_hold.holds(conn, {p.sub.app_id for p in items})
+                held = abuse_held.holds(conn, {p.sub.app_id for p in items})
             answers: list[Accepted | BaseException]
             if any(p.sub.idempotency_key for p in items):  # answers depend on the store
                 with self.store.write() as conn:
@@ -630,7 +630,7 @@ class Acceptor:
                                 conn,
                                 [item],
                                 _suppressed(conn, [item]),
-                                abuse_hold.holds(conn, [item.sub.app_id]),
+                                abuse_held.holds(conn, [item.sub.app_id]),
                             )
                         )
                 except Exception:
@@ -907,7 +907,7 @@ class _Rows:
                 status, event_type = "scheduled", EventType.DELIVERY_QUEUED
             elif hold_reason is not None:
                 status, event_type = "held", EventType.DELIVERY_HELD
-                reason = abuse_hold.reply_text(hold_reason)
+                reason = abuse_held.reply_text(hold_reason)
             else:
                 status, event_type = "queued", EventType.DELIVERY_QUEUED
             delivery_id = new_id()

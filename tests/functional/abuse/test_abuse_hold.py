@@ -10,6 +10,7 @@ from sqlalchemy import select
 
 from postbode import tenancy
 from postbode.abuse import alerts, hold
+from postbode.abuse.release import release
 from postbode.delivery import manage
 from postbode.store.engine import Store
 from postbode.store.schema import audit_log, deliveries, events
@@ -77,7 +78,7 @@ def test_a_held_app_sends_nothing_until_released(
     time.sleep(0.5)  # the worker polls every 0.25 s: it would have sent held mail by now
     assert len(mx_sink.messages) == 2
 
-    released = hold.release(store, shop.app_id, hold.Actor("owner@dest.test"))
+    released = release(store, shop.app_id, hold.Actor("owner@dest.test"))
     assert released == 2
     mx_sink.wait_for_sync(4)
     wait_for(lambda: by_recipient(store)["queued@dest.test"][0] == "delivered")

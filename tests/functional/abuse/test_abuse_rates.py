@@ -14,6 +14,7 @@ from sqlalchemy import select
 
 from postbode import tenancy
 from postbode.abuse import guards, hold
+from postbode.abuse.release import release
 from postbode.bounces.intake import BounceIntake
 from postbode.config import Settings
 from postbode.store.engine import Store
@@ -93,7 +94,7 @@ def test_30_hard_bounces_in_200_deliveries_hold_the_app(
     assert later == "held"
     assert guards.check_rates(store, settings) == []
     # Released: the bounces before the release no longer count.
-    hold.release(store, shop.app_id, hold.Actor("owner@shop.test"))
+    release(store, shop.app_id, hold.Actor("owner@shop.test"))
     assert guards.check_rates(store, settings) == []
     assert hold_reason(store, shop.app_id) is None
 

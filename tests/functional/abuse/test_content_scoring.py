@@ -20,6 +20,7 @@ from sqlalchemy import func, select
 
 from postbode import tenancy
 from postbode.abuse import alerts, hold
+from postbode.abuse.release import release
 from postbode.config import Settings
 from postbode.delivery import manage
 from postbode.store.engine import Store
@@ -219,7 +220,7 @@ def test_a_held_message_outlives_a_restart_and_an_app_release_until_released_by_
     second = start_scanning()
     # An app hold and release in between: it sends the app's held mail, not this one.
     hold.hold(store, shop.app_id, "checking", hold.Actor("ops@shop.test"))
-    assert hold.release(store, shop.app_id, hold.Actor("ops@shop.test")) == 0
+    assert release(store, shop.app_id, hold.Actor("ops@shop.test")) == 0
     smtp_send(second, shop, mail("Your order", to="after@dest.test"))
     mx_sink.wait_for_sync(1, timeout=20)
     again = delivery_of(store, "kept@dest.test")

@@ -9,6 +9,7 @@ from sqlalchemy import insert, select
 
 from postbode import tenancy
 from postbode.abuse import hold, spikes
+from postbode.abuse.release import release
 from postbode.store.engine import Store
 from postbode.store.schema import app_alerts, apps, stat_counters
 
@@ -92,7 +93,7 @@ def test_a_burst_holds_the_app_once_and_a_release_forgets_it(store: Store) -> No
     assert reason is not None and "400/min" in reason
     assert [tuple(k) for k in kinds] == [("spike", True)]
     assert spikes._check(store, S, NOW, None) == []  # held: not judged again
-    hold.release(store, shop.app_id, hold.Actor("owner@shop.test"))
+    release(store, shop.app_id, hold.Actor("owner@shop.test"))
     # What the minute held at the release no longer counts; new mail after it does (judged
     # here as a new app's: the history above is of another hour of the week).
     judged = spikes.SpikeSettings(new_app=100)

@@ -20,6 +20,7 @@ from postbode import audit, dnscheck, tenancy
 from postbode.abuse import alerts as abuse_alerts
 from postbode.abuse import hold as abuse_hold
 from postbode.abuse import limits as abuse_limits
+from postbode.abuse import release as abuse_release
 from postbode.abuse.figures import app_figures
 from postbode.config import Settings
 from postbode.events.types import EventType
@@ -357,7 +358,7 @@ async def release_app(app: str, request: Request, caller: Caller) -> Any:
     """End the hold; the app's held mail is queued and goes out."""
     row = await _app_of(request, caller, app)
     released = await run_in_threadpool(
-        abuse_hold.release, _store(request), row["id"], _actor(request, caller)
+        abuse_release.release, _store(request), row["id"], _actor(request, caller)
     )
     return {**_app_out(await _app_of(request, caller, app)), "released": released}
 

@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from postbode.abuse import alerts, hold, limits
+from postbode.abuse import alerts, hold, limits, release
 from postbode.abuse.figures import app_figures
 from postbode.web.ui.core import (
     CanChange,
@@ -91,7 +91,7 @@ async def release_app(request: Request, viewer: CanChange, name: str) -> Respons
     form = await request.form()
     back = safe_next(str(form.get("back", "")) or url("/alerts", viewer))
     released = await run_in_threadpool(
-        hold.release, store_of(request), app_id, _actor(request, viewer)
+        release.release, store_of(request), app_id, _actor(request, viewer)
     )
     return redirect(request, back, f"{name} released: {released} held deliveries queued.")
 

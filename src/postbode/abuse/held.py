@@ -1,0 +1,30 @@
+"""Which apps are held and what their held deliveries say: the read side of an app hold, for
+the accept path and the sender, which must not depend on the queue operations in `hold`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from sqlalchemy import Connection, select
+
+from postbode.store.schema import apps
+
+__all__ = ["holds", "reply_text"]
+
+
+def reply_text(reason: str) -> str:
+    """What a delivery held by an app hold shows as its last reply (queue view, message page)."""
+    return f"app held: {reason}"
+
+
+def holds(conn: Connection, app_ids: Iterable[int]) -> dict[int, str]:
+    """The hold reason of each of these apps that is held."""
+    ids = sorted(set(app_ids))
+    if not ids:
+        return {}
+    rows = conn.execute(
+        select(apps.c.id, apps.c.hold_reason).where(
+            apps.c.id.in_(ids), apps.c.hold_reason.is_not(None)
+        )
+    )
+    return {r.id: r.hold_reason for r in rows}
