@@ -43,6 +43,7 @@ from postbode.store.schema import (
     SYSTEM_SOURCE,
     apps,
     attempts,
+    claimed_elsewhere,
     domains,
     messages,
     raw_messages,
@@ -171,16 +172,6 @@ class Outgoing:
         """The DKIM keys of these From domains, by (app, domain): each app's own claim of the
         name, unless another app's claim of it is verified (then the app's mail goes unsigned:
         the name is not its to sign for)."""
-        other = domains.alias("other")
-        held_elsewhere = (
-            select(other.c.id)
-            .where(
-                other.c.name == domains.c.name,
-                other.c.app_id != domains.c.app_id,
-                other.c.verified_at.is_not(None),
-            )
-            .exists()
-        )
         rows = conn.execute(
             select(
                 domains.c.app_id,
@@ -191,7 +182,7 @@ class Outgoing:
             ).where(
                 domains.c.name.in_(names),
                 domains.c.app_id.in_(app_ids),
-                ~held_elsewhere,
+                ~claimed_elsewhere(),
             )
         ).all()
         return {(r.app_id, r.name): r for r in rows}

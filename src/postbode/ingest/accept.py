@@ -45,6 +45,7 @@ from postbode.store.bulk import BulkInsert, PreparedRows
 from postbode.store.engine import Store
 from postbode.store.schema import (
     apps,
+    claimed_elsewhere,
     deliveries,
     domains,
     idempotency_keys,
@@ -291,19 +292,9 @@ class Acceptor:
                         apps.c.tracking_allowed,
                     ).where(apps.c.id == app_id)
                 ).one()
-                other = domains.alias("other")
-                held_elsewhere = (
-                    select(other.c.id)
-                    .where(
-                        other.c.name == domains.c.name,
-                        other.c.app_id != domains.c.app_id,
-                        other.c.verified_at.is_not(None),
-                    )
-                    .exists()
-                )
                 names = conn.execute(
                     select(
-                        domains.c.name, domains.c.verified_at, held_elsewhere.label("taken")
+                        domains.c.name, domains.c.verified_at, claimed_elsewhere().label("taken")
                     ).where(domains.c.app_id == app_id)
                 ).all()
             info = _AppInfo(

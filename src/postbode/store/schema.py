@@ -16,6 +16,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     Dialect,
+    Exists,
     Float,
     ForeignKey,
     Index,
@@ -31,6 +32,7 @@ from sqlalchemy import (
     Uuid,
     false,
     func,
+    select,
     text,
     true,
 )
@@ -237,6 +239,22 @@ domains = Table(
         sqlite_where=text("verified_at IS NOT NULL"),
     ),
 )
+
+
+def claimed_elsewhere() -> Exists:
+    """True for a `domains` row whose name another app's claim holds verified: the name is not
+    this claim's to send, sign or take mail for (tenancy.holders tells who holds a name)."""
+    other = domains.alias("other")
+    return (
+        select(other.c.id)
+        .where(
+            other.c.name == domains.c.name,
+            other.c.app_id != domains.c.app_id,
+            other.c.verified_at.is_not(None),
+        )
+        .exists()
+    )
+
 
 organization_tokens = Table(
     "organization_tokens",
