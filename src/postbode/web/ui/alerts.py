@@ -112,21 +112,7 @@ def _limit_changes(form: Any) -> dict[str, int | None] | str:
 
 @router.post("/settings/apps/{name}/limits")
 async def save_limits(request: Request, viewer: CanChange, name: str) -> Response:
-    app_id = _named(viewer, name)
-    form = await request.form()
-    back = url(f"/settings/apps/{name}", viewer)
-    changes = _limit_changes(form)
-    if isinstance(changes, str):
-        return redirect(request, back, changes, "error")
-    store = store_of(request)
-
-    def run() -> None:
-        with store.write() as conn:
-            after = limits.set_limits(conn, app_id, changes)
-            audit(conn, viewer, request, "app.limits", name, after.as_json())
-
-    await run_in_threadpool(run)
-    return redirect(request, back, "Sending limits saved.")
+    return await _save_limits(request, viewer, name, None)
 
 
 @router.post("/settings/apps/{name}/credentials/{credential_id}/limits")
@@ -135,6 +121,12 @@ async def save_credential_limits(
 ) -> Response:
     """One API key's or SMTP login's own limits, audited as the CLI and the management API
     audit them (`app.limits` on "<app> credential <id>")."""
+    return await _save_limits(request, viewer, name, credential_id)
+
+
+async def _save_limits(
+    request: Request, viewer: Viewer, name: str, credential_id: int | None
+) -> Response:
     app_id = _named(viewer, name)
     form = await request.form()
     back = url(f"/settings/apps/{name}", viewer)
@@ -142,16 +134,22 @@ async def save_credential_limits(
     if isinstance(changes, str):
         return redirect(request, back, changes, "error")
     store = store_of(request)
+    target = name if credential_id is None else f"{name} credential {credential_id}"
 
     def run() -> None:
         with store.write() as conn:
-            limits.get_limits(conn, app_id, credential_id)  # LookupError: not this app's
+            if credential_id is not None:
+                limits.get_limits(conn, app_id, credential_id)  # LookupError: not this app's
             after = limits.set_limits(conn, app_id, changes, credential_id)
-            target = f"{name} credential {credential_id}"
             audit(conn, viewer, request, "app.limits", target, after.as_json())
 
     try:
         await run_in_threadpool(run)
     except LookupError:
         raise UiError(404, f"No credential {credential_id} in {name}.") from None
-    return redirect(request, back, f"Sending limits of credential {credential_id} saved.")
+    saved = (
+        "Sending limits"
+        if credential_id is None
+        else f"Sending limits of credential {credential_id}"
+    )
+    return redirect(request, back, f"{saved} saved.")
