@@ -385,9 +385,14 @@ deliveries = Table(
     # An app's recent outcomes (the last hour's hard bounces: abuse.guards, sending health).
     Index(None, "app_id", "status", "updated_at"),
 )
-# Recipient search ignores case (as people type addresses) without changing what is stored.
+# Recipient search ignores case (as people type addresses) without changing what is stored;
+# an address's messages come out in id (time) order, so a page of a busy address is read from
+# its newest end instead of sorting all of them.
 Index(
-    "ix_deliveries_app_id_lower_recipient", deliveries.c.app_id, func.lower(deliveries.c.recipient)
+    "ix_deliveries_app_id_lower_recipient_message_id",
+    deliveries.c.app_id,
+    func.lower(deliveries.c.recipient),
+    deliveries.c.message_id,
 )
 
 attempts = Table(

@@ -274,6 +274,55 @@ def test_a_busy_address_is_found_through_the_time_index(
     assert ids(store, MessageQuery((shop,), recipient="nobody@dest.test")) == []
 
 
+def test_a_busy_address_pages_newest_first_in_id_order(
+    store: Store, shop: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # More messages than EXACT_CAP: walked in message-id order, page after page, in two apps;
+    # one message has the address twice (in two cases), others go to someone else.
+    other = tenancy.create_app(store, "other").app_id
+    made: list[Any] = []
+    for i in range(23):
+        at = T0 + timedelta(minutes=i // 2)  # pairs share an instant: the id breaks the tie
+        app = other if i % 5 == 0 else shop
+        to = [("busy@dest.test", "delivered")]
+        if i == 7:
+            to.append(("Busy@DEST.test", "bounced"))
+        made.append(put_message(store, app, recipients=to, at=at))
+        put_message(store, shop, recipients=[("quiet@dest.test", "delivered")], at=at)
+    newest_first = list(reversed(made))
+    monkeypatch.setattr(search, "EXACT_CAP", 5)
+    q = MessageQuery((shop, other), recipient="BUSY@dest.test")
+    seen: list[Any] = []
+    pages: list[search.Page] = []
+    cursor = None
+    while True:
+        with store.read() as conn:
+            page = search.search(conn, q, cursor=cursor, limit=4)
+        pages.append(page)
+        seen += [r["id"] for r in page.rows]
+        if page.next_cursor is None:
+            break
+        cursor = Cursor.decode(page.next_cursor.encode())
+    assert seen == newest_first
+    assert len(pages) == 6
+    assert [len(r["deliveries"]) for p in pages for r in p.rows if r["id"] == made[7]] == [2]
+    with store.read() as conn:
+        # Back from the third page: the second page again, then the first.
+        back = search.search(conn, q, newer_than=pages[2].newer_cursor, limit=4)
+        assert [r["id"] for r in back.rows] == newest_first[4:8]
+        assert back.newer_cursor is not None
+        top = search.search(conn, q, newer_than=back.newer_cursor, limit=4)
+        assert [r["id"] for r in top.rows] == newest_first[:4]
+        assert top.newer_cursor is None
+        # Jump to a date: the address's messages received before it.
+        jumped = search.search(conn, q, cursor=Cursor.at(T0 + timedelta(minutes=5)), limit=3)
+        assert [r["id"] for r in jumped.rows] == [made[9], made[8], made[7]]
+        # Bounds and a tag still hold on the walk.
+        until = MessageQuery((shop,), recipient="busy@dest.test", until=T0 + timedelta(minutes=2))
+        assert [r["id"] for r in search.search(conn, until).rows] == [made[3], made[2], made[1]]
+        assert search.count_matches(conn, q) == (24, False)  # deliveries: one message has two
+
+
 def _set_delivery(store: Store, recipient: str, **values: Any) -> None:
     from sqlalchemy import update
 

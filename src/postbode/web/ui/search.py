@@ -407,6 +407,8 @@ def _search_app(
     named = _named(conn, q, app_id)
     if named is not None and not named:
         return [], None
+    if named is None and _busy_address(q):
+        return _by_id(conn, q, app_id, cursor, limit, newer), None
     if named is not None and len(named) <= EXACT_CAP:
         conds = [messages.c.id.in_(list(named)), *_bounds(q)]
     else:  # no such filter, or so many messages that the time index finds them fast
@@ -434,6 +436,36 @@ def _search_app(
     if len(rows) > limit or edge is None:
         return list(rows), None  # a full page, or the scan reached the end of the messages
     return list(rows), Cursor(edge, _LAST_ID if newer else _FIRST_ID)
+
+
+def _busy_address(q: MessageQuery) -> bool:
+    """A whole address and nothing scanned: with more than EXACT_CAP messages (which `_named`
+    declined to list) its page is walked in message-id order (`_by_id`)."""
+    return bool(q.recipient and _whole_address(q.recipient)) and not q.scanned_filters()
+
+
+def _by_id(
+    conn: Connection,
+    q: MessageQuery,
+    app_id: int,
+    cursor: Cursor | None,
+    limit: int,
+    newer: bool,
+) -> list[Any]:
+    """Up to `limit` + 1 of an address's messages in one app, newest first (`newer`: the ones
+    just newer than `cursor`, oldest first), in message-id order: the ids are UUIDv7 made as
+    the message is accepted (store/schema.py `new_id`), so that order is the time order, and
+    the (app_id, lower(recipient), message_id) index gives the address's messages in it from
+    either end. Ordering by received_at instead read and sorted all of them (1.6 s for 10,900
+    messages at 10 million deliveries). The same walk as the API's `GET /messages?recipient=`."""
+    conds = _indexed(q, app_id)
+    if cursor is not None:
+        if cursor.id in (_FIRST_ID, _LAST_ID):  # a date to jump to, or where a scan stopped
+            conds.append(_after(cursor) if newer else _before(cursor))
+        else:
+            conds.append(messages.c.id > cursor.id if newer else messages.c.id < cursor.id)
+    order = messages.c.id.asc() if newer else messages.c.id.desc()
+    return list(conn.execute(select(messages).where(*conds).order_by(order).limit(limit + 1)))
 
 
 def search(
