@@ -277,7 +277,7 @@ def test_a_busy_address_is_found_through_the_time_index(
 def test_a_busy_address_pages_newest_first_in_id_order(
     store: Store, shop: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # More messages than EXACT_CAP: walked in message-id order, page after page, in two apps;
+    # More messages than ID_WALK_OVER: walked in message-id order, page after page, in two apps;
     # one message has the address twice (in two cases), others go to someone else.
     other = tenancy.create_app(store, "other").app_id
     made: list[Any] = []
@@ -290,7 +290,7 @@ def test_a_busy_address_pages_newest_first_in_id_order(
         made.append(put_message(store, app, recipients=to, at=at))
         put_message(store, shop, recipients=[("quiet@dest.test", "delivered")], at=at)
     newest_first = list(reversed(made))
-    monkeypatch.setattr(search, "EXACT_CAP", 5)
+    monkeypatch.setattr(search, "ID_WALK_OVER", 5)
     q = MessageQuery((shop, other), recipient="BUSY@dest.test")
     seen: list[Any] = []
     pages: list[search.Page] = []

@@ -29,6 +29,9 @@ PAGE_SIZE = 50
 # deliveries (docs/performance.md).
 SCAN_WINDOW = 5_000
 EXACT_CAP = 5_000  # messages of one Message-ID or address read by id; more: by time index
+# An address with more messages than this in an app (and no scanned filter) is paged in
+# message-id order on its index instead of sorting all its messages by time (`_by_id`).
+ID_WALK_OVER = 500
 # States most deliveries end in: a page of them is found among the newest messages at once,
 # so they are not looked up through the status index first; nor is a state of more than
 # STATE_CAP of an app's deliveries.
@@ -93,7 +96,7 @@ def _whole_address(value: str) -> bool:
 
 def _recipient_forms(value: str) -> list[str]:
     """The address in lower case, its domain in IDNA and Unicode form: compared with
-    lower(recipient), which the (app_id, lower(recipient)) index serves."""
+    lower(recipient), which the (app_id, lower(recipient), message_id) index serves."""
     try:
         forms = address_forms(value)
     except (ApiError, AcceptError):
@@ -214,14 +217,17 @@ def _named(conn: Connection, q: MessageQuery, app_id: int) -> set[uuid.UUID] | N
             return None  # too many to name (a partial set would intersect wrongly): use the index
         found = {r.id for r in rows if r.app_id == app_id}
     if q.recipient and _whole_address(q.recipient):
+        # With nothing scanned, an address with more messages is walked in id order on its
+        # index (`_by_id`), and counted on it: a long list of ids costs more than that.
+        cap = ID_WALK_OVER if _busy_address(q) else EXACT_CAP
         ids = set(
             conn.execute(
                 select(deliveries.c.message_id)
                 .where(deliveries.c.app_id == app_id, _recipient_is(q.recipient))
-                .limit(EXACT_CAP + 1)
+                .limit(cap + 1)
             ).scalars()
         )
-        if len(ids) > EXACT_CAP:
+        if len(ids) > cap:
             return None
         found = ids if found is None else found & ids
     if q.status and q.status not in COMMON_STATUSES:
@@ -340,7 +346,7 @@ def _count(
         conds.append(messages.c.message_id_header.in_(_message_id_forms(q.message_id)))
     if q.recipient and _whole_address(q.recipient):
         # A delivery's app is its message's: said of the delivery too, so that the address is
-        # found through the (app_id, lower(recipient)) index (PostgreSQL read every delivery).
+        # found through the address index (PostgreSQL read every delivery).
         # Only here: without an address, SQLite would then walk the deliveries by app.
         conds.append(deliveries.c.app_id.in_(app_ids))
     matches = (
@@ -439,8 +445,8 @@ def _search_app(
 
 
 def _busy_address(q: MessageQuery) -> bool:
-    """A whole address and nothing scanned: with more than EXACT_CAP messages (which `_named`
-    declined to list) its page is walked in message-id order (`_by_id`)."""
+    """A whole address and nothing scanned: with more than ID_WALK_OVER messages in an app
+    (`_named` then names none) its page is walked in message-id order (`_by_id`)."""
     return bool(q.recipient and _whole_address(q.recipient)) and not q.scanned_filters()
 
 
