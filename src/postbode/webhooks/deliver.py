@@ -40,15 +40,16 @@ from postbode.store.schema import (
     webhooks,
 )
 from postbode.store.sealing import key_for
-from postbode.webhooks import formats
-from postbode.webhooks.destinations import (
+
+from . import formats
+from .destinations import (
     EXCERPT_CHARS,
     DestinationPolicy,
     describe_failure,
     excerpt,
     guarded_connector,
 )
-from postbode.webhooks.manage import disable, masked, secrets_in_force
+from .manage import disable, masked, secrets_in_force
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,10 @@ from postbode.store.schema import (
     webhooks,
 )
 from postbode.store.sealing import key_for, seal_with, unseal_with
-from postbode.webhooks import formats
-from postbode.webhooks.destinations import DestinationPolicy, excerpt, url_refusal
-from postbode.webhooks.signing import generate_secret
+
+from . import formats
+from .destinations import DestinationPolicy, excerpt, url_refusal
+from .signing import generate_secret
 
 ROTATION_GRACE = timedelta(hours=24)  # how long a rotated-out secret still signs
 MAX_URL_LENGTH = 2000

@@ -15,8 +15,9 @@ from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from postbode.events.types import EventType
-from postbode.webhooks.formats import mailgun, native, postmark, sendgrid
-from postbode.webhooks.signing import signed_headers
+
+from ..signing import signed_headers
+from . import mailgun, native, postmark, sendgrid
 
 
 class Format(Protocol):

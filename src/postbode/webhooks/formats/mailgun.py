@@ -11,7 +11,7 @@ import secrets
 from collections.abc import Mapping
 from typing import Any
 
-from postbode.webhooks.formats.common import data, message_fields, reply
+from .common import data, message_fields, reply
 
 # Postbode's event type -> (Mailgun's event, severity, reason).
 EVENTS: dict[str, tuple[str, str | None, str | None]] = {

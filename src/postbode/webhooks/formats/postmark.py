@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from postbode.webhooks.formats.common import data, iso, message_fields, reply, short_id
+from .common import data, iso, message_fields, reply, short_id
 
 # Postmark's bounce types (its "Bounce types" reference): name -> (TypeCode, Name).
 BOUNCE_TYPES = {
