@@ -86,14 +86,6 @@ def dns_server(postfix: Postfix) -> Iterator[LoopbackDNS]:
 
 
 @pytest.fixture
-def shop(store: Store, dns_server: LoopbackDNS) -> tenancy.NewApp:
-    created = tenancy.create_app(store, "shop")
-    domain = tenancy.add_domain(store, "shop", "shop.test")
-    dns_server.add_txt(f"{domain['dkim_selector']}._domainkey.shop.test", domain["dkim_public_key"])
-    return created
-
-
-@pytest.fixture
 def postbode(
     settings: Settings, store: Store, dns_server: LoopbackDNS
 ) -> Iterator[PostbodeInProcess]:
