@@ -369,6 +369,21 @@ async def send_one(
     return sent(accepted, lists)
 
 
+async def _send_each(
+    request: Request, app_id: int, items: list[Any], *, templated: bool
+) -> list[dict[str, Any]]:
+    """A batch: each message accepted or refused on its own, each answered in order."""
+    if len(items) > MAX_BATCH:
+        raise PostmarkError(422, TOO_MANY_BATCH, f"Too many batch messages: at most {MAX_BATCH}.")
+    results = []
+    for item in items:
+        try:
+            results.append(await send_one(request, app_id, item, templated=templated))
+        except PostmarkError as exc:
+            results.append(exc.body())
+    return results
+
+
 async def _json(request: Request) -> Any:
     content_type = request.headers.get("content-type", "")
     if "json" not in content_type.lower():
@@ -422,17 +437,7 @@ def _routes(router: APIRouter) -> None:
             data = await _json(request)
             if not isinstance(data, list):
                 raise PostmarkError(422, INVALID_JSON, "The batch body must be a JSON array.")
-            if len(data) > MAX_BATCH:
-                raise PostmarkError(
-                    422, TOO_MANY_BATCH, f"Too many batch messages: at most {MAX_BATCH}."
-                )
-            results = []
-            for item in data:
-                try:
-                    results.append(await send_one(request, app_id, item))
-                except PostmarkError as exc:
-                    results.append(exc.body())
-            return JSONResponse(results)
+            return JSONResponse(await _send_each(request, app_id, data, templated=False))
         except PostmarkError as exc:
             return exc.response()
 
@@ -469,17 +474,7 @@ def _routes(router: APIRouter) -> None:
             items = data.get("Messages") if isinstance(data, dict) else None
             if not isinstance(items, list):
                 raise PostmarkError(422, INVALID_JSON, "Give the messages as 'Messages': [...].")
-            if len(items) > MAX_BATCH:
-                raise PostmarkError(
-                    422, TOO_MANY_BATCH, f"Too many batch messages: at most {MAX_BATCH}."
-                )
-            results = []
-            for item in items:
-                try:
-                    results.append(await send_one(request, app_id, item, templated=True))
-                except PostmarkError as exc:
-                    results.append(exc.body())
-            return JSONResponse(results)
+            return JSONResponse(await _send_each(request, app_id, items, templated=True))
         except PostmarkError as exc:
             return exc.response()
 
