@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -217,10 +216,8 @@ def test_serve_says_where_the_ui_is_and_how_to_get_in(tmp_path: Path) -> None:
     server.start()
     try:
         setup = f"{server.http_url}/setup"
-        deadline = time.monotonic() + 20
-        while setup not in server.log() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert f"no user yet: open {setup} to create the owner account" in server.log()
+        log = server.wait_log(setup)
+        assert f"no user yet: open {setup} to create the owner account" in log
         assert httpx.get(setup).status_code == 200
     finally:
         assert server.stop() == 0, server.log()
@@ -238,9 +235,6 @@ def test_serve_says_where_the_ui_is_and_how_to_get_in(tmp_path: Path) -> None:
     again.start()
     try:
         login = f"{again.http_url}/login"
-        deadline = time.monotonic() + 20
-        while login not in again.log() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert f"sign in at {login}" in again.log()
+        assert f"sign in at {login}" in again.wait_log(login)
     finally:
         assert again.stop() == 0, again.log()

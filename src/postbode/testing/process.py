@@ -155,6 +155,13 @@ class PostbodeProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def wait_log(self, text: str, timeout: float = 20.0) -> str:
+        """The log once it holds `text` (or as it is when `timeout` runs out)."""
+        deadline = time.monotonic() + timeout
+        while text not in (log := self.log()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return log
+
     def kill(self) -> None:
         """SIGKILL: the crash tests' way to stop it."""
         if self.proc and self.proc.poll() is None:
