@@ -29,14 +29,6 @@ def shop(store: Store, dns_server: LoopbackDNS) -> tuple[tenancy.NewApp, dict]:
 
 
 @pytest.fixture
-def mx_sink(dns_server: LoopbackDNS) -> Iterator[SmtpSink]:
-    with SmtpSink.on_random_loopback(tls=True) as sink:
-        dns_server.add_mx("dest.test", [(10, "mx1.dest.test")])
-        dns_server.add_a("mx1.dest.test", sink.host)
-        yield sink
-
-
-@pytest.fixture
 def postbode(
     settings: Settings, store: Store, dns_server: LoopbackDNS
 ) -> Iterator[PostbodeInProcess]:
