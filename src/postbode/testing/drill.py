@@ -371,6 +371,12 @@ def run(
             loading = asyncio.create_task(load.run())
             await _until(lambda: len(load.acks) >= messages * 0.3 or loading.done())
             victim = nodes[0]
+            # Killed with deliveries in its hands, which is what the drill is about (its worker
+            # may be between claims at any one moment).
+            while not loading.done() and not await asyncio.to_thread(  # noqa: ASYNC110 - polls the store
+                _leased_to, store, victim.pids()
+            ):
+                await asyncio.sleep(0.01)
             pids = victim.kill_group()
             report.killed_in_flight = await asyncio.to_thread(_leased_to, store, pids)
             phase(
