@@ -16,7 +16,7 @@ The traffic: four apps of unequal size, each with its tags; recipients drawn wit
 people get far more mail), their domains from the big providers plus a Zipf-distributed long
 tail; ~93 % delivered, ~3 % bounced, ~1.5 % suppressed, some failed (expired) and, in the last
 three days, deferred; and one dip: in the hour just ended the shop's order-confirmation mail
-fell to a sixth of its usual volume and most of what was sent bounced (a blocklisting), which
+fell to a tenth of its usual volume and most of what was sent bounced (a blocklisting), which
 stats.anomalies raises as `volume_drop` and the dashboard marks.
 """
 
@@ -89,7 +89,7 @@ APPS: tuple[tuple[str, float, tuple[tuple[str, str, float, str, str], ...]], ...
     ),
 )
 DIP_APP, DIP_TAG = "shop", "order-confirmation"
-DIP_VOLUME = 1 / 6  # of the usual volume in the hour just ended …
+DIP_VOLUME = 1 / 10  # of the usual volume in the hour just ended …
 DIP_BOUNCED = 0.7  # … and this share of it bounced
 DIP_REPLY = (
     "550 5.7.1 Service unavailable, client host [198.51.100.7] blocked using "

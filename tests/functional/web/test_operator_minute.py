@@ -35,9 +35,10 @@ def test_from_a_dip_on_the_dashboard_to_the_reply_of_a_bounce(
     )
     store = create_store(Settings(data_dir=tmp_path))
     try:
-        # Five days at the same volume every hour: enough order confirmations an hour for
-        # the hour just ended, where they fell to a sixth and mostly bounced, to be a dip.
-        seeded = scale_seed.seed(store, 25_000, 5, random.Random(19), flat=True)
+        # Five days at the same volume every hour: enough order confirmations an hour (about
+        # 45; the dip rule wants at least 20 on every day it compares with) for the hour just
+        # ended, where they fell to a tenth and mostly bounced, to be a dip.
+        seeded = scale_seed.seed(store, 40_000, 5, random.Random(19), flat=True)
         assert ("volume_drop", scale_seed.DIP_TAG) in seeded["alerts"]
         tenancy.create_user(store, "owner@org.test", PASSWORD, admin=True)
         http = HttpServer(create_app(Settings(data_dir=tmp_path, secret_key="walk-key"), store))
