@@ -324,7 +324,7 @@ def one_run(args: argparse.Namespace, connections: int) -> dict[str, Any]:
             py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
             profiler = subprocess.Popen(
                 [
-                    *(py_spy, "record", "--pid", str(server.proc.pid), "--subprocesses"),
+                    *(py_spy, "record", "--pid", str(server.proc.pid), "--subprocesses", "--gil"),
                     *("--format", "raw", "--rate", "200", "--output", str(args.profile)),
                 ],
                 stdout=subprocess.DEVNULL,
