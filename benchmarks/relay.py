@@ -63,8 +63,7 @@ def run_sink(ready: Queue[Any], results: Queue[Any], count: Synchronized[int], s
                     writer.write(b"250 2.0.0 OK\r\n")
                 elif verb == b"EHLO":
                     writer.write(
-                        b"250-sink.bench\r\n250-PIPELINING\r\n250-8BITMIME\r\n"
-                        b"250 SIZE 52428800\r\n"
+                        b"250-sink.bench\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 52428800\r\n"
                     )
                 elif verb == b"QUIT":
                     writer.write(b"221 2.0.0 Bye\r\n")
@@ -451,9 +450,7 @@ def summary(rows: list[dict[str, Any]]) -> None:
 
         def cell(key: str, fmt: str, mine: list[dict[str, Any]] = mine) -> str:
             values = [r[key] for r in mine]
-            return (
-                f"{statistics.median(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
-            )
+            return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
 
         print(
             f"{c:>2} | {len(mine):>4} | {cell('end_to_end_per_s', ',.0f'):<22} | "

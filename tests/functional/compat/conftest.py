@@ -35,9 +35,6 @@ if not django_settings.configured:
     django.setup()
 
 
-
-
-
 @pytest.fixture
 def postbode(
     settings: Settings, store: Store, dns_server: LoopbackDNS, shop: tenancy.NewApp
