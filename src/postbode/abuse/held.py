@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, bindparam, select
 
 from postbode.store.schema import apps
 
@@ -17,14 +17,15 @@ def reply_text(reason: str) -> str:
     return f"app held: {reason}"
 
 
+_HELD = select(apps.c.id, apps.c.hold_reason).where(
+    apps.c.id.in_(bindparam("ids", expanding=True)), apps.c.hold_reason.is_not(None)
+)  # built once: it is read by every group commit
+
+
 def holds(conn: Connection, app_ids: Iterable[int]) -> dict[int, str]:
     """The hold reason of each of these apps that is held."""
     ids = sorted(set(app_ids))
     if not ids:
         return {}
-    rows = conn.execute(
-        select(apps.c.id, apps.c.hold_reason).where(
-            apps.c.id.in_(ids), apps.c.hold_reason.is_not(None)
-        )
-    )
+    rows = conn.execute(_HELD, {"ids": ids})
     return {r.id: r.hold_reason for r in rows}
