@@ -10,11 +10,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, insert, select
+from sqlalchemy import Connection, Dialect, bindparam, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from postbode.events.types import EventType
 from postbode.metrics import EVENTS
+from postbode.store.bulk import BulkInsert, PreparedRows
 from postbode.store.schema import events, new_id, stat_counters, utcnow, webhook_requests, webhooks
 
 
@@ -86,13 +87,11 @@ class Tally:
             if e.bot:
                 bots[key] += 1
 
-    def bump(self, conn: Connection) -> None:
-        """Write the increments gathered so far (in `conn`'s transaction) and forget them."""
-        if not self.counts:
-            return
-        # In key order: concurrent writers lock the rows they share in the same order, so two
-        # of them never wait for each other crosswise (a deadlock on PostgreSQL).
-        rows = [
+    def rows(self) -> list[dict[str, Any]]:
+        """The counter rows to upsert, in key order: concurrent writers lock the rows they
+        share in the same order, so two of them never wait for each other crosswise (a
+        deadlock on PostgreSQL)."""
+        return [
             {
                 "app_id": k[0],
                 "stream": k[1],
@@ -105,8 +104,13 @@ class Tally:
             }
             for k, n in sorted(self.counts.items())
         ]
+
+    def bump(self, conn: Connection) -> None:
+        """Write the increments gathered so far (in `conn`'s transaction) and forget them."""
+        if not self.counts:
+            return
         # One statement per row: executemany of an upsert is what both dialects do fastest.
-        conn.execute(_UPSERT_COUNTERS[conn.dialect.name], rows)
+        conn.execute(_UPSERT_COUNTERS[conn.dialect.name], self.rows())
         self.counts.clear()
         self.bots.clear()
 
@@ -119,30 +123,72 @@ def record(conn: Connection, items: Sequence[Event] | Event, counters: Tally | N
     batch = [items] if isinstance(items, Event) else list(items)
     if not batch:
         return
-    conn.execute(
-        _INSERT_EVENTS,
-        [
-            {
-                "id": e.id,
-                "app_id": e.app_id,
-                "message_id": e.message_id,
-                "delivery_id": e.delivery_id,
-                "recipient": e.recipient,
-                "type": str(e.type),
-                "data": e.data,
-                "created_at": e.at,
-            }
-            for e in batch
-        ],
-    )
+    conn.execute(_INSERT_EVENTS, [_event_row(e) for e in batch])
     told = [e for e in batch if e.counted]
     _queue_webhooks(conn, told)
     tally = counters if counters is not None else Tally()
     tally.add(told)
     if counters is None:
         tally.bump(conn)
+    _count(batch)
+
+
+def _event_row(e: Event) -> dict[str, Any]:
+    return {
+        "id": e.id,
+        "app_id": e.app_id,
+        "message_id": e.message_id,
+        "delivery_id": e.delivery_id,
+        "recipient": e.recipient,
+        "type": str(e.type),
+        "data": e.data,
+        "created_at": e.at,
+    }
+
+
+def _count(batch: Sequence[Event]) -> None:
     for event_type, n in Counter(str(e.type) for e in batch).items():
         EVENTS.labels(event_type).inc(n)
+
+
+_COUNTER_ROWS = {
+    name: BulkInsert(stat_counters, statement=upsert) for name, upsert in _UPSERT_COUNTERS.items()
+}
+_EVENT_ROWS = BulkInsert(events)
+
+
+@dataclass(frozen=True)
+class PreparedEvents:
+    """Events made ready for the driver outside any transaction (their rows and counter
+    increments converted as SQLAlchemy would): `write` then records them as `record` does,
+    holding a write lock only for the statements themselves."""
+
+    rows: PreparedRows
+    told: list[Event]  # the counted ones: their webhooks are looked up when written
+    counters: PreparedRows
+    batch: list[Event]
+
+    def write(self, conn: Connection) -> None:
+        """Write the events, queue their webhooks and bump their counters, in `conn`'s
+        transaction."""
+        BulkInsert.execute(conn, self.rows)
+        _queue_webhooks(conn, self.told)
+        BulkInsert.execute(conn, self.counters)
+        _count(self.batch)
+
+
+def prepare_record(dialect: Dialect, items: Sequence[Event]) -> PreparedEvents:
+    """`items` made ready to be recorded in a transaction on `dialect` (see PreparedEvents)."""
+    batch = list(items)
+    told = [e for e in batch if e.counted]
+    tally = Tally()
+    tally.add(told)
+    return PreparedEvents(
+        _EVENT_ROWS.prepare(dialect, [_event_row(e) for e in batch]),
+        told,
+        _COUNTER_ROWS[dialect.name].prepare(dialect, tally.rows()),
+        batch,
+    )
 
 
 def _queue_webhooks(conn: Connection, batch: Sequence[Event]) -> None:

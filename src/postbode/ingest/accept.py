@@ -31,7 +31,7 @@ from postbode.abuse import content
 from postbode.abuse import held as abuse_held
 from postbode.abuse.limits import Gate, Over
 from postbode.abuse.spikes import SpikeWatch
-from postbode.events.record import Event, record
+from postbode.events.record import Event, PreparedEvents, prepare_record
 from postbode.events.types import EventType
 from postbode.ingest import mime
 from postbode.metrics import (
@@ -950,7 +950,7 @@ class _Rows:
                     (_INSERT_DELIVERIES, self.deliveries),
                 )
             ],
-            self.events,
+            prepare_record(dialect, self.events),
             self.alerts,
         )
 
@@ -965,13 +965,13 @@ class _ReadyRows:
     """A batch's rows in the driver's values: what is left to do is to write them."""
 
     inserts: list[PreparedRows]
-    events: list[Event]
+    events: PreparedEvents
     alerts: list[tuple[int, dict[str, Any]]]
 
     def write(self, conn: Connection) -> None:
         for prepared in self.inserts:
             BulkInsert.execute(conn, prepared)
-        record(conn, self.events)
+        self.events.write(conn)
         # A message held for its content: the app's people hear of it (abuse/alerts.py, at
         # most one `content` alert per app and hour), in the transaction that stores it.
         for app_id, figures in self.alerts:

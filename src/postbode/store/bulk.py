@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, Dialect, Table, insert
+from sqlalchemy.sql.dml import Insert
 
 
 @dataclass(frozen=True)
@@ -33,10 +34,12 @@ class BulkInsert:
     executemany. On SQLite the write lock is held only for the second step, which is the point.
 
     As with SQLAlchemy's executemany, the first row's keys name the columns: every row must give
-    them, and columns none gives get their Python or server default."""
+    them, and columns none gives get their Python or server default. `statement`: an INSERT
+    into `table` of another form (an upsert) instead of the plain one."""
 
-    def __init__(self, table: Table) -> None:
+    def __init__(self, table: Table, statement: Insert | None = None) -> None:
         self.table = table
+        self.statement = statement if statement is not None else insert(table)
         self._plans: dict[tuple[str, frozenset[str]], _Plan] = {}
 
     def _plan(self, dialect: Dialect, given: frozenset[str]) -> _Plan:
@@ -48,7 +51,7 @@ class BulkInsert:
                 if c.default is not None and c.key not in given
             )
             named = [c.key for c in self.table.columns if c.key in given or c.default is not None]
-            compiled = insert(self.table).compile(dialect=dialect, column_keys=named)
+            compiled = self.statement.compile(dialect=dialect, column_keys=named)
             keys = tuple(compiled.positiontup or named)
             plan = _Plan(
                 sql=compiled.string,

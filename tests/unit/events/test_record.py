@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import func, select
 
-from postbode.events.record import Event, Tally, minute, record
+from postbode.events.record import Event, Tally, minute, prepare_record, record
 from postbode.events.types import EventType
 from postbode.store.engine import Store
 from postbode.store.schema import events, stat_counters, webhook_requests
@@ -120,3 +120,53 @@ def test_a_tally_gathers_increments_over_records_and_bumps_each_counter_row_once
             (other.app_id, "", "delivery.delivered", 1, 0),
         ]
     )
+
+
+def test_prepared_events_are_recorded_as_record_records_them(store: Store) -> None:
+    app = make_app(store)
+    manage.create_webhook(store, app.app_id, "https://a.test/", ["delivery.queued"])
+    message_id, (delivery_id,) = make_queued_message(store, app.app_id, ["alice@dest.test"])
+
+    def batch() -> list[Event]:
+        return [
+            Event(
+                app_id=app.app_id,
+                type=EventType.DELIVERY_QUEUED,
+                tag="welcome",
+                message_id=message_id,
+                delivery_id=delivery_id,
+                recipient="alice@dest.test",
+                data={"send_at": "2026-12-24T18:00:00+00:00", "ü": ["ß"]},
+            ),
+            Event(app_id=app.app_id, type=EventType.MESSAGE_OPENED, bot=True, tag="welcome"),
+            Event(app_id=app.app_id, type=EventType.MESSAGE_CLICKED, counted=False),
+        ]
+
+    theirs, ours = batch(), batch()
+    with store.write() as conn:
+        record(conn, theirs)
+    prepared = prepare_record(store.engine.dialect, ours)  # outside any transaction
+    with store.write() as conn:
+        prepared.write(conn)
+    with store.read() as conn:
+        rows = {r.id: r._asdict() for r in conn.execute(select(events))}
+        counters = conn.execute(
+            select(
+                stat_counters.c.tag,
+                stat_counters.c.event_type,
+                stat_counters.c.count,
+                stat_counters.c.bot_count,
+            )
+        ).all()
+        hooks = conn.execute(select(webhook_requests.c.event_id)).scalars().all()
+    for mine, reference in zip(ours, theirs, strict=True):
+        got, expected = dict(rows[mine.id]), dict(rows[reference.id])
+        del got["id"], expected["id"]
+        assert (got.pop("created_at"), expected.pop("created_at")) == (mine.at, reference.at)
+        assert got == expected
+    # each counter row was bumped by both (the second an upsert onto the first's row)
+    assert sorted(tuple(c) for c in counters) == [
+        ("welcome", "delivery.queued", 2, 0),
+        ("welcome", "message.opened", 2, 2),
+    ]
+    assert sorted(hooks) == sorted([ours[0].id, theirs[0].id])  # only the hook's type
