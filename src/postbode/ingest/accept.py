@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 
 STREAMS = ("transactional", "broadcast")
 MAX_BATCH = 200
+# The longest a group commit waits for messages still on their way (see Acceptor.announce).
+MAX_COMPANY_WAIT = 0.010
 APP_CACHE_SECONDS = 5.0
 _IDEMPOTENCY_WINDOW = timedelta(hours=24)
 # Headers an SMTP client sets to give Postbode what the API takes as fields; removed before
@@ -246,7 +248,13 @@ class Acceptor:
 
     While one batch commits, the next gathers; each caller is answered when its own batch is
     on disk. A failed batch is retried message by message, so one bad message cannot fail the
-    others, and whatever still fails gets a temporary error, never 250."""
+    others, and whatever still fails gets a temporary error, never 250.
+
+    A batch also waits a moment for company: while SMTP sessions that have begun a mail
+    transaction (`announce`) have not handed their message over yet, it waits for them, at
+    most as long as the last commit took and `company_wait`. A client that waits for each
+    reply comes back with its next message within a few round trips, so at low concurrency
+    commits would otherwise hold a few messages each and cost nearly as much as a full one."""
 
     def __init__(
         self,
@@ -256,6 +264,7 @@ class Acceptor:
         max_batch: int = MAX_BATCH,
         allow_unverified: bool = False,
         scanner: content.ContentScanner | None = None,
+        company_wait: float = MAX_COMPANY_WAIT,
     ) -> None:
         self.store = store
         self.hostname = hostname
@@ -271,6 +280,10 @@ class Acceptor:
         self._wakeup: asyncio.Event | None = None
         self._flusher: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Future[Accepted]] = set()
+        # Sessions in a mail transaction whose message is not handed over yet (`announce`).
+        self._coming: set[object] = set()
+        self.company_wait = company_wait
+        self._last_commit_seconds = company_wait
         # Called after each commit that queued mail (a worker in this process wakes up).
         self.on_commit: list[Callable[[], None]] = []
         # One committing thread: SQLite has one writer anyway, and on PostgreSQL batches
@@ -436,9 +449,32 @@ class Acceptor:
 
     # -- accepting ----------------------------------------------------------------------------
 
-    async def accept(self, sub: Submission) -> Accepted:
+    def announce(self, session: object) -> None:
+        """`session` began a mail transaction: its message may follow soon, and a batch about
+        to commit waits a moment for it. Ended by `withdraw` or by `accept(..., session)`."""
+        self._coming.add(session)
+
+    @property
+    def on_their_way(self) -> int:
+        """How many announced messages are not handed over yet."""
+        return len(self._coming)
+
+    def withdraw(self, session: object) -> None:
+        """`session`'s mail transaction ended without a message (or it was handed over)."""
+        if session in self._coming:
+            self._coming.discard(session)
+            if self._wakeup is not None:
+                self._wakeup.set()
+
+    async def accept(self, sub: Submission, session: object | None = None) -> Accepted:
         """Store the message durably and return its ids; raises AcceptError (refused) or
-        TemporaryAcceptError (try again)."""
+        TemporaryAcceptError (try again). `session`: the one that announced it, if any."""
+        try:
+            return await self._accept(sub, session)
+        finally:
+            self.withdraw(session)
+
+    async def _accept(self, sub: Submission, session: object | None) -> Accepted:
         loop = asyncio.get_running_loop()
         if sub.idempotency_key:
             earlier = await loop.run_in_executor(None, self._replay, sub)
@@ -463,6 +499,7 @@ class Acceptor:
         self._inflight.add(future)
         future.add_done_callback(self._inflight.discard)
         self._pending.append((prepared, future))
+        self._coming.discard(session)
         if self._flusher is None or self._flusher.done():
             self._wakeup = asyncio.Event()
             self._flusher = asyncio.create_task(self._flush_forever(), name="accept-flusher")
@@ -549,9 +586,12 @@ class Acceptor:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._pending:
+                await self._await_company()
                 batch = self._pending[: self.max_batch]
                 del self._pending[: self.max_batch]
+                started = loop.time()
                 results = await loop.run_in_executor(self._executor, self._commit, batch)
+                self._last_commit_seconds = loop.time() - started
                 for listener in self.on_commit:
                     listener()
                 for (prepared, future), result in zip(batch, results, strict=True):
@@ -565,6 +605,22 @@ class Acceptor:
                             len(prepared.recipients)
                         )
                         future.set_result(result)
+
+    async def _await_company(self) -> None:
+        """Until the sessions that announced a message have handed it over, the batch is
+        full, or as long as the last commit took (at most MAX_COMPANY_WAIT) has passed."""
+        if not self._coming or len(self._pending) >= self.max_batch:
+            return
+        assert self._wakeup is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(self._last_commit_seconds, self.company_wait)
+        while self._coming and len(self._pending) < self.max_batch:
+            self._wakeup.clear()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._wakeup.wait()
+            except TimeoutError:
+                return
 
     def _commit(
         self, batch: list[tuple[_Prepared, asyncio.Future[Accepted]]]

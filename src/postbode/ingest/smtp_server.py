@@ -156,6 +156,7 @@ class PostbodeSMTP(SMTP):
         )
 
     def connection_lost(self, error: Exception | None) -> None:
+        self._postbode_handler.acceptor.withdraw(self)
         if self.counted_as is not None:
             self._postbode_handler.sessions.leave(self.counted_as)
             self.counted_as = None
@@ -209,6 +210,7 @@ class PostbodeSMTP(SMTP):
                 status = await handler.handle_DATA(self, self.session, self.envelope)
         finally:
             data.close()
+            handler.acceptor.withdraw(self)
         self.envelope = Envelope()
         await self.push(status)
 
@@ -296,6 +298,7 @@ class SubmissionHandler:
             session.host_name = None  # no valid greeting yet: MAIL gets "503 send EHLO first"
             return ["501 5.5.4 EHLO needs a domain name or an address literal"]
         session.host_name = hostname
+        self.acceptor.withdraw(server)  # EHLO resets the transaction (RFC 5321 §4.1.4)
         last = responses.pop()  # "250 HELP"
         responses += ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", last]
         return responses
@@ -306,7 +309,12 @@ class SubmissionHandler:
         if not _EHLO_NAME.match(hostname):
             return "501 5.5.4 HELO needs a domain name or an address literal"
         session.host_name = hostname
+        self.acceptor.withdraw(server)
         return f"250 {server.hostname}"
+
+    async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self.acceptor.withdraw(server)
+        return "250 2.0.0 OK"
 
     async def handle_exception(self, error: Exception) -> str:
         """A command aiosmtpd could not parse (its address parser raises on some garbage)."""
@@ -370,6 +378,9 @@ class SubmissionHandler:
                 server.counted_as = ip
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
+        if session.authenticated:
+            # Its message may follow in a few round trips: a group commit waits a moment.
+            self.acceptor.announce(server)
         return "250 2.1.0 Sender ok"
 
     async def handle_RCPT(
@@ -426,7 +437,7 @@ class SubmissionHandler:
             credential=login.username,
         )
         try:
-            accepted = await self.acceptor.accept(submission)
+            accepted = await self.acceptor.accept(submission, server)
         except AcceptError as exc:
             return exc.smtp_reply()
         except TemporaryAcceptError as exc:

@@ -7,6 +7,7 @@ import shutil
 import smtplib
 import ssl
 import subprocess
+import time
 from collections import Counter
 from collections.abc import Iterator
 from email.message import EmailMessage
@@ -92,6 +93,41 @@ def test_replies_carry_enhanced_status_codes(listener: SmtpListener, shop: tenan
         assert (code, text[:5]) == (250, b"2.1.5")
         code, text = client.docmd("RSET")
         assert (code, text[:5]) == (250, b"2.0.0")
+
+
+def test_a_mail_transaction_is_on_its_way_until_its_message_or_its_end(
+    listener: SmtpListener, shop: tenancy.NewApp
+) -> None:
+    """A group commit waits a moment for messages on their way (ingest/accept.py): a session
+    counts from its MAIL until it hands its message over or the transaction ends otherwise."""
+    acceptor = listener.acceptor
+    assert acceptor is not None
+
+    def begin(client: smtplib.SMTP) -> None:
+        assert client.docmd("MAIL", "FROM:<orders@shop.test>")[0] == 250
+        assert acceptor.on_their_way == 1
+
+    with smtplib.SMTP(listener.host, listener.port) as client:
+        client.login(shop.smtp_username, shop.smtp_password)
+        begin(client)
+        client.docmd("RSET")
+        assert acceptor.on_their_way == 0
+        begin(client)
+        client.ehlo("x.test")
+        assert acceptor.on_their_way == 0
+        begin(client)
+        client.docmd("RCPT", "TO:<a@dest.test>")
+        client.docmd("DATA")
+        client.send(b"From: Shop <orders@shop.test>\r\nSubject: Hi\r\n\r\nHi\r\n.\r\n")
+        assert client.getreply()[0] == 250
+        assert acceptor.on_their_way == 0
+        begin(client)
+    # The client left mid-transaction (smtplib's QUIT, then the connection closes).
+    for _ in range(100):
+        if acceptor.on_their_way == 0:
+            break
+        time.sleep(0.05)
+    assert acceptor.on_their_way == 0
 
 
 def test_unauthenticated_client_is_no_open_relay(listener: SmtpListener) -> None:

@@ -135,6 +135,50 @@ def test_concurrent_submissions_share_commits(store: Store, app_id: int) -> None
         assert len(conn.execute(select(deliveries.c.id)).all()) == 300
 
 
+def test_a_commit_waits_for_messages_announced_on_their_way(store: Store, app_id: int) -> None:
+    commits: list[int] = []
+
+    def acceptor() -> Acceptor:
+        # Until its first commit, a batch waits for company up to `company_wait`; after it,
+        # at most as long as the last commit took.
+        made = Acceptor(store, "pb.test", allow_unverified=True, company_wait=60)
+        made.on_commit.append(lambda: commits.append(len(commits)))
+        return made
+
+    async def waits_for_the_message() -> None:
+        accepting, session = acceptor(), object()
+        try:
+            accepting.announce(session)  # began a mail transaction: its message is coming
+            first = asyncio.create_task(accepting.accept(sub(app_id, ["a@dest.test"])))
+            await asyncio.sleep(0.2)
+            assert not first.done() and not commits  # the batch waits for it
+            await accepting.accept(sub(app_id, ["b@dest.test"]), session)
+            assert first.done() and commits == [0]  # both in one commit
+            # Nobody coming: no wait.
+            await asyncio.wait_for(accepting.accept(sub(app_id, ["c@dest.test"])), 30)
+            assert commits == [0, 1]
+        finally:
+            await accepting.close()
+
+    async def a_transaction_without_a_message_ends_the_wait() -> None:
+        accepting, session = acceptor(), object()
+        try:
+            accepting.announce(session)
+            waiting = asyncio.create_task(accepting.accept(sub(app_id, ["d@dest.test"])))
+            await asyncio.sleep(0.2)
+            assert not waiting.done()
+            accepting.withdraw(session)  # RSET, a new EHLO, a dropped connection
+            await asyncio.wait_for(waiting, 30)
+            assert commits == [0, 1, 2]
+        finally:
+            await accepting.close()
+
+    asyncio.run(waits_for_the_message())
+    asyncio.run(a_transaction_without_a_message_ends_the_wait())
+    with store.read() as conn:
+        assert len(conn.execute(select(deliveries.c.id)).all()) == 4
+
+
 def test_a_failing_store_answers_temporary_error_and_keeps_nothing_half_written(
     store: Store, app_id: int
 ) -> None:
