@@ -14,6 +14,7 @@ import secrets
 import time
 import uuid
 import zlib
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -594,17 +595,22 @@ class Acceptor:
                 self._last_commit_seconds = loop.time() - started
                 for listener in self.on_commit:
                     listener()
+                # Counted once per source and commit: each increment of a metric shared by
+                # processes costs a lock and a look at the process id.
+                accepted: Counter[str] = Counter()
+                recipients: Counter[str] = Counter()
                 for (prepared, future), result in zip(batch, results, strict=True):
                     if future.done():  # the client went away; the message is stored anyway
                         continue
                     if isinstance(result, BaseException):
                         future.set_exception(result)
                     else:
-                        ACCEPTED_MESSAGES.labels(prepared.sub.source).inc()
-                        ACCEPTED_RECIPIENTS.labels(prepared.sub.source).inc(
-                            len(prepared.recipients)
-                        )
+                        accepted[prepared.sub.source] += 1
+                        recipients[prepared.sub.source] += len(prepared.recipients)
                         future.set_result(result)
+                for source, n in accepted.items():
+                    ACCEPTED_MESSAGES.labels(source).inc(n)
+                    ACCEPTED_RECIPIENTS.labels(source).inc(recipients[source])
 
     async def _await_company(self) -> None:
         """Until the sessions that announced a message have handed it over, the batch is
