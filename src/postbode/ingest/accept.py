@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import email.message
 import email.utils
+import functools
 import hashlib
 import logging
 import re
@@ -237,6 +238,17 @@ def _split_headers(raw: bytes) -> tuple[bytes, bytes]:
     return raw, b""
 
 
+@functools.lru_cache(maxsize=4)
+def _date_field_of(second: datetime) -> str:
+    return email.utils.format_datetime(second)
+
+
+def _date_field(now: datetime) -> str:
+    """RFC 5322 §3.3 date-time of `now` (to the second, as the format has it), made once a
+    second: many messages a second share it."""
+    return _date_field_of(now.replace(microsecond=0))
+
+
 def _to_crlf(data: bytes) -> bytes:
     # RFC 5322 §2.1: lines end in CRLF; bare LF from API or lenient SMTP clients is mended once.
     if b"\n" in data and b"\r\n" not in data:
@@ -416,11 +428,12 @@ class Acceptor:
         now = utcnow()
         message_uuid = new_id()
         added: list[bytes] = []
+        stamp = _date_field(now)
         received = (
             f"Received: from {sub.client_name or 'api'} ({sub.client_ip or 'unknown'})\r\n"
             f"\tby {self.hostname} (Postbode) with "
             f"{'ESMTPSA' if sub.source == 'smtp' else 'HTTP'} id {message_uuid};\r\n"
-            f"\t{email.utils.format_datetime(now)}\r\n"
+            f"\t{stamp}\r\n"
         )
         added.append(received.encode())
         message_id_header = wanted.get("message-id", "").strip()
@@ -428,7 +441,7 @@ class Acceptor:
             message_id_header = f"<{message_uuid}@{self.hostname}>"
             added.append(f"Message-ID: {message_id_header}\r\n".encode())
         if "date" not in wanted:
-            added.append(f"Date: {email.utils.format_datetime(now)}\r\n".encode())
+            added.append(f"Date: {stamp}\r\n".encode())
         raw = b"".join(added) + b"".join(kept) + body
         return _Prepared(
             sub=sub,

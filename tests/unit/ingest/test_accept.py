@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import email
+import email.utils
 import zlib
 from collections import Counter
 
@@ -85,6 +87,17 @@ def test_message_is_stored_with_a_delivery_per_recipient_and_events(
         ("message.received", 1, "order-confirmation"),
         ("delivery.queued", 2, "order-confirmation"),
     }
+
+
+def test_date_and_received_fields_tell_the_time_of_receipt(store: Store, app_id: int) -> None:
+    submit(store, [sub(app_id, ["a@dest.test"])])
+    with store.read() as conn:
+        received_at = conn.execute(select(messages.c.received_at)).scalar_one()
+        raw = zlib.decompress(conn.execute(select(raw_messages.c.data)).scalar_one())
+    head = email.message_from_bytes(raw)
+    stamp = head["Received"].rpartition(";")[2].strip()
+    assert email.utils.parsedate_to_datetime(stamp) == received_at.replace(microsecond=0)
+    assert email.utils.parsedate_to_datetime(head["Date"]) == received_at.replace(microsecond=0)
 
 
 def test_suppressed_recipient_is_not_queued(store: Store, app_id: int) -> None:
