@@ -142,7 +142,9 @@ _CRLF_COMPAT = compat32.clone(linesep="\r\n")
 
 def names_attachments(raw: bytes) -> bool:
     """Whether a message may carry a file name (a cheap look before `safe_attachment_names`)."""
-    return _NAME_PARAM.search(raw) is not None
+    # Most messages hold no "name" at all: finding that in the lower-cased bytes is many times
+    # cheaper than the case-blind pattern, which tries at every white space.
+    return b"name" in raw.lower() and _NAME_PARAM.search(raw) is not None
 
 
 def safe_attachment_names(raw: bytes) -> bytes:
