@@ -145,7 +145,11 @@ class PostbodeProcess:
         assert self.proc is not None
         found = []
         for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
-            for pid in (task / "children").read_text().split():
+            try:
+                pids = (task / "children").read_text().split()
+            except OSError:  # a thread that ended meanwhile
+                continue
+            for pid in pids:
                 with contextlib.suppress(OSError):  # gone meanwhile
                     argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
                     if argv[-2:] == [command.encode(), b""]:
