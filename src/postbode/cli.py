@@ -118,7 +118,35 @@ def _run(roles: list[str], init: bool = False) -> None:
     from postbode.roles import configure_logging, start
 
     configure_logging(get_settings())
+    if get_settings().sqlalchemy_url.startswith("sqlite"):
+        _migrate_apart(init)
     start(get_settings(), _store(init), roles)
+
+
+def _migrate_apart(init: bool) -> None:
+    """Open (and migrate, if behind) the SQLite store in a forked child process, so that
+    alembic and the migration scripts (about 9 MiB) never stay in a long-running process's
+    memory: the parent then finds the schema at its revision."""
+    import os
+
+    pid = os.fork()
+    if pid == 0:  # the child: no threads, no store opened yet in the parent
+        code = 1
+        try:
+            _store(init).dispose()
+            code = 0
+        except typer.Exit as exc:  # _fail said why
+            code = exc.exit_code
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    if code:
+        raise typer.Exit(code)
 
 
 # -- processes -------------------------------------------------------------------------------
