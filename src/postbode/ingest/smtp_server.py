@@ -126,6 +126,7 @@ _PLAIN_ANGLE_ADDR = re.compile(
     r"@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)>(.*)$",
     re.DOTALL,
 )
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(\s|$)")
 
 
@@ -457,7 +458,7 @@ def _declared_size(mail_options: list[str]) -> int:
 def _storable_address(address: str) -> bool:
     """No control characters, no bytes that were not UTF-8 (RFC 6531 allows UTF-8, nothing
     else), and within RFC 5321 §4.5.3.1's lengths."""
-    if len(address) > 320 or any(ord(c) < 32 or ord(c) == 127 for c in address):
+    if len(address) > 320 or _CONTROL.search(address):
         return False
     try:
         address.encode("utf-8")
