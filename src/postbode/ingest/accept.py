@@ -423,7 +423,8 @@ class Acceptor:
                 send_at = parse_send_at(text, utcnow(), smtp=True)
         if stream not in STREAMS:
             raise AcceptError(f"unknown stream {stream!r}", reason="bad_stream", field="stream")
-        sub = replace(sub, stream=stream, tag=tag, metadata=metadata, send_at=send_at)
+        if (stream, tag, metadata, send_at) != (sub.stream, sub.tag, sub.metadata, sub.send_at):
+            sub = replace(sub, stream=stream, tag=tag, metadata=metadata, send_at=send_at)
 
         now = utcnow()
         message_uuid = new_id()
