@@ -196,17 +196,26 @@ def drop_database(url: str, admin: Any) -> None:
     admin.dispose()
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def cpu_seconds(pid: int, *, reaped: bool = False) -> float:
+    """User + system CPU time a process has used so far (Linux /proc); `reaped`: that of its
+    child processes that ended instead (0 for a process that is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except FileNotFoundError:
+        return 0.0
+    first = 13 if reaped else 11
+    return (int(fields[first]) + int(fields[first + 1])) / os.sysconf("SC_CLK_TCK")
 
 
 def children(pid: int, command: str) -> list[int]:
     """The direct child processes of `pid` running `postbode <command>` (Linux /proc)."""
     found: list[int] = []
     for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
+        try:
+            pids = (task / "children").read_text().split()
+        except OSError:  # a thread that ended meanwhile
+            continue
+        for child in pids:
             if Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")[-2] == command.encode():
                 found.append(int(child))
     return found
@@ -335,7 +344,8 @@ def one_run(args: argparse.Namespace, connections: int) -> dict[str, Any]:
         listeners = [server.proc.pid, *children(server.proc.pid, "listen")]
         cpu_before = {
             "serve": sum(cpu_seconds(p) for p in listeners),
-            "workers": sum(cpu_seconds(w) for w in workers),
+            "workers": sum(cpu_seconds(w) for w in workers)
+            + cpu_seconds(server.proc.pid, reaped=True),
             "sink": cpu_seconds(sink.pid or 0),
             "load generator": time.process_time(),
         }
@@ -354,9 +364,14 @@ def one_run(args: argparse.Namespace, connections: int) -> dict[str, Any]:
         deadline = start + args.timeout
         while count.value < args.n and time.monotonic() < deadline:
             time.sleep(0.05)
+        # Worker processes started during the run (serve starts them when mail comes in
+        # fast) count from their start; those that left, by serve's figure for ended children.
+        workers += [w for w in children(server.proc.pid, "worker") if w not in workers]
         cpu_used = {
             "serve": sum(cpu_seconds(p) for p in listeners) - cpu_before["serve"],
-            "workers": sum(cpu_seconds(w) for w in workers) - cpu_before["workers"],
+            "workers": sum(cpu_seconds(w) for w in workers)
+            + cpu_seconds(server.proc.pid, reaped=True)
+            - cpu_before["workers"],
             "sink": cpu_seconds(sink.pid or 0) - cpu_before["sink"],
             "load generator": time.process_time() - cpu_before["load generator"],
         }

@@ -22,7 +22,11 @@ def main(argv: list[str]) -> int:
     from postbode.roles import available_roles, configure_logging, start
     from postbode.store.engine import create_store
 
-    kinds = {"worker": ["worker"], "listen": ["web", "smtp"]}
+    # A worker process started for a burst of mail runs the queues only and leaves when idle.
+    kinds = {
+        "worker": ["queues"] if settings.worker_idle_seconds > 0 else ["worker"],
+        "listen": ["web", "smtp"],
+    }
     if len(argv) != 1 or argv[0] not in kinds:
         sys.stderr.write("usage: python -m postbode.child worker|listen\n")
         return 2

@@ -224,8 +224,16 @@ class Settings(BaseSettings):
         2,
         ge=0,
         description="Worker processes `postbode serve` starts beside the HTTP and SMTP roles "
-        "(0: delivery runs in the serve process itself). Two keep a 2-core machine's cores busy "
-        "when mail comes in fast: each signs and sends on its own core.",
+        "when mail comes in faster than it delivers it itself (0: never; delivery stays in the "
+        "serve process). Two keep a 2-core machine's cores busy when mail comes in fast: each "
+        "signs and sends on its own core.",
+    )
+    worker_idle_seconds: float = Field(
+        60.0,
+        ge=0,
+        description="A worker process of `postbode serve` exits after this long without work, "
+        "and the serve process drains the queues itself again (0: the worker processes run "
+        "from start to stop, and the serve process delivers nothing itself).",
     )
     listeners: int = Field(
         1,

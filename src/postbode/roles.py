@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -17,9 +18,24 @@ from postbode.config import Settings
 from postbode.store.engine import Store
 
 if TYPE_CHECKING:
+    from postbode.events.record import Queued
     from postbode.ingest.accept import Acceptor
+    from postbode.runner.registry import Registry, Runnable
 
 log = logging.getLogger("postbode")
+
+
+# The queues whose runners wake-ups name, and the byte that names each on the pipes between
+# `postbode serve` and its child processes.
+DELIVERIES, WEBHOOK_REQUESTS, INBOUND_MESSAGES = (
+    "deliveries",
+    "webhook_requests",
+    "inbound_messages",
+)
+_CODES = {DELIVERIES: b"d", WEBHOOK_REQUESTS: b"w", INBOUND_MESSAGES: b"i"}
+_TABLES = {code[0]: table for table, code in _CODES.items()}
+READY = b"r"  # a worker process to `serve`: my runners are running
+LEAVING = b"x"  # a worker process to `serve`: idle, I stop (wake another, or yourself)
 
 
 @dataclass
@@ -30,11 +46,16 @@ class Runtime:
 
     settings: Settings
     store: Store
-    # Called after each commit in this process that queued mail (the Acceptor's listeners).
-    on_commit: list[Callable[[], None]] = field(default_factory=list)
-    # Called when another process queued mail (the parent `postbode serve` says so).
-    on_wake: list[Callable[[], None]] = field(default_factory=list)
+    # This process's queue runners (the worker role's), once made.
+    runners: LocalRunners | None = None
+    # Where news of rows queued by a commit in this process goes (the queue's table): None,
+    # this process's runners; in a child of `serve`, the parent; in `serve` with child
+    # processes, its dispatch to them.
+    route: Callable[[str], None] | None = None
+    # In a child of `serve`: a message to the parent.
+    tell_parent: Callable[[bytes], None] | None = None
     _acceptor: Acceptor | None = None
+    _webhook_requests_seen: int = field(default_factory=lambda: _queued().webhook_requests)
 
     @property
     def acceptor(self) -> Acceptor:
@@ -48,12 +69,99 @@ class Runtime:
                 allow_unverified=self.settings.allow_unverified_domains,
                 scanner=ContentScanner.from_settings(self.settings),
             )
-            self._acceptor.on_commit = self.on_commit
+            self._acceptor.on_commit.append(lambda: self.committed(DELIVERIES))
         return self._acceptor
+
+    def committed(self, table: str) -> None:
+        """A commit in this process queued rows in `table`; and webhook requests if its
+        events had subscribers (an accept's `delivery.queued`, an inbound `inbound.received`):
+        only those queues' runners are woken."""
+        self.queued(table)
+        queued = _queued().webhook_requests
+        if queued != self._webhook_requests_seen:
+            self._webhook_requests_seen = queued
+            self.queued(WEBHOOK_REQUESTS)
+
+    def queued(self, table: str) -> None:
+        """Rows were queued in `table`: wake a runner of that queue."""
+        if self.route is not None:
+            self.route(table)
+        elif self.runners is not None:
+            self.runners.wake(table)
 
     async def close(self) -> None:
         if self._acceptor is not None:
             await self._acceptor.close()
+
+
+def _queued() -> type[Queued]:
+    from postbode.events.record import Queued
+
+    return Queued
+
+
+class LocalRunners:
+    """This process's runner of every queue in the registry. `postbode serve` pauses them
+    (they finish what they hold, then stop claiming) while worker processes drain the
+    queues, and resumes them when none is left."""
+
+    def __init__(self, runners: dict[str, Runnable]) -> None:
+        self.runners = runners
+        self.woken_at = time.monotonic()  # the last wake-up (for a worker process's idle time)
+        self._wanted = asyncio.Event()
+        self._wanted.set()
+        self._halt: asyncio.Event | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._halt is not None
+
+    def wake(self, table: str) -> None:
+        """Rows were queued in `table`: its runner looks now instead of at the next poll."""
+        self.woken_at = time.monotonic()
+        runner = self.runners.get(table)
+        if runner is not None:
+            runner.notify()
+
+    def in_hand(self, table: str | None = None) -> int:
+        """Rows the runner of `table` (None: of every queue) holds now."""
+        from postbode.runner.queue import QueueRunner
+
+        held = 0
+        for name, runnable in self.runners.items():
+            runner = getattr(runnable, "runner", None)
+            if (table is None or name == table) and isinstance(runner, QueueRunner):
+                held += runner.in_hand
+        return held
+
+    def pause(self) -> None:
+        self._wanted.clear()
+        if self._halt is not None:
+            self._halt.set()
+
+    def resume(self) -> None:
+        self._wanted.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run the runners until `stop`, except while paused."""
+        from postbode.runner.queue import wait_any
+
+        while True:
+            await wait_any(stop, self._wanted)
+            if stop.is_set():
+                return
+            halt = self._halt = asyncio.Event()
+            stopping = asyncio.create_task(_set_when(stop, halt))
+            try:
+                await asyncio.gather(*(r.run(halt) for r in self.runners.values()))
+            finally:
+                self._halt = None
+                stopping.cancel()
+
+
+async def _set_when(event: asyncio.Event, other: asyncio.Event) -> None:
+    await event.wait()
+    other.set()
 
 
 # A role runs until `stop` is set, then finishes what it has in hand and returns.
@@ -151,8 +259,9 @@ async def smtp_role(rt: Runtime, stop: asyncio.Event) -> None:
     from postbode.inbound.intake import InboundIntake
     from postbode.ingest.smtp_server import start_server
 
-    # Inbound commits wake workers as the acceptor's do (the same listeners).
-    inbound = InboundIntake(rt.settings, rt.store, on_commit=rt.on_commit)
+    inbound = InboundIntake(
+        rt.settings, rt.store, on_commit=[lambda: rt.committed(INBOUND_MESSAGES)]
+    )
     await inbound.refresh()
     server = await start_server(
         rt.settings, rt.store, rt.acceptor, [BounceIntake(rt.settings, rt.store), inbound]
@@ -172,18 +281,54 @@ async def worker_role(rt: Runtime, stop: asyncio.Event) -> None:
     from postbode.work import registry
 
     reg = registry(rt.settings)
-    runners = {spec.table: spec.make(rt.store) for spec in reg.runners}
-    for runner in runners.values():
-        rt.on_commit.append(runner.notify)
-        rt.on_wake.append(runner.notify)
-    duties = [r.run(stop) for r in runners.values()]
-    duties.append(PeriodicRunner(rt.store, reg.tasks).run(stop))
-    if not rt.store.is_sqlite:
-        from postbode.runner.wakeup import Listener, channel  # psycopg: not loaded on SQLite
-
-        listener = Listener(rt.store, {channel(t): r.notify for t, r in runners.items()})
-        duties.append(listener.run(stop))
+    runners = _make_runners(rt, reg)
+    duties = [runners.run(stop), PeriodicRunner(rt.store, reg.tasks).run(stop)]
+    duties += _listen(rt, runners, stop)
     await asyncio.gather(*duties)
+
+
+async def queues_role(rt: Runtime, stop: asyncio.Event) -> None:
+    """The queue runners alone, in a worker process `postbode serve` started when mail came
+    in faster than it delivered it: the process ends after `worker_idle_seconds` without
+    work (no wake-up from `serve`, no row in hand). The periodic tasks stay in `serve`."""
+    from postbode.work import registry
+
+    runners = _make_runners(rt, registry(rt.settings))
+    if rt.tell_parent is not None:
+        rt.tell_parent(READY)
+    idle = rt.settings.worker_idle_seconds
+
+    async def leave_when_idle() -> None:
+        from postbode.runner.queue import wait_any
+
+        while not stop.is_set():
+            await wait_any(stop, timeout=min(1.0, idle / 4))
+            if runners.in_hand():
+                runners.woken_at = time.monotonic()
+            elif time.monotonic() - runners.woken_at >= idle:
+                log.info("worker process idle for %g s: leaving", idle)
+                if rt.tell_parent is not None:
+                    rt.tell_parent(LEAVING)
+                stop.set()
+
+    await asyncio.gather(runners.run(stop), leave_when_idle(), *_listen(rt, runners, stop))
+
+
+def _make_runners(rt: Runtime, reg: Registry) -> LocalRunners:
+    rt.runners = LocalRunners({spec.table: spec.make(rt.store) for spec in reg.runners})
+    return rt.runners
+
+
+def _listen(
+    rt: Runtime, runners: LocalRunners, stop: asyncio.Event
+) -> list[Coroutine[Any, Any, None]]:
+    """On PostgreSQL: the runners are woken by NOTIFY from any process on any node."""
+    if rt.store.is_sqlite:
+        return []
+    from postbode.runner.wakeup import Listener, channel  # psycopg: not loaded on SQLite
+
+    callbacks = {channel(t): r.notify for t, r in runners.runners.items()}
+    return [Listener(rt.store, callbacks).run(stop)]
 
 
 CHILD_ENV = "POSTBODE_CHILD_OF_SERVE"
@@ -191,9 +336,9 @@ NOTIFY_FD_ENV = "POSTBODE_NOTIFY_FD"
 RESTART_DELAY_SECONDS = 1.0
 
 
-def _on_readable(fd: int, callback: Callable[[], None], on_eof: Callable[[], None]) -> None:
-    """Call `callback` whenever bytes arrive on the pipe `fd` (they are drained), `on_eof`
-    when its other end is closed."""
+def _on_readable(fd: int, callback: Callable[[bytes], None], on_eof: Callable[[], None]) -> None:
+    """Call `callback` with the bytes whenever some arrive on the pipe `fd`, `on_eof` when
+    its other end is closed."""
     os.set_blocking(fd, False)
     loop = asyncio.get_running_loop()
 
@@ -203,7 +348,7 @@ def _on_readable(fd: int, callback: Callable[[], None], on_eof: Callable[[], Non
         except BlockingIOError:
             return
         if data:
-            callback()
+            callback(data)
         else:
             loop.remove_reader(fd)
             on_eof()
@@ -212,101 +357,209 @@ def _on_readable(fd: int, callback: Callable[[], None], on_eof: Callable[[], Non
 
 
 def _link_to_parent(rt: Runtime, stop: asyncio.Event) -> None:
-    """In a child process of `postbode serve`: a byte on stdin means mail was queued
-    elsewhere; the end of stdin means `serve` is gone (even by kill -9), and so must this
-    process be; each commit here that queued mail is told to `serve` by a byte on the pipe
-    it handed down, so it can wake the worker processes."""
-    notify_fd = int(os.environ[NOTIFY_FD_ENV])
-    os.set_blocking(notify_fd, False)
+    """In a child process of `postbode serve`: a byte on stdin names a queue where rows were
+    queued elsewhere; the end of stdin means `serve` is gone (even by kill -9), and so must
+    this process be. Each commit here that queued rows is told to `serve` by a byte on the
+    pipe it handed down, so it can wake a worker process."""
+    up = int(os.environ[NOTIFY_FD_ENV])
+    os.set_blocking(up, False)
 
-    def tell_parent() -> None:
-        with contextlib.suppress(BlockingIOError):  # the pipe is full: a wake-up is pending
-            os.write(notify_fd, b"\n")
+    def tell_parent(message: bytes) -> None:
+        with contextlib.suppress(BlockingIOError):  # the pipe is full: the poll finds the rows
+            os.write(up, message)
 
-    def wake() -> None:
-        for listener in rt.on_wake:
-            listener()
+    def woken(data: bytes) -> None:
+        if rt.runners is not None:
+            for table in {_TABLES[b] for b in data if b in _TABLES}:
+                rt.runners.wake(table)
 
-    rt.on_commit.append(tell_parent)
-    _on_readable(sys.stdin.fileno(), wake, stop.set)
+    rt.tell_parent = tell_parent
+    rt.route = lambda table: tell_parent(_CODES[table])
+    _on_readable(sys.stdin.fileno(), woken, stop.set)
 
 
-async def processes_role(rt: Runtime, stop: asyncio.Event) -> None:
-    """The child processes of `postbode serve`: `settings.workers` worker processes, so
-    delivery uses the other cores, woken after each commit that queued mail; and
-    `settings.listeners - 1` more HTTP and SMTP listener processes sharing the ports. Each is
-    restarted if it dies."""
-    kinds = ["worker"] * rt.settings.workers + ["listen"] * (rt.settings.listeners - 1)
-    notify_read, notify_write = os.pipe()  # children -> here: mail was queued
+@dataclass(eq=False)
+class _Child:
+    kind: str  # "worker" or "listen"
+    proc: asyncio.subprocess.Process
+    up: int  # our end of its pipe to us
+    ready: bool = False  # a worker process whose runners run
 
-    async def spawn(kind: str) -> asyncio.subprocess.Process:
-        return await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "postbode.child",
-            kind,
-            stdin=asyncio.subprocess.PIPE,
-            env={**os.environ, CHILD_ENV: "1", NOTIFY_FD_ENV: str(notify_write)},
-            pass_fds=(notify_write,),
-        )
+    @property
+    def alive(self) -> bool:
+        return self.proc.returncode is None
 
-    turn = 0
 
-    def wake() -> None:
+class Processes:
+    """The child processes of `postbode serve` and the wake-ups between them.
+
+    Listener processes (`listeners - 1`) run from start to stop and are restarted if they
+    die. Worker processes (up to `workers`) are started when mail comes in faster than the
+    serve process delivers it: a commit queues deliveries while serve's own delivery runner
+    still holds deliveries of an earlier claim. While any worker process runs, serve's
+    runners pause and each commit's wake-up goes to one worker process in turn; a worker
+    process leaves after `worker_idle_seconds` without work, and when none is left serve's
+    runners take the queues again. With `worker_idle_seconds` 0 the worker processes run
+    from start to stop instead (restarted if they die) and serve runs no runners."""
+
+    def __init__(self, rt: Runtime, stop: asyncio.Event) -> None:
+        self.rt = rt
+        self.stop = stop
+        self.settings = rt.settings
+        self.on_demand = self.settings.workers > 0 and self.settings.worker_idle_seconds > 0
+        self.children: list[_Child] = []
+        self.starting = 0  # worker processes being spawned
+        self.not_before = 0.0  # no new worker process before (a second after one crashed)
+        self._turn = 0
+        self._tasks: set[asyncio.Task[None]] = set()  # watching the children
+        self._spawning: set[asyncio.Task[None]] = set()
+
+    def workers(self, *, ready: bool = False) -> list[_Child]:
+        return [
+            c
+            for c in self.children
+            if c.kind == "worker" and c.alive and (c.ready or not ready or not self.on_demand)
+        ]
+
+    # -- wake-ups -------------------------------------------------------------------------
+
+    def route(self, table: str) -> None:
+        """Rows were queued in `table` (by a commit here or in a listener process)."""
+        runners = self.rt.runners
+        workers = self.workers(ready=True)
+        if workers:
+            self._wake(workers, table)
+            if self.on_demand and len(self.workers()) + self.starting < self.settings.workers:
+                self.start_workers()  # the load goes on: replace one that left or crashed
+        elif runners is not None:
+            runners.wake(table)
+            if self.on_demand and table == DELIVERIES and runners.in_hand(DELIVERIES):
+                self.start_workers()
+
+    def _wake(self, workers: list[_Child], table: str) -> None:
         """Wake one worker process per commit, in turn: a commit's rows are claimed by
         whichever looks first, and waking every process made the others run empty claims
         (most of the CPU per message at low concurrency). Work a busy process cannot take
         waits at most one poll for the others."""
-        nonlocal turn
-        workers = [
-            child
-            for kind, child in zip(kinds, children, strict=True)
-            if kind == "worker" and child.stdin is not None and child.returncode is None
-        ]
-        if not workers:
+        self._turn = (self._turn + 1) % len(workers)
+        stdin = workers[self._turn].proc.stdin
+        if stdin is not None and stdin.transport.get_write_buffer_size() < 64:  # else pending
+            stdin.write(_CODES[table])
+
+    def _heard(self, child: _Child, data: bytes) -> None:
+        if READY[0] in data and not child.ready:
+            child.ready = True
+            log.info("worker process %d ready", child.proc.pid)
+            if self.on_demand and self.rt.runners is not None:
+                self.rt.runners.pause()  # the queues are the worker processes' now
+        if LEAVING[0] in data:
+            child.ready = False  # no more wake-ups for it
+            self._left()
+        for table in {_TABLES[b] for b in data if b in _TABLES}:
+            self.route(table)
+
+    def _left(self) -> None:
+        """A worker process left or is leaving: with none left, serve's runners take over
+        (and look at once: rows a leaving process was woken for are found)."""
+        if self.on_demand and not self.workers(ready=True) and self.rt.runners is not None:
+            self.rt.runners.resume()
+
+    # -- processes ------------------------------------------------------------------------
+
+    def start_workers(self) -> None:
+        missing = self.settings.workers - len(self.workers()) - self.starting
+        if missing <= 0 or self.stop.is_set() or time.monotonic() < self.not_before:
             return
-        turn = (turn + 1) % len(workers)
-        child = workers[turn]
-        assert child.stdin is not None
-        if child.stdin.transport.get_write_buffer_size() < 64:  # else a wake-up is pending
-            child.stdin.write(b"\n")
+        log.info(
+            "mail comes in faster than serve delivers it: starting %d worker processes", missing
+        )
+        for _ in range(missing):
+            self.starting += 1
+            self._spawning.add(task := asyncio.create_task(self._start_worker()))
+            task.add_done_callback(self._spawning.discard)
 
-    def queued_in_a_child() -> None:
-        wake()
-        for listener in rt.on_wake:  # a worker role in this process too (workers = 0)
-            listener()
+    async def _start_worker(self) -> None:
+        try:
+            await self.spawn("worker")
+        finally:
+            self.starting -= 1
 
-    children = [await spawn(kind) for kind in kinds]
-    rt.on_commit.append(wake)
-    _on_readable(notify_read, queued_in_a_child, lambda: None)
-    try:
-        while not stop.is_set():
-            waits = {asyncio.create_task(c.wait()) for c in children}
-            stopping = asyncio.create_task(stop.wait())
-            await asyncio.wait({*waits, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            for task in (*waits, stopping):
-                task.cancel()
-            for i, child in enumerate(children):
-                if child.returncode is not None:
-                    _forget_live_metrics(child.pid)
-                if child.returncode is not None and not stop.is_set():
-                    log.error(
-                        "%s process %d exited with %d; restarting",
-                        kinds[i],
-                        child.pid,
-                        child.returncode,
-                    )
-                    with contextlib.suppress(TimeoutError):  # not in a hot loop if it keeps dying
-                        await asyncio.wait_for(stop.wait(), RESTART_DELAY_SECONDS)
-                    children[i] = await spawn(kinds[i])
-    finally:
-        for child in children:
-            if child.returncode is None:
-                child.terminate()
-        await asyncio.gather(*(c.wait() for c in children))
-        asyncio.get_running_loop().remove_reader(notify_read)
-        os.close(notify_read)
-        os.close(notify_write)
+    def _keep(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def spawn(self, kind: str) -> None:
+        if self.stop.is_set():
+            return
+        up_read, up_write = os.pipe()  # the child -> here
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "postbode.child",
+                kind,
+                stdin=asyncio.subprocess.PIPE,
+                env={**os.environ, CHILD_ENV: "1", NOTIFY_FD_ENV: str(up_write)},
+                pass_fds=(up_write,),
+            )
+        except BaseException:
+            os.close(up_read)
+            raise
+        finally:
+            os.close(up_write)
+        child = _Child(kind, proc, up_read)
+        self.children.append(child)
+        _on_readable(up_read, lambda data: self._heard(child, data), lambda: None)
+        self._keep(self._watch(child))
+
+    async def _watch(self, child: _Child) -> None:
+        """When the child ends: forget it, and restart it, or let serve's runners take over."""
+        code = await child.proc.wait()
+        asyncio.get_running_loop().remove_reader(child.up)
+        os.close(child.up)
+        self.children.remove(child)
+        _forget_live_metrics(child.proc.pid)
+        if self.stop.is_set():
+            return
+        if child.kind == "worker" and self.on_demand:
+            if code == 0:
+                log.info("worker process %d left", child.proc.pid)
+            else:
+                log.error("worker process %d exited with %d", child.proc.pid, code)
+                self.not_before = time.monotonic() + RESTART_DELAY_SECONDS
+            self._left()
+            return
+        log.error("%s process %d exited with %d; restarting", child.kind, child.proc.pid, code)
+        from postbode.runner.queue import wait_any
+
+        await wait_any(self.stop, timeout=RESTART_DELAY_SECONDS)  # not in a hot loop
+        await self.spawn(child.kind)
+
+    async def run(self) -> None:
+        s = self.settings
+        kinds = ["listen"] * (s.listeners - 1) + ["worker"] * (0 if self.on_demand else s.workers)
+        try:
+            for kind in kinds:
+                await self.spawn(kind)
+            await self.stop.wait()
+        finally:
+            # spawns under way end at once (spawn does nothing once stop is set)
+            await asyncio.gather(*self._spawning, return_exceptions=True)
+            for child in self.children:
+                if child.alive:
+                    child.proc.terminate()
+            await asyncio.gather(*(c.proc.wait() for c in self.children))
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def processes_role(rt: Runtime, stop: asyncio.Event) -> None:
+    """The child processes of `postbode serve` (see Processes): worker processes so that
+    delivery uses the other cores, and `listeners - 1` more HTTP and SMTP listener processes
+    sharing the ports."""
+    processes = Processes(rt, stop)
+    rt.route = processes.route
+    await processes.run()
 
 
 def _forget_live_metrics(pid: int) -> None:
@@ -325,14 +578,19 @@ def available_roles() -> dict[str, Role]:
         "web": web_role,
         "smtp": smtp_role,
         "worker": worker_role,
+        "queues": queues_role,
         "processes": processes_role,
     }
 
 
 def serve_roles(settings: Settings) -> list[str]:
-    """What `postbode serve` runs: web and SMTP here (and in `listeners - 1` child processes),
-    delivery in `workers` child processes (or here too when workers is 0)."""
-    roles = ["web", "smtp"] if settings.workers > 0 else ["web", "smtp", "worker"]
+    """What `postbode serve` runs: web and SMTP here (and in `listeners - 1` child processes);
+    the queue runners and periodic tasks here too, and delivery in up to `workers` child
+    processes while mail comes in fast (see Processes); or, with `worker_idle_seconds` 0, the
+    runners and tasks in `workers` child processes from start to stop."""
+    roles = ["web", "smtp"]
+    if settings.workers == 0 or settings.worker_idle_seconds > 0:
+        roles.append("worker")
     if settings.workers > 0 or settings.listeners > 1:
         roles.append("processes")
     return roles

@@ -95,8 +95,11 @@ def test_the_web_port_reports_the_deliveries_of_every_worker_process(tmp_path: P
             "POSTBODE_TRANSPORT_MAP": f"dest.test={sink.host}:{sink.port}",
             "POSTBODE_SECRET_KEY": "test-secret-key",
             "POSTBODE_SHAPING_MAX_CONNECTIONS": "0",
+            # Two worker processes from start to stop (mail queued straight into the store
+            # would not start them).
+            "POSTBODE_WORKER_IDLE_SECONDS": "0",
         }
-        with PostbodeProcess(data_dir, env) as node:  # the default serve: two workers
+        with PostbodeProcess(data_dir, env) as node:
             assert len(node.children("worker")) == 2
             queue(store, shop.app_id, MESSAGES)
             deadline = time.monotonic() + TIMEOUT

@@ -26,6 +26,7 @@ def test_serve_delivers_through_worker_processes(tmp_path: Path) -> None:
         env = {
             "POSTBODE_TRANSPORT_MAP": f"dest.test={sink.host}:{sink.port}",
             "POSTBODE_WORKERS": "2",
+            "POSTBODE_WORKER_IDLE_SECONDS": "0",  # worker processes from start to stop
         }
         with PostbodeProcess(tmp_path, env) as server:
             for i in range(10):
@@ -74,6 +75,7 @@ def test_several_listener_processes_share_the_ports_and_live_and_die_with_serve(
             "POSTBODE_TRANSPORT_MAP": f"dest.test={sink.host}:{sink.port}",
             "POSTBODE_LISTENERS": "3",
             "POSTBODE_WORKERS": "1",
+            "POSTBODE_WORKER_IDLE_SECONDS": "0",  # worker processes from start to stop
         }
         server = PostbodeProcess(tmp_path, env).start()
         try:

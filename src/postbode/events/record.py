@@ -191,6 +191,13 @@ def prepare_record(dialect: Dialect, items: Sequence[Event]) -> PreparedEvents:
     )
 
 
+class Queued:
+    """Webhook requests this process has queued so far (rolled-back ones too): after a
+    commit, a change tells the process's wake-ups that the webhook runner has work."""
+
+    webhook_requests = 0
+
+
 def _queue_webhooks(conn: Connection, batch: Sequence[Event]) -> None:
     if not batch:
         return
@@ -215,3 +222,4 @@ def _queue_webhooks(conn: Connection, batch: Sequence[Event]) -> None:
     ]
     if rows:
         conn.execute(_INSERT_WEBHOOK_REQUESTS, rows)
+        Queued.webhook_requests += len(rows)

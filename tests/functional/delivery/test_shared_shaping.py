@@ -120,6 +120,7 @@ def nodes(store: Store, sink: SmtpSink, tmp_path: Path) -> Iterator[list[Postbod
         "POSTBODE_SMTP_HOSTNAME": "mta.postbode.test",
         "POSTBODE_SECRET_KEY": "test-secret-key",
         "POSTBODE_WORKERS": str(per_node),
+        "POSTBODE_WORKER_IDLE_SECONDS": "0",  # from start to stop: mail is queued in the store
         "POSTBODE_SHAPING_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
         "POSTBODE_SHAPING_RATE_PER_MINUTE": "0",
         # Each worker sends what it claims over several connections at once (50 a connection).
