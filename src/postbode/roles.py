@@ -463,6 +463,7 @@ class Processes:
         (and look at once: rows a leaving process was woken for are found)."""
         if self.on_demand and not self.workers(ready=True) and self.rt.runners is not None:
             self.rt.runners.resume()
+            _trim_heap()
 
     # -- processes ------------------------------------------------------------------------
 
@@ -551,6 +552,17 @@ class Processes:
                     child.proc.terminate()
             await asyncio.gather(*(c.proc.wait() for c in self.children))
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _trim_heap() -> None:
+    """Give the free pages of the C heap back to the system (glibc's malloc_trim): a burst's
+    buffers are freed when it ends, but without this their pages stay resident."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 async def processes_role(rt: Runtime, stop: asyncio.Event) -> None:
