@@ -21,6 +21,16 @@ from sqlalchemy.pool import NullPool
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 PROBE_TIMEOUT_SECONDS = 2.0  # how long the health probe waits for the write lock
 MIN_FREE_BYTES = 1024 * 1024  # less free disk than this beside a SQLite store: not writable
+# The WAL is copied into the database by a thread beside each store (`WalCheckpointer`), not by
+# the commit that happens to cross SQLite's threshold: that commit's clients would wait for the
+# copy and the database file's fsync. A commit still checkpoints itself past this many pages
+# (about 40 MiB), a safety net should no checkpointer keep up.
+WAL_AUTOCHECKPOINT_PAGES = 10_000
+WAL_CHECKPOINT_INTERVAL = 0.2  # seconds between background checkpoints
+# Past this many pages in the WAL (readers kept a passive checkpoint from finishing), the
+# checkpointer waits briefly for readers to move on so the WAL starts again from its beginning.
+WAL_RESTART_PAGES = 4_000
+WAL_RESTART_WAIT_MS = 200
 # Files an earlier run leaves beside the SQLite database.
 _SQLITE_COMPANIONS = ("-wal", "-shm", "-writer.lock", ".migrate.lock")
 
@@ -79,15 +89,88 @@ class WriterLock:
         os.close(self._fd)
 
 
+class WalCheckpointer:
+    """Copies a SQLite store's WAL into the database in the background.
+
+    Every connection of the store sets `wal_autocheckpoint` high, so commits no longer run the
+    checkpoint themselves; this thread runs `wal_checkpoint(PASSIVE)` every
+    WAL_CHECKPOINT_INTERVAL on a connection of its own. PASSIVE neither waits for nor blocks
+    readers and writers: it copies what no reader still needs, and once all is copied the next
+    writer starts the WAL again from its beginning, so the file stays bounded. When readers keep
+    it from finishing and the WAL passes WAL_RESTART_PAGES, it runs a RESTART checkpoint, which
+    waits up to WAL_RESTART_WAIT_MS for them. Each process with a store runs one; SQLite lets
+    one checkpoint run at a time and the others find nothing to do or come back later.
+
+    Durability does not depend on it: a commit is durable once in the WAL (synchronous=FULL)."""
+
+    def __init__(self, path: str, interval: float = WAL_CHECKPOINT_INTERVAL) -> None:
+        self._path = path
+        self._interval = interval
+        self._stop = threading.Event()
+        self.runs = 0  # checkpoints that copied pages
+        self.pages = 0  # pages copied
+        self.restarts = 0
+        self._log = self._copied = 0  # the last round's figures
+        self._thread = threading.Thread(target=self._run, name="wal-checkpoint", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        connection: sqlite3.Connection | None = None
+        try:
+            while not self._stop.wait(self._interval):
+                try:
+                    if connection is None:
+                        connection = sqlite3.connect(
+                            Path(self._path).resolve().as_uri() + "?mode=rw",  # never makes it
+                            uri=True,
+                            timeout=WAL_RESTART_WAIT_MS / 1000,
+                            isolation_level=None,
+                        )
+                        connection.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
+                    self.checkpoint(connection)
+                except sqlite3.Error:
+                    pass  # busy, or the file is being replaced: the next round tries again
+        finally:
+            if connection is not None:
+                connection.close()
+
+    def checkpoint(self, connection: sqlite3.Connection) -> None:
+        """One round: PASSIVE, and RESTART when the WAL has grown past WAL_RESTART_PAGES."""
+        busy, log, copied = connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        # `copied` counts all the WAL's pages in the database so far: what is new since the
+        # last round, unless the WAL started again in between.
+        before = self._copied if log >= self._log and copied >= self._copied else 0
+        self._log, self._copied = log, copied
+        if copied > before:
+            self.runs += 1
+            self.pages += copied - before
+        if log >= WAL_RESTART_PAGES and (busy or copied < log):
+            connection.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+            self.restarts += 1
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
 class Store:
     """One database: `write()` for transactions that change it, `read()` for queries."""
 
     def __init__(
-        self, engine: Engine, writer_lock: WriterLock | None = None, secret: str = ""
+        self,
+        engine: Engine,
+        writer_lock: WriterLock | None = None,
+        secret: str = "",
+        checkpointer: WalCheckpointer | None = None,
     ) -> None:
         self.engine = engine
         self.dialect = engine.dialect.name  # "sqlite" | "postgresql"
         self._writer_lock = writer_lock
+        self.checkpointer = checkpointer
         # The configured installation secret ("" when it is generated and kept in the store):
         # code that holds only the store derives keys from it (see `installation_secret`).
         self.configured_secret = secret
@@ -168,6 +251,9 @@ class Store:
             raw.close()
 
     def dispose(self) -> None:
+        if self.checkpointer:
+            self.checkpointer.close()
+            self.checkpointer = None
         self.engine.dispose()
         if self._writer_lock:
             self._writer_lock.close()
@@ -194,6 +280,7 @@ def _sqlite_engine(url: str) -> Engine:
         cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         # FULL: a commit that acknowledged mail (250 / 202) is on disk, not just in the WAL.
         cur.execute("PRAGMA synchronous=FULL")
+        cur.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")  # see WalCheckpointer
         cur.execute("PRAGMA foreign_keys=ON")
         # Deleted and overwritten content is zeroed, not left in free space of pages and in
         # freed pages, so what retention and erasure remove is gone from the file.
@@ -283,6 +370,8 @@ def create_store(
         with store.write() as conn:
             conn.exec_driver_sql("PRAGMA analysis_limit=400")
             conn.exec_driver_sql("ANALYZE")
+        if writer_lock is not None:  # a database file (not :memory:), there by now
+            store.checkpointer = WalCheckpointer(str(store.engine.url.database))
     return store
 
 
