@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Row, insert, select
+from sqlalchemy import Connection, Row, bindparam, insert, select
 
 from postbode.abuse.held import reply_text
 from postbode.bounces import suppression
@@ -108,28 +108,10 @@ class Outgoing:
         app_ids = {r.app_id for r in rows}
         hash_key = address_key(self.store)  # erased addresses stay suppressed as hashes
         with self.store.read() as conn:
-            msgs = {
-                m.id: m
-                for m in conn.execute(select(messages).where(messages.c.id.in_(message_ids)))
-            }
-            raws = dict(
-                conn.execute(
-                    select(raw_messages.c.message_id, raw_messages.c.data).where(
-                        raw_messages.c.message_id.in_(message_ids)
-                    )
-                ).all()
-            )
-            app_rows = {
-                a.id: a
-                for a in conn.execute(
-                    select(
-                        apps.c.id,
-                        apps.c.status,
-                        apps.c.hold_reason,
-                        apps.c.max_message_age_seconds,
-                    ).where(apps.c.id.in_(app_ids))
-                )
-            }
+            ids = {"ids": list(message_ids)}
+            msgs = {m.id: m for m in conn.execute(_LOAD_MESSAGES, ids)}
+            raws = dict(conn.execute(_LOAD_RAWS, ids).all())
+            app_rows = {a.id: a for a in conn.execute(_LOAD_APPS, {"app_ids": list(app_ids)})}
             # Checked before every attempt, not only at accept: an address suppressed while
             # its delivery waited for a retry must not be mailed again.
             entries = suppression.reasons_for(
@@ -172,19 +154,7 @@ class Outgoing:
         """The DKIM keys of these From domains, by (app, domain): each app's own claim of the
         name, unless another app's claim of it is verified (then the app's mail goes unsigned:
         the name is not its to sign for)."""
-        rows = conn.execute(
-            select(
-                domains.c.app_id,
-                domains.c.name,
-                domains.c.dkim_selector,
-                domains.c.dkim_private_key,
-                domains.c.dns_status,
-            ).where(
-                domains.c.name.in_(names),
-                domains.c.app_id.in_(app_ids),
-                ~claimed_elsewhere(),
-            )
-        ).all()
+        rows = conn.execute(_SIGNING_KEYS, {"names": list(names), "app_ids": list(app_ids)}).all()
         return {(r.app_id, r.name): r for r in rows}
 
     # -- the checklist ----------------------------------------------------------------------
@@ -675,6 +645,27 @@ class _Plan:
 
 
 _INSERT_ATTEMPTS = insert(attempts)
+
+# The load's statements, built once: building them (and their cache keys) for every
+# connection's worth of deliveries cost more than running them.
+_LOAD_MESSAGES = select(messages).where(messages.c.id.in_(bindparam("ids", expanding=True)))
+_LOAD_RAWS = select(raw_messages.c.message_id, raw_messages.c.data).where(
+    raw_messages.c.message_id.in_(bindparam("ids", expanding=True))
+)
+_LOAD_APPS = select(
+    apps.c.id, apps.c.status, apps.c.hold_reason, apps.c.max_message_age_seconds
+).where(apps.c.id.in_(bindparam("app_ids", expanding=True)))
+_SIGNING_KEYS = select(
+    domains.c.app_id,
+    domains.c.name,
+    domains.c.dkim_selector,
+    domains.c.dkim_private_key,
+    domains.c.dns_status,
+).where(
+    domains.c.name.in_(bindparam("names", expanding=True)),
+    domains.c.app_id.in_(bindparam("app_ids", expanding=True)),
+    ~claimed_elsewhere(),
+)
 
 
 @functools.lru_cache(maxsize=1024)  # an app sends from a few addresses, over and over

@@ -244,16 +244,21 @@ domains = Table(
 def claimed_elsewhere() -> Exists:
     """True for a `domains` row whose name another app's claim holds verified: the name is not
     this claim's to send, sign or take mail for (tenancy.holders tells who holds a name)."""
-    other = domains.alias("other")
-    return (
-        select(other.c.id)
-        .where(
-            other.c.name == domains.c.name,
-            other.c.app_id != domains.c.app_id,
-            other.c.verified_at.is_not(None),
-        )
-        .exists()
+    return _CLAIMED_ELSEWHERE
+
+
+# Built once: making the alias and its column collection anew cost more than the query (the
+# sender's key look-up ran it for every connection's worth of deliveries).
+_OTHER_CLAIM = domains.alias("other")
+_CLAIMED_ELSEWHERE = (
+    select(_OTHER_CLAIM.c.id)
+    .where(
+        _OTHER_CLAIM.c.name == domains.c.name,
+        _OTHER_CLAIM.c.app_id != domains.c.app_id,
+        _OTHER_CLAIM.c.verified_at.is_not(None),
     )
+    .exists()
+)
 
 
 organization_tokens = Table(
