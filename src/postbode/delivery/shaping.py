@@ -529,18 +529,10 @@ class Shaper:
         deadline = loop.time() + self.max_wait
         pause = SLOT_POLL_SECONDS[0]
         while True:
-            limit = (await asyncio.to_thread(self.limits, domain)).connections
+            limit, slot = await asyncio.to_thread(self._take_slot, domain, host)
             if limit <= 0:
                 self._held.setdefault(host, []).append(_Held(None))
                 return True
-            slot = await asyncio.to_thread(
-                self.state.take_slot,
-                host,
-                limit,
-                self.holder,
-                self.clock(),
-                CONNECTION_LEASE_SECONDS,
-            )
             if slot is not None:
                 held = _Held(slot)
                 held.renewer = asyncio.create_task(self._renew(host, slot))
@@ -560,6 +552,17 @@ class Shaper:
                 if waiters and waiter in waiters:
                     waiters.remove(waiter)
             pause = min(pause * 2, SLOT_POLL_SECONDS[1])
+
+    def _take_slot(self, domain: str, host: str) -> tuple[int, int | None]:
+        """(the connection limit now, a slot taken under it or None); no slot is taken when
+        the limit is 0 (none). Blocking: the limit and the slot in one trip to a thread."""
+        limit = self.limits(domain).connections
+        if limit <= 0:
+            return limit, None
+        slot = self.state.take_slot(
+            host, limit, self.holder, self.clock(), CONNECTION_LEASE_SECONDS
+        )
+        return limit, slot
 
     async def _renew(self, host: str, slot: int) -> None:
         while True:
