@@ -167,7 +167,18 @@ class QueueRunner(Generic[U]):
         self._held.update(ids)
         try:
             units = await asyncio.to_thread(self.handler.prepare, rows)
-        except Exception:  # a bug in preparing: park the whole claim, go on with the queue
+        except Exception as exc:
+            if is_transient(exc):  # the store was away (prepare may read it): hand them back
+                log.warning(
+                    "%s: the store failed while preparing %d rows (%s); handing them back",
+                    self.name,
+                    len(rows),
+                    exc,
+                )
+                await self._hand_back(ids)
+                self._held.difference_update(ids)
+                return
+            # a bug in preparing: park the whole claim, go on with the queue
             log.exception("%s: preparing %d claimed rows failed", self.name, len(rows))
             await self._park(ids, traceback.format_exc(limit=8))
             self._held.difference_update(ids)
