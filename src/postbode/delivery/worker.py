@@ -41,6 +41,7 @@ def options(settings: Settings) -> RunnerOptions:
         lease=timedelta(seconds=settings.delivery_lease_seconds),
         poll_seconds=settings.runner_poll_seconds,
         gather_seconds=GATHER_SECONDS,
+        wakeups_mean_work=True,  # serve wakes a worker after a commit that queued deliveries
         stop_grace_seconds=STOP_GRACE_SECONDS,
     )
 

@@ -80,6 +80,9 @@ class RunnerOptions:
     # (one write transaction) takes the rows of several small commits together.
     gather_seconds: float = 0.0
     stop_grace_seconds: float = 30.0  # on stop: how long the work in hand may take to finish
+    # A wake-up means rows of this queue were queued: the claim after one skips the look (a
+    # read transaction) that spares idle polls the write lock.
+    wakeups_mean_work: bool = False
 
 
 class QueueRunner(Generic[U]):
@@ -127,6 +130,9 @@ class QueueRunner(Generic[U]):
         """Claim and handle until `stop` is set; then let the work in hand finish for a while
         and hand back what did not."""
         renewing = asyncio.create_task(self._renew_forever(stop), name=f"{self.name}-renew")
+        # Whether work is likely due: after a full claim, or a wake-up where they mean work.
+        # Then the claim goes ahead without the look that spares idle polls the write lock.
+        likely = False
         try:
             while not stop.is_set():
                 free = self.options.concurrency - len(self._held)
@@ -134,14 +140,16 @@ class QueueRunner(Generic[U]):
                     await self._wait(stop, *self._tasks, wakeup=False)
                     continue
                 limit = min(free, self.options.batch_size)
+                likely = likely or (self.options.wakeups_mean_work and self.wakeup.is_set())
                 # Wake-ups from here on are for rows this claim may not see: they stay set.
                 self.wakeup.clear()
-                rows = await self._store_call(self._claim, limit, stop=stop)
+                rows = await self._store_call(self._claim, limit, likely, stop=stop)
                 if rows is None:  # the store failed; _store_call waited
                     continue
                 if rows:
                     RUNNER_CLAIM_SIZE.labels(self.name).observe(len(rows))
                     await self._start(rows)
+                likely = len(rows) >= limit
                 if len(rows) < limit:
                     # Everything due was taken: no second look until a wake-up or the poll
                     # (at low concurrency that look was a read for nothing after each claim).
@@ -155,11 +163,14 @@ class QueueRunner(Generic[U]):
 
     # -- claiming ----------------------------------------------------------------------------
 
-    def _claim(self, limit: int) -> Sequence[Row[Any]]:
-        with self.store.read() as conn:  # a cheap look first: idle polls take no write lock
-            due = conn.execute(self._look, {"now": utcnow()}).first()
-        if due is None:
-            return []
+    def _claim(self, limit: int, likely: bool = False) -> Sequence[Row[Any]]:
+        """Up to `limit` due rows leased to us. Unless work is `likely` due, a cheap look
+        comes first, so that idle polls take no write lock."""
+        if not likely:
+            with self.store.read() as conn:
+                due = conn.execute(self._look, {"now": utcnow()}).first()
+            if due is None:
+                return []
         return claim.claim(self.store, self.queue, self.owner, limit, self.options.lease)
 
     async def _start(self, rows: Sequence[Row[Any]]) -> None:
