@@ -9,7 +9,18 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, Table, Update, and_, bindparam, select, true, update
+from sqlalchemy import (
+    ColumnElement,
+    Integer,
+    Row,
+    Table,
+    Update,
+    and_,
+    bindparam,
+    select,
+    true,
+    update,
+)
 
 from postbode.store.engine import Store
 from postbode.store.schema import deliveries, inbound_messages, utcnow, webhook_requests
@@ -72,23 +83,40 @@ def claim(
     SQLite: the write transaction is BEGIN IMMEDIATE, so claimers are serialised.
     """
     now = now or utcnow()
+    params = {"_now": now, "_limit": limit, "_owner": owner, "_until": now + lease}
+    if where is None:  # the runners' claim: built once per queue and dialect
+        stmt = _claim_statement(queue, store.is_sqlite)
+    else:
+        stmt = _build_claim(queue, store.is_sqlite, where)
+    with store.write() as conn:
+        return conn.execute(stmt, params).all()
+
+
+@functools.cache
+def _claim_statement(queue: Queue, is_sqlite: bool) -> Update:
+    return _build_claim(queue, is_sqlite, None)
+
+
+def _build_claim(queue: Queue, is_sqlite: bool, where: ColumnElement[bool] | None) -> Update:
+    """The claim's UPDATE … RETURNING, its values as parameters: `_now`, `_limit`, `_owner`,
+    `_until` (the lease's end)."""
     t = queue.table
     due = select(t.c.id).where(
         t.c.status.in_(queue.due),
-        t.c.next_attempt_at <= now,
+        t.c.next_attempt_at <= bindparam("_now"),
         where if where is not None else true(),
     )
-    due = due.order_by(t.c.next_attempt_at).limit(limit)
-    if not store.is_sqlite:
+    due = due.order_by(t.c.next_attempt_at).limit(bindparam("_limit", type_=Integer))
+    if not is_sqlite:
         due = due.with_for_update(skip_locked=True)
-    stmt = (
+    return (
         update(t)
         .where(t.c.id.in_(due.scalar_subquery()))
-        .values(status=queue.claimed, lease_owner=owner, lease_until=now + lease)
+        .values(
+            status=queue.claimed, lease_owner=bindparam("_owner"), lease_until=bindparam("_until")
+        )
         .returning(*t.c)
     )
-    with store.write() as conn:
-        return conn.execute(stmt).all()
 
 
 def renew(store: Store, queue: Queue, owner: str, ids: Sequence[Any], lease: timedelta) -> int:
