@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, and_, delete, or_, select
+from sqlalchemy import ColumnElement, Connection, and_, bindparam, delete, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from postbode.csvcells import csv_cell, from_csv_cell
@@ -208,21 +208,23 @@ def reasons_for(
     for app_id, emails in by_app.items():
         hashed = {hash_address(key, e): e for e in emails} if key is not None else {}
         rows = conn.execute(
-            select(
-                suppressions.c.email,
-                suppressions.c.stream,
-                suppressions.c.reason,
-                suppressions.c.source,
-            ).where(
-                suppressions.c.app_id == app_id,
-                suppressions.c.email.in_(emails | set(hashed)),
-                active(now),
-            )
+            _IN_FORCE,
+            {"app_id": app_id, "emails": list(emails | set(hashed)), "now": now or utcnow()},
         )
         found.update(
             ((app_id, hashed.get(r.email, r.email), r.stream), (r.reason, r.source)) for r in rows
         )
     return found
+
+
+# reasons_for's read, built once: the sender runs it for every claim it loads.
+_IN_FORCE = select(
+    suppressions.c.email, suppressions.c.stream, suppressions.c.reason, suppressions.c.source
+).where(
+    suppressions.c.app_id == bindparam("app_id"),
+    suppressions.c.email.in_(bindparam("emails", expanding=True)),
+    or_(suppressions.c.expires_at.is_(None), suppressions.c.expires_at > bindparam("now")),
+)
 
 
 def unsuppress(conn: Connection, app_id: int, email: str, stream: str | None = None) -> int:
