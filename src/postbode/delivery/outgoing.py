@@ -60,7 +60,7 @@ class Job:
     """One claimed delivery and everything needed to send it."""
 
     row: Row[Any]
-    message: Row[Any]
+    message: Row[Any]  # the columns of its messages row that _LOAD_MESSAGES reads
     raw: bytes = b""
     app_status: str = "active"
     hold_reason: str | None = None  # the app is held (abuse/hold.py): not sent until released
@@ -109,7 +109,7 @@ class Outgoing:
         hash_key = address_key(self.store)  # erased addresses stay suppressed as hashes
         with self.store.read() as conn:
             ids = {"ids": list(message_ids)}
-            msgs = {m.id: m for m in conn.execute(_LOAD_MESSAGES, ids)}
+            msgs: dict[uuid.UUID, Any] = {m.id: m for m in conn.execute(_LOAD_MESSAGES, ids)}
             raws = dict(conn.execute(_LOAD_RAWS, ids).all())
             app_rows = {a.id: a for a in conn.execute(_LOAD_APPS, {"app_ids": list(app_ids)})}
             # Checked before every attempt, not only at accept: an address suppressed while
@@ -656,7 +656,18 @@ _INSERT_ATTEMPTS = insert(attempts)
 
 # The load's statements, built once: building them (and their cache keys) for every
 # connection's worth of deliveries cost more than running them.
-_LOAD_MESSAGES = select(messages).where(messages.c.id.in_(bindparam("ids", expanding=True)))
+# The columns of a message the steps read (not its metadata or spam symbols, JSON to decode).
+_LOAD_MESSAGES = select(
+    messages.c.id,
+    messages.c.source,
+    messages.c.stream,
+    messages.c.tag,
+    messages.c.template,
+    messages.c.mail_from,
+    messages.c.from_header,
+    messages.c.track_opens,
+    messages.c.track_clicks,
+).where(messages.c.id.in_(bindparam("ids", expanding=True)))
 _LOAD_RAWS = select(raw_messages.c.message_id, raw_messages.c.data).where(
     raw_messages.c.message_id.in_(bindparam("ids", expanding=True))
 )
