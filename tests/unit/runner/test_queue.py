@@ -4,6 +4,7 @@ loop goes on, store errors never stop it, leases renewed, work in hand handed ba
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -284,3 +285,68 @@ def test_a_store_outage_while_handling_hands_the_rows_back_instead_of_parking(
     asyncio.run(run_until(runner_for(flaky, handler), lambda: handler.handled == ["r@dest.test"]))
     assert handler.tries == 2  # handed back, claimed again, recorded
     assert statuses(store)["r@dest.test"] == ("delivered", None, None)
+
+
+def test_a_store_outage_while_preparing_hands_the_claim_back_instead_of_parking(
+    store: Store,
+) -> None:
+    fill(store, ["r1@dest.test", "r2@dest.test"])
+
+    class StoreGoesAway(Recording):
+        calls = 0
+
+        def prepare(self, rows: Sequence[Row[Any]]) -> list[Row[Any]]:
+            self.calls += 1
+            if self.calls == 1:  # prepare reads the store (the deliveries' load): it is away
+                raise OperationalError("SELECT", {}, Exception("database is restarting"))
+            return list(rows)
+
+    handler = StoreGoesAway(store)
+    runner = runner_for(store, handler)
+    asyncio.run(run_until(runner, lambda: len(handler.handled) == 2))
+    assert handler.calls == 2  # handed back, claimed again, prepared and handled
+    assert {s for s, _, _ in statuses(store).values()} == {"delivered"}
+
+
+class CountingReads(Store):
+    """A real store that counts its read transactions."""
+
+    def __init__(self, store: Store) -> None:
+        super().__init__(store.engine)
+        self.reads = 0
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        self.reads += 1
+        with super().read() as conn:
+            yield conn
+
+
+@pytest.mark.parametrize("wakeups_mean_work", [True, False])
+def test_a_wakeup_that_means_work_is_claimed_without_a_look_first(
+    store: Store, wakeups_mean_work: bool
+) -> None:
+    counting = CountingReads(store)
+    handler = Recording(counting)
+    runner = runner_for(counting, handler, poll_seconds=30.0)
+    runner.options = dataclasses.replace(runner.options, wakeups_mean_work=wakeups_mean_work)
+
+    async def scenario() -> int:
+        stop = asyncio.Event()
+        task = asyncio.create_task(runner.run(stop))
+        async with asyncio.timeout(10):
+            while counting.reads == 0:  # the first look, finding nothing: the runner waits
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        before = counting.reads
+        fill(store, ["r@dest.test"])
+        runner.notify()
+        async with asyncio.timeout(10):
+            while handler.handled != ["r@dest.test"]:
+                await asyncio.sleep(0.01)
+        stop.set()
+        await task
+        return counting.reads - before
+
+    looks = asyncio.run(scenario())
+    assert looks == (0 if wakeups_mean_work else 1)
