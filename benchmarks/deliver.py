@@ -1,11 +1,12 @@
 """Benchmark: the delivery worker's CPU per message, alone. N messages are queued straight into
 a fresh SQLite store (DKIM key, 2 KB, one recipient each, as relay.py sends them), then one
 in-process delivery worker drains them to relay.py's sink; the figure is the worker process's
-CPU time (every thread) from its start to the last outcome recorded, per message.
+CPU time (every thread, user + system) from its first claim to the last outcome recorded, per
+message.
 
 Unlike relay.py, nothing else runs in the process being measured (no accept, no serve), so the
 figure moves less with the machine's load; `--claim` sets the deliveries per claim (relay.py's
-C=10 gives claims of 25-40, C=50 of about 52)."""
+C=10 gives claims of 12-40, fewer on a busy machine; C=50 of about 52)."""
 
 from __future__ import annotations
 
