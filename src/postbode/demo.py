@@ -458,6 +458,8 @@ class _Chunk:
     suppressions: list[tuple[Any, ...]] = field(default_factory=list)
     # (stream, tag, minute in ms, event type) -> [count, bot count], as events.record bumps
     counters: dict[tuple[str, str, int, str], list[int]] = field(default_factory=dict)
+    # (stream, tag, minute in ms, category, hard) -> count: bounce_counters
+    bounces: dict[tuple[str, str, int, str, bool], int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -556,6 +558,15 @@ class _Generator:
         else:
             counter[0] += 1
             counter[1] += int(bot)
+        if type == "delivery.bounced":
+            bounce = (
+                stream,
+                tag,
+                key[2],
+                data.get("category") or "unknown",
+                bool(data.get("hard")),
+            )
+            chunk.bounces[bounce] = chunk.bounces.get(bounce, 0) + 1
         self.counts["events"] += 1
 
     def recipient(self) -> int:
@@ -1212,6 +1223,17 @@ def _write(conn: Connection, enc: _Encoder, app_id: int, chunk: _Chunk) -> None:
         [
             (app_id, stream, tag, enc.ts(minute), kind, n, bots)
             for (stream, tag, minute, kind), (n, bots) in chunk.counters.items()
+        ],
+    )
+    many(
+        enc.insert(
+            "bounce_counters", ("app_id", "stream", "tag", "bucket", "category", "hard", "count")
+        )
+        + " ON CONFLICT (app_id, stream, tag, bucket, category, hard) DO UPDATE SET"
+        " count = bounce_counters.count + excluded.count",
+        [
+            (app_id, stream, tag, enc.ts(minute), category, hard, n)
+            for (stream, tag, minute, category, hard), n in chunk.bounces.items()
         ],
     )
 

@@ -16,7 +16,15 @@ from sqlalchemy.dialects import postgresql, sqlite
 from postbode.events.types import EventType
 from postbode.metrics import EVENTS
 from postbode.store.bulk import BulkInsert, PreparedRows
-from postbode.store.schema import events, new_id, stat_counters, utcnow, webhook_requests, webhooks
+from postbode.store.schema import (
+    bounce_counters,
+    events,
+    new_id,
+    stat_counters,
+    utcnow,
+    webhook_requests,
+    webhooks,
+)
 
 
 @dataclass
@@ -67,7 +75,27 @@ def _counter_upsert(dialect: Any) -> Any:
 
 _UPSERT_COUNTERS = {"sqlite": _counter_upsert(sqlite), "postgresql": _counter_upsert(postgresql)}
 
+
+def _bounce_upsert(dialect: Any) -> Any:
+    stmt = dialect.insert(bounce_counters)
+    return stmt.on_conflict_do_update(
+        index_elements=["app_id", "stream", "tag", "bucket", "category", "hard"],
+        set_={"count": bounce_counters.c.count + stmt.excluded.count},
+    )
+
+
+_UPSERT_BOUNCES = {"sqlite": _bounce_upsert(sqlite), "postgresql": _bounce_upsert(postgresql)}
+_BOUNCED = EventType.DELIVERY_BOUNCED
+
 CounterKey = tuple[int, str, str, str, datetime, str]  # app, stream, tag, template, minute, type
+BounceKey = tuple[int, str, str, datetime, str, bool]  # app, stream, tag, minute, category, hard
+
+
+def bounce_key(e: Event) -> BounceKey:
+    """The bounce_counters row a delivery.bounced event bumps: its category ("unknown" when
+    the bounce named none) and whether it was hard."""
+    category = e.data.get("category") or "unknown"
+    return (e.app_id, e.stream, e.tag or "", minute(e.at), str(category), bool(e.data.get("hard")))
 
 
 class Tally:
@@ -78,6 +106,7 @@ class Tally:
     def __init__(self) -> None:
         self.counts: Counter[CounterKey] = Counter()
         self.bots: Counter[CounterKey] = Counter()
+        self.bounces: Counter[BounceKey] = Counter()  # delivery.bounced by category
 
     def add(self, batch: Iterable[Event]) -> None:
         counts, bots = self.counts, self.bots
@@ -86,6 +115,8 @@ class Tally:
             counts[key] += 1
             if e.bot:
                 bots[key] += 1
+            if e.type == _BOUNCED:
+                self.bounces[bounce_key(e)] += 1
 
     def rows(self) -> list[dict[str, Any]]:
         """The counter rows to upsert, in key order: concurrent writers lock the rows they
@@ -105,14 +136,32 @@ class Tally:
             for k, n in sorted(self.counts.items())
         ]
 
+    def bounce_rows(self) -> list[dict[str, Any]]:
+        """The bounce_counters rows to upsert, in key order (as `rows`)."""
+        return [
+            {
+                "app_id": k[0],
+                "stream": k[1],
+                "tag": k[2],
+                "bucket": k[3],
+                "category": k[4],
+                "hard": k[5],
+                "count": n,
+            }
+            for k, n in sorted(self.bounces.items())
+        ]
+
     def bump(self, conn: Connection) -> None:
         """Write the increments gathered so far (in `conn`'s transaction) and forget them."""
         if not self.counts:
             return
         # One statement per row: executemany of an upsert is what both dialects do fastest.
         conn.execute(_UPSERT_COUNTERS[conn.dialect.name], self.rows())
+        if self.bounces:
+            conn.execute(_UPSERT_BOUNCES[conn.dialect.name], self.bounce_rows())
         self.counts.clear()
         self.bots.clear()
+        self.bounces.clear()
 
 
 def record(conn: Connection, items: Sequence[Event] | Event, counters: Tally | None = None) -> None:
@@ -154,6 +203,9 @@ def _count(batch: Sequence[Event]) -> None:
 _COUNTER_ROWS = {
     name: BulkInsert(stat_counters, statement=upsert) for name, upsert in _UPSERT_COUNTERS.items()
 }
+_BOUNCE_ROWS = {
+    name: BulkInsert(bounce_counters, statement=upsert) for name, upsert in _UPSERT_BOUNCES.items()
+}
 _EVENT_ROWS = BulkInsert(events)
 
 
@@ -167,6 +219,7 @@ class PreparedEvents:
     told: list[Event]  # the counted ones: their webhooks are looked up when written
     counters: PreparedRows
     batch: list[Event]
+    bounces: PreparedRows  # bounce_counters: none unless a delivery.bounced is among them
 
     def write(self, conn: Connection) -> None:
         """Write the events, queue their webhooks and bump their counters, in `conn`'s
@@ -174,6 +227,7 @@ class PreparedEvents:
         BulkInsert.execute(conn, self.rows)
         _queue_webhooks(conn, self.told)
         BulkInsert.execute(conn, self.counters)
+        BulkInsert.execute(conn, self.bounces)
         _count(self.batch)
 
 
@@ -188,6 +242,7 @@ def prepare_record(dialect: Dialect, items: Sequence[Event]) -> PreparedEvents:
         told,
         _COUNTER_ROWS[dialect.name].prepare(dialect, tally.rows()),
         batch,
+        _BOUNCE_ROWS[dialect.name].prepare(dialect, tally.bounce_rows()),
     )
 
 

@@ -651,6 +651,23 @@ stat_counters = Table(
     Index(None, "app_id", "bucket"),
 )
 
+# Bounces per category (bounces/rules.toml) and hardness, bumped with the delivery.bounced
+# event in its transaction as stat_counters are, and compacted alike (stats/rollup.py): the
+# dashboards' top bounce reasons read these instead of the window's events and their JSON.
+bounce_counters = Table(
+    "bounce_counters",
+    metadata,
+    Column("app_id", ForeignKey("apps.id", ondelete="CASCADE"), nullable=False),
+    Column("stream", String(16), nullable=False),
+    Column("tag", String(100), nullable=False, default=""),
+    Column("bucket", UTCDateTime, nullable=False),  # the minute
+    Column("category", String(32), nullable=False),
+    Column("hard", Boolean, nullable=False),
+    Column("count", BigInteger, nullable=False, default=0),
+    PrimaryKeyConstraint("app_id", "stream", "tag", "bucket", "category", "hard"),
+    Index(None, "app_id", "bucket"),
+)
+
 # Periodic tasks' turns (runner/periodic.py): one row per task, leased by whichever process
 # runs it, so each runs once per period across every process and node.
 worker_roles = Table(

@@ -231,6 +231,9 @@ _LEVELS_MS = [
 ]
 
 
+BounceKey = tuple[int, str, str, int, str, bool]  # app, stream, tag, bucket (ms), category, hard
+
+
 def counter_size_ms(age_ms: int) -> int:
     """The bucket a counter row of this age has once stats.rollup compacted it."""
     size = 60_000
@@ -281,6 +284,7 @@ class Generator:
         )
         self.seq = rng.getrandbits(40)
         self.counters: dict[tuple[int, str, str, int, str], list[int]] = {}
+        self.bounces: dict[BounceKey, int] = {}  # bounce_counters, as events.record bumps them
         self.totals = Totals()
         self.bounce_cum = list(_cumulative([b[3] for b in BOUNCES]))
         self.dip_hour = (now_ms // HOUR_MS - 1) * HOUR_MS
@@ -459,6 +463,10 @@ class Generator:
                 )
             self.event(chunk, sent, app_id, mid, did, rcpt, kind, json.dumps(data))
             self.count(app_id, stream, tag, sent, kind)
+            if status == "bounced":
+                size = counter_size_ms(self.now_ms - sent)
+                bkey = (app_id, stream, tag, sent - sent % size, category or "unknown", bool(hard))
+                self.bounces[bkey] = self.bounces.get(bkey, 0) + 1
             if status == "delivered" and rng.random() < OPENS:
                 opened = min(sent + int(rng.expovariate(1 / 3_600_000)), self.now_ms)
                 self.count(app_id, stream, tag, opened, "message.opened")
@@ -599,10 +607,24 @@ class Writer:
             self.conn.executemany(sql.format(m=", ".join("?" * 7)), rows)
             self.conn.execute("COMMIT")
 
+    def bounce_counters(self, rows: list[tuple[Any, ...]]) -> None:
+        sql = (
+            "INSERT INTO bounce_counters (app_id, stream, tag, bucket, category, hard, count) "
+            "VALUES ({m})"
+        )
+        if self.pg:
+            with self.conn.cursor() as cur:
+                cur.executemany(sql.format(m=", ".join(["%s"] * 7)), rows)
+            self.conn.commit()
+        else:
+            self.conn.execute("BEGIN")
+            self.conn.executemany(sql.format(m=", ".join("?" * 7)), rows)
+            self.conn.execute("COMMIT")
+
     def analyze(self) -> None:
         if self.pg:
             self.conn.autocommit = True
-            for table in (*TABLES, "stat_counters"):
+            for table in (*TABLES, "stat_counters", "bounce_counters"):
                 self.conn.execute(f"VACUUM (ANALYZE) {table}")
             self.conn.autocommit = False
         else:
@@ -626,9 +648,9 @@ def load_part(
     now_ms: int,
     rows: int,
     verbose: bool,
-) -> tuple[dict[tuple[int, str, str, int, str], list[int]], Totals]:
+) -> tuple[dict[tuple[int, str, str, int, str], list[int]], dict[BounceKey, int], Totals]:
     """Make and write the rows of `hours` ([(hour number, messages)]) over a connection of
-    its own; the counters they bump and what was written."""
+    its own; the counters (and bounce counters) they bump and what was written."""
     gen = Generator(random.Random(seed), apps, start_ms, now_ms, rows)
     writer = Writer(url)
     started = time.perf_counter()
@@ -657,7 +679,7 @@ def load_part(
         if gc_was:
             gc.enable()
         writer.close()
-    return gen.counters, gen.totals
+    return gen.counters, gen.bounces, gen.totals
 
 
 def seed(
@@ -721,7 +743,10 @@ def seed(
     phases["rows"] = time.perf_counter() - mark
     totals = Totals()
     counters: dict[tuple[int, str, str, int, str], list[int]] = {}
-    for counted, t in results:
+    bounces: dict[BounceKey, int] = {}
+    for counted, bounced, t in results:
+        for bkey, n in bounced.items():
+            bounces[bkey] = bounces.get(bkey, 0) + n
         for key, (n, bots) in counted.items():
             cell = counters.setdefault(key, [0, 0])
             cell[0] += n
@@ -737,6 +762,12 @@ def seed(
         [
             (app_id, stream, tag, _ts(bucket), kind, n, bots)
             for (app_id, stream, tag, bucket, kind), (n, bots) in counters.items()
+        ]
+    )
+    writer.bounce_counters(
+        [
+            (a, stream, tag, _ts(bucket), c, hard, n)
+            for (a, stream, tag, bucket, c, hard), n in bounces.items()
         ]
     )
     phases["counters"] = time.perf_counter() - mark

@@ -170,3 +170,68 @@ def test_prepared_events_are_recorded_as_record_records_them(store: Store) -> No
         ("welcome", "message.opened", 2, 2),
     ]
     assert sorted(hooks) == sorted([ours[0].id, theirs[0].id])  # only the hook's type
+
+
+def test_bounces_bump_their_category_counter_in_the_same_transaction(store: Store) -> None:
+    """Each delivery.bounced event bumps bounce_counters (its category and hardness) with the
+    event, or not at all; the dashboard's bounce reasons then say what the events say."""
+    from collections import Counter
+    from datetime import timedelta
+
+    from postbode.bounces.classify import CATEGORIES
+    from postbode.stats import queries
+    from postbode.store.schema import bounce_counters, utcnow
+
+    app = make_app(store).app_id
+    message_id, _ = make_queued_message(store, app, ["alice@dest.test"])
+    now = utcnow()
+
+    def bounce(category: str | None, hard: bool | None, ago: int) -> Event:
+        data = {} if category is None else {"category": category, "hard": hard}
+        return Event(
+            app_id=app,
+            type=EventType.DELIVERY_BOUNCED,
+            tag="welcome" if ago % 2 else None,
+            message_id=message_id,
+            at=now - timedelta(minutes=ago),
+            data=data,
+        )
+
+    batch = [
+        bounce(category, (i + k) % 3 == 0, ago=i * 7 + k)
+        for i, category in enumerate(CATEGORIES)
+        for k in range(i % 4 + 1)
+    ] + [bounce(None, None, 3), Event(app_id=app, type=EventType.DELIVERY_DELIVERED, at=now)]
+    with pytest.raises(Boom), store.write() as conn:
+        record(conn, batch)
+        raise Boom
+    with store.read() as conn:
+        assert conn.execute(select(func.count()).select_from(bounce_counters)).scalar_one() == 0
+    third = len(batch) // 3
+    tally = Tally()
+    with store.write() as conn:  # a third through a tally bumped at the end, as the worker does
+        record(conn, batch[:third])
+        record(conn, batch[third : 2 * third], tally)
+        tally.bump(conn)
+    prepared = prepare_record(store.engine.dialect, batch[2 * third :])  # as accept does
+    with pytest.raises(Boom), store.write() as conn:
+        prepared.write(conn)
+        raise Boom
+    with store.write() as conn:
+        prepared.write(conn)
+
+    with store.read() as conn:
+        said = [
+            (e.data.get("category") or "unknown", bool(e.data.get("hard")))
+            for e in conn.execute(select(events).where(events.c.type == "delivery.bounced"))
+        ]
+    by_category = Counter(c for c, _ in said)
+    hard = Counter(c for c, h in said if h)
+    reasons = queries.top_bounce_reasons(store, [app], "24h", limit=100)
+    assert {r.category: (r.count, r.hard) for r in reasons} == {
+        c: (n, hard[c]) for c, n in by_category.items()
+    }
+    assert {r.category for r in reasons} == {*CATEGORIES, "unknown"}
+    assert [r.count for r in reasons] == sorted((r.count for r in reasons), reverse=True)
+    welcome = queries.top_bounce_reasons(store, [app], "24h", tag="welcome", limit=100)
+    assert sum(r.count for r in welcome) == sum(1 for e in batch[:-1] if e.tag == "welcome")

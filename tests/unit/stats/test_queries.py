@@ -168,7 +168,7 @@ def test_top_bounce_reasons_from_events(store: Store, traffic: tuple[int, int]) 
     assert [r.category for r in everyone] == ["blocked", "mailbox_full", "user_unknown"]
 
 
-def test_top_bounce_reasons_narrowed_by_tag_reads_the_messages(store: Store) -> None:
+def test_top_bounce_reasons_narrowed_by_tag(store: Store) -> None:
     app = make_app(store).app_id
     welcome, _ = make_queued_message(store, app, ["a@dest.test"])
     other, _ = make_queued_message(store, app, ["b@dest.test"])

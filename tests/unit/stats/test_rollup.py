@@ -138,3 +138,42 @@ def test_compaction_keeps_every_statistic(store: Store) -> None:
     )
     assert rollup.compact(store, now=NOW + timedelta(hours=5), everything=True) == 1
     assert queries.summary(store, [app], "30d", now=NOW) == month
+
+
+def test_compaction_keeps_the_bounce_reasons(store: Store) -> None:
+    from postbode.store.schema import bounce_counters
+
+    app = make_app(store).app_id
+    batch = [
+        Event(
+            app_id=app,
+            type=T.DELIVERY_BOUNCED,
+            tag="welcome" if m % 2 else None,
+            at=NOW - age - timedelta(minutes=m),
+            data={
+                "category": ("blocked", "user_unknown", "mailbox_full")[m % 3],
+                "hard": m % 5 == 0,
+            },
+        )
+        for age in (timedelta(days=20), timedelta(days=5), timedelta(hours=30), timedelta(0))
+        for m in range(0, 130, 7)
+    ]
+    with store.write() as conn:
+        record(conn, batch)
+
+    def reasons() -> dict[tuple[str, str | None], list[queries.BounceReason]]:
+        return {
+            (r, tag): queries.top_bounce_reasons(store, [app], r, tag=tag, now=NOW)
+            for r in ("1h", "24h", "7d", "30d")
+            for tag in (None, "welcome", "")
+        }
+
+    def count() -> int:
+        with store.read() as conn:
+            return int(conn.execute(select(func.count()).select_from(bounce_counters)).scalar_one())
+
+    before, rows = reasons(), count()
+    assert sum(r.count for r in before[("30d", None)]) == len(batch)
+    assert rollup.compact(store, now=NOW) > 0
+    assert count() < rows
+    assert reasons() == before

@@ -124,3 +124,74 @@ def test_counters_per_template_merge_on_the_way_down(store: Store) -> None:
             select(stat_counters.c.template, stat_counters.c.count, stat_counters.c.bot_count)
         ).all()
     assert [tuple(r) for r in after] == [("", 3, 1)]
+
+
+def test_bounce_counters_are_filled_from_the_events_on_the_way_up(store: Store) -> None:
+    """0019 counts the delivery.bounced events the store holds into bounce_counters: the same
+    rows the events bumped as they were recorded (each with its message's stream and tag)."""
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import select, update
+
+    from postbode.events.record import Event, record
+    from postbode.events.types import EventType
+    from postbode.store.schema import bounce_counters, messages
+    from postbode.testing.factories import make_app, make_queued_message
+
+    app = make_app(store).app_id
+    tagged, _ = make_queued_message(store, app, ["a@dest.test"])
+    plain, _ = make_queued_message(store, app, ["b@dest.test"])
+    at = datetime(2026, 3, 1, 9, 30, 17, 250_000, tzinfo=UTC)
+    with store.write() as conn:
+        conn.execute(
+            update(messages)
+            .where(messages.c.id == tagged)
+            .values(tag="welcome", stream="broadcast")
+        )
+        record(
+            conn,
+            [
+                Event(
+                    app,
+                    EventType.DELIVERY_BOUNCED,
+                    stream="broadcast",
+                    tag="welcome",
+                    message_id=tagged,
+                    at=at + timedelta(seconds=s),
+                    data={"category": "user_unknown", "hard": True},
+                )
+                for s in (0, 20, 50)  # two in one minute, one in the next
+            ]
+            + [
+                Event(
+                    app,
+                    EventType.DELIVERY_BOUNCED,
+                    message_id=plain,
+                    at=at,
+                    data={"category": "mailbox_full", "hard": False},
+                ),
+                Event(app, EventType.DELIVERY_BOUNCED, message_id=plain, at=at, data={}),
+                Event(app, EventType.DELIVERY_DELIVERED, message_id=plain, at=at),
+            ],
+        )
+
+    def rows() -> list[tuple[object, ...]]:
+        with store.read() as conn:
+            return [
+                tuple(r)
+                for r in conn.execute(
+                    select(bounce_counters).order_by(*bounce_counters.primary_key.columns)
+                )
+            ]
+
+    live = rows()
+    assert sorted((r[4], r[5], r[6]) for r in live) == [
+        ("mailbox_full", False, 1),
+        ("unknown", False, 1),
+        ("user_unknown", True, 1),
+        ("user_unknown", True, 2),
+    ]
+    downgrade(store, "0018")
+    assert "bounce_counters" not in inspect(store.engine).get_table_names()
+    migrate(store)
+    assert rows() == live
