@@ -399,6 +399,38 @@ Index(
     func.lower(deliveries.c.recipient),
     deliveries.c.message_id,
 )
+# The log's state and bounce-category filters walk these from an app's newest message id
+# (web/ui/search.py), so a page of bounced mail reads its 51 rows instead of probing every
+# message. Partial: only the states and categories a filter looks for among the few (a
+# delivered, queued or sending row is not in the first), so delivering mail seldom writes them.
+WALKED_STATUSES: tuple[str, ...] = (
+    "deferred",
+    "bounced",
+    "failed",
+    "suppressed",
+    "held",
+    "cancelled",
+)
+_WALKED = "status IN (" + ", ".join(f"'{s}'" for s in WALKED_STATUSES) + ")"
+# The index's predicate, and the same term for a query to say (both databases use a partial
+# index only for a query whose conditions contain, or imply, its predicate).
+IN_WALKED_STATUSES = text("deliveries." + _WALKED)
+Index(
+    "ix_deliveries_app_id_status_message_id",
+    deliveries.c.app_id,
+    deliveries.c.status,
+    deliveries.c.message_id,
+    sqlite_where=text(_WALKED),
+    postgresql_where=text(_WALKED),
+)
+Index(
+    "ix_deliveries_app_id_bounce_category_message_id",
+    deliveries.c.app_id,
+    deliveries.c.bounce_category,
+    deliveries.c.message_id,
+    sqlite_where=text("bounce_category IS NOT NULL"),
+    postgresql_where=text("bounce_category IS NOT NULL"),
+)
 
 attempts = Table(
     "attempts",

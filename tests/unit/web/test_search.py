@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import secrets
+import uuid
 import zlib
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -24,6 +25,18 @@ from .conftest import PASSWORD, Browser
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
 
+_made = iter(range(1, 1 << 40))
+
+
+def id_at(at: datetime) -> Any:
+    """A message id as acceptance makes it: a UUIDv7 of the instant it was received at (ids
+    made later within one millisecond are larger, as store.schema.new_id makes them)."""
+    value = (int(at.timestamp() * 1000) << 80) | next(_made) << 8
+    value = value & ~(0xF << 76) | 0x7 << 76
+    value = value & ~(0x3 << 62) | 0x2 << 62
+    return uuid.UUID(int=value)
+
+
 def put_message(
     store: Store,
     app_id: int,
@@ -37,7 +50,7 @@ def put_message(
     from_header: str = "Shop <orders@shop.test>",
     message_id: str | None = None,
 ) -> Any:
-    ident = new_id()
+    ident = id_at(at)
     with store.write() as conn:
         conn.execute(
             insert(messages).values(
@@ -450,3 +463,111 @@ def test_a_rare_state_is_found_beyond_the_scan_window_through_its_index(
     with store.read() as conn:
         delivered = search.search(conn, MessageQuery((shop,), status="delivered"), limit=3)
     assert len(delivered.rows) == 3
+
+
+def _every_page(store: Store, q: MessageQuery, *, limit: int, window: int) -> list[Any]:
+    """Every match, page after page (through every window), as the log's "older" links go."""
+    seen: list[Any] = []
+    cursor = None
+    for _ in range(1000):
+        with store.read() as conn:
+            page = search.search(conn, q, cursor=cursor, limit=limit, window=window)
+        seen += [r["id"] for r in page.rows]
+        if page.next_cursor is None:
+            return seen
+        cursor = Cursor.decode(page.next_cursor.encode())
+    raise AssertionError("the pages never ended")
+
+
+def test_state_category_and_reply_walks_find_exactly_the_matches(store: Store, shop: int) -> None:
+    """The filters walked on the deliveries (a state's or a category's index, or the window's
+    deliveries) list every matching message once, newest first, page after page, and count
+    every matching delivery: the same as reading every message."""
+    import random
+
+    from sqlalchemy import update
+
+    other = tenancy.create_app(store, "other").app_id
+    rng = random.Random(7)
+    kinds = [
+        ("delivered", None, "250 2.0.0 OK queued as {n}"),
+        ("bounced", "user_unknown", "550 5.1.1 <{n}>: no such user"),
+        ("bounced", "blocked", "554 5.7.1 blocked using zen.spamhaus.test"),
+        ("deferred", None, "451 4.7.1 greylisted, try again"),
+        ("failed", "expired", "451 4.4.1 timed out"),
+    ]
+    made: list[tuple[Any, int, datetime, str | None, list[tuple[str, str | None, str]]]] = []
+    for i in range(90):
+        app = other if i % 4 == 0 else shop
+        at = T0 + timedelta(minutes=i // 2)  # pairs share an instant
+        tag = rng.choice([None, "welcome", "invoice"])
+        picked = [rng.choices(kinds, weights=[6, 2, 1, 1, 1])[0] for _ in range(rng.randint(1, 3))]
+        to = [(f"r{i}-{k}@dest.test", status) for k, (status, _, _) in enumerate(picked)]
+        ident = put_message(store, app, recipients=to, at=at, tag=tag)
+        details = []
+        for k, (status, category, reply) in enumerate(picked):
+            _set_delivery(
+                store, f"r{i}-{k}@dest.test", bounce_category=category, last_reply=reply.format(n=i)
+            )
+            details.append((status, category, reply.format(n=i)))
+        made.append((ident, app, at, tag, details))
+
+    def expected(q: MessageQuery) -> tuple[list[Any], int]:
+        def hit(status: str, category: str | None, reply: str) -> bool:
+            return (
+                (q.status is None or status == q.status)
+                and (q.category is None or category == q.category)
+                and (q.reply is None or q.reply.lower() in reply.lower())
+            )
+
+        rows = [
+            (at, ident, sum(hit(*d) for d in details))
+            for ident, app, at, tag, details in made
+            if app in q.app_ids
+            and (q.tag is None or tag == q.tag)
+            and (q.since is None or at >= q.since)
+            and (q.until is None or at < q.until)
+        ]
+        rows = [r for r in rows if r[2]]
+        rows.sort(reverse=True)
+        return [ident for _, ident, _ in rows], sum(n for _, _, n in rows)
+
+    both = (shop, other)
+    queries = [
+        MessageQuery(both, status="bounced"),
+        MessageQuery((shop,), status="deferred"),
+        MessageQuery(both, status="failed"),
+        MessageQuery(both, category="user_unknown"),
+        MessageQuery(both, category="blocked", status="bounced"),
+        MessageQuery(both, status="bounced", tag="welcome"),
+        MessageQuery(both, category="user_unknown", reply="no such"),
+        MessageQuery(both, reply="SPAMHAUS"),
+        MessageQuery(both, reply="greylisted", since=T0 + timedelta(minutes=10)),
+        MessageQuery(
+            both,
+            status="bounced",
+            since=T0 + timedelta(minutes=5),
+            until=T0 + timedelta(minutes=30),
+        ),
+        MessageQuery(both, status="delivered", reply="queued"),
+    ]
+    for q in queries:
+        want, deliveries_matching = expected(q)
+        assert want, q  # each query finds something
+        for limit, window in ((4, 7), (5, 1000), (100, 3)):
+            assert _every_page(store, q, limit=limit, window=window) == want, (q, limit, window)
+        with store.read() as conn:
+            assert search.count_matches(conn, q, window=1000) == (deliveries_matching, False), q
+            count, limited = search.count_matches(conn, q, bound=1000, window=7)
+        assert count <= deliveries_matching and (limited or count == deliveries_matching), q
+    # A delivery changing state leaves the state's walk at once.
+    first_bounced = expected(MessageQuery(both, status="bounced"))[0][0]
+    with store.write() as conn:
+        conn.execute(
+            update(deliveries)
+            .where(deliveries.c.message_id == first_bounced)
+            .values(status="delivered")
+        )
+    assert first_bounced not in _every_page(
+        store, MessageQuery(both, status="bounced"), limit=5, window=1000
+    )

@@ -82,6 +82,10 @@ MAX_METADATA_SIZE = 4096  # characters of all keys and values together
 RETRY_AFTER_SECONDS = 5
 PAGE_SIZE = 50
 MAX_PAGE_SIZE = 100
+# The reply and MX filters have no index: a page looks at most this many messages (newest
+# first from its cursor), as the UI's log does, and one that is not full by then still has a
+# next_cursor, from where it stopped.
+SCAN_WINDOW = 5_000
 # Deliveries that will be attempted again show when; for the others next_attempt_at is stale.
 _PENDING = ("scheduled", "queued", "deferred", "sending")
 _MIME_TYPES = mimetypes.MimeTypes()  # the built-in table only: the same guess on every machine
@@ -1327,7 +1331,11 @@ def list_messages(
 ) -> dict[str, Any]:
     """The caller's messages, newest first, a page at a time (keyset pagination on the
     time-ordered message id). `recipient`, `status`, `reply`, `category` and `mx` must all
-    hold for the same delivery; each recipient says whether it is one that `matched`."""
+    hold for the same delivery; each recipient says whether it is one that `matched`.
+
+    `reply` and `mx` (without `recipient`) look at 5,000 messages per page at most: a page
+    may then hold fewer than `limit` (even none) and still have a `next_cursor` to go on
+    with. Follow `next_cursor` until it is null to see every match."""
     store: Store = request.app.state.store
     query = select(messages).where(messages.c.app_id == app_id)
     if tag is not None:
@@ -1357,16 +1365,29 @@ def list_messages(
         per_delivery.append(func.lower(deliveries.c.recipient).in_(forms))
         wanted = select(deliveries.c.message_id).where(deliveries.c.app_id == app_id, *per_delivery)
         query = query.where(messages.c.id.in_(wanted))
-    elif per_delivery:
+    else:
         match = select(deliveries.c.id).where(
             deliveries.c.message_id == messages.c.id,
             deliveries.c.app_id == app_id,
             *per_delivery,
         )
-        query = query.where(match.exists())
-    query = query.order_by(messages.c.id.desc()).limit(limit + 1)
+    scanned = bool(reply or mx) and recipient is None
+    edge: UUID | None = None
     with store.read() as conn:
-        rows = conn.execute(query).all()
+        if scanned:
+            # The window's last message, on the (app_id[, tag], id) index alone; the page's
+            # walk stops there.
+            edge = conn.execute(
+                query.with_only_columns(messages.c.id)
+                .order_by(messages.c.id.desc())
+                .offset(SCAN_WINDOW - 1)
+                .limit(1)
+            ).scalar()
+        if edge is not None:
+            query = query.where(messages.c.id >= edge)
+        if per_delivery and recipient is None:
+            query = query.where(match.exists())
+        rows = conn.execute(query.order_by(messages.c.id.desc()).limit(limit + 1)).all()
         page = rows[:limit]
         by_message: dict[UUID, list[dict[str, Any]]] = {row.id: [] for row in page}
         if page:
@@ -1400,5 +1421,5 @@ def list_messages(
                 )
     return {
         "data": [{**_message_fields(row), "recipients": by_message[row.id]} for row in page],
-        "next_cursor": page[-1].id if len(rows) > limit else None,
+        "next_cursor": page[-1].id if len(rows) > limit else edge,
     }

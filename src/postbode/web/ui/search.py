@@ -8,7 +8,7 @@ import re
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, Connection, and_, func, or_, select
@@ -17,7 +17,13 @@ from postbode.bounces.classify import CATEGORIES
 from postbode.csvcells import csv_cell
 from postbode.ingest.accept import AcceptError
 from postbode.store.engine import Store
-from postbode.store.schema import DELIVERY_STATUSES, deliveries, messages
+from postbode.store.schema import (
+    DELIVERY_STATUSES,
+    IN_WALKED_STATUSES,
+    WALKED_STATUSES,
+    deliveries,
+    messages,
+)
 from postbode.web.api.messages import address_forms
 from postbode.web.errors import ApiError
 
@@ -104,8 +110,8 @@ def _recipient_forms(value: str) -> list[str]:
     return list(dict.fromkeys(f.lower() for f in forms))
 
 
-def _recipient_is(value: str) -> ColumnElement[bool]:
-    return func.lower(deliveries.c.recipient).in_(_recipient_forms(value))
+def _recipient_is(value: str, d: Any = deliveries) -> ColumnElement[bool]:
+    return func.lower(d.c.recipient).in_(_recipient_forms(value))
 
 
 @dataclass(frozen=True)
@@ -305,6 +311,22 @@ def count_matches(
     says whether that limited the count."""
     check(q)
     app_ids = list(dict.fromkeys(q.app_ids))
+    if _driver(q) is not None:
+        # Walked on the deliveries: each app's count on its index, within its window if any.
+        count, limited = 0, False
+        for app_id in app_ids:
+            if count > bound:
+                break
+            walk = _plan_walk(conn, q, app_id, None, window)
+            if walk is None:
+                edge = _window_edge(conn, q, app_id, window)
+                within = [messages.c.received_at >= edge] if edge is not None else []
+                limited = limited or edge is not None
+                count += _count(conn, q, [app_id], bound + 1 - count, within)
+            else:
+                limited = limited or walk.edge is not None
+                count += _walk_count(conn, q, app_id, walk, bound + 1 - count)
+        return count, limited
     named = {app_id: _named(conn, q, app_id) for app_id in app_ids}
     if all(found is not None for found in named.values()):
         # Every match is among the few messages each app's index named: counted among them,
@@ -359,24 +381,27 @@ def _count(
     return int(conn.execute(select(func.count()).select_from(matches)).scalar_one())
 
 
-def _delivery_conditions(q: MessageQuery, *, whole_recipient: bool) -> list[ColumnElement[bool]]:
+def _delivery_conditions(
+    q: MessageQuery, *, whole_recipient: bool, d: Any = deliveries
+) -> list[ColumnElement[bool]]:
     """What one delivery of a message must match: every filter on deliveries holds for the
-    same delivery (`whole_recipient`: include a whole address, which an index serves)."""
+    same delivery (`whole_recipient`: include a whole address, which an index serves; `d`: the
+    deliveries table or an alias of it)."""
     conds: list[ColumnElement[bool]] = []
     if q.status:
         # Compared as an expression, so no planner probes by status (thousands of rows each
         # time) instead of by message (a handful): SQLite without ANALYZE would.
-        conds.append(deliveries.c.status.concat("") == q.status)
+        conds.append(d.c.status.concat("") == q.status)
     if q.category:
-        conds.append(deliveries.c.bounce_category.concat("") == q.category)
+        conds.append(d.c.bounce_category.concat("") == q.category)
     if q.reply:
-        conds.append(deliveries.c.last_reply.icontains(q.reply.strip(), autoescape=True))
+        conds.append(d.c.last_reply.icontains(q.reply.strip(), autoescape=True))
     if q.mx:
-        conds.append(deliveries.c.mx.icontains(q.mx.strip().rstrip("."), autoescape=True))
+        conds.append(d.c.mx.icontains(q.mx.strip().rstrip("."), autoescape=True))
     if q.recipient and not _whole_address(q.recipient):
-        conds.append(deliveries.c.recipient.icontains(q.recipient.strip(), autoescape=True))
+        conds.append(d.c.recipient.icontains(q.recipient.strip(), autoescape=True))
     elif q.recipient and whole_recipient:
-        conds.append(_recipient_is(q.recipient))
+        conds.append(_recipient_is(q.recipient, d))
     return conds
 
 
@@ -410,6 +435,9 @@ def _search_app(
     """Up to `limit` + 1 matches of one app, newest first (`newer`: the ones just newer than
     `cursor`, oldest first), through its index; and, when the bounded scan ran out before
     finding that many, where it stopped (the last message it looked at)."""
+    walk = _plan_walk(conn, q, app_id, cursor, window, newer)
+    if walk is not None:
+        return _walk(conn, q, app_id, walk, cursor, limit, newer)
     named = _named(conn, q, app_id)
     if named is not None and not named:
         return [], None
@@ -499,6 +527,233 @@ def _by_id(
         .limit(limit + 1)
     )
     return list(conn.execute(query))
+
+
+# -- walks on the deliveries, in message-id order ---------------------------------------------
+
+# A message's id and its received_at are made together at acceptance (ingest/accept.py), so a
+# time bound is also an id bound, give or take this: the id bound narrows the index range
+# walked, the time condition on the message stays exact.
+ID_MARGIN = timedelta(minutes=1)
+
+
+def _id_floor(at: datetime) -> uuid.UUID:
+    """The smallest UUIDv7 of `at`'s millisecond (RFC 9562 §5.7: the id's top 48 bits are
+    the Unix time in milliseconds)."""
+    return uuid.UUID(int=max(int(at.timestamp() * 1000), 0) << 80)
+
+
+@dataclass(frozen=True)
+class _Walk:
+    """An app's matches read from the deliveries in message-id order (newest first), each
+    message joined by its key: `driver`, the conditions whose partial index is walked (a
+    walked state's, a bounce category's; none: the deliveries of the window's messages, on the
+    (message_id, …) index); `edge`: the time of the window's last message (None: no window,
+    every match is found)."""
+
+    driver: tuple[Any, ...]  # conditions (a TextClause among them: a partial index's predicate)
+    edge: datetime | None = None
+
+
+def _driver(q: MessageQuery) -> tuple[Any, ...] | None:
+    """The deliveries a walk reads for `q` (None: not walked, the messages are)."""
+    if (q.recipient and _whole_address(q.recipient)) or q.message_id:
+        return None  # their own indexes name the few messages (`_named`)
+    if q.category:
+        c = deliveries.c.bounce_category
+        return (c == q.category, c.isnot(None))  # the partial index's predicate, implied
+    if q.status in WALKED_STATUSES:
+        return (deliveries.c.status == q.status, IN_WALKED_STATUSES)
+    if q.status is None and (q.reply or q.mx or q.recipient):
+        if q.tag or q.subject or q.sender or q.metadata:
+            return None  # the tag's own index, or a message condition: the messages are walked
+        return ()
+    return None
+
+
+def _only_driver(q: MessageQuery) -> bool:
+    """Every delivery the driver reads matches (within the time bounds)."""
+    other_filters = [q.reply, q.mx, q.recipient, q.tag, q.subject, q.sender, q.metadata]
+    if q.category:
+        other_filters.append(q.status)
+    return not any(other_filters)
+
+
+def _id_bounds(
+    q: MessageQuery, cursor: Cursor | None, newer: bool, edge: datetime | None = None
+) -> list[ColumnElement[bool]]:
+    """The walked ids' range: the time bounds as id bounds (with a margin), the cursor, and
+    the window's edge; with the exact conditions on the messages for the time-based ones."""
+    walked = deliveries.c.message_id
+    conds: list[ColumnElement[bool]] = []
+    if q.since is not None:
+        conds.append(walked >= _id_floor(q.since - ID_MARGIN))
+    if q.until is not None:
+        conds.append(walked < _id_floor(q.until + ID_MARGIN))
+    if cursor is not None:
+        if cursor.id in (_FIRST_ID, _LAST_ID):  # a date to jump to, or where a scan stopped
+            if newer:
+                conds += [walked >= _id_floor(cursor.received_at - ID_MARGIN), _after(cursor)]
+            else:
+                conds += [walked < _id_floor(cursor.received_at + ID_MARGIN), _before(cursor)]
+        else:
+            conds.append(walked > cursor.id if newer else walked < cursor.id)
+    if edge is not None:
+        at = messages.c.received_at
+        if newer:
+            conds += [walked < _id_floor(edge + ID_MARGIN), at <= edge]
+        else:
+            conds += [walked >= _id_floor(edge - ID_MARGIN), at >= edge]
+    return conds
+
+
+def _walk_conditions(
+    q: MessageQuery, app_id: int, walk: _Walk, cursor: Cursor | None, newer: bool
+) -> tuple[list[ColumnElement[bool]], bool]:
+    """A walk's conditions, and whether they need the messages joined."""
+    on_messages = [*_bounds(q), *_message_conditions(q, messages.c)]
+    ranged = _id_bounds(q, cursor, newer, walk.edge)
+    conds = [
+        deliveries.c.app_id == app_id,
+        *walk.driver,
+        *_delivery_conditions(q, whole_recipient=True),
+        *ranged,
+        *on_messages,
+    ]
+    joined = (
+        bool(on_messages)
+        or walk.edge is not None
+        or (cursor is not None and cursor.id in (_FIRST_ID, _LAST_ID))
+    )
+    if joined:
+        conds.append(messages.c.app_id == app_id)
+    return conds, joined
+
+
+def _driven(conn: Connection, q: MessageQuery, app_id: int, driver: Any, cap: int) -> int:
+    """How many deliveries the driver reads within `q`'s bounds, counted up to `cap`
+    (on the partial index alone)."""
+    ids = _id_bounds(q, None, False)
+    few = (
+        select(deliveries.c.app_id)
+        .where(deliveries.c.app_id == app_id, *driver, *ids)
+        .limit(cap)
+        .subquery()
+    )
+    return int(conn.execute(select(func.count()).select_from(few)).scalar_one())
+
+
+def _plan_walk(
+    conn: Connection,
+    q: MessageQuery,
+    app_id: int,
+    cursor: Cursor | None,
+    window: int,
+    newer: bool = False,
+) -> _Walk | None:
+    """How an app's matches of `q` are walked on the deliveries, or None: on the messages.
+
+    A state or category walk needs no window when all it reads matches, or when it reads at
+    most `window` deliveries in all; otherwise it keeps the log's window (the app's newest
+    `window` messages) if the state has at most `window` deliveries in it, and else the
+    messages of the window are walked (each probed, at most `window` of them)."""
+    driver = _driver(q)
+    if driver is None:
+        return None
+    if driver and (_only_driver(q) or _driven(conn, q, app_id, driver, window + 1) <= window):
+        return _Walk(driver)
+    edge = _edge(conn, q, app_id, cursor, window, newer)
+    if edge is None:
+        return _Walk(driver)  # the app has fewer messages than the window: all are read
+    if driver:
+        walked = deliveries.c.message_id
+        inside = [
+            *_id_bounds(q, None, False, None),
+            walked < _id_floor(edge + ID_MARGIN)
+            if newer
+            else walked >= _id_floor(edge - ID_MARGIN),
+        ]
+        few = (
+            select(deliveries.c.app_id)
+            .where(deliveries.c.app_id == app_id, *driver, *inside)
+            .limit(window + 1)
+            .subquery()
+        )
+        if conn.execute(select(func.count()).select_from(few)).scalar_one() > window:
+            return None
+    return _Walk(driver, edge)
+
+
+def _edge(
+    conn: Connection,
+    q: MessageQuery,
+    app_id: int,
+    cursor: Cursor | None,
+    window: int,
+    newer: bool,
+) -> datetime | None:
+    """The time of the app's `window`-th message from `cursor` on (newest first, or oldest
+    first going `newer`) within `q`'s indexed conditions, on the (app_id[, tag], received_at)
+    index alone; None when it has fewer."""
+    conds = [messages.c.app_id == app_id, *_bounds(q)]
+    if cursor is not None:
+        conds.append(_after(cursor) if newer else _before(cursor))
+    by_time = messages.c.received_at.asc() if newer else messages.c.received_at.desc()
+    found: datetime | None = conn.execute(
+        select(messages.c.received_at).where(*conds).order_by(by_time).offset(window - 1).limit(1)
+    ).scalar()
+    return found
+
+
+def _walk(
+    conn: Connection,
+    q: MessageQuery,
+    app_id: int,
+    walk: _Walk,
+    cursor: Cursor | None,
+    limit: int,
+    newer: bool,
+) -> tuple[list[Any], Cursor | None]:
+    """Up to `limit` + 1 of the app's matching messages, newest first (`newer`: oldest first,
+    just newer than `cursor`), read on the deliveries in message-id order and joined to their
+    message by its key, stopping at the page's end; and where the window ended, when it did
+    before the page was full."""
+    conds, _ = _walk_conditions(q, app_id, walk, cursor, newer)
+    other = deliveries.alias("other")
+    # A message with two matching deliveries once: at the first of them.
+    conds.append(
+        ~select(other.c.id)
+        .where(
+            other.c.message_id == deliveries.c.message_id,
+            other.c.id < deliveries.c.id,
+            *_delivery_conditions(q, whole_recipient=True, d=other),
+        )
+        .exists()
+    )
+    order = deliveries.c.message_id.asc() if newer else deliveries.c.message_id.desc()
+    rows = list(
+        conn.execute(
+            select(messages)
+            .select_from(deliveries.join(messages, messages.c.id == deliveries.c.message_id))
+            .where(*conds)
+            .order_by(order)
+            .limit(limit + 1)
+        )
+    )
+    if len(rows) > limit or walk.edge is None:
+        return rows, None
+    return rows, Cursor(walk.edge, _LAST_ID if newer else _FIRST_ID)
+
+
+def _walk_count(conn: Connection, q: MessageQuery, app_id: int, walk: _Walk, limit: int) -> int:
+    """The app's deliveries matching `q` within the walk's window, counted up to `limit` (on
+    the partial index alone when nothing else is asked of them)."""
+    conds, joined = _walk_conditions(q, app_id, walk, None, False)
+    matches = select(deliveries.c.id)
+    if joined:
+        matches = matches.join(messages, messages.c.id == deliveries.c.message_id)
+    sub = matches.where(*conds).limit(limit).subquery()
+    return int(conn.execute(select(func.count()).select_from(sub)).scalar_one())
 
 
 def search(

@@ -896,3 +896,29 @@ def test_fuzz_send_bodies(sqlite_store: Store, tmp_path: Path, fast: bool) -> No
             assert "bcc" not in {name.lower() for name in head}
 
         check()
+
+
+def test_list_messages_by_reply_looks_at_a_window_a_page(
+    client: TestClient, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`reply` has no index: a page looks at SCAN_WINDOW messages at most, and a page that is
+    not full by then still says where to go on; following next_cursor finds every match."""
+    from postbode.web.api import messages as api
+
+    sent = [_send(client, f"user{i}@dest.test") for i in range(11)]
+    blocked = {sent[i] for i in (0, 1, 9)}
+    with store.write() as conn:
+        conn.execute(update(deliveries).values(last_reply="250 2.0.0 ok"))
+        conn.execute(
+            update(deliveries)
+            .where(deliveries.c.message_id.in_([uuid.UUID(m) for m in blocked]))
+            .values(last_reply="554 5.7.1 blocked using zen.spamhaus.test")
+        )
+    monkeypatch.setattr(api, "SCAN_WINDOW", 4)
+    pages = _pages(client, reply="SPAMHAUS", limit=2)
+    listed = [m for page in pages for m in page]
+    assert listed == sorted(blocked, key=lambda m: uuid.UUID(m).int, reverse=True)
+    # The newest 4 hold one match, the next 4 none, the last 3 two.
+    assert pages == [[sent[9]], [], [sent[1], sent[0]]]
+    monkeypatch.setattr(api, "SCAN_WINDOW", 5_000)
+    assert _pages(client, reply="spamhaus", limit=2) == [[sent[9], sent[1]], [sent[0]]]
