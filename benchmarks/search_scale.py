@@ -9,7 +9,12 @@ EXPLAIN QUERY PLAN on SQLite).
 
 `--walk` also takes the operator's minute in headless Chromium (postbode.testing.operator_walk:
 dashboard, click the dip, the filtered log, a bounced message and its reply) against the app
-served by uvicorn over the same store, and prints each page's server time (Server-Timing)."""
+served by uvicorn over the same store, and prints each page's server time (Server-Timing).
+
+`--before` runs the same shapes the way they ran before migrations 0019 and 0020, on the same
+store, for a comparison under the same load: the log's state, category and reply filters
+probing the window's messages one by one (no walk on the deliveries), the API's reply filter
+unbounded, and the top bounce reasons read from the window's delivery.bounced events."""
 
 from __future__ import annotations
 
@@ -33,7 +38,9 @@ from postbode.stats import queries
 from postbode.store.engine import Store, create_store
 from postbode.store.schema import apps, deliveries, messages, utcnow
 from postbode.testing.scale_seed import DIP_TAG
+from postbode.web.api import messages as api_messages
 from postbode.web.api.messages import list_messages, load_message
+from postbode.web.ui import search as log_search
 from postbode.web.ui.search import MessageQuery, count_matches, search
 
 WALK_USER = "walk@scale.test"
@@ -160,6 +167,8 @@ def cases(store: Store) -> list[tuple[str, Callable[[], Any]]]:
         ("UI log, status deferred + tag (rare)", ui(status="deferred", tag="invoice")),
         ("UI log, reply text (spamhaus)", ui(reply="spamhaus")),
         ("UI log, category user_unknown", ui(category="user_unknown")),
+        ("UI log, category blocked + tag", ui(category="blocked", tag=DIP_TAG)),
+        ("UI log, reply text (spamhaus), shop", ui((shop,), reply="spamhaus")),
         (
             "UI log, tag + the dip's hour",
             ui(tag=DIP_TAG, since=hour, until=hour + timedelta(hours=1)),
@@ -175,6 +184,7 @@ def cases(store: Store) -> list[tuple[str, Callable[[], Any]]]:
             api(tag="invoice", since=week_ago, until=week_ago + timedelta(hours=1)),
         ),
         ("API log, reply text (spamhaus)", api(reply="spamhaus")),
+        ("API log, category user_unknown", api(category="user_unknown")),
         ("message page data (bounced)", lambda: _load(store, shop, bounced_message)),
     ]
     for name in ("24h", "7d", "30d"):
@@ -267,6 +277,55 @@ def operator_walks(store: Store, url: str, runs: int) -> None:
         print(f"{name:<18} {p50:8.1f} {p95:8.1f} {max(samples):8.1f}")
 
 
+def reasons_from_events(
+    store: Store,
+    app_ids: Any,
+    range: str | None = None,
+    *,
+    since: Any = None,
+    until: Any = None,
+    tag: str | None = None,
+    stream: str | None = None,
+    limit: int = 10,
+    now: Any = None,
+) -> list[queries.BounceReason]:
+    """The top bounce reasons as they were read before bounce_counters (migration 0019): the
+    window's delivery.bounced events and their JSON (not narrowed by tag or stream here)."""
+    from sqlalchemy import func
+
+    from postbode.store.schema import events
+
+    win = queries.window(range, since=since, until=until, now=now)
+    category = func.coalesce(events.c.data["category"].as_string(), "unknown")
+    hard = events.c.data["hard"].as_boolean()
+    with store.read() as conn:
+        ids = (
+            list(app_ids)
+            if app_ids is not None
+            else list(conn.execute(select(apps.c.id)).scalars())
+        )
+        rows = conn.execute(
+            select(category.label("category"), hard.label("hard"), func.count().label("n"))
+            .where(
+                events.c.app_id.in_(ids),
+                events.c.type == "delivery.bounced",
+                events.c.created_at >= win.since,
+                events.c.created_at < win.until,
+            )
+            .group_by("category", "hard")
+        ).all()
+    return queries.bounce_reasons_of(
+        [(str(r.category), bool(r.hard), int(r.n)) for r in rows], limit
+    )
+
+
+def as_before() -> None:
+    """The shapes as they ran before migrations 0019 and 0020 (see --before)."""
+    log_search._driver = lambda q: None  # type: ignore[assignment]  # messages probed
+    api_messages.SCAN_WINDOW = 1 << 62  # the API's reply filter unbounded
+    queries.top_bounce_reasons = reasons_from_events  # type: ignore[assignment]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -277,7 +336,10 @@ def main() -> None:
     parser.add_argument("--explain-over", type=float, default=100.0, help="ms (p95)")
     parser.add_argument("--walk", type=int, nargs="?", const=10, default=0, help="walks (10)")
     parser.add_argument("--no-queries", action="store_true")
+    parser.add_argument("--before", action="store_true", help="as before 0019 and 0020")
     args = parser.parse_args()
+    if args.before:
+        as_before()
 
     started = time.perf_counter()
     store = create_store(Settings(database_url=args.url), migrate=True)
@@ -288,6 +350,7 @@ def main() -> None:
     print(
         f"{store.dialect}: {n_messages:,} messages, {n_deliveries:,} deliveries; "
         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+        f"{' (as before 0019 and 0020)' if args.before else ''}"
     )
     if not args.no_queries:
         statements = Statements(store)
@@ -303,7 +366,8 @@ def main() -> None:
                 rows = f"{len(result[0].rows)} (count {count}{'+' if count > 1000 else ''})"
             elif isinstance(result, dict) and "data" in result:
                 rows = str(len(result["data"]))
-            print(f"{name:<42} {p50:8.1f} {p95:8.1f}  {rows}", flush=True)
+            load = os.getloadavg()[0]
+            print(f"{name:<42} {p50:8.1f} {p95:8.1f}  {rows}  (load {load:.1f})", flush=True)
             if p95 > args.explain_over:
                 slow.append((name, fn))
         for name, fn in slow:

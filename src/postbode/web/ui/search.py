@@ -7,11 +7,14 @@ import base64
 import re
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, and_, func, or_, select
+from sqlalchemy import ColumnElement, Connection, and_, bindparam, func, or_, select
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.selectable import Join
 
 from postbode.bounces.classify import CATEGORIES
 from postbode.csvcells import csv_cell
@@ -535,12 +538,37 @@ def _by_id(
 # time bound is also an id bound, give or take this: the id bound narrows the index range
 # walked, the time condition on the message stays exact.
 ID_MARGIN = timedelta(minutes=1)
+SPAN_FACTOR = 4  # a window's deliveries walked: at most this many times the window, all apps'
 
 
 def _id_floor(at: datetime) -> uuid.UUID:
     """The smallest UUIDv7 of `at`'s millisecond (RFC 9562 §5.7: the id's top 48 bits are
     the Unix time in milliseconds)."""
     return uuid.UUID(int=max(int(at.timestamp() * 1000), 0) << 80)
+
+
+class _DeliveriesFirst(Join):
+    """The deliveries joined to their messages, the deliveries read first: SQLite keeps the
+    left table of a CROSS JOIN as the outer loop (its manual control of join order), where it
+    would rather read the app's messages through their indexes, all of them, and sort them.
+    Other databases plan it as any inner join."""
+
+    inherit_cache = True
+
+
+@compiles(_DeliveriesFirst, "sqlite")
+def _cross_join(element: _DeliveriesFirst, compiler: SQLCompiler, **kw: Any) -> str:
+    assert element.onclause is not None
+    kw["asfrom"] = True
+    return (
+        f"{compiler.process(element.left, **kw)} CROSS JOIN "
+        f"{compiler.process(element.right, **kw)} "
+        f"ON {compiler.process(element.onclause, **kw)}"
+    )
+
+
+def _deliveries_then_messages() -> _DeliveriesFirst:
+    return _DeliveriesFirst(deliveries, messages, messages.c.id == deliveries.c.message_id)
 
 
 @dataclass(frozen=True)
@@ -559,16 +587,50 @@ def _driver(q: MessageQuery) -> tuple[Any, ...] | None:
     """The deliveries a walk reads for `q` (None: not walked, the messages are)."""
     if (q.recipient and _whole_address(q.recipient)) or q.message_id:
         return None  # their own indexes name the few messages (`_named`)
+    # The state or category is written into the statement (both are checked against their
+    # closed lists first): PostgreSQL proves a partial index's predicate from a constant only
+    # (a prepared statement's parameter may be planned generically).
     if q.category:
-        c = deliveries.c.bounce_category
-        return (c == q.category, c.isnot(None))  # the partial index's predicate, implied
+        # `=` implies the partial index's predicate (IS NOT NULL) to both databases.
+        return (deliveries.c.bounce_category == bindparam(None, q.category, literal_execute=True),)
     if q.status in WALKED_STATUSES:
-        return (deliveries.c.status == q.status, IN_WALKED_STATUSES)
+        state = deliveries.c.status == bindparam(None, q.status, literal_execute=True)
+        # SQLite uses a partial index only for a query that has its predicate as a term;
+        # PostgreSQL infers it from the state, and estimates the rows better without it.
+        return (state, _SqliteOnly(IN_WALKED_STATUSES))
     if q.status is None and (q.reply or q.mx or q.recipient):
         if q.tag or q.subject or q.sender or q.metadata:
             return None  # the tag's own index, or a message condition: the messages are walked
         return ()
     return None
+
+
+class _SqliteOnly(ColumnElement[bool]):
+    """A condition said to SQLite only (elsewhere: TRUE, which planners drop). Only ever a
+    constant condition (cached statements hold it as it is)."""
+
+    inherit_cache = True
+
+    def __init__(self, condition: Any) -> None:
+        self.condition = condition
+
+
+@compiles(_SqliteOnly)
+def _true_elsewhere(element: _SqliteOnly, compiler: SQLCompiler, **kw: Any) -> str:
+    return "1 = 1"
+
+
+@compiles(_SqliteOnly, "sqlite")
+def _said_to_sqlite(element: _SqliteOnly, compiler: SQLCompiler, **kw: Any) -> str:
+    return str(compiler.process(element.condition, **kw))
+
+
+def _covered(q: MessageQuery, walk: Any) -> MessageQuery:
+    """`q` without the filter the walk's driver reads through its index (said once: a second,
+    as an expression, made PostgreSQL expect a hundredth of the rows it reads)."""
+    if not walk.driver:
+        return q
+    return replace(q, category=None) if q.category else replace(q, status=None)
 
 
 def _only_driver(q: MessageQuery) -> bool:
@@ -580,10 +642,16 @@ def _only_driver(q: MessageQuery) -> bool:
 
 
 def _id_bounds(
-    q: MessageQuery, cursor: Cursor | None, newer: bool, edge: datetime | None = None
+    q: MessageQuery,
+    cursor: Cursor | None,
+    newer: bool,
+    edge: datetime | None = None,
+    *,
+    exact: bool = True,
 ) -> list[ColumnElement[bool]]:
     """The walked ids' range: the time bounds as id bounds (with a margin), the cursor, and
-    the window's edge; with the exact conditions on the messages for the time-based ones."""
+    the window's edge; with the exact conditions on the messages for the time-based ones
+    (`exact` False: the id range alone, on the deliveries)."""
     walked = deliveries.c.message_id
     conds: list[ColumnElement[bool]] = []
     if q.since is not None:
@@ -593,17 +661,19 @@ def _id_bounds(
     if cursor is not None:
         if cursor.id in (_FIRST_ID, _LAST_ID):  # a date to jump to, or where a scan stopped
             if newer:
-                conds += [walked >= _id_floor(cursor.received_at - ID_MARGIN), _after(cursor)]
+                conds += [walked >= _id_floor(cursor.received_at - ID_MARGIN)]
+                conds += [_after(cursor)] if exact else []
             else:
-                conds += [walked < _id_floor(cursor.received_at + ID_MARGIN), _before(cursor)]
+                conds += [walked < _id_floor(cursor.received_at + ID_MARGIN)]
+                conds += [_before(cursor)] if exact else []
         else:
             conds.append(walked > cursor.id if newer else walked < cursor.id)
     if edge is not None:
         at = messages.c.received_at
         if newer:
-            conds += [walked < _id_floor(edge + ID_MARGIN), at <= edge]
+            conds += [walked < _id_floor(edge + ID_MARGIN)] + ([at <= edge] if exact else [])
         else:
-            conds += [walked >= _id_floor(edge - ID_MARGIN), at >= edge]
+            conds += [walked >= _id_floor(edge - ID_MARGIN)] + ([at >= edge] if exact else [])
     return conds
 
 
@@ -613,10 +683,13 @@ def _walk_conditions(
     """A walk's conditions, and whether they need the messages joined."""
     on_messages = [*_bounds(q), *_message_conditions(q, messages.c)]
     ranged = _id_bounds(q, cursor, newer, walk.edge)
+    # Without a driver the window's deliveries are read on the (message_id, …) index: the app
+    # as an expression, or SQLite reads all of the app's deliveries on an (app_id, …) one.
+    app = deliveries.c.app_id if walk.driver else deliveries.c.app_id + 0
     conds = [
-        deliveries.c.app_id == app_id,
+        app == app_id,
         *walk.driver,
-        *_delivery_conditions(q, whole_recipient=True),
+        *_delivery_conditions(_covered(q, walk), whole_recipient=True),
         *ranged,
         *on_messages,
     ]
@@ -625,8 +698,6 @@ def _walk_conditions(
         or walk.edge is not None
         or (cursor is not None and cursor.id in (_FIRST_ID, _LAST_ID))
     )
-    if joined:
-        conds.append(messages.c.app_id == app_id)
     return conds, joined
 
 
@@ -660,27 +731,31 @@ def _plan_walk(
     driver = _driver(q)
     if driver is None:
         return None
-    if driver and (_only_driver(q) or _driven(conn, q, app_id, driver, window + 1) <= window):
+    if driver and _only_driver(q):
         return _Walk(driver)
     edge = _edge(conn, q, app_id, cursor, window, newer)
-    if edge is None:
-        return _Walk(driver)  # the app has fewer messages than the window: all are read
+    inside = _id_bounds(q, cursor, newer, edge, exact=False)
     if driver:
-        walked = deliveries.c.message_id
-        inside = [
-            *_id_bounds(q, None, False, None),
-            walked < _id_floor(edge + ID_MARGIN)
-            if newer
-            else walked >= _id_floor(edge - ID_MARGIN),
-        ]
-        few = (
-            select(deliveries.c.app_id)
-            .where(deliveries.c.app_id == app_id, *driver, *inside)
-            .limit(window + 1)
-            .subquery()
-        )
-        if conn.execute(select(func.count()).select_from(few)).scalar_one() > window:
+        if edge is None:
+            # The app has fewer messages (of the tag, in the time range) than the window:
+            # probing them all is exact too, and reads fewer rows than the state's deliveries.
             return None
+        # Each delivery walked is joined to its message by key, which costs about twice a
+        # message's probe: the state is walked if it has at most half a window of deliveries
+        # (all of them, exact), or that many within the window; else the messages are probed.
+        window //= 2
+        if _driven(conn, q, app_id, driver, window + 1) <= window:
+            return _Walk(driver)
+        few = select(deliveries.c.app_id).where(deliveries.c.app_id == app_id, *driver, *inside)
+    else:
+        # The window's deliveries are read on the (message_id, …) index, every app's among
+        # them: while they are not many times the window (a quiet app's window spans weeks of
+        # a busy one's mail), else the window's messages are probed.
+        window *= SPAN_FACTOR
+        few = select(deliveries.c.app_id).where(*inside)
+    counted = select(func.count()).select_from(few.limit(window + 1).subquery())
+    if conn.execute(counted).scalar_one() > window:
+        return None
     return _Walk(driver, edge)
 
 
@@ -734,7 +809,7 @@ def _walk(
     rows = list(
         conn.execute(
             select(messages)
-            .select_from(deliveries.join(messages, messages.c.id == deliveries.c.message_id))
+            .select_from(_deliveries_then_messages())
             .where(*conds)
             .order_by(order)
             .limit(limit + 1)
@@ -751,7 +826,7 @@ def _walk_count(conn: Connection, q: MessageQuery, app_id: int, walk: _Walk, lim
     conds, joined = _walk_conditions(q, app_id, walk, None, False)
     matches = select(deliveries.c.id)
     if joined:
-        matches = matches.join(messages, messages.c.id == deliveries.c.message_id)
+        matches = matches.select_from(_deliveries_then_messages())
     sub = matches.where(*conds).limit(limit).subquery()
     return int(conn.execute(select(func.count()).select_from(sub)).scalar_one())
 

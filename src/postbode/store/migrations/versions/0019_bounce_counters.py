@@ -34,6 +34,7 @@ _BACKFILL = {
         "COALESCE(json_extract(e.data, '$.hard'), 0) != 0",
     ),
 }
+WATERMARKS = "stats.bounces_compacted_until.%"  # stats/rollup.py
 
 
 def upgrade() -> None:
@@ -76,8 +77,12 @@ def upgrade() -> None:
             ),
             {"app": app_id},
         )
+    # The rows are minutes: stats.rollup compacts them from the oldest on (a watermark left by
+    # an earlier upgrade and downgrade would leave them as they are).
+    bind.execute(sa.text(f"DELETE FROM system_values WHERE name LIKE '{WATERMARKS}'"))
 
 
 def downgrade() -> None:
+    op.get_bind().execute(sa.text(f"DELETE FROM system_values WHERE name LIKE '{WATERMARKS}'"))
     op.drop_index(op.f("ix_bounce_counters_app_id_bucket"), table_name="bounce_counters")
     op.drop_table("bounce_counters")
