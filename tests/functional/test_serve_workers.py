@@ -42,7 +42,7 @@ def _wait(condition: Callable[[], bool], timeout: float = 60.0) -> None:
 def _gone(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
-    except FileNotFoundError:
+    except OSError:  # gone (ENOENT), or going while read (ESRCH)
         return True
 
 
