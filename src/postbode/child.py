@@ -4,10 +4,11 @@ libraries (typer, rich): each child loads only what its roles use."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 from postbode.config import get_settings
-from postbode.metrics_dir import use_node_directory
+from postbode.metrics_dir import METRICS_ID_ENV, use_node_directory
 from postbode.preflight import BadSetting, check, read
 
 
@@ -17,7 +18,13 @@ def main(argv: list[str]) -> int:
     except BadSetting as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
-    use_node_directory(settings.data_dir, fresh=False)  # the directory `serve` emptied
+    directory = use_node_directory(settings.data_dir, fresh=False)  # the one `serve` emptied
+    name = os.environ.get(METRICS_ID_ENV)
+    if directory is not None and name:
+        from prometheus_client import values
+
+        # Before any metric exists: this process counts under its slot's name (roles.py).
+        values.ValueClass = values.MultiProcessValue(lambda: name)  # type: ignore[no-untyped-call]
 
     from postbode.roles import available_roles, configure_logging, start
     from postbode.store.engine import create_store

@@ -11,6 +11,10 @@ import sys
 from pathlib import Path
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
+# A worker process of `postbode serve` is named in the directory by its slot (`worker0` …), not
+# its pid: worker processes that come and go reuse their slot's files instead of adding files
+# for good (the counters of ended processes must keep counting) until serve restarts.
+METRICS_ID_ENV = "POSTBODE_METRICS_ID"
 
 
 def use_node_directory(data_dir: Path, *, fresh: bool) -> Path | None:

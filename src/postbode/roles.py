@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from postbode.config import Settings
+from postbode.metrics_dir import METRICS_ID_ENV
 from postbode.store.engine import Store
 
 if TYPE_CHECKING:
@@ -383,6 +384,7 @@ class _Child:
     kind: str  # "worker" or "listen"
     proc: asyncio.subprocess.Process
     up: int  # our end of its pipe to us
+    slot: int | None = None  # a worker process's slot (its name in the metrics directory)
     ready: bool = False  # a worker process whose runners run
 
     @property
@@ -413,6 +415,7 @@ class Processes:
         self._turn = 0
         self._tasks: set[asyncio.Task[None]] = set()  # watching the children
         self._spawning: set[asyncio.Task[None]] = set()
+        self._slots: set[int] = set()  # of worker processes alive or being spawned
 
     def workers(self, *, ready: bool = False) -> list[_Child]:
         return [
@@ -485,6 +488,11 @@ class Processes:
         finally:
             self.starting -= 1
 
+    def _take_slot(self) -> int:
+        slot = next(i for i in range(self.settings.workers + 1) if i not in self._slots)
+        self._slots.add(slot)
+        return slot
+
     def _keep(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
@@ -493,6 +501,11 @@ class Processes:
     async def spawn(self, kind: str) -> None:
         if self.stop.is_set():
             return
+        slot = self._take_slot() if kind == "worker" else None
+        env = {**os.environ, CHILD_ENV: "1"}
+        if slot is not None:
+            # its name in the metrics directory (see metrics_dir.METRICS_ID_ENV)
+            env[METRICS_ID_ENV] = f"worker{slot}"
         up_read, up_write = os.pipe()  # the child -> here
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -501,15 +514,17 @@ class Processes:
                 "postbode.child",
                 kind,
                 stdin=asyncio.subprocess.PIPE,
-                env={**os.environ, CHILD_ENV: "1", NOTIFY_FD_ENV: str(up_write)},
+                env={**env, NOTIFY_FD_ENV: str(up_write)},
                 pass_fds=(up_write,),
             )
         except BaseException:
             os.close(up_read)
+            if slot is not None:
+                self._slots.discard(slot)
             raise
         finally:
             os.close(up_write)
-        child = _Child(kind, proc, up_read)
+        child = _Child(kind, proc, up_read, slot)
         self.children.append(child)
         _on_readable(up_read, lambda data: self._heard(child, data), lambda: None)
         self._keep(self._watch(child))
@@ -520,7 +535,9 @@ class Processes:
         asyncio.get_running_loop().remove_reader(child.up)
         os.close(child.up)
         self.children.remove(child)
-        _forget_live_metrics(child.proc.pid)
+        _forget_live_metrics(child.proc.pid if child.slot is None else f"worker{child.slot}")
+        if child.slot is not None:
+            self._slots.discard(child.slot)  # after its live gauges are gone
         if self.stop.is_set():
             return
         if child.kind == "worker" and self.on_demand:
@@ -574,7 +591,7 @@ async def processes_role(rt: Runtime, stop: asyncio.Event) -> None:
     await processes.run()
 
 
-def _forget_live_metrics(pid: int) -> None:
+def _forget_live_metrics(pid: int | str) -> None:
     """A child is gone: its live gauges (deliveries in flight) no longer count for the node."""
     from postbode.metrics import MULTIPROCESS_DIR
 
