@@ -129,7 +129,11 @@ class QueueRunner(Generic[U]):
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and handle until `stop` is set; then let the work in hand finish for a while
         and hand back what did not."""
-        renewing = asyncio.create_task(self._renew_forever(stop), name=f"{self.name}-renew")
+        # Leases are renewed until the work in hand has finished or been handed back, not
+        # only until `stop`: the grace after a stop (or a pause) may outlast a short lease,
+        # and a lapsed lease lets the sweep hand a row that is still being sent to another.
+        finished = asyncio.Event()
+        renewing = asyncio.create_task(self._renew_forever(finished), name=f"{self.name}-renew")
         # Whether work is likely due: after a full claim, or a wake-up where they mean work.
         # Then the claim goes ahead without the look that spares idle polls the write lock.
         likely = False
@@ -158,6 +162,7 @@ class QueueRunner(Generic[U]):
                         await self._wait(stop, timeout=self.options.gather_seconds, wakeup=False)
         finally:
             await self._finish()
+            finished.set()
             renewing.cancel()
             await asyncio.gather(renewing, return_exceptions=True)
 
@@ -263,11 +268,12 @@ class QueueRunner(Generic[U]):
 
     # -- leases --------------------------------------------------------------------------------
 
-    async def _renew_forever(self, stop: asyncio.Event) -> None:
-        """Renew the leases in hand every third of the lease, whatever the store does."""
+    async def _renew_forever(self, finished: asyncio.Event) -> None:
+        """Renew the leases in hand every third of the lease, whatever the store does, until
+        `finished`."""
         every = self.options.lease.total_seconds() / 3
-        while not stop.is_set():
-            await self._wait(stop, timeout=every, wakeup=False)
+        while not finished.is_set():
+            await self._wait(finished, timeout=every, wakeup=False)
             held = list(self._held)
             if held:
 

@@ -219,6 +219,35 @@ def test_leases_in_hand_are_renewed_and_renewal_survives_store_errors(store: Sto
     assert flaky.failed == 1
 
 
+def test_leases_stay_renewed_while_work_in_hand_finishes_after_a_stop(store: Store) -> None:
+    """The grace after a stop may outlast a short lease: a row still being sent must not
+    lapse, or the sweep would hand it to another worker and it would go out twice."""
+    fill(store, ["slow@dest.test"])
+    handler = Recording(store, hang={"slow@dest.test"})
+    runner = runner_for(store, handler, lease=timedelta(seconds=0.6), stop_grace_seconds=30)
+
+    def lease_until() -> Any:
+        with store.read() as conn:
+            return conn.execute(select(deliveries.c.lease_until)).scalar_one()
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(runner.run(stop))
+        await asyncio.wait_for(handler.hanging.wait(), 10)
+        stop.set()  # the unit hangs on: the runner is in its grace
+        renewed = lease_until()
+        async with asyncio.timeout(10):
+            for _ in range(3):  # three renewals after the stop, each past the one before
+                while lease_until() <= renewed:
+                    await asyncio.sleep(0.05)
+                renewed = lease_until()
+        assert not task.done()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(scenario())
+
+
 def test_stopping_hands_back_what_is_in_hand(store: Store) -> None:
     fill(store, ["slow@dest.test", "fast@dest.test"])
     handler = Recording(store, hang={"slow@dest.test"})
