@@ -14,22 +14,21 @@ import argparse
 import asyncio
 import multiprocessing as mp
 import os
-import secrets
 import statistics
 import sys
 import tempfile
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, select
 
 from postbode import tenancy
 from postbode.config import Settings
 from postbode.delivery.worker import DeliveryWorker
 from postbode.store.engine import Store, create_store
-from postbode.store.schema import apps, deliveries, messages, new_id, raw_messages, utcnow
+from postbode.store.schema import apps, deliveries
+from postbode.testing.factories import queue_mail
 
 # relay.py's messages and sink; imported after Postbode, which comes from the environment (a
 # PYTHONPATH may name another tree to compare), while relay.py puts this tree's src first.
@@ -38,41 +37,7 @@ from relay import make_messages, run, run_sink
 
 
 def seed(store: Store, app_id: int, n: int, size: int) -> None:
-    now = utcnow()
-    msgs, raws, dels = [], [], []
-    for mid, rcpt, raw in make_messages(n, size):
-        message_id = new_id()
-        msgs.append(
-            {
-                "id": message_id,
-                "app_id": app_id,
-                "source": "smtp",
-                "message_id_header": mid,
-                "mail_from": "orders@shop.test",
-                "from_header": "Shop <orders@shop.test>",
-                "size": len(raw),
-                "received_at": now,
-            }
-        )
-        raws.append({"message_id": message_id, "data": zlib.compress(raw)})
-        dels.append(
-            {
-                "id": new_id(),
-                "message_id": message_id,
-                "app_id": app_id,
-                "recipient": rcpt,
-                "recipient_domain": "dest.test",
-                "status": "queued",
-                "attempts": 0,
-                "next_attempt_at": now,
-                "first_queued_at": now,
-                "verp_token": secrets.token_hex(12),
-            }
-        )
-    with store.write() as conn:
-        conn.execute(insert(messages), msgs)
-        conn.execute(insert(raw_messages), raws)
-        conn.execute(insert(deliveries), dels)
+    queue_mail(store, app_id, make_messages(n, size), source="smtp")
 
 
 async def drain(settings: Settings, store: Store, n: int) -> tuple[float, float, float]:

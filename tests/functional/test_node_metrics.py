@@ -5,19 +5,17 @@ destination."""
 from __future__ import annotations
 
 import re
-import secrets
 import time
-import zlib
 from pathlib import Path
-from typing import Any
 
 import httpx
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, select
 
 from postbode import tenancy
 from postbode.config import Settings
 from postbode.store.engine import Store, create_store
-from postbode.store.schema import deliveries, messages, new_id, raw_messages, utcnow
+from postbode.store.schema import deliveries
+from postbode.testing.factories import queue_mail
 from postbode.testing.process import PostbodeProcess
 from postbode.testing.sink import Rule, SmtpSink
 
@@ -28,46 +26,14 @@ TIMEOUT = 240.0  # an upper bound on a loaded 2-core machine
 
 
 def queue(store: Store, app_id: int, count: int) -> None:
-    now = utcnow()
-    rows: dict[str, list[dict[str, Any]]] = {"m": [], "r": [], "d": []}
+    mails = []
     for i in range(count):
-        message_id = new_id()
         raw = (
             f"From: orders@shop.test\r\nTo: user{i}@dest.test\r\nSubject: {i}\r\n"
             f"Message-ID: <{i}@shop.test>\r\n\r\nShipped.\r\n"
         ).encode()
-        rows["m"].append(
-            {
-                "id": message_id,
-                "app_id": app_id,
-                "source": "api",
-                "message_id_header": f"<{i}@shop.test>",
-                "mail_from": "orders@shop.test",
-                "from_header": "orders@shop.test",
-                "subject": str(i),
-                "size": len(raw),
-                "received_at": now,
-            }
-        )
-        rows["r"].append({"message_id": message_id, "data": zlib.compress(raw)})
-        rows["d"].append(
-            {
-                "id": new_id(),
-                "message_id": message_id,
-                "app_id": app_id,
-                "recipient": f"user{i}@dest.test",
-                "recipient_domain": "dest.test",
-                "status": "queued",
-                "attempts": 0,
-                "next_attempt_at": now,
-                "first_queued_at": now,
-                "verp_token": secrets.token_hex(12),
-            }
-        )
-    with store.write() as conn:
-        conn.execute(insert(messages), rows["m"])
-        conn.execute(insert(raw_messages), rows["r"])
-        conn.execute(insert(deliveries), rows["d"])
+        mails.append((f"<{i}@shop.test>", f"user{i}@dest.test", raw))
+    queue_mail(store, app_id, mails)
 
 
 def sample(page: str, name: str, **labels: str) -> float:

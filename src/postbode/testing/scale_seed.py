@@ -598,27 +598,25 @@ class Writer:
             "VALUES ({m}) ON CONFLICT (app_id, stream, tag, template, bucket, event_type) "
             "DO UPDATE SET count = stat_counters.count + excluded.count"
         )
-        if self.pg:
-            with self.conn.cursor() as cur:
-                cur.executemany(sql.format(m=", ".join(["%s"] * 7)), rows)
-            self.conn.commit()
-        else:
-            self.conn.execute("BEGIN")
-            self.conn.executemany(sql.format(m=", ".join("?" * 7)), rows)
-            self.conn.execute("COMMIT")
+        self._executemany(sql, rows)
 
     def bounce_counters(self, rows: list[tuple[Any, ...]]) -> None:
         sql = (
             "INSERT INTO bounce_counters (app_id, stream, tag, bucket, category, hard, count) "
             "VALUES ({m})"
         )
+        self._executemany(sql, rows)
+
+    def _executemany(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        """`sql` (its values as `{m}`) for every row, in one transaction."""
+        marks = ", ".join(["%s" if self.pg else "?"] * len(rows[0])) if rows else ""
         if self.pg:
             with self.conn.cursor() as cur:
-                cur.executemany(sql.format(m=", ".join(["%s"] * 7)), rows)
+                cur.executemany(sql.format(m=marks), rows)
             self.conn.commit()
         else:
             self.conn.execute("BEGIN")
-            self.conn.executemany(sql.format(m=", ".join("?" * 7)), rows)
+            self.conn.executemany(sql.format(m=marks), rows)
             self.conn.execute("COMMIT")
 
     def analyze(self) -> None:

@@ -8,7 +8,6 @@ import secrets
 import signal
 import threading
 import time
-import zlib
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -17,14 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, insert, select, text
+from sqlalchemy import func, select, text
 
 from postbode import tenancy
 from postbode.store import claim
 from postbode.store.claim import DELIVERIES
 from postbode.store.engine import Store
-from postbode.store.schema import deliveries, messages, new_id, raw_messages, utcnow
+from postbode.store.schema import deliveries, messages
 from postbode.testing.dns import LoopbackDNS
+from postbode.testing.factories import queue_mail
 from postbode.testing.process import PostbodeProcess
 from postbode.testing.sink import Received, SmtpSink
 
@@ -44,51 +44,16 @@ _MESSAGE_ID = re.compile(rb"^Message-ID:\s*(<[^>\r\n]+>)", re.IGNORECASE | re.MU
 def queue_messages(store: Store, app_id: int, count: int) -> set[str]:
     """`count` single-recipient messages, queued in one transaction (bulk inserts, no Acceptor
     round trips); returns their Message-IDs."""
-    now = utcnow()
     run = secrets.token_hex(4)
-    message_rows: list[dict[str, Any]] = []
-    raw_rows: list[dict[str, Any]] = []
-    delivery_rows: list[dict[str, Any]] = []
+    mails = []
     for i in range(count):
-        message_id = new_id()
         header = f"<{i}.{run}@shop.test>"
         raw = (
             f"From: Shop <orders@shop.test>\r\nTo: user{i}@dest.test\r\n"
             f"Subject: Order {i}\r\nMessage-ID: {header}\r\n\r\nYour order {i} has shipped.\r\n"
         ).encode()
-        message_rows.append(
-            {
-                "id": message_id,
-                "app_id": app_id,
-                "source": "api",
-                "message_id_header": header,
-                "mail_from": "orders@shop.test",
-                "from_header": "Shop <orders@shop.test>",
-                "subject": f"Order {i}",
-                "size": len(raw),
-                "received_at": now,
-            }
-        )
-        raw_rows.append({"message_id": message_id, "data": zlib.compress(raw)})
-        delivery_rows.append(
-            {
-                "id": new_id(),
-                "message_id": message_id,
-                "app_id": app_id,
-                "recipient": f"user{i}@dest.test",
-                "recipient_domain": "dest.test",
-                "status": "queued",
-                "attempts": 0,
-                "next_attempt_at": now,
-                "first_queued_at": now,
-                "verp_token": secrets.token_hex(12),
-            }
-        )
-    with store.write() as conn:
-        conn.execute(insert(messages), message_rows)
-        conn.execute(insert(raw_messages), raw_rows)
-        conn.execute(insert(deliveries), delivery_rows)
-    return {row["message_id_header"] for row in message_rows}
+        mails.append((header, f"user{i}@dest.test", raw))
+    return set(queue_mail(store, app_id, mails))
 
 
 def message_ids(received: list[Received]) -> Counter[str]:

@@ -4,16 +4,13 @@ connections to an MX host, and a 421 one worker meets slows every worker down.""
 
 from __future__ import annotations
 
-import secrets
 import time
-import zlib
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
 
 import pytest
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, select
 
 from postbode import tenancy
 from postbode.delivery.shaping import STATE_STALENESS_SECONDS
@@ -21,11 +18,8 @@ from postbode.store.engine import Store
 from postbode.store.schema import (
     deliveries,
     destination_state,
-    messages,
-    new_id,
-    raw_messages,
-    utcnow,
 )
+from postbode.testing.factories import queue_mail
 from postbode.testing.process import PostbodeProcess
 from postbode.testing.sink import Rule, SmtpSink, Stage
 
@@ -42,46 +36,14 @@ pytestmark = [
 
 def queue(store: Store, app_id: int, count: int, tag: str) -> None:
     """`count` single-recipient messages to dest.test, queued in one transaction."""
-    now = utcnow()
-    rows: dict[str, list[dict[str, Any]]] = {"m": [], "r": [], "d": []}
+    mails = []
     for i in range(count):
-        message_id = new_id()
         raw = (
             f"From: Shop <orders@shop.test>\r\nTo: {tag}{i}@dest.test\r\n"
             f"Subject: Order {i}\r\nMessage-ID: <{tag}{i}@shop.test>\r\n\r\nShipped.\r\n"
         ).encode()
-        rows["m"].append(
-            {
-                "id": message_id,
-                "app_id": app_id,
-                "source": "api",
-                "message_id_header": f"<{tag}{i}@shop.test>",
-                "mail_from": "orders@shop.test",
-                "from_header": "Shop <orders@shop.test>",
-                "subject": f"Order {i}",
-                "size": len(raw),
-                "received_at": now,
-            }
-        )
-        rows["r"].append({"message_id": message_id, "data": zlib.compress(raw)})
-        rows["d"].append(
-            {
-                "id": new_id(),
-                "message_id": message_id,
-                "app_id": app_id,
-                "recipient": f"{tag}{i}@dest.test",
-                "recipient_domain": "dest.test",
-                "status": "queued",
-                "attempts": 0,
-                "next_attempt_at": now,
-                "first_queued_at": now,
-                "verp_token": secrets.token_hex(12),
-            }
-        )
-    with store.write() as conn:
-        conn.execute(insert(messages), rows["m"])
-        conn.execute(insert(raw_messages), rows["r"])
-        conn.execute(insert(deliveries), rows["d"])
+        mails.append((f"<{tag}{i}@shop.test>", f"{tag}{i}@dest.test", raw))
+    queue_mail(store, app_id, mails)
 
 
 def delivered(store: Store) -> int:
