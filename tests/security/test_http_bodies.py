@@ -73,7 +73,9 @@ def server(tmp_path: Path) -> Iterator[tuple[PostbodeProcess, str]]:
     key = tenancy.create_app(store, "shop").api_key
     store.dispose()
     # A generous wait for start-up: a loaded machine takes long to start three processes.
-    running = PostbodeProcess(tmp_path, {"POSTBODE_WORKERS": "1"}).start(timeout=180)
+    running = PostbodeProcess(
+        tmp_path, {"POSTBODE_WORKERS": "1", "POSTBODE_WORKER_IDLE_SECONDS": "0"}
+    ).start(timeout=180)
     try:
         yield running, key
     finally:

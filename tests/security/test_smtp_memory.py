@@ -109,8 +109,10 @@ def push(port: int, job: Push, give_up: threading.Event) -> None:
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[PostbodeProcess]:
-    """`postbode serve` on free ports with one worker process."""
-    running = PostbodeProcess(tmp_path, {"POSTBODE_WORKERS": "1"}).start(timeout=180)
+    """`postbode serve` on free ports with one worker process, from start to stop."""
+    running = PostbodeProcess(
+        tmp_path, {"POSTBODE_WORKERS": "1", "POSTBODE_WORKER_IDLE_SECONDS": "0"}
+    ).start(timeout=180)
     try:
         yield running
     finally:
