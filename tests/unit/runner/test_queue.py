@@ -47,6 +47,12 @@ def statuses(store: Store) -> dict[str, tuple[str, str | None, str | None]]:
         }
 
 
+def lease_until(store: Store) -> Any:
+    """The lease of the one delivery in the store."""
+    with store.read() as conn:
+        return conn.execute(select(deliveries.c.lease_until)).scalar_one()
+
+
 class Recording:
     """A handler that marks each row delivered, except recipients it is told to fail on
     (raises) or to hang on (waits until cancelled)."""
@@ -194,23 +200,19 @@ def test_leases_in_hand_are_renewed_and_renewal_survives_store_errors(store: Sto
     handler = Recording(flaky, hang={"slow@dest.test"})
     runner = runner_for(flaky, handler, lease=timedelta(seconds=0.6))
 
-    def lease_until() -> Any:
-        with store.read() as conn:
-            return conn.execute(select(deliveries.c.lease_until)).scalar_one()
-
     async def scenario() -> None:
         stop = asyncio.Event()
         task = asyncio.create_task(runner.run(stop))
         await asyncio.wait_for(handler.hanging.wait(), 10)
-        first = lease_until()
+        first = lease_until(store)
         flaky.failures = 1  # the next renewal fails; the one after must still happen
         async with asyncio.timeout(10):
-            while lease_until() <= first or flaky.failures:
+            while lease_until(store) <= first or flaky.failures:
                 await asyncio.sleep(0.05)
-        later = lease_until()
+        later = lease_until(store)
         assert later > first
         async with asyncio.timeout(10):
-            while lease_until() <= later:
+            while lease_until(store) <= later:
                 await asyncio.sleep(0.05)
         stop.set()
         await task
@@ -226,21 +228,17 @@ def test_leases_stay_renewed_while_work_in_hand_finishes_after_a_stop(store: Sto
     handler = Recording(store, hang={"slow@dest.test"})
     runner = runner_for(store, handler, lease=timedelta(seconds=0.6), stop_grace_seconds=30)
 
-    def lease_until() -> Any:
-        with store.read() as conn:
-            return conn.execute(select(deliveries.c.lease_until)).scalar_one()
-
     async def scenario() -> None:
         stop = asyncio.Event()
         task = asyncio.create_task(runner.run(stop))
         await asyncio.wait_for(handler.hanging.wait(), 10)
         stop.set()  # the unit hangs on: the runner is in its grace
-        renewed = lease_until()
+        renewed = lease_until(store)
         async with asyncio.timeout(10):
             for _ in range(3):  # three renewals after the stop, each past the one before
-                while lease_until() <= renewed:
+                while lease_until(store) <= renewed:
                     await asyncio.sleep(0.05)
-                renewed = lease_until()
+                renewed = lease_until(store)
         assert not task.done()
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
