@@ -598,7 +598,8 @@ def route_add(
 ) -> None:
     """Add a route; prints it with its signing secret (shown once)."""
     from postbode.inbound import routes
-    from postbode.webhooks.destinations import DestinationPolicy
+
+    from .webhooks.destinations import DestinationPolicy
 
     store = _store()
     policy = DestinationPolicy.from_settings(get_settings())

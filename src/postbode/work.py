@@ -30,7 +30,7 @@ def registry(settings: Settings) -> Registry:
         return DeliveryWorker(settings, store)
 
     def webhook_requests(store: Store) -> Runnable:
-        from postbode.webhooks.deliver import WebhookWorker
+        from .webhooks.deliver import WebhookWorker
 
         return WebhookWorker(settings, store)
 

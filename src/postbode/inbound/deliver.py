@@ -36,9 +36,10 @@ from postbode.store.engine import Store
 from postbode.store.retry import retrying
 from postbode.store.schema import inbound_attempts, inbound_messages, routes, utcnow
 from postbode.store.sealing import unseal
-from postbode.webhooks.deliver import describe_error, open_session
-from postbode.webhooks.destinations import EXCERPT_CHARS, DestinationPolicy, excerpt
-from postbode.webhooks.signing import signed_headers
+
+from ..webhooks.deliver import describe_error, open_session
+from ..webhooks.destinations import EXCERPT_CHARS, DestinationPolicy, excerpt
+from ..webhooks.signing import signed_headers
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,10 @@ from postbode import tenancy
 from postbode.store.engine import Store
 from postbode.store.schema import ROUTE_ACTIONS, ROUTE_FORMATS, domains, routes, utcnow
 from postbode.store.sealing import seal
-from postbode.webhooks.destinations import DestinationPolicy
-from postbode.webhooks.manage import STRICT, WebhookError, check_url
-from postbode.webhooks.signing import generate_secret
+
+from ..webhooks.destinations import DestinationPolicy
+from ..webhooks.manage import STRICT, WebhookError, check_url
+from ..webhooks.signing import generate_secret
 
 CATCH_ALL = "*"
 MAX_LOCAL_PART = 64  # RFC 5321 §4.5.3.1.1
