@@ -113,10 +113,6 @@ class LocalRunners:
         self._wanted.set()
         self._halt: asyncio.Event | None = None
 
-    @property
-    def running(self) -> bool:
-        return self._halt is not None
-
     def wake(self, table: str) -> None:
         """Rows were queued in `table`: its runner looks now instead of at the next poll."""
         self.woken_at = time.monotonic()
