@@ -183,11 +183,15 @@ class Node:
                         found.add(int(entry.name))
         return found
 
+    def signal_group(self, signum: int) -> None:
+        assert self.process.proc is not None
+        os.killpg(os.getpgid(self.process.proc.pid), signum)
+
     def kill_group(self) -> set[int]:
         """SIGKILL to every process of the node; returns their pids."""
         pids = self.pids()
+        self.signal_group(signal.SIGKILL)
         assert self.process.proc is not None
-        os.killpg(os.getpgid(self.process.proc.pid), signal.SIGKILL)
         self.process.proc.wait()
         return pids
 
@@ -371,12 +375,17 @@ def run(
             loading = asyncio.create_task(load.run())
             await _until(lambda: len(load.acks) >= messages * 0.3 or loading.done())
             victim = nodes[0]
-            # Killed with deliveries in its hands, which is what the drill is about (its worker
-            # may be between claims at any one moment).
-            while not loading.done() and not await asyncio.to_thread(  # noqa: ASYNC110 - polls the store
-                _leased_to, store, victim.pids()
-            ):
-                await asyncio.sleep(0.01)
+            # Killed with deliveries in its hands, which is what the drill is about. Its
+            # processes may be between claims at any one moment, and a claim can finish between
+            # a look at the store and the kill: so the node is frozen (SIGSTOP) before the look,
+            # killed if the look finds leases, let go again if not.
+            while not loading.done():
+                victim.signal_group(signal.SIGSTOP)
+                await asyncio.sleep(0.05)  # a commit sent just before the stop lands meanwhile
+                if await asyncio.to_thread(_leased_to, store, victim.pids()):
+                    break
+                victim.signal_group(signal.SIGCONT)
+                await asyncio.sleep(0.02)
             pids = victim.kill_group()
             report.killed_in_flight = await asyncio.to_thread(_leased_to, store, pids)
             phase(
