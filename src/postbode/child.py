@@ -41,7 +41,8 @@ def main(argv: list[str]) -> int:
     assert set(roles) <= set(available_roles())
     configure_logging(settings)
     try:
-        store = create_store(get_settings())
+        # `serve` has migrated and analysed the store (on SQLite) before starting this process.
+        store = create_store(get_settings(), migrate=False, analyze=False)
     except Exception as exc:  # database down, schema mismatch: one clear line
         sys.stderr.write(f"error: cannot open the store: {exc}\n")
         return 2

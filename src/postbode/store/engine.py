@@ -312,7 +312,12 @@ class SchemaMismatch(Exception):
 
 
 def create_store(
-    settings: StoreSettings, *, pool: bool = True, init: bool = False, migrate: bool | None = None
+    settings: StoreSettings,
+    *,
+    pool: bool = True,
+    init: bool = False,
+    migrate: bool | None = None,
+    analyze: bool = True,
 ) -> Store:
     """The store the settings name, at the schema revision this code expects.
 
@@ -323,7 +328,11 @@ def create_store(
     that make a fresh database).
 
     A SQLite database that looks lost (`lost_store`) raises LostStore, unless `init`: then
-    it is started afresh, deliberately."""
+    it is started afresh, deliberately.
+
+    `analyze` False skips refreshing SQLite's planner statistics: for the processes `serve`
+    starts, which open the store `serve` has just opened, migrated and analysed (ANALYZE holds
+    the write lock, ~0.1 s at a million messages, while mail is coming in)."""
     url = settings.sqlalchemy_url
     writer_lock = None
     database = make_url(url).database if url.startswith("sqlite") else None
@@ -364,14 +373,14 @@ def create_store(
         if problem is not None:
             store.dispose()
             raise SchemaMismatch(problem)
-    if store.is_sqlite:
+    if store.is_sqlite and analyze:
         # Fresh planner statistics, sampled (about 0.1 s at a million messages): without them
         # SQLite may pick a full index scan for the message log's searches.
         with store.write() as conn:
             conn.exec_driver_sql("PRAGMA analysis_limit=400")
             conn.exec_driver_sql("ANALYZE")
-        if writer_lock is not None:  # a database file (not :memory:), there by now
-            store.checkpointer = WalCheckpointer(str(store.engine.url.database))
+    if store.is_sqlite and writer_lock is not None:  # a file (not :memory:), there by now
+        store.checkpointer = WalCheckpointer(str(store.engine.url.database))
     return store
 
 
