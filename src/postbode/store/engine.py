@@ -35,6 +35,16 @@ WAL_RESTART_WAIT_MS = 200
 _SQLITE_COMPANIONS = ("-wal", "-shm", "-writer.lock", ".migrate.lock")
 
 
+# Every PostgreSQL session's settings. No JIT compilation and no parallel workers: the log's
+# and the dashboard's queries are short; at 10 million deliveries a plan estimated costly enough
+# for JIT spent ~30 ms compiling to save nothing, and starting workers for a 50-row page cost
+# more than the page. Custom plans only: psycopg prepares a statement run five times, and after
+# five more PostgreSQL may settle on a generic plan, made without the values; for the log's
+# filters (an app, an address, a time bound) that plan read the wrong index: the API's reply
+# filter went from 13 ms to 5 s at its eleventh run (docs/performance.md).
+_PG_OPTIONS = ("jit=off", "max_parallel_workers_per_gather=0", "plan_cache_mode=force_custom_plan")
+
+
 class StoreNotWritable(Exception):
     """The store does not take writes now (disk full, database locked, read-only)."""
 
@@ -350,13 +360,9 @@ def create_store(
         if path and path != ":memory:":
             writer_lock = WriterLock(Path(f"{path}-writer.lock"))
     else:
-        # No JIT compilation and no parallel workers: the log's and the dashboard's queries
-        # are short; at 10 million deliveries a plan estimated costly enough for JIT spent
-        # ~30 ms compiling to save nothing, and starting workers for a 50-row page cost more
-        # than the page (docs/performance.md).
         kwargs: dict[str, Any] = {
             "pool_pre_ping": True,
-            "connect_args": {"options": "-c jit=off -c max_parallel_workers_per_gather=0"},
+            "connect_args": {"options": " ".join(f"-c {o}" for o in _PG_OPTIONS)},
         }
         if pool:
             kwargs.update(pool_size=10, max_overflow=20)

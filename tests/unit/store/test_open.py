@@ -35,3 +35,26 @@ def test_a_child_of_serve_opens_the_store_without_analysing_it(tmp_path: Path) -
         assert _statistics(again) > 0
     finally:
         again.dispose()
+
+
+def test_postgresql_sessions_plan_every_statement_with_its_values(
+    _postgresql_session_store: Store,
+) -> None:
+    """psycopg prepares a statement after five runs, and PostgreSQL may then plan it once for
+    all values (a generic plan): the API's reply filter took 5 s instead of 13 ms at 10 M."""
+    store = _postgresql_session_store
+    connections = [store.engine.connect() for _ in range(3)]  # settings hold on each
+    try:
+        for conn in connections:
+            shown = {
+                name: conn.exec_driver_sql(f"SHOW {name}").scalar_one()
+                for name in ("plan_cache_mode", "jit", "max_parallel_workers_per_gather")
+            }
+            assert shown == {
+                "plan_cache_mode": "force_custom_plan",
+                "jit": "off",
+                "max_parallel_workers_per_gather": "0",
+            }
+    finally:
+        for conn in connections:
+            conn.close()
