@@ -38,10 +38,14 @@ _SQLITE_COMPANIONS = ("-wal", "-shm", "-writer.lock", ".migrate.lock")
 # Every PostgreSQL session's settings. No JIT compilation and no parallel workers: the log's
 # and the dashboard's queries are short; at 10 million deliveries a plan estimated costly enough
 # for JIT spent ~30 ms compiling to save nothing, and starting workers for a 50-row page cost
-# more than the page. Custom plans only: psycopg prepares a statement run five times, and after
-# five more PostgreSQL may settle on a generic plan, made without the values; for the log's
-# filters (an app, an address, a time bound) that plan read the wrong index: the API's reply
-# filter went from 13 ms to 5 s at its eleventh run (docs/performance.md).
+# more than the page. Custom plans: psycopg prepares a statement run five times, and after five
+# more PostgreSQL may settle on a generic plan, made without the values; for the log's filters
+# (an app, an address, a time bound) that plan read the wrong index: the API's reply filter went
+# from 13 ms to 5 s at its eleventh run (docs/performance.md). Write transactions go back to
+# PostgreSQL's default (`_PG_WRITE_PLANS`): their statements, by key and run thousands of times
+# a minute, keep their cached plans (planned anew each time, PostgreSQL spent 45 % more CPU per
+# relayed message).
+_PG_WRITE_PLANS = "SET LOCAL plan_cache_mode = auto"
 _PG_OPTIONS = ("jit=off", "max_parallel_workers_per_gather=0", "plan_cache_mode=force_custom_plan")
 
 
@@ -196,6 +200,8 @@ class Store:
         with self._writer_lock.held() if self._writer_lock else nullcontext():
             connection = self.engine.connect().execution_options(postbode_immediate=True)
             with connection as conn, conn.begin():
+                if not self.is_sqlite:
+                    conn.exec_driver_sql(_PG_WRITE_PLANS)
                 yield conn
 
     @contextmanager

@@ -58,3 +58,8 @@ def test_postgresql_sessions_plan_every_statement_with_its_values(
     finally:
         for conn in connections:
             conn.close()
+    # Write transactions' statements go by key, thousands a minute: their plans stay cached.
+    with store.write() as conn:
+        assert conn.exec_driver_sql("SHOW plan_cache_mode").scalar_one() == "auto"
+    with store.read() as conn:
+        assert conn.exec_driver_sql("SHOW plan_cache_mode").scalar_one() == "force_custom_plan"
