@@ -30,11 +30,12 @@ from postbode.delivery.mx import DnsFailure, DnsHardFail, MxLookup, Target
 from postbode.delivery.outcomes import Delivered, HardFail, Held, Outcome, Reply, SoftFail
 from postbode.delivery.shaping import Shaper, Wait, is_throttling
 from postbode.delivery.smtp_sender import Attempt, SmtpSession, SmtpTimeouts, TlsPolicy
-from postbode.events.record import Event, Tally, record
+from postbode.events.record import Event, PreparedEvents, prepare_record, record
 from postbode.events.types import EventType
 from postbode.metrics import DELIVERIES, IN_FLIGHT, SHAPING_WAITS
 from postbode.privacy.hashing import address_key
 from postbode.runner.backoff import next_attempt_delay
+from postbode.store.bulk import BulkInsert, PreparedRows
 from postbode.store.claim import DELIVERIES as DELIVERY_QUEUE
 from postbode.store.claim import release_in, release_many
 from postbode.store.engine import Store
@@ -349,12 +350,13 @@ class Outgoing:
         not). Plans that fail one by one are parked with their traceback."""
         recorded: list[_Plan] = []
         parked = list(broken)
+        ready = (
+            self._prepare_batch(plans)
+            if len(plans) > 1 and not _counts_soft_bounces(plans)
+            else None
+        )
         with self.store.write() as conn:
-            if (
-                len(plans) > 1
-                and not _counts_soft_bounces(plans)
-                and self._write_batch(conn, plans)
-            ):
+            if ready is not None and self._write_batch(conn, plans, ready):
                 recorded = plans
             else:
                 for plan in plans:
@@ -371,9 +373,21 @@ class Outgoing:
                 release_in(conn, DELIVERY_QUEUE, self.owner, job.id, status="held", error=error)
         return recorded
 
-    def _write_batch(self, conn: Connection, plans: list[_Plan]) -> bool:
+    def _prepare_batch(self, plans: list[_Plan]) -> tuple[PreparedRows, PreparedEvents]:
+        """The batch's attempts and events converted for the driver, before the write
+        transaction (on SQLite its lock is then held for the statements alone)."""
+        dialect = self.store.engine.dialect
+        return (
+            _ATTEMPT_ROWS.prepare(dialect, [p.attempt for p in plans if p.attempt is not None]),
+            prepare_record(dialect, [p.event for p in plans if p.event is not None]),
+        )
+
+    def _write_batch(
+        self, conn: Connection, plans: list[_Plan], ready: tuple[PreparedRows, PreparedEvents]
+    ) -> bool:
         """All the plans with one statement per table, in a savepoint; False (and nothing
         written) when a lease was lost or a statement failed."""
+        attempt_rows, events = ready
         try:
             with conn.begin_nested():
                 released = release_many(
@@ -381,14 +395,11 @@ class Outgoing:
                 )
                 if released != len(plans):
                     raise _LeaseLost
-                attempt_rows = [p.attempt for p in plans if p.attempt is not None]
-                if attempt_rows:
-                    conn.execute(_INSERT_ATTEMPTS, attempt_rows)
-                tally = Tally()
-                record(conn, [p.event for p in plans if p.event is not None], counters=tally)
+                BulkInsert.execute(conn, attempt_rows)
+                events.write_events(conn)
                 for plan in plans:
                     self._after_bounce(conn, plan)
-                tally.bump(conn)  # last: the hot counter rows stay locked only until commit
+                events.write_counters(conn)  # last: the hot counter rows stay locked briefly
         except _LeaseLost:
             return False  # one by one, to tell which lease was lost
         except Exception as exc:
@@ -653,6 +664,7 @@ class _Plan:
 
 
 _INSERT_ATTEMPTS = insert(attempts)
+_ATTEMPT_ROWS = BulkInsert(attempts)
 
 # The load's statements, built once: building them (and their cache keys) for every
 # connection's worth of deliveries cost more than running them.

@@ -224,11 +224,19 @@ class PreparedEvents:
     def write(self, conn: Connection) -> None:
         """Write the events, queue their webhooks and bump their counters, in `conn`'s
         transaction."""
+        self.write_events(conn)
+        self.write_counters(conn)
+
+    def write_events(self, conn: Connection) -> None:
+        """The events and their webhook requests (`write_counters` to follow in the same
+        transaction: last, where other rows are written too, as the counter rows are hot)."""
         BulkInsert.execute(conn, self.rows)
         _queue_webhooks(conn, self.told)
+        _count(self.batch)
+
+    def write_counters(self, conn: Connection) -> None:
         BulkInsert.execute(conn, self.counters)
         BulkInsert.execute(conn, self.bounces)
-        _count(self.batch)
 
 
 def prepare_record(dialect: Dialect, items: Sequence[Event]) -> PreparedEvents:

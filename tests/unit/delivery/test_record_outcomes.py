@@ -168,7 +168,7 @@ def test_a_batch_records_every_outcome_as_one_by_one_would(
         for table in (webhook_requests, events, attempts, stat_counters, suppressions):
             conn.execute(table.delete())
         conn.execute(deliveries.delete().where(deliveries.c.lease_owner.is_(None)))
-    monkeypatch.setattr(Outgoing, "_write_batch", lambda self, conn, plans: False)
+    monkeypatch.setattr(Outgoing, "_write_batch", lambda self, conn, plans, ready: False)
     outgoing.record(jobs)
     assert _snapshot(store) == batched
 
