@@ -104,6 +104,25 @@ def pg_url() -> Iterator[str]:
         admin.dispose()
 
 
+@pytest.fixture
+def private_pg_store() -> Iterator[Store]:
+    """A migrated PostgreSQL store in a database of its own, for a test that changes what the
+    session's database holds for every test (its planner statistics, say)."""
+    name = f"postbode_test_{secrets.token_hex(5)}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = admin.url.set(database=name).render_as_string(hide_password=False)
+    store = create_store(Settings(database_url=url), migrate=True)
+    try:
+        yield store
+    finally:
+        store.dispose()
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
 @pytest.fixture(scope="session")
 def _sqlite_session_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
     store = create_store(Settings(data_dir=tmp_path_factory.mktemp("sqlite-store")))

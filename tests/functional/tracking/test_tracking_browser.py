@@ -42,7 +42,8 @@ SCANNER = "Mozilla/5.0 (compatible; Proofpoint URL Defense)"
 
 def tracked_events(store: Store, kind: str) -> list[Any]:
     with store.read() as conn:
-        return list(conn.execute(select(events).where(events.c.type == kind)).mappings())
+        query = select(events).where(events.c.type == kind).order_by(events.c.id)  # time order
+        return list(conn.execute(query).mappings())
 
 
 def test_chromium_opens_and_clicks(

@@ -25,9 +25,9 @@ NAME = "st_messages_app_id_tag"
 
 
 def upgrade() -> None:
-    if op.get_bind().dialect.name != "postgresql":
-        return
     bind = op.get_bind()
+    if bind.dialect.name != "postgresql":
+        return
     op.execute(f"CREATE STATISTICS {NAME} (mcv, ndistinct) ON app_id, tag FROM messages")
     # Filled now where messages were analysed before (sampled: about a second at 10 M), not in
     # a new database: analysed empty, the planner would take the table for empty while it
