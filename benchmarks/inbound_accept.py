@@ -23,12 +23,12 @@ from sqlalchemy import func, select  # noqa: E402
 
 from postbode import tenancy  # noqa: E402
 from postbode.config import Settings  # noqa: E402
+from postbode.endpoints.destinations import DestinationPolicy  # noqa: E402
 from postbode.inbound.routes import create_route  # noqa: E402
 from postbode.store.engine import create_store  # noqa: E402
 from postbode.store.schema import inbound_messages  # noqa: E402
 from postbode.testing.process import PostbodeProcess, free_port  # noqa: E402
 from postbode.testing.smtp_client import SmtpSession  # noqa: E402
-from postbode.webhooks.destinations import DestinationPolicy  # noqa: E402
 
 DOMAIN = "in.shop.test"
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from sqlalchemy import func, select, update
 
 from postbode.config import Settings
+from postbode.endpoints.destinations import DestinationPolicy
 from postbode.events.record import Event, record
 from postbode.events.types import EventType
 from postbode.store.engine import Store, create_store
@@ -33,7 +34,6 @@ from postbode.tracking.rewrite import tracking_key
 from postbode.tracking.tokens import Token
 from postbode.webhooks import manage
 from postbode.webhooks.deliver import WebhookWorker
-from postbode.webhooks.destinations import DestinationPolicy
 
 SECRET = "benchmark-secret-key"
 WRK_SCRIPT = """

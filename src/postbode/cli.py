@@ -597,9 +597,8 @@ def route_add(
     organization: AppOrgOption = None,
 ) -> None:
     """Add a route; prints it with its signing secret (shown once)."""
+    from postbode.endpoints.destinations import DestinationPolicy
     from postbode.inbound import routes
-
-    from .webhooks.destinations import DestinationPolicy
 
     store = _store()
     policy = DestinationPolicy.from_settings(get_settings())

@@ -67,8 +67,7 @@ def _problems(settings: Settings) -> Iterator[tuple[str, str]]:
     from postbode.delivery.mx import parse_nameservers, parse_transport_map
     from postbode.delivery.shaping import parse_rules
     from postbode.delivery.smtp_sender import TlsPolicy
-
-    from .webhooks.destinations import DestinationPolicy
+    from postbode.endpoints.destinations import DestinationPolicy
 
     parsers: list[tuple[str, Callable[[], Any]]] = [
         ("transport_map", lambda: parse_transport_map(settings.transport_map)),

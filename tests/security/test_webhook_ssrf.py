@@ -19,6 +19,13 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from sqlalchemy import insert, select
 
 from postbode.config import Settings
+from postbode.endpoints.destinations import (
+    BLOCKED_TEXT,
+    CONNECTION_TEXT,
+    DestinationPolicy,
+    open_session,
+)
+from postbode.endpoints.signing import generate_secret
 from postbode.events.record import Event, record
 from postbode.events.types import EventType
 from postbode.store.engine import Store
@@ -26,10 +33,8 @@ from postbode.store.schema import utcnow, webhook_attempts, webhooks
 from postbode.testing.dns import LoopbackDNS
 from postbode.testing.factories import make_app
 from postbode.web.app import create_app
-from postbode.webhooks.deliver import WebhookWorker, open_session
-from postbode.webhooks.destinations import BLOCKED_TEXT, CONNECTION_TEXT, DestinationPolicy
+from postbode.webhooks.deliver import WebhookWorker
 from postbode.webhooks.manage import check_url
-from postbode.webhooks.signing import generate_secret
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -218,7 +223,7 @@ def test_a_name_that_resolves_inward_is_refused_when_connecting(
                 url = check_url(f"http://hooks.rebind.test:{port}/in", policy)  # a name: fine
                 hook_at(store, url)
                 resolver = LoopbackResolver(dns_server.nameserver)
-                async with open_session(5.0, 4, policy, resolver) as session:
+                async with open_session(5.0, 4, policy, resolver, user_agent="test") as session:
                     attempt = await one_attempt(settings, store, session)
                 assert got == []
                 assert attempt.error == BLOCKED_TEXT
@@ -238,7 +243,7 @@ def test_a_name_the_operator_allows_reaches_its_internal_receiver(
                 hook_at(store, f"http://hooks.corp.test:{port}/in")
                 policy = DestinationPolicy.from_settings(allowing)
                 resolver = LoopbackResolver(dns_server.nameserver)
-                async with open_session(5.0, 4, policy, resolver) as session:
+                async with open_session(5.0, 4, policy, resolver, user_agent="test") as session:
                     attempt = await one_attempt(allowing, store, session)
                 assert len(got) == 1
                 assert attempt.status_code == 200

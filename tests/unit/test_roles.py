@@ -6,10 +6,10 @@ import asyncio
 
 from postbode import tenancy
 from postbode.config import Settings
+from postbode.endpoints.destinations import DestinationPolicy
 from postbode.ingest.accept import Submission
 from postbode.roles import Runtime, serve_roles
 from postbode.store.engine import Store
-from postbode.webhooks.destinations import DestinationPolicy
 from postbode.webhooks.manage import create_webhook
 
 RAW = b"From: Shop <orders@shop.test>\r\nTo: a@dest.test\r\nSubject: Your order\r\n\r\nThanks!\r\n"

@@ -22,6 +22,14 @@ from sqlalchemy import Row, insert, select, update
 
 from postbode import __version__
 from postbode.config import Settings
+from postbode.endpoints.destinations import (
+    EXCERPT_CHARS,
+    DestinationPolicy,
+    describe_failure,
+    excerpt,
+    open_session,
+)
+from postbode.endpoints.signing import signed_headers
 from postbode.events.record import Event, record
 from postbode.events.types import EventType
 from postbode.inbound.links import AttachmentLinks
@@ -36,10 +44,6 @@ from postbode.store.engine import Store
 from postbode.store.retry import retrying
 from postbode.store.schema import inbound_attempts, inbound_messages, routes, utcnow
 from postbode.store.sealing import unseal
-
-from ..webhooks.deliver import describe_error, open_session
-from ..webhooks.destinations import EXCERPT_CHARS, DestinationPolicy, excerpt
-from ..webhooks.signing import signed_headers
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +134,7 @@ class InboundWorker:
                 self.settings.inbound_timeout,
                 self.concurrency,
                 DestinationPolicy.from_settings(self.settings),
+                user_agent=USER_AGENT,
             )
         try:
             await self.runner.run(stop)
@@ -253,7 +258,7 @@ class InboundWorker:
         except TimeoutError:
             outcome.error = f"timed out after {timeout:g} s"
         except aiohttp.ClientError as exc:
-            outcome.error = describe_error(exc)
+            outcome.error = describe_failure(exc)
         except Exception as exc:  # an odd URL or a bug: this attempt's error, not a crash
             log.exception("inbound hand-off of %s failed", outcome.job.row.id)
             outcome.error = f"{type(exc).__name__}: {exc}"

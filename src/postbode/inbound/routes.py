@@ -21,13 +21,11 @@ from typing import Any
 from sqlalchemy import Connection, delete, insert, select, update
 
 from postbode import tenancy
+from postbode.endpoints.destinations import STRICT, DestinationPolicy, UrlRefused, check_url
+from postbode.endpoints.signing import generate_secret
 from postbode.store.engine import Store
 from postbode.store.schema import ROUTE_ACTIONS, ROUTE_FORMATS, domains, routes, utcnow
 from postbode.store.sealing import seal
-
-from ..webhooks.destinations import DestinationPolicy
-from ..webhooks.manage import STRICT, WebhookError, check_url
-from ..webhooks.signing import generate_secret
 
 CATCH_ALL = "*"
 MAX_LOCAL_PART = 64  # RFC 5321 §4.5.3.1.1
@@ -133,10 +131,9 @@ def check_route(
             raise RouteError("a post route needs a URL", field="url")
         return None
     try:
-        return check_url(url, policy)
-    except WebhookError as exc:
-        message = exc.message.replace("webhooks go to", "routes post to")
-        raise RouteError(message, code=exc.code, field="url") from None
+        return check_url(url, policy, purpose="routes post to public addresses")
+    except UrlRefused as exc:
+        raise RouteError(exc.message, code=exc.code, field="url") from None
 
 
 # -- the store --------------------------------------------------------------------------------

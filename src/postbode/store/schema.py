@@ -602,7 +602,7 @@ inbound_attempts = Table(
     Column("url", String(2000), nullable=False, default=""),
     Column("status_code", Integer),
     Column("error", Text),
-    Column("response_body", Text),  # a short, sanitised excerpt (webhooks/destinations.py)
+    Column("response_body", Text),  # a short, sanitised excerpt (endpoints/destinations.py)
     Index(None, "inbound_id"),
 )
 

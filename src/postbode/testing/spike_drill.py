@@ -28,13 +28,13 @@ from sqlalchemy import func, insert, select
 
 from postbode import tenancy
 from postbode.config import Settings
+from postbode.endpoints.destinations import DestinationPolicy
 from postbode.store.engine import Store, create_store
 from postbode.store.schema import audit_log, deliveries, events, messages, stat_counters, utcnow
 from postbode.testing.process import PostbodeProcess
 from postbode.testing.sink import SmtpSink
 
 from ..webhooks import manage as hooks
-from ..webhooks.destinations import DestinationPolicy
 
 OWNER = "owner@owners.test"
 SECRET = "spike-drill"  # noqa: S105 (the drill nodes' secret key, for signing webhooks)

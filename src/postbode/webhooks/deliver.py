@@ -16,12 +16,18 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 
 import aiohttp
-from aiohttp.abc import AbstractResolver
 from prometheus_client import Counter
 from sqlalchemy import Connection, Row, func, insert, select, update
 
 from postbode import __version__
 from postbode.config import Settings
+from postbode.endpoints.destinations import (
+    EXCERPT_CHARS,
+    DestinationPolicy,
+    describe_failure,
+    excerpt,
+    open_session,
+)
 from postbode.runner.backoff import next_attempt_delay
 from postbode.runner.batch import BatchWriter
 from postbode.runner.owner import worker_name
@@ -42,13 +48,6 @@ from postbode.store.schema import (
 from postbode.store.sealing import key_for
 
 from . import formats
-from .destinations import (
-    EXCERPT_CHARS,
-    DestinationPolicy,
-    describe_failure,
-    excerpt,
-    guarded_connector,
-)
 from .manage import disable, masked, secrets_in_force
 
 log = logging.getLogger(__name__)
@@ -57,7 +56,6 @@ LEASE = timedelta(minutes=5)  # far above the request timeout: a lease never nee
 BATCH_SIZE = 200  # requests claimed per claim at most
 BODY_LOG_BYTES = 4 * EXCERPT_CHARS  # read of each response body, for its excerpt
 STOP_GRACE_SECONDS = 15.0
-CONNECTION_IDLE_SECONDS = 300.0  # a keep-alive connection is closed after this long unused
 USER_AGENT = f"Postbode-Webhooks/{__version__}"
 
 WEBHOOK_ATTEMPTS = Counter(
@@ -94,37 +92,6 @@ class Result:
     @property
     def ok(self) -> bool:
         return self.status_code is not None and 200 <= self.status_code < 300
-
-
-def open_session(
-    timeout: float,
-    pool_size: int,
-    policy: DestinationPolicy | None = None,
-    resolver: AbstractResolver | None = None,
-) -> aiohttp.ClientSession:
-    """The worker's HTTP client: one keep-alive pool for every endpoint, `pool_size`
-    connections at most, reused per origin (scheme, host, port); must be made on the loop.
-
-    It connects only where `policy` allows (public addresses, plus the operator's
-    allow-list), checking every address a name resolves to and every address it opens a
-    socket to, so a name that resolves inward after registration is refused. Certificates
-    are checked against the system's CAs (`ssl=True`); the endpoint's URL alone says where a
-    request goes (no proxies from the environment); no cookie is kept, so one app's endpoint
-    never sees another's. `resolver` (default: the system's) answers the names."""
-    connector = guarded_connector(
-        policy or DestinationPolicy(),
-        resolver,
-        limit=pool_size,
-        ssl=True,
-        keepalive_timeout=CONNECTION_IDLE_SECONDS,
-    )
-    return aiohttp.ClientSession(
-        connector=connector,
-        timeout=aiohttp.ClientTimeout(total=timeout),
-        headers={"user-agent": USER_AGENT},
-        cookie_jar=aiohttp.DummyCookieJar(),
-        trust_env=False,
-    )
 
 
 class WebhookWorker:
@@ -174,6 +141,7 @@ class WebhookWorker:
                 self.settings.webhook_timeout,
                 self.concurrency,
                 DestinationPolicy.from_settings(self.settings),
+                user_agent=USER_AGENT,
             )
         try:
             await self.runner.run(stop)
@@ -272,7 +240,7 @@ class WebhookWorker:
             except TimeoutError:
                 result.error = f"timed out after {self.settings.webhook_timeout:g} s"
             except aiohttp.ClientError as exc:
-                result.error = describe_error(exc)
+                result.error = describe_failure(exc)
             except Exception as exc:  # a bug or an odd URL: logged as this attempt's error
                 log.exception("webhook request %s failed", job.row.id)
                 result.error = f"{type(exc).__name__}: {exc}"
@@ -459,13 +427,6 @@ async def _read_start(response: aiohttp.ClientResponse) -> str:
         chunks.append(chunk)
         size += len(chunk)
     return excerpt(b"".join(chunks))
-
-
-def describe_error(exc: aiohttp.ClientError) -> str:
-    """An attempt's error as the tenant sees it: one text per failure class (destination not
-    allowed, certificate refused, no HTTP answer), never the library's detail, which would
-    tell a closed port from one open to another protocol."""
-    return describe_failure(exc)
 
 
 def _retry_after(value: str | None) -> float | None:

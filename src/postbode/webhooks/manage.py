@@ -11,6 +11,9 @@ from urllib.parse import urlsplit
 
 from sqlalchemy import Connection, delete, insert, select, update
 
+from postbode.endpoints import destinations
+from postbode.endpoints.destinations import STRICT, DestinationPolicy, excerpt
+from postbode.endpoints.signing import generate_secret
 from postbode.events.record import Event, record
 from postbode.events.types import EventType
 from postbode.store.engine import Store
@@ -25,11 +28,8 @@ from postbode.store.schema import (
 from postbode.store.sealing import key_for, seal_with, unseal_with
 
 from . import formats
-from .destinations import DestinationPolicy, excerpt, url_refusal
-from .signing import generate_secret
 
 ROTATION_GRACE = timedelta(hours=24)  # how long a rotated-out secret still signs
-MAX_URL_LENGTH = 2000
 REQUEST_STATUSES = ("pending", "sending", "delivered", "failed")
 
 _PUBLIC = (
@@ -59,40 +59,12 @@ class WebhookError(ValueError):
 # -- validation -----------------------------------------------------------------------------
 
 
-STRICT = DestinationPolicy()  # public destinations only
-
-
 def check_url(url: str, policy: DestinationPolicy = STRICT, *, credentials: bool = False) -> str:
-    """An absolute http or https URL with a host the destination policy allows; with a user
-    name and password only if `credentials` (a postmark-format endpoint's basic auth)."""
-    url = url.strip()
-    if len(url) > MAX_URL_LENGTH:
-        raise WebhookError(f"the URL is longer than {MAX_URL_LENGTH} characters", field="url")
+    """endpoints.destinations.check_url, its refusal a WebhookError naming the URL field."""
     try:
-        parts = urlsplit(url)
-        port = parts.port  # raises ValueError for a port out of range
-    except ValueError as exc:
-        raise WebhookError(f"not a URL: {exc}", field="url") from None
-    if parts.scheme not in ("http", "https"):
-        raise WebhookError("the URL must start with http:// or https://", field="url")
-    if not parts.hostname or port == 0:
-        raise WebhookError("the URL has no host", field="url")
-    if any(c.isspace() or ord(c) < 0x20 for c in url):
-        raise WebhookError("the URL contains white space or control characters", field="url")
-    if (parts.username is not None or parts.password is not None) and not credentials:
-        raise WebhookError(
-            "the URL must not carry a user name or password (only a postmark-format endpoint "
-            "takes basic-auth credentials in its URL, as Postmark's webhooks do)",
-            field="url",
-        )
-    refusal = url_refusal(url, policy)
-    if refusal is not None:
-        raise WebhookError(
-            f"this destination is not allowed ({refusal}): webhooks go to public addresses",
-            code="destination_not_allowed",
-            field="url",
-        )
-    return url
+        return destinations.check_url(url, policy, credentials=credentials)
+    except destinations.UrlRefused as exc:
+        raise WebhookError(exc.message, code=exc.code, field="url") from None
 
 
 def check_event_types(types: Sequence[str], format: str = "native") -> list[str]:

@@ -19,11 +19,11 @@ from sqlalchemy import func, select
 from standardwebhooks.webhooks import Webhook
 
 from postbode import tenancy
+from postbode.endpoints.destinations import BLOCKED_TEXT, DestinationPolicy
 from postbode.inbound import manage, routes
 from postbode.store.engine import Store
 from postbode.store.schema import events, inbound_attempts, inbound_messages, messages
 from postbode.testing.hostile_mail import corpus
-from postbode.webhooks.destinations import BLOCKED_TEXT, DestinationPolicy
 
 from .conftest import Endpoint, InboundPostbode
 

@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 
 from postbode.config import Settings
+from postbode.endpoints.destinations import DestinationPolicy
 from postbode.store.engine import Store
 from postbode.testing.servers import LoopThread
 from postbode.testing.sink import self_signed_certificate
 from postbode.webhooks.deliver import WebhookWorker
-from postbode.webhooks.destinations import DestinationPolicy
 
 LOOPBACK_ALLOWED = "127.0.0.0/8,::1,localhost"
 LOOPBACK = DestinationPolicy.parse(LOOPBACK_ALLOWED)

@@ -19,6 +19,7 @@ from standardwebhooks.webhooks import Webhook
 
 from postbode import tenancy
 from postbode.config import Settings
+from postbode.endpoints.destinations import CERTIFICATE_TEXT, CONNECTION_TEXT
 from postbode.events.record import Event, record
 from postbode.events.types import EventType
 from postbode.store.engine import Store
@@ -27,7 +28,6 @@ from postbode.testing.factories import make_app, make_queued_message
 from postbode.testing.servers import PostbodeInProcess
 from postbode.testing.sink import Rule, Script, SmtpSink
 from postbode.webhooks import manage
-from postbode.webhooks.destinations import CERTIFICATE_TEXT, CONNECTION_TEXT
 
 from .conftest import LOOPBACK
 

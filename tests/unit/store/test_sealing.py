@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import insert, select
 
+from postbode.endpoints.signing import generate_secret
 from postbode.store.engine import Store
 from postbode.store.migrate import downgrade, migrate
 from postbode.store.schema import routes, utcnow, webhooks
@@ -20,7 +21,6 @@ from postbode.store.sealing import (
 )
 from postbode.testing.factories import make_app
 from postbode.webhooks import manage
-from postbode.webhooks.signing import generate_secret
 
 
 def test_a_sealed_secret_opens_only_with_its_installation_key() -> None:

@@ -12,11 +12,16 @@ import aiohttp
 import pytest
 
 from postbode.config import Settings
+from postbode.endpoints.destinations import (
+    BLOCKED_TEXT,
+    CONNECTION_TEXT,
+    BlockedDestination,
+    describe_failure,
+)
 from postbode.store.engine import Store
 from postbode.store.schema import utcnow
 from postbode.webhooks import deliver
-from postbode.webhooks.deliver import WebhookWorker, _retry_after, describe_error
-from postbode.webhooks.destinations import BLOCKED_TEXT, CONNECTION_TEXT, BlockedDestination
+from postbode.webhooks.deliver import WebhookWorker, _retry_after
 
 
 def test_retry_after_in_seconds_or_as_a_date() -> None:
@@ -35,17 +40,17 @@ def test_errors_are_one_text_per_failure_class() -> None:
     log must not help map a network."""
     conn_key = aiohttp.client_reqrep.ConnectionKey("127.0.0.1", 1, False, True, None, None, None)
     same = {
-        describe_error(aiohttp.ServerDisconnectedError()),
-        describe_error(aiohttp.ClientPayloadError("Response payload is not completed")),
-        describe_error(aiohttp.ClientOSError(104, "Connection reset by peer")),
-        describe_error(aiohttp.ClientConnectionResetError("Cannot write to closing transport")),
-        describe_error(aiohttp.ClientConnectorError(conn_key, ConnectionRefusedError(111, "x"))),
-        describe_error(aiohttp.ClientResponseError(None, (), message="Invalid status line")),  # type: ignore[arg-type]
-        describe_error(aiohttp.InvalidUrlClientError("ftp:/x")),
+        describe_failure(aiohttp.ServerDisconnectedError()),
+        describe_failure(aiohttp.ClientPayloadError("Response payload is not completed")),
+        describe_failure(aiohttp.ClientOSError(104, "Connection reset by peer")),
+        describe_failure(aiohttp.ClientConnectionResetError("Cannot write to closing transport")),
+        describe_failure(aiohttp.ClientConnectorError(conn_key, ConnectionRefusedError(111, "x"))),
+        describe_failure(aiohttp.ClientResponseError(None, (), message="Invalid status line")),  # type: ignore[arg-type]
+        describe_failure(aiohttp.InvalidUrlClientError("ftp:/x")),
     }
     assert same == {CONNECTION_TEXT}
     blocked = aiohttp.ClientConnectorError(conn_key, BlockedDestination(BLOCKED_TEXT))
-    assert describe_error(blocked) == BLOCKED_TEXT
+    assert describe_failure(blocked) == BLOCKED_TEXT
 
 
 @pytest.fixture
@@ -57,7 +62,7 @@ def quiet_settings(sqlite_store: Store, tmp_path: Path) -> Settings:
 def test_a_given_session_is_used_and_never_closed(
     quiet_settings: Settings, sqlite_store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def no_session(*args: object) -> aiohttp.ClientSession:
+    def no_session(*args: object, **kwargs: object) -> aiohttp.ClientSession:
         raise AssertionError("the worker made a session of its own")
 
     monkeypatch.setattr(deliver, "open_session", no_session)
@@ -78,8 +83,10 @@ def test_the_worker_closes_the_session_it_made(
     made: list[aiohttp.ClientSession] = []
     real = deliver.open_session
 
-    def recording(timeout: float, pool_size: int, *args: Any) -> aiohttp.ClientSession:
-        made.append(real(timeout, pool_size, *args))
+    def recording(
+        timeout: float, pool_size: int, *args: Any, **kwargs: Any
+    ) -> aiohttp.ClientSession:
+        made.append(real(timeout, pool_size, *args, **kwargs))
         return made[-1]
 
     monkeypatch.setattr(deliver, "open_session", recording)

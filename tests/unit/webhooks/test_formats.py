@@ -79,7 +79,7 @@ def hook(format: str, url: str = "https://hooks.test/in") -> dict[str, object]:
 
 
 def test_render_native_is_the_signed_native_payload() -> None:
-    from postbode.webhooks.signing import verify
+    from postbode.endpoints.signing import verify
 
     out = formats.render(hook("native"), [(EVENT, MESSAGE)], [SECRET], NOW)
     assert json.loads(out.body) == formats.get("native")(EVENT, MESSAGE)

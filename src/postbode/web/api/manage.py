@@ -23,6 +23,7 @@ from postbode.abuse import limits as abuse_limits
 from postbode.abuse import release as abuse_release
 from postbode.abuse.figures import app_figures
 from postbode.config import Settings
+from postbode.endpoints.destinations import MAX_URL_LENGTH, DestinationPolicy
 from postbode.events.types import EventType
 from postbode.store.engine import Store
 from postbode.store.schema import apps, audit_log, domains, organizations
@@ -35,7 +36,6 @@ from postbode.web.api.webhooks import (
 )
 from postbode.web.errors import ApiError
 from postbode.webhooks import manage as hooks
-from postbode.webhooks.destinations import DestinationPolicy
 
 T = TypeVar("T")
 AUDIT_PAGE = 50
@@ -799,7 +799,7 @@ async def rotate_dkim(
 class ManagedWebhookIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    url: str = Field(max_length=hooks.MAX_URL_LENGTH)
+    url: str = Field(max_length=MAX_URL_LENGTH)
     event_types: list[EventType] = Field(default_factory=list)
     enabled: bool = True
     format: WebhookFormat = "native"
@@ -808,7 +808,7 @@ class ManagedWebhookIn(BaseModel):
 class ManagedWebhookPatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    url: str | None = Field(None, max_length=hooks.MAX_URL_LENGTH)
+    url: str | None = Field(None, max_length=MAX_URL_LENGTH)
     event_types: list[EventType] | None = None
     enabled: bool | None = None
     format: WebhookFormat | None = None

@@ -13,13 +13,13 @@ from fastapi import APIRouter, Query, Request, Response
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
+from postbode.endpoints.destinations import DestinationPolicy
 from postbode.inbound import manage, routes
 from postbode.inbound.links import PATH, AttachmentLinks
 from postbode.store.engine import Store
 from postbode.web.api.fields import ApiInput, RowId
 from postbode.web.auth import ApiApp
 from postbode.web.errors import ApiError
-from postbode.webhooks.destinations import DestinationPolicy
 
 PAGE_SIZE = 50
 MAX_PAGE_SIZE = 100

@@ -11,13 +11,13 @@ from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
+from postbode.endpoints.destinations import MAX_URL_LENGTH, DestinationPolicy
 from postbode.events.types import EventType
 from postbode.store.engine import Store
 from postbode.web.api.fields import ApiInput, RowId
 from postbode.web.auth import ApiApp, AuthenticatedRoute
 from postbode.web.errors import ApiError
 from postbode.webhooks import manage
-from postbode.webhooks.destinations import DestinationPolicy
 
 PAGE_SIZE = 50
 MAX_PAGE_SIZE = 100
@@ -32,7 +32,7 @@ WebhookFormat = Literal["native", "postmark", "sendgrid", "mailgun"]
 class WebhookIn(ApiInput):
     model_config = ConfigDict(extra="forbid")
 
-    url: str = Field(max_length=manage.MAX_URL_LENGTH, description="http:// or https:// URL")
+    url: str = Field(max_length=MAX_URL_LENGTH, description="http:// or https:// URL")
     event_types: list[EventType] = Field(
         default_factory=list, description="Event types sent; empty: every type"
     )
@@ -43,7 +43,7 @@ class WebhookIn(ApiInput):
 class WebhookPatch(ApiInput):
     model_config = ConfigDict(extra="forbid")
 
-    url: str | None = Field(None, max_length=manage.MAX_URL_LENGTH)
+    url: str | None = Field(None, max_length=MAX_URL_LENGTH)
     event_types: list[EventType] | None = None
     enabled: bool | None = Field(None, description="Enabling clears `disabled_reason`")
     format: WebhookFormat | None = None

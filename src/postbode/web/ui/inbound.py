@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
+from postbode.endpoints.destinations import DestinationPolicy
 from postbode.inbound import manage, routes
 from postbode.store.schema import INBOUND_STATUSES
 from postbode.web.ui.core import (
@@ -23,7 +24,6 @@ from postbode.web.ui.core import (
     store_of,
     url,
 )
-from postbode.webhooks.destinations import DestinationPolicy
 
 router = APIRouter(route_class=UiRoute, include_in_schema=False)
 

@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
 
 from postbode import dnscheck, tenancy
+from postbode.endpoints.destinations import DestinationPolicy
 from postbode.events.types import EventType
 from postbode.privacy.audit import RETENTION
 from postbode.store.engine import Store
@@ -36,7 +37,6 @@ from postbode.web.ui.core import (
 )
 from postbode.web.ui.dashboard import org_time_zone
 from postbode.webhooks import manage as webhooks
-from postbode.webhooks.destinations import DestinationPolicy
 
 router = APIRouter(route_class=UiRoute, include_in_schema=False)
 

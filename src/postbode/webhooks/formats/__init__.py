@@ -14,9 +14,9 @@ from datetime import datetime
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+from postbode.endpoints.signing import signed_headers
 from postbode.events.types import EventType
 
-from ..signing import signed_headers
 from . import mailgun, native, postmark, sendgrid
 
 

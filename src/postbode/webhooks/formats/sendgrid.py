@@ -13,7 +13,8 @@ from typing import Any
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ..signing import secret_bytes
+from postbode.endpoints.signing import secret_bytes
+
 from .common import data, epoch, message_fields, reply
 
 # Postbode's event type -> SendGrid's event name.

@@ -7,7 +7,7 @@ import ipaddress
 
 import pytest
 
-from postbode.webhooks.destinations import (
+from postbode.endpoints.destinations import (
     EXCERPT_CHARS,
     BlockedDestination,
     DestinationPolicy,

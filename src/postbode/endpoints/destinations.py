@@ -278,3 +278,93 @@ def describe_failure(exc: BaseException) -> str:
     if any(isinstance(c, aiohttp.ClientConnectorCertificateError) for c in causes):
         return CERTIFICATE_TEXT
     return CONNECTION_TEXT
+
+
+# -- an endpoint's URL, as a tenant registers it ------------------------------------------------
+
+MAX_URL_LENGTH = 2000
+STRICT = DestinationPolicy()  # public destinations only
+
+
+class UrlRefused(ValueError):
+    """A URL that cannot be an endpoint; `code` names why for the API."""
+
+    def __init__(self, message: str, code: str = "invalid") -> None:
+        super().__init__(message)
+        self.message, self.code = message, code
+
+
+def check_url(
+    url: str,
+    policy: DestinationPolicy = STRICT,
+    *,
+    credentials: bool = False,
+    purpose: str = "webhooks go to public addresses",
+) -> str:
+    """An absolute http or https URL with a host the destination policy allows; with a user
+    name and password only if `credentials` (a postmark-format endpoint's basic auth).
+    Raises UrlRefused; `purpose` ends the message for a refused destination."""
+    url = url.strip()
+    if len(url) > MAX_URL_LENGTH:
+        raise UrlRefused(f"the URL is longer than {MAX_URL_LENGTH} characters")
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises ValueError for a port out of range
+    except ValueError as exc:
+        raise UrlRefused(f"not a URL: {exc}") from None
+    if parts.scheme not in ("http", "https"):
+        raise UrlRefused("the URL must start with http:// or https://")
+    if not parts.hostname or port == 0:
+        raise UrlRefused("the URL has no host")
+    if any(c.isspace() or ord(c) < 0x20 for c in url):
+        raise UrlRefused("the URL contains white space or control characters")
+    if (parts.username is not None or parts.password is not None) and not credentials:
+        raise UrlRefused(
+            "the URL must not carry a user name or password (only a postmark-format endpoint "
+            "takes basic-auth credentials in its URL, as Postmark's webhooks do)"
+        )
+    refusal = url_refusal(url, policy)
+    if refusal is not None:
+        raise UrlRefused(
+            f"this destination is not allowed ({refusal}): {purpose}",
+            code="destination_not_allowed",
+        )
+    return url
+
+
+# -- the client -----------------------------------------------------------------------------------
+
+CONNECTION_IDLE_SECONDS = 300.0  # a keep-alive connection is closed after this long unused
+
+
+def open_session(
+    timeout: float,
+    pool_size: int,
+    policy: DestinationPolicy | None = None,
+    resolver: AbstractResolver | None = None,
+    *,
+    user_agent: str,
+) -> aiohttp.ClientSession:
+    """A worker's HTTP client: one keep-alive pool for every endpoint, `pool_size`
+    connections at most, reused per origin (scheme, host, port); must be made on the loop.
+
+    It connects only where `policy` allows (public addresses, plus the operator's
+    allow-list), checking every address a name resolves to and every address it opens a
+    socket to, so a name that resolves inward after registration is refused. Certificates
+    are checked against the system's CAs (`ssl=True`); the endpoint's URL alone says where a
+    request goes (no proxies from the environment); no cookie is kept, so one app's endpoint
+    never sees another's. `resolver` (default: the system's) answers the names."""
+    connector = guarded_connector(
+        policy or DestinationPolicy(),
+        resolver,
+        limit=pool_size,
+        ssl=True,
+        keepalive_timeout=CONNECTION_IDLE_SECONDS,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=timeout),
+        headers={"user-agent": user_agent},
+        cookie_jar=aiohttp.DummyCookieJar(),
+        trust_env=False,
+    )

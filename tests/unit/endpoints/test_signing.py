@@ -9,8 +9,8 @@ from datetime import UTC, datetime
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from postbode.webhooks import signing
-from postbode.webhooks.signing import SignatureError
+from postbode.endpoints import signing
+from postbode.endpoints.signing import SignatureError
 
 BODY = b'{"id":"0190","type":"delivery.delivered","data":{"reply":"250 caf\xc3\xa9"}}'
 
