@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import json
 import os
-import secrets
 import signal
 import socket
 import statistics
@@ -20,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from sqlalchemy import create_engine, func, select, text
+from sqlalchemy import func, select
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "src"))
@@ -29,6 +28,7 @@ from postbode import tenancy  # noqa: E402
 from postbode.config import Settings  # noqa: E402
 from postbode.store.engine import create_store  # noqa: E402
 from postbode.store.schema import messages  # noqa: E402
+from postbode.testing.pg import scratch_database  # noqa: E402
 from postbode.testing.process import PostbodeProcess, free_port, listening_sockets  # noqa: E402
 from postbode.testing.smtp_client import SmtpSession  # noqa: E402
 
@@ -391,16 +391,8 @@ def database(dialect: str, url: str | None) -> Iterator[str | None]:
     if dialect == "sqlite" or url:
         yield url
         return
-    name = f"postbode_bench_{secrets.token_hex(4)}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield admin.url.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with scratch_database(PG_ADMIN_URL, "postbode_bench") as scratch:
+        yield scratch
 
 
 def bench_dialect(dialect: str, args: argparse.Namespace) -> list[str]:

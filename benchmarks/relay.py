@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -24,6 +25,7 @@ from typing import Any, NamedTuple
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "src"))
 
+from postbode.testing.pg import scratch_database  # noqa: E402
 from postbode.testing.process import PostbodeProcess  # noqa: E402
 from postbode.testing.smtp_client import SmtpSession  # noqa: E402
 
@@ -178,24 +180,6 @@ def postbode_cli(env: dict[str, str], *args: str) -> str:
     return result.stdout
 
 
-def create_database() -> tuple[str, Any]:
-    from sqlalchemy import create_engine, text
-
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    name = f"postbode_bench_{secrets.token_hex(4)}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    return admin.url.set(database=name).render_as_string(hide_password=False), admin
-
-
-def drop_database(url: str, admin: Any) -> None:
-    from sqlalchemy import make_url, text
-
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{make_url(url).database}" WITH (FORCE)'))
-    admin.dispose()
-
-
 def cpu_seconds(pid: int, *, reaped: bool = False) -> float:
     """User + system CPU time a process has used so far (Linux /proc); `reaped`: that of its
     child processes that ended instead (0 for a process that is gone)."""
@@ -314,10 +298,10 @@ def one_run(args: argparse.Namespace, connections: int) -> dict[str, Any]:
         env["POSTBODE_WORKERS"] = str(args.workers)
     if args.listeners is not None:
         env["POSTBODE_LISTENERS"] = str(args.listeners)
-    pg: tuple[str, Any] | None = None
+    databases = contextlib.ExitStack()
     if args.dialect == "postgresql":
-        pg = create_database()
-        env["POSTBODE_DATABASE_URL"] = pg[0]
+        scratch = scratch_database(PG_ADMIN_URL, "postbode_bench")
+        env["POSTBODE_DATABASE_URL"] = databases.enter_context(scratch)
     server: PostbodeProcess | None = None
     profiler: subprocess.Popen[bytes] | None = None
     client = Client(not args.no_pipelining, args.per_connection, args.starttls)
@@ -386,8 +370,7 @@ def one_run(args: argparse.Namespace, connections: int) -> dict[str, Any]:
             server.stop()
         stop.set()
         sink.join(10)
-        if pg is not None:
-            drop_database(*pg)
+        databases.close()
         shutil.rmtree(data_dir, ignore_errors=True)
 
     delivered: dict[str, float] = {}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import secrets
 import sys
 import tempfile
 import threading
@@ -19,12 +18,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import create_engine, text
-
 from postbode.config import Settings
 from postbode.delivery.destinations import StoreState
 from postbode.delivery.shaping import Limits, Shaper, parse_rules
 from postbode.store.engine import Store, create_store
+from postbode.testing.pg import scratch_database
 
 PG_ADMIN = os.environ.get(
     "POSTBODE_BENCH_PG_ADMIN", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -41,19 +39,12 @@ def database(dialect: str, scratch: Path) -> Iterator[Store]:
         finally:
             store.dispose()
         return
-    name = f"postbode_bench_{secrets.token_hex(4)}"
-    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = admin.url.set(database=name).render_as_string(hide_password=False)
-    store = create_store(Settings(database_url=url), migrate=True)
-    try:
-        yield store
-    finally:
-        store.dispose()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with scratch_database(PG_ADMIN, "postbode_bench") as url:
+        store = create_store(Settings(database_url=url), migrate=True)
+        try:
+            yield store
+        finally:
+            store.dispose()
 
 
 def shaper(store: Store, holder: str) -> Shaper:

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import secrets
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, delete, text
+from sqlalchemy import delete
 
 from postbode.config import Settings
 from postbode.store.engine import Store, create_store
 from postbode.store.schema import metadata
+from postbode.testing.pg import scratch_database
 
 PG_ADMIN_URL = os.environ.get(
     "POSTBODE_TEST_PG_ADMIN", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -91,36 +91,20 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
     """A fresh PostgreSQL database for this test session (one per xdist worker)."""
-    name = f"postbode_test_{secrets.token_hex(5)}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = admin.url.set(database=name).render_as_string(hide_password=False)
-    try:
+    with scratch_database(PG_ADMIN_URL) as url:
         yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @pytest.fixture
 def private_pg_store() -> Iterator[Store]:
     """A migrated PostgreSQL store in a database of its own, for a test that changes what the
     session's database holds for every test (its planner statistics, say)."""
-    name = f"postbode_test_{secrets.token_hex(5)}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = admin.url.set(database=name).render_as_string(hide_password=False)
-    store = create_store(Settings(database_url=url), migrate=True)
-    try:
-        yield store
-    finally:
-        store.dispose()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with scratch_database(PG_ADMIN_URL) as url:
+        store = create_store(Settings(database_url=url), migrate=True)
+        try:
+            yield store
+        finally:
+            store.dispose()
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ per upgrade. SQLite keeps migrating on first use."""
 from __future__ import annotations
 
 import os
-import secrets
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,11 +12,12 @@ from pathlib import Path
 
 import pytest
 from alembic.script import ScriptDirectory
-from sqlalchemy import create_engine, make_url, text
+from sqlalchemy import create_engine, make_url
 
 from postbode.config import Settings
 from postbode.store.engine import SchemaMismatch, Store, create_store
 from postbode.store.migrate import alembic_config, current_revision, head_revision, migrate
+from postbode.testing.pg import scratch_database
 
 PG_ADMIN_URL = os.environ.get(
     "POSTBODE_TEST_PG_ADMIN", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -27,16 +27,8 @@ PG_ADMIN_URL = os.environ.get(
 @pytest.fixture
 def fresh_pg() -> Iterator[str]:
     """An empty PostgreSQL database (no schema at all)."""
-    name = f"postbode_schema_{secrets.token_hex(4)}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield admin.url.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with scratch_database(PG_ADMIN_URL, "postbode_schema") as url:
+        yield url
 
 
 def postbode(url: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
